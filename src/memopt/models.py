@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -130,7 +130,9 @@ def resolve(spec: str | Path) -> ModelSource:
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return ModelSource("gguf", ggufs[0].resolve(), text)
-    raise MemoptError(f"{text}: folder has no config.json (not a Hugging Face or memopt model folder)")
+    raise MemoptError(
+        f"{text}: folder has no config.json (not a Hugging Face or memopt model folder)"
+    )
 
 
 def _bundled(name: str) -> tuple[Literal["hf", "gguf"], Path]:
@@ -171,10 +173,8 @@ def task_of(config: Any) -> Task:
         return "causal-lm"
     if archs:
         return "encoder"
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) not in MODEL_MAPPING:
-        return "causal-lm"
     return "causal-lm" if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else "encoder"
 
 
@@ -185,7 +185,9 @@ def _architecture(config: Any, task: Task) -> nn.Module:
     try:
         return auto.from_config(config)
     except (ValueError, KeyError) as exc:
-        raise MemoptError(f"unsupported architecture {config.model_type!r}: {_one_line(exc)}") from None
+        raise MemoptError(
+            f"unsupported architecture {config.model_type!r}: {_one_line(exc)}"
+        ) from None
 
 
 def build_meta(spec: str | Path | ModelSource) -> LoadedModel:
@@ -236,10 +238,13 @@ class SafetensorsSource:
                 handle = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError, ValueError) as exc:
                 raise MemoptError(f"{file}: corrupt safetensors file: {_one_line(exc)}") from None
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 sl = handle.get_slice(key)
                 self._handles[key] = handle
-                self._meta[key] = (_SAFE_DTYPES.get(sl.get_dtype(), torch.uint8), tuple(sl.get_shape()))
+                self._meta[key] = (
+                    _SAFE_DTYPES.get(sl.get_dtype(), torch.uint8),
+                    tuple(sl.get_shape()),
+                )
 
     def names(self) -> list[str]:
         return list(self._handles)
@@ -296,7 +301,9 @@ def _check_safetensors_size(file: Path) -> None:
             if n <= 0 or 8 + n > size:
                 raise ValueError("header runs past the end of the file")
             header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise MemoptError(f"{file}: corrupt safetensors file ({_one_line(exc)})") from None
     if 8 + n + end > size:
@@ -413,7 +420,12 @@ def _materialize_buffers(model: nn.Module) -> None:
 def _rebuild_known_buffers(module: nn.Module) -> None:
     """Fallbacks for buffers ``_init_weights`` does not recompute in some architectures."""
     ids = module._buffers.get("position_ids")
-    if ids is not None and not ids.is_floating_point() and int(ids.abs().sum()) == 0 and ids.numel() > 1:
+    if (
+        ids is not None
+        and not ids.is_floating_point()
+        and int(ids.abs().sum()) == 0
+        and ids.numel() > 1
+    ):
         module._buffers["position_ids"] = torch.arange(ids.shape[-1]).expand_as(ids).clone()
 
 
@@ -430,7 +442,9 @@ def _load_tokenizer(loaded: LoadedModel) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise MemoptError(f"{source.name}: no usable tokenizer in the folder ({_one_line(exc)})") from None
+        raise MemoptError(
+            f"{source.name}: no usable tokenizer in the folder ({_one_line(exc)})"
+        ) from None
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -443,9 +457,3 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def iter_named_tensors(source: TensorSource, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a source, one at a time (for streamed transforms)."""
-    for name in source.names():
-        yield name, source.get(name, dtype)

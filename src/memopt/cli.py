@@ -1,0 +1,369 @@
+"""The ``memopt`` command line: parses, calls the API, prints. No logic of its own.
+
+Every command takes a MODEL (a bundled name, a Hugging Face folder, a .gguf file or a memopt folder).
+``--json`` prints one JSON object on stdout and nothing else there (progress goes to stderr). Bad input
+ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+from memopt.errors import MemoptError
+
+__all__ = ["build_parser", "main"]
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus a message over several lines; we promise one line."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"memopt: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+_MODEL_HELP = (
+    "a bundled name (minilm, smollm2), a Hugging Face folder (config.json + *.safetensors), "
+    "a .gguf file, or a folder written by memopt"
+)
+
+
+def _add_step_options(p: argparse.ArgumentParser, ranks: bool) -> None:
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument(
+        "--task",
+        choices=("infer", "train"),
+        default="infer",
+        help="one forward pass (infer) or one training step: forward, backward, "
+        "optimizer step with its state (train). Default: infer",
+    )
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--seq", type=_positive_int, default=128, help="sequence length (default 128)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="dtype of weights and activations (default float32)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd", "adamw8bit"),
+        default="adamw",
+        help="optimizer for --task train (default adamw)",
+    )
+    p.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing per block (recompute in backward)",
+    )
+    if ranks:
+        p.add_argument(
+            "--ranks",
+            type=_positive_int,
+            default=1,
+            help="processes sharing the model states under FSDP2/ZeRO-3 (per-rank figures)",
+        )
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="memopt",
+        description="Measure, then shrink, the memory that a neural network needs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  memopt estimate smollm2 --task train --batch 4 --seq 512 --optimizer adamw8bit\n"
+        "  memopt profile minilm --batch 8 --seq 256 --plot profile.png\n"
+        "  memopt eval smollm2\n"
+        "  memopt demo",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "estimate",
+        help="predict the memory of a step without reading any weights",
+        description="Predict peak memory of one inference or training step by running "
+        "the model on the meta device: no weight is read, no memory used.",
+    )
+    _add_step_options(p, ranks=True)
+    p.set_defaults(func=_cmd_estimate)
+
+    p = sub.add_parser(
+        "profile",
+        help="measure the memory of one real step",
+        description="Run one real step on the real weights in a fresh child process "
+        "and measure live tensor bytes (by category and module) and peak RSS.",
+    )
+    _add_step_options(p, ranks=False)
+    p.add_argument("--plot", metavar="FILE.png", help="write the breakdown and timeline as a PNG")
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser(
+        "eval",
+        help="quality: perplexity (causal LM) or embedding cosine (encoder)",
+        description="Causal LMs: perplexity on --text (default: a fixed excerpt of "
+        "the Python docs). Encoders: cosine of mean-pooled embeddings "
+        "against --reference over 64 fixed sentences.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (causal LMs)")
+    p.add_argument(
+        "--reference", metavar="MODEL", help="reference model (encoders; required there)"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=2048,
+        help="tokens of the text to score (default 2048)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job on the bundled default model (smollm2)",
+        description="Estimate, profile, optimize and verify the bundled smollm2, print "
+        "a before/after table and write a report folder "
+        "(report.json, PNG plots, report.html).",
+    )
+    p.add_argument("--model", default="smollm2", help="model to run the demo on (default smollm2)")
+    p.add_argument("--out", default="memopt-report", help="report folder (default memopt-report)")
+    p.add_argument("--json", action="store_true", help="print report.json's content on stdout")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Output helpers
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@contextlib.contextmanager
+def _progress(description: str, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr; yields a ``callback(done, total)``."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    if quiet or not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@contextlib.contextmanager
+def _status(message: str) -> Iterator[None]:
+    if not sys.stderr.isatty():
+        yield
+        return
+    with _console(stderr=True).status(message):
+        yield
+
+
+def _print_json(obj: Any) -> None:
+    from memopt.report import dumps
+
+    sys.stdout.write(dumps(obj) + "\n")
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    from memopt.measure.step import StepSpec
+
+    return StepSpec(
+        task=args.task,
+        batch=args.batch,
+        seq=args.seq,
+        dtype=args.dtype,
+        optimizer=args.optimizer,
+        checkpointing=args.checkpointing,
+        ranks=getattr(args, "ranks", 1),
+    )
+
+
+def _memory_tables(report: dict, title: str) -> list[Any]:
+    from memopt.report import format_bytes, rich_table
+
+    peak = report["peak_bytes"]
+    rows = [
+        (cat, format_bytes(v), f"{100 * v / peak:.1f} %" if peak else "–")
+        for cat, v in report["breakdown"].items()
+    ]
+    rows.append(("peak", format_bytes(peak), "100 %"))
+    if report.get("peak_rss_bytes") is not None:
+        base = report.get("baseline_rss_bytes") or 0
+        rows.append(("peak RSS (process)", format_bytes(report["peak_rss_bytes"]), ""))
+        rows.append(("  over import baseline", format_bytes(report["peak_rss_bytes"] - base), ""))
+    tables = [rich_table(title, ("category", "bytes", "share"), rows)]
+    modules = report.get("modules") or []
+    if modules:
+        top = sorted(
+            modules,
+            key=lambda m: -max(m.get("forward_delta_bytes", 0), m.get("backward_delta_bytes", 0)),
+        )[:10]
+        tables.append(
+            rich_table(
+                "modules that add the most (peak inside the module minus live bytes on entry)",
+                ("module", "forward +", "backward +", "own params"),
+                [
+                    (
+                        m["name"] or "(model)",
+                        format_bytes(m.get("forward_delta_bytes", 0)),
+                        format_bytes(m.get("backward_delta_bytes", 0)),
+                        format_bytes(m.get("param_bytes", 0)),
+                    )
+                    for m in top
+                ],
+            )
+        )
+    return tables
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from memopt.measure.estimate import estimate
+
+    spec = _spec(args)
+    with _status("estimating on the meta device (no weights read)"):
+        report = estimate(args.model, spec).to_dict()
+    if args.json:
+        _print_json(report)
+        return 0
+    console = _console()
+    title = (
+        f"estimate: {args.model}, {args.task}, batch {args.batch} × seq {args.seq}, "
+        f"{args.dtype}"
+        + (f", {args.optimizer}" if args.task == "train" else "")
+        + (", checkpointing" if args.checkpointing else "")
+        + (f", per rank of {args.ranks}" if args.ranks > 1 else "")
+    )
+    for table in _memory_tables(report, title):
+        console.print(table)
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from memopt.measure.profile import profile
+
+    spec = _spec(args)
+    with _status("loading and running one step in a child process"):
+        report = profile(args.model, spec).to_dict()
+    if args.plot:
+        from memopt.report import plot_breakdown_timeline
+
+        plot_breakdown_timeline(report, args.plot, title=f"{args.model}: {args.task} step")
+    if args.json:
+        _print_json(report)
+        return 0
+    console = _console()
+    title = (
+        f"profile: {args.model}, {args.task}, batch {args.batch} × seq {args.seq}, "
+        f"{args.dtype}" + (f", {args.optimizer}" if args.task == "train" else "")
+    )
+    for table in _memory_tables(report, title):
+        console.print(table)
+    if args.plot:
+        console.print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from memopt.evaluate import embedding_cosine, perplexity, read_text
+    from memopt.models import load_model
+
+    text = read_text(args.text) if args.text else None
+    with _progress("loading", quiet=args.json) as cb:
+        loaded = load_model(args.model, progress=cb)
+    if loaded.task == "causal-lm":
+        with _progress("scoring", quiet=args.json) as cb:
+            result = perplexity(loaded, text, max_tokens=args.max_tokens, progress=cb).to_dict()
+    else:
+        if not args.reference:
+            raise MemoptError(
+                f"{args.model} is an encoder: give --reference MODEL to compare against"
+            )
+        with _progress("loading reference", quiet=args.json) as cb:
+            ref = load_model(args.reference, progress=cb)
+        result = embedding_cosine(loaded, ref).to_dict()
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import rich_table
+
+    _console().print(
+        rich_table(
+            f"quality: {args.model}",
+            ("metric", "value"),
+            [(k, f"{v:.6g}" if isinstance(v, float) else v) for k, v in result.items()],
+        )
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from memopt.demo import run_demo
+
+    summary = run_demo(args.model, args.out, console=None if args.json else _console())
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MemoptError as exc:
+        sys.stderr.write(f"memopt: error: {exc}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("memopt: interrupted\n")
+        return 130
+    except Exception as exc:  # a bug in memopt, not the user's input: say so in one line
+        if os.environ.get("MEMOPT_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        sys.stderr.write(
+            f"memopt: internal error: {type(exc).__name__}: {first} "
+            "(set MEMOPT_DEBUG=1 for the traceback)\n"
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

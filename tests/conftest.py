@@ -1,0 +1,111 @@
+"""Shared fixtures: small real transformers models written as Hugging Face folders, loaded models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.manual_seed(0)
+
+
+def _tiny_configs() -> dict[str, object]:
+    """Randomly initialised, small configs of several architectures (a causal LM head each)."""
+    from transformers import (
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Qwen2Config,
+    )
+
+    common = dict(vocab_size=512)
+    return {
+        "gpt2": GPT2Config(
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            n_positions=256,
+            **common,
+            architectures=["GPT2LMHeadModel"],
+        ),
+        "llama": LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            **common,
+            architectures=["LlamaForCausalLM"],
+        ),
+        "opt": OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+            **common,
+            architectures=["OPTForCausalLM"],
+        ),
+        "qwen2": Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+            architectures=["Qwen2ForCausalLM"],
+        ),
+        "mistral": MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+            architectures=["MistralForCausalLM"],
+        ),
+    }
+
+
+TINY_ARCHS = tuple(_tiny_configs())
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``tiny_folder("gpt2")`` → a Hugging Face folder (config.json + model.safetensors)."""
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(_tiny_configs()[arch])
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(path, safe_serialization=True)
+            made[arch] = path
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from memopt.models import load_model
+
+    return load_model("minilm")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from memopt.models import load_model
+
+    return load_model("smollm2")
