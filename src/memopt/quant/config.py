@@ -1,0 +1,170 @@
+"""Quantization configs: frozen dataclasses, validated on construction, JSON round-trippable.
+
+``quantize_`` dispatches on ``type(config)`` through :data:`REGISTRY`, filled by ``@register``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from memopt.errors import MemoptError
+
+__all__ = [
+    "CONFIGS",
+    "REGISTRY",
+    "Cast",
+    "Int4WeightOnly",
+    "Int8Dynamic",
+    "Int8WeightOnly",
+    "IntNWeightOnly",
+    "QuantConfig",
+    "register",
+]
+
+REGISTRY: dict[type, Callable[..., Any]] = {}  # config type -> handler
+CONFIGS: dict[str, type[QuantConfig]] = {}  # class name -> config type, for from_dict
+
+
+def register(config_type: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``@register(Int8WeightOnly)`` makes the function the handler of that config."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        REGISTRY[config_type] = fn
+        return fn
+
+    return deco
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise MemoptError(msg)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Base of every config. ``to_dict()`` / ``from_dict()`` carry it in JSON manifests."""
+
+    fmt: ClassVar[str] = "?"
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        CONFIGS[cls.__name__] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": type(self).__name__}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> QuantConfig:
+        d = dict(d)
+        name = d.pop("type", None)
+        cls = CONFIGS.get(name) if isinstance(name, str) else None
+        if cls is None:
+            raise MemoptError(f"unknown quantization config type {name!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = set(d) - names
+        if extra:
+            raise MemoptError(f"{name}: unknown field(s) {', '.join(sorted(extra))}")
+        return cls(**d)
+
+
+_GROUPS = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Cast(QuantConfig):
+    """Cast floating parameters and buffers to ``dtype``, except modules whose name matches ``keep``
+    (fnmatch, case-insensitive), which stay in float32; casts at their boundaries keep forward
+    running."""
+
+    dtype: str = "float16"
+    keep: tuple[str, ...] = ("*norm*", "*ln_*")
+
+    def __post_init__(self) -> None:
+        _check(
+            self.dtype in ("float16", "bfloat16", "float32"),
+            f"Cast: dtype must be float16, bfloat16 or float32, got {self.dtype!r}",
+        )
+        keep = (self.keep,) if isinstance(self.keep, str) else tuple(self.keep)
+        _check(all(isinstance(p, str) for p in keep), "Cast: keep must be a list of patterns")
+        object.__setattr__(self, "keep", keep)
+
+    @property
+    def fmt(self) -> str:  # type: ignore[override]
+        return self.dtype
+
+
+@dataclass(frozen=True)
+class Int8WeightOnly(QuantConfig):
+    """Symmetric int8 weights, per output channel (``group_size=None``) or per group of inputs."""
+
+    fmt: ClassVar[str] = "int8"
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        g = self.group_size
+        _check(
+            g is None or (isinstance(g, int) and not isinstance(g, bool) and g > 0),
+            f"Int8WeightOnly: group_size must be None or a positive integer, got {g!r}",
+        )
+
+
+@dataclass(frozen=True)
+class Int8Dynamic(QuantConfig):
+    """int8 weights per output channel, int8 activations per token quantized at run time,
+    int32 accumulation (``torch._int_mm``). Embeddings get int8 weight-only (no matmul there)."""
+
+    fmt: ClassVar[str] = "int8-dynamic"
+
+
+@dataclass(frozen=True)
+class Int4WeightOnly(QuantConfig):
+    """int4 weights, two per byte, one bfloat16 scale (+ zero unless symmetric) per group."""
+
+    fmt: ClassVar[str] = "int4"
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.group_size in _GROUPS and not isinstance(self.group_size, bool),
+            f"Int4WeightOnly: group_size must be one of 32, 64, 128, got {self.group_size!r}",
+        )
+        _check(
+            isinstance(self.symmetric, bool),
+            f"Int4WeightOnly: symmetric must be true or false, got {self.symmetric!r}",
+        )
+
+
+@dataclass(frozen=True)
+class IntNWeightOnly(QuantConfig):
+    """2- or 3-bit weights (int2: 4 per byte; int3: 8 in 3 bytes), float16 scale (+ offset)
+    per group. Runs by blocked dequantize + float32 matmul: smaller, not faster."""
+
+    bits: int = 2
+    group_size: int = 32
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.bits in (2, 3) and not isinstance(self.bits, bool),
+            f"IntNWeightOnly: bits must be 2 or 3, got {self.bits!r}",
+        )
+        _check(
+            self.group_size in (16, *_GROUPS) and not isinstance(self.group_size, bool),
+            f"IntNWeightOnly: group_size must be one of 16, 32, 64, 128, got {self.group_size!r}",
+        )
+        _check(
+            isinstance(self.symmetric, bool),
+            f"IntNWeightOnly: symmetric must be true or false, got {self.symmetric!r}",
+        )
+
+    @property
+    def fmt(self) -> str:  # type: ignore[override]
+        return f"int{self.bits}"
