@@ -11,6 +11,14 @@ import torch
 torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_transformers() -> None:
+    """transformers' own progress bars would land in the captured stderr of CLI tests."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _tiny_configs() -> dict[str, object]:
     """Randomly initialised, small configs of several architectures (a causal LM head each)."""
     from transformers import (

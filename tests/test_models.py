@@ -131,3 +131,27 @@ def test_weights_of_the_wrong_shape(tiny_folder, tmp_path: Path) -> None:
     with pytest.raises(MemoptError) as exc:
         load_model(folder)
     assert "shape" in _one_line(exc)
+
+
+def test_tensor_the_architecture_lacks_is_refused(tiny_folder, tmp_path: Path) -> None:
+    """A q_proj.bias for a q_proj built without bias: the config does not describe the file."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy_folder(tiny_folder("llama"), tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MemoptError) as exc:
+        load_model(folder)
+    assert "q_proj.bias" in _one_line(exc)
+
+
+def test_extra_head_in_checkpoint_is_skipped(tiny_folder, tmp_path: Path) -> None:
+    """Tensors of modules the architecture does not have (another head) are not an error."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy_folder(tiny_folder("llama"), tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["score.weight"] = torch.zeros(2, 64)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert load_model(folder).task == "causal-lm"

@@ -341,11 +341,13 @@ def load_model(
     total = sum(src.nbytes(n) for n in src.names())
     done = 0
     loaded_keys: set[str] = set()
+    unexpected: list[str] = []
     for name in src.names():
         key = _match_key(name, targets)
         done += src.nbytes(name)
         if key is None:
-            continue  # an unexpected key (e.g. a stale buffer); reported below when it is a weight
+            unexpected.append(name)
+            continue
         target = targets[key]
         tensor = src.get(name, dtype or (target.dtype if target.is_floating_point() else None))
         if tuple(tensor.shape) != tuple(target.shape):
@@ -357,6 +359,7 @@ def load_model(
         loaded_keys.add(key)
         if progress is not None:
             progress(done, total)
+    _refuse_unused_weights(source.name, unexpected, model)
     _tie(model)
     _materialize_buffers(model)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -377,6 +380,26 @@ def _match_key(name: str, targets: dict[str, Any]) -> str | None:
         if key.endswith("." + name) or name.endswith("." + key):
             return key
     return None
+
+
+def _refuse_unused_weights(name: str, unexpected: list[str], model: nn.Module) -> None:
+    """Refuse tensors of a module the model has but without that parameter (e.g. a bias).
+
+    Extra heads in a checkpoint (``cls.predictions.*`` beside a bare encoder) are fine to skip; a
+    ``q_proj.bias`` for a ``q_proj`` built without bias means the config does not describe the file,
+    and skipping it silently would give wrong outputs.
+    """
+    modules = {n for n, _ in model.named_modules()}
+    bad = []
+    for key in unexpected:
+        owner = key.rpartition(".")[0]
+        if any(m == owner or m.endswith("." + owner) or owner.endswith("." + m) for m in modules if m):
+            bad.append(key)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise MemoptError(
+            f"{name}: the file has tensors the architecture does not use: {', '.join(bad[:3])}{more}"
+        )
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:

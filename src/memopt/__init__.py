@@ -1,0 +1,90 @@
+"""memopt: measure, then shrink, the memory that neural networks need.
+
+The public API, nothing else. Names are imported on first use (PEP 562) so that ``import memopt``
+stays cheap and a child process can import a light submodule without torch.
+
+    import memopt
+    report = memopt.estimate("smollm2", memopt.StepSpec(task="train", batch=4, seq=512))
+    loaded = memopt.load_model("minilm")
+    memopt.quantize_(loaded.model, memopt.Int8WeightOnly())
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_HOME = {
+    # model sources
+    "LoadedModel": "memopt.models",
+    "build_meta": "memopt.models",
+    "load_model": "memopt.models",
+    "MemoptError": "memopt.errors",
+    # measurement
+    "MemoryTracker": "memopt.measure.tracker",
+    "StepSpec": "memopt.measure.step",
+    "MemoryReport": "memopt.measure.estimate",
+    "estimate": "memopt.measure.estimate",
+    "profile": "memopt.measure.profile",
+    # data types
+    "quantize_": "memopt.quant",
+    "Cast": "memopt.quant",
+    "Int8WeightOnly": "memopt.quant",
+    "Int8Dynamic": "memopt.quant",
+    "Int4WeightOnly": "memopt.quant",
+    "IntNWeightOnly": "memopt.quant",
+    # training
+    "AdamW8bit": "memopt.train",
+    # quality
+    "perplexity": "memopt.evaluate",
+    "embedding_cosine": "memopt.evaluate",
+}
+
+__all__ = [
+    "AdamW8bit",
+    "Cast",
+    "Int4WeightOnly",
+    "Int8Dynamic",
+    "Int8WeightOnly",
+    "IntNWeightOnly",
+    "LoadedModel",
+    "MemoptError",
+    "MemoryReport",
+    "MemoryTracker",
+    "StepSpec",
+    "__version__",
+    "build_meta",
+    "embedding_cosine",
+    "estimate",
+    "load_model",
+    "perplexity",
+    "profile",
+    "quantize_",
+]
+
+if TYPE_CHECKING:
+    from memopt.errors import MemoptError
+    from memopt.evaluate import embedding_cosine, perplexity
+    from memopt.measure.estimate import MemoryReport, estimate
+    from memopt.measure.profile import profile
+    from memopt.measure.step import StepSpec
+    from memopt.measure.tracker import MemoryTracker
+    from memopt.models import LoadedModel, build_meta, load_model
+    from memopt.quant import (
+        Cast,
+        Int4WeightOnly,
+        Int8Dynamic,
+        Int8WeightOnly,
+        IntNWeightOnly,
+        quantize_,
+    )
+    from memopt.train import AdamW8bit
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'memopt' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)
