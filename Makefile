@@ -33,6 +33,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix src tests bench examples
 
 bench: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]' torch==2.13.0
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
 
 clean:
