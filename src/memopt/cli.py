@@ -158,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output: rich would assume 80 columns and wrap the tables; give them room instead.
+    width = None if stream.isatty() else 120
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 @contextlib.contextmanager
@@ -344,8 +347,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+def _quiet_libraries() -> None:
+    """Peer libraries imported by transformers (torchao, when installed) log on import; the
+    command line keeps stderr for progress and its own one-line errors."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except MemoptError as exc:

@@ -52,7 +52,7 @@ def rich_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
     """A rich Table; numeric-looking columns (all but the first) are right-aligned."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title=title, title_justify="left", header_style="bold", min_width=len(title) + 2)
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:

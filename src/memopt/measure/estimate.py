@@ -1,0 +1,276 @@
+"""Predict the memory of one step without reading a weight: the real step, run on the meta device.
+
+The architecture is built on the meta device from its config (:func:`memopt.models.build_meta`), and
+the same step code that :mod:`memopt.measure.profile` runs on real weights
+(:func:`memopt.measure.step.run_step`) runs on it under the same
+:class:`~memopt.measure.tracker.MemoryTracker`. Meta tensors have shapes, dtypes and storages of a
+size, but no data, so every allocation the real step makes is made and counted, in the same order,
+at no cost. An op whose output shape depends on tensor data (``.item()``, ``nonzero``, boolean
+masks) cannot run this way; the estimate then fails naming the op.
+
+Sharding (``ranks > 1``, FSDP2 ``fully_shard`` / ZeRO-3), the memory of one rank:
+
+- every parameter is split on dim 0 into ``ranks`` equal chunks (padded), so a rank holds
+  ``S = Σ ceil(d0 / N) · (numel / d0) · itemsize`` of the ``P`` parameter bytes; the parameters,
+  gradients and optimizer state counted at the single-process peak are scaled by ``r = S / P``
+  (≈ 1/N);
+- the FSDP units are the blocks of the largest ``nn.ModuleList`` (``fully_shard`` on each layer)
+  and the root (the rest: embeddings, final norm, head). The root's parameters stay gathered
+  through the step (FSDP2 does not reshard the root after forward) and one block at a time is
+  gathered, so ``G = rest + largest block`` unsharded parameter bytes are added to ``params``;
+  for training the same ``G`` is added to ``grads`` (unsharded gradients before reduce-scatter);
+- buffers and activations are not sharded (``batch`` is per rank).
+
+``peak = peak₁ − (params + grads + optimizer)₁ + r · (params + grads + optimizer)₁ + G (+ G)``.
+FSDP2's backward prefetch of the next block and communication buffers are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt.errors import MemoptError
+from memopt.measure.step import StepSpec, largest_block_list, meta_copy, prepare, run_step
+from memopt.models import LoadedModel, build_meta
+
+__all__ = [
+    "CATEGORIES",
+    "MemoryReport",
+    "TOP_MODULES",
+    "estimate",
+    "estimate_in_child",
+    "fsdp_shard",
+    "tracked_step",
+]
+
+CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations")
+TOP_MODULES = 25  # modules kept in a report, by their peak
+
+
+@dataclass
+class MemoryReport:
+    """Memory of one step: predicted (``kind="estimate"``) or measured (``kind="profile"``).
+
+    ``peak_bytes`` and ``breakdown`` are live tensor bytes counted by the tracker (for a training step,
+    at the peak of the steady-state second step). ``peak_rss_bytes`` / ``baseline_rss_bytes`` are the
+    process's resident set (profile only): ``rss_scope`` says whose — ``"child"``, a fresh process
+    that ran only this step (the baseline is its RSS after imports), or ``"process"``, this process's
+    lifetime high-water mark (an in-memory model; an upper bound, not this step's own).
+    """
+
+    model: str
+    spec: StepSpec
+    param_count: int
+    peak_bytes: int
+    breakdown: dict[str, int]
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = "estimate"
+    seconds: float = 0.0
+    peak_rss_bytes: int | None = None
+    baseline_rss_bytes: int | None = None
+    rss_scope: str | None = None
+    cuda: dict[str, Any] | None = None
+    sharding: dict[str, Any] | None = None
+
+    @property
+    def model_state_bytes(self) -> int:
+        """Parameters, gradients and optimizer state at the peak."""
+        b = self.breakdown
+        return b["params"] + b["grads"] + b["optimizer"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The CLI's JSON: ``peak_bytes``, ``breakdown`` and (profile) ``peak_rss_bytes``, ``modules``."""
+        out: dict[str, Any] = {
+            "model": self.model,
+            "kind": self.kind,
+            "spec": self.spec.to_dict(),
+            "param_count": self.param_count,
+            "peak_bytes": int(self.peak_bytes),
+            "breakdown": {k: int(self.breakdown.get(k, 0)) for k in CATEGORIES},
+            "modules": self.modules,
+            "timeline": self.timeline,
+            "seconds": round(self.seconds, 3),
+        }
+        if self.kind == "profile" or self.peak_rss_bytes is not None:
+            out["peak_rss_bytes"] = self.peak_rss_bytes
+            out["baseline_rss_bytes"] = self.baseline_rss_bytes
+            out["rss_scope"] = self.rss_scope
+        if self.cuda is not None:
+            out["cuda"] = self.cuda
+        if self.sharding is not None:
+            out["sharding"] = self.sharding
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryReport:
+        return cls(
+            model=data["model"],
+            spec=StepSpec(**data["spec"]),
+            param_count=data["param_count"],
+            peak_bytes=data["peak_bytes"],
+            breakdown=dict(data["breakdown"]),
+            modules=list(data.get("modules", [])),
+            timeline=list(data.get("timeline", [])),
+            kind=data.get("kind", "estimate"),
+            seconds=data.get("seconds", 0.0),
+            peak_rss_bytes=data.get("peak_rss_bytes"),
+            baseline_rss_bytes=data.get("baseline_rss_bytes"),
+            rss_scope=data.get("rss_scope"),
+            cuda=data.get("cuda"),
+            sharding=data.get("sharding"),
+        )
+
+
+def estimate(model: str | Path | LoadedModel, spec: StepSpec | None = None) -> MemoryReport:
+    """Predict the memory of one step of ``spec`` on ``model``, reading no weights.
+
+    ``model`` is a bundled name, a path, or a :class:`LoadedModel` (copied to the meta device without
+    copying its data; the original is not changed). Fails with :class:`MemoptError` for bad input or
+    for an architecture with a data-dependent op.
+    """
+    spec = spec or StepSpec()
+    start = time.perf_counter()
+    if isinstance(model, LoadedModel):
+        loaded = LoadedModel(
+            meta_copy(model.model),
+            model.task,
+            model.name,
+            model.config,
+            model.source,
+            example_inputs=model.example_inputs,
+        )
+    else:
+        loaded = build_meta(model)
+    spec.check_model(loaded)
+    result = tracked_step(loaded, spec, device="meta")
+    report = report_from_result(loaded, spec, result, kind="estimate")
+    if spec.ranks > 1:
+        fsdp_shard(report, loaded.model, spec)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def estimate_in_child(model: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run :func:`estimate` in a fresh process (for :func:`memopt.measure.rss.run_in_child`).
+
+    Returns ``{"report": ..., "work_baseline_rss_bytes": ...}``; with the child's
+    ``peak_rss_bytes`` this shows what estimating costs in memory (it reads no weights).
+    """
+    from memopt.measure.profile import import_baseline
+
+    baseline = import_baseline()
+    report = estimate(model, StepSpec(**(spec or {})))
+    return {"report": report.to_dict(), "work_baseline_rss_bytes": baseline}
+
+
+def tracked_step(
+    loaded: LoadedModel, spec: StepSpec, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Prepare ``loaded`` for ``spec`` (in place), run the step under the tracker, return its result.
+
+    The one place where estimate and profile meet: both call this, on meta or on real weights. The
+    result is the tracker's ``TrackerResult.to_dict()`` (JSON-able, so it crosses a process boundary).
+    """
+    from memopt.measure.tracker import MemoryTracker
+
+    prepare(loaded, spec)
+    model = loaded.model
+    if torch.device(device).type not in ("meta", "cpu"):
+        model.to(device)
+    with MemoryTracker(model) as tracker:
+        run_step(loaded, spec, tracker, device=device)
+    return tracker.result().to_dict()
+
+
+def report_from_result(
+    loaded: LoadedModel, spec: StepSpec, result: dict[str, Any], kind: str
+) -> MemoryReport:
+    """A :class:`MemoryReport` from a tracker result dict (top modules by their peak)."""
+    modules = sorted(
+        result.get("modules") or [],
+        key=lambda m: max(
+            m.get("forward_peak_bytes", 0) or 0, m.get("backward_peak_bytes", 0) or 0
+        ),
+        reverse=True,
+    )[:TOP_MODULES]
+    return MemoryReport(
+        model=loaded.name,
+        spec=spec,
+        param_count=param_count(loaded.model),
+        peak_bytes=int(result["peak_bytes"]),
+        breakdown={k: int(result["breakdown"].get(k, 0)) for k in CATEGORIES},
+        modules=modules,
+        timeline=list(result.get("timeline") or []),
+        kind=kind,
+        cuda=result.get("cuda"),
+    )
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# FSDP2 / ZeRO-3 sharding
+
+
+def _shard_bytes(p: torch.Tensor, ranks: int) -> int:
+    """Bytes of one rank's chunk of ``p`` under FSDP2 (dim-0 chunks, padded to equal size)."""
+    if p.dim() == 0:
+        return p.element_size()
+    rows = p.shape[0]
+    per_row = p.numel() // rows if rows else 0
+    return math.ceil(rows / ranks) * per_row * p.element_size()
+
+
+def fsdp_shard(report: MemoryReport, model: nn.Module, spec: StepSpec) -> None:
+    """Turn a single-process report into the memory of one of ``spec.ranks`` FSDP2 ranks, in place.
+
+    See the module docstring for the formula; ``report.sharding`` records its terms.
+    """
+    n = spec.ranks
+    params = list(model.parameters())  # deduplicated: tied weights count once
+    full = sum(p.numel() * p.element_size() for p in params)
+    if full == 0:
+        raise MemoptError("--ranks needs a model with parameters to shard")
+    shard = sum(_shard_bytes(p, n) for p in params)
+    ratio = shard / full
+    found = largest_block_list(model)
+    block_ids: set[int] = set()
+    largest_block = 0
+    if found is not None:
+        for block in found[1]:
+            ps = list(block.parameters())
+            block_ids.update(id(p) for p in ps)
+            largest_block = max(largest_block, sum(p.numel() * p.element_size() for p in ps))
+    rest = sum(p.numel() * p.element_size() for p in params if id(p) not in block_ids)
+    gathered = rest + largest_block
+    gathered_grads = gathered if spec.task == "train" else 0
+    before = dict(report.breakdown)
+    after = dict(before)
+    after["params"] = round(before["params"] * ratio) + gathered
+    after["grads"] = round(before["grads"] * ratio) + gathered_grads
+    after["optimizer"] = round(before["optimizer"] * ratio)
+    report.peak_bytes = report.peak_bytes - sum(before.values()) + sum(after.values())
+    report.breakdown = after
+    report.sharding = {
+        "ranks": n,
+        "strategy": "fsdp2",
+        "shard_ratio": ratio,
+        "param_bytes": full,
+        "param_shard_bytes": shard,
+        "gathered_param_bytes": gathered,
+        "gathered_grad_bytes": gathered_grads,
+        "root_param_bytes": rest,
+        "largest_block_param_bytes": largest_block,
+        "block_list": found[0] if found is not None else None,
+        "unsharded_breakdown": before,
+    }

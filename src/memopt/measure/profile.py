@@ -1,0 +1,110 @@
+"""Measure the memory of one real step on real weights, with the estimator's step and tracker.
+
+A model given by name or path is loaded and run in a fresh child process
+(:func:`memopt.measure.rss.run_in_child`), so its peak RSS belongs to this step alone: the child
+reports its peak RSS after the imports any step needs (torch, transformers' auto classes, the
+tracker: :func:`import_baseline`), its RSS peak, and the tracker's result. An
+in-memory :class:`~memopt.models.LoadedModel` runs in this process (it cannot be sent to a child
+without copying it); its ``peak_rss_bytes`` is then this process's lifetime high-water mark
+(``rss_scope="process"``), an upper bound on the step's.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memopt.measure.estimate import MemoryReport, fsdp_shard, report_from_result, tracked_step
+from memopt.measure.step import StepSpec
+from memopt.models import LoadedModel, load_model, resolve
+
+__all__ = ["import_baseline", "profile", "profile_loaded"]
+
+
+def profile(
+    model: str | Path | LoadedModel,
+    spec: StepSpec | None = None,
+    *,
+    child: bool = True,
+    device: str = "cpu",
+) -> MemoryReport:
+    """Run one step of ``spec`` on the real ``model`` and measure it.
+
+    ``child=True`` (the default, for names and paths) loads and runs in a fresh process and reports
+    its peak and baseline RSS; ``child=False`` runs here. A :class:`LoadedModel` always runs here and
+    is changed in place (cast to ``spec.dtype``; checkpointing turned on if asked; its gradients are
+    dropped afterwards). On CUDA (``device="cuda"``) the report also carries the allocator's figures.
+    ``spec.ranks > 1`` is not run distributed here: the single-process measurement is sharded with the
+    estimator's formula (:func:`memopt.measure.estimate.fsdp_shard`).
+    """
+    spec = spec or StepSpec()
+    start = time.perf_counter()
+    if isinstance(model, LoadedModel):
+        report = profile_loaded(model, spec, device=device)
+    elif child:
+        from memopt.measure.rss import run_in_child
+
+        resolve(model)  # a missing file or unknown name fails here, before a child starts
+        out = run_in_child(_profile_in_child, str(model), spec.to_dict(), device)
+        report = MemoryReport.from_dict(out["report"])
+        report.peak_rss_bytes = int(out["peak_rss_bytes"])
+        report.baseline_rss_bytes = int(out["work_baseline_rss_bytes"])
+        report.rss_scope = "child"
+    else:
+        report = profile_loaded(load_model(model, dtype=spec.torch_dtype), spec, device=device)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def profile_loaded(loaded: LoadedModel, spec: StepSpec, device: str = "cpu") -> MemoryReport:
+    """Measure one step on an in-memory model, in this process (``rss_scope="process"``)."""
+    from memopt.measure.rss import current_rss_bytes, peak_rss_bytes
+
+    spec.check_model(loaded)
+    baseline = current_rss_bytes()
+    was_training = loaded.model.training
+    try:
+        result = tracked_step(loaded, spec, device=device)
+    finally:
+        for p in loaded.model.parameters():
+            p.grad = None
+        loaded.model.train(was_training)
+    report = report_from_result(loaded, spec, result, kind="profile")
+    if spec.ranks > 1:
+        fsdp_shard(report, loaded.model, spec)
+    report.peak_rss_bytes = peak_rss_bytes()
+    report.baseline_rss_bytes = baseline
+    report.rss_scope = "process"
+    if device.startswith("cuda") and torch.cuda.is_available() and report.cuda is None:
+        report.cuda = {
+            "max_memory_allocated": torch.cuda.max_memory_allocated(),
+            "max_memory_reserved": torch.cuda.max_memory_reserved(),
+        }
+    return report
+
+
+def import_baseline() -> int:
+    """Import what any step needs (transformers' auto classes, the tracker's module tracker), then
+    return this process's peak RSS: the baseline a child's work is measured from."""
+    import transformers  # noqa: F401
+    from torch.distributed._tools.mod_tracker import ModTracker  # noqa: F401
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: F401
+
+    import memopt.measure.tracker  # noqa: F401
+    from memopt.measure.rss import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+def _profile_in_child(model: str, spec: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """The child's work: load, run the step, return the report as a dict (JSON-able)."""
+    baseline = import_baseline()
+    step = StepSpec(**spec)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    loaded = load_model(model, dtype=step.torch_dtype)
+    report = profile_loaded(loaded, step, device=device)
+    return {"report": report.to_dict(), "work_baseline_rss_bytes": baseline}

@@ -1,0 +1,107 @@
+"""The command line: bad input ends with one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memopt.cli import main
+
+
+def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's own exits (--help, bad options)
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code: int, err: str, needle: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("memopt: error:")
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_missing_path(capsys) -> None:
+    code, out, err = _run(capsys, "estimate", "/no/such/folder")
+    _assert_one_line_error(code, err, "no such model")
+    assert out == ""
+
+
+def test_unknown_bundled_name(capsys) -> None:
+    code, _, err = _run(capsys, "estimate", "llama-9000")
+    _assert_one_line_error(code, err, "bundled")
+
+
+def test_folder_without_config(capsys, tmp_path: Path) -> None:
+    code, _, err = _run(capsys, "profile", str(tmp_path))
+    _assert_one_line_error(code, err, "config.json")
+
+
+def test_truncated_safetensors(capsys, tiny_folder, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in tiny_folder("gpt2").iterdir():
+        data = f.read_bytes()
+        (folder / f.name).write_bytes(
+            data[: len(data) // 3] if f.suffix == ".safetensors" else data
+        )
+    code, _, err = _run(capsys, "eval", str(folder))
+    _assert_one_line_error(code, err, "truncated")
+
+
+def test_corrupt_safetensors(capsys, tiny_folder, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in tiny_folder("gpt2").iterdir():
+        data = bytearray(f.read_bytes())
+        if f.suffix == ".safetensors":
+            data[:8] = (10**12).to_bytes(8, "little")  # header length past the end of the file
+        (folder / f.name).write_bytes(bytes(data))
+    code, _, err = _run(capsys, "eval", str(folder))
+    _assert_one_line_error(code, err, "corrupt")
+
+
+def test_garbage_gguf(capsys, tmp_path: Path) -> None:
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    code, _, err = _run(capsys, "estimate", str(bad))
+    _assert_one_line_error(code, err, "model.gguf")
+
+
+@pytest.mark.parametrize("option", [["--batch", "-3"], ["--seq", "0"], ["--batch", "two"]])
+def test_bad_numbers(capsys, option: list[str]) -> None:
+    code, _, err = _run(capsys, "estimate", "minilm", *option)
+    _assert_one_line_error(code, err, option[0])
+
+
+def test_unknown_choice(capsys) -> None:
+    code, _, err = _run(capsys, "estimate", "minilm", "--dtype", "float8")
+    _assert_one_line_error(code, err, "--dtype")
+
+
+def test_help_explains_every_command(capsys) -> None:
+    code, out, _ = _run(capsys, "--help")
+    assert code == 0
+    for command in ("estimate", "profile", "eval", "demo"):
+        assert command in out
+
+
+def test_real_entry_point_exit_code() -> None:
+    """Through the installed interpreter and `python -m memopt`, not just main()."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "memopt", "estimate", "minilm", "--batch", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1
