@@ -103,15 +103,17 @@ def _measure_row(technique: str, loaded: Any, ids: torch.Tensor, note: str = "")
 
 def _techniques() -> list[tuple[str, Callable[[nn.Module], Any], str]]:
     """(name, in-place transform, note) for each optimization available, in order."""
-    from memopt.quant import Cast, quantize_
+    from memopt.quant import Cast, Int4WeightOnly, Int8WeightOnly, quantize_
 
     return [
+        ("bfloat16", lambda m: quantize_(m, Cast(dtype="bfloat16")), "norms kept in float32"),
+        ("float16", lambda m: quantize_(m, Cast(dtype="float16")), "norms kept in float32"),
+        ("int8", lambda m: quantize_(m, Int8WeightOnly()), "per channel, embedding too"),
         (
-            "bfloat16",
-            lambda m: quantize_(m, Cast(dtype="bfloat16")),
-            "no native bf16 on this CPU: slower compute",
+            "int4 g64 (RTN)",
+            lambda m: quantize_(m, Int4WeightOnly(group_size=64)),
+            "round to nearest, group 64",
         ),
-        ("float16", lambda m: quantize_(m, Cast(dtype="float16")), ""),
     ]
 
 

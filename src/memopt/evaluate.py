@@ -30,8 +30,9 @@ __all__ = [
     "read_text",
 ]
 
-# Prose-heavy topics of the Python reference, in a fixed order: "Data model" and "Execution model".
-_TOPICS = ("datamodel", "execmodel")
+# Prose-heavy topics of the Python reference, in a fixed order: "Execution model" and "The standard
+# type hierarchy" (pydoc_data.topics keys; calibration text must come from other topics).
+_TOPICS = ("execmodel", "types")
 
 ProgressFn = Callable[[int, int], None]
 

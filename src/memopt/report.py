@@ -104,19 +104,40 @@ def plot_breakdown_timeline(result: dict, path: str | Path, title: str = "") -> 
     ax_bar.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.02))
 
     timeline = result.get("timeline") or []
+    # Params and buffers are flat over a step and would flatten the rest: the timeline shows the
+    # working memory above them (grads, optimizer state, activations) and states the constant.
+    working = ("grads", "optimizer", "activations")
     if timeline:
         xs = [p["index"] for p in timeline]
-        stacks = [[p["bytes"].get(c, 0) / mib for p in timeline] for c in CATEGORY_COLORS]
-        ax_line.stackplot(xs, stacks, colors=list(CATEGORY_COLORS.values()), step="post")
-        # Shade phase changes so forward / backward / optimizer read at a glance.
+        stacks = [[p["bytes"].get(c, 0) / mib for p in timeline] for c in working]
+        ax_line.stackplot(
+            xs, stacks, colors=[CATEGORY_COLORS[c] for c in working], step="post", labels=working
+        )
+        const = max(p["bytes"].get("params", 0) + p["bytes"].get("buffers", 0) for p in timeline)
+        ax_line.text(
+            0.01,
+            0.97,
+            f"+ params and buffers: {const / mib:.1f} MiB throughout",
+            transform=ax_line.transAxes,
+            va="top",
+            fontsize=8,
+        )
         last = None
-        for p in timeline:
-            if p["phase"] != last:
+        for p in timeline:  # a dotted line where forward / backward / optimizer begins
+            if p["phase"] != last and p["phase"] != "start":
                 ax_line.axvline(p["index"], color="grey", lw=0.6, ls=":")
-                ax_line.text(p["index"], 0, f" {p['phase']}", fontsize=7, rotation=90, va="bottom")
-                last = p["phase"]
+                ax_line.text(
+                    p["index"],
+                    ax_line.get_ylim()[1] * 0.5,
+                    f" {p['phase']}",
+                    fontsize=7,
+                    rotation=90,
+                    va="center",
+                )
+            last = p["phase"]
+        ax_line.legend(fontsize=8, loc="upper right")
     ax_line.set_xlabel("allocation / free event")
-    ax_line.set_ylabel("live MiB")
+    ax_line.set_ylabel("live MiB above params + buffers")
     ax_line.set_title(title or "memory over the step")
     fig.savefig(_tmp_png(path), dpi=110)
     plt.close(fig)
