@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from memopt.errors import MemoptError
-from memopt.plan import count_allocations, plan_model
+from memopt.plan import plan_model, verify_plan
 
 
 class CNN(nn.Module):
@@ -43,77 +40,25 @@ class CNN(nn.Module):
         return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
 
 
-def interleaved(fa: Callable[[], Any], fb: Callable[[], Any], repeat: int) -> tuple[float, float]:
-    """Median seconds of fa and fb, run alternately so that machine load hits both alike."""
-    fa(), fb()
-    ta, tb = [], []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fa()
-        t1 = time.perf_counter()
-        fb()
-        t2 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-    return statistics.median(ta), statistics.median(tb)
-
-
-def eager_activation_peak(model: nn.Module, fn: Callable[[], Any]) -> int | None:
-    try:
-        from memopt.measure.tracker import MemoryTracker
-    except ImportError:
-        return None
-    with torch.no_grad(), MemoryTracker(model, per_module=False, timeline=False) as t:
-        fn()
-    return int(t.peak_breakdown()["activations"])
-
-
-def _outputs(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if hasattr(x, "to_tuple"):
-        x = x.to_tuple()
-    return [t for t in x if isinstance(t, torch.Tensor)]
-
-
 def bench_one(
     label: str, model: Any, inputs: dict[str, torch.Tensor] | None, seq: int, repeat: int
 ) -> dict[str, Any]:
     p = plan_model(model, seq=seq, inputs=inputs)
-    module = model.model if hasattr(model, "model") and hasattr(model, "task") else model
-    feed = p.inputs
-    extra = {"use_cache": False} if getattr(model, "task", None) == "causal-lm" else {}
-    ex = p.executor()
-
-    def eager() -> Any:
-        with torch.no_grad():
-            return module(**feed, **extra)
-
-    def arena() -> Any:
-        return ex.run(**feed)
-
-    ref = _outputs(eager())
-    got = _outputs(arena())
-    diff = max((g - r).abs().max().item() for g, r in zip(got, ref, strict=False))
-    arena()
-    arena_allocs = count_allocations(arena, repeat=3)
-    eager_allocs = count_allocations(eager, repeat=3)
-    peak = eager_activation_peak(module, eager)
-    t_eager, t_arena = interleaved(eager, arena, repeat)
+    v = verify_plan(p, model, repeat=repeat)
     return {
         **p.to_dict(),
         "model": label,
-        "constant_bytes": ex.constant_bytes,
-        "eager_activation_peak_bytes": peak,
-        "eager_peak_over_arena": round(peak / p.arena_bytes, 2) if peak else None,
-        "arena_allocations_per_step": arena_allocs.count,
-        "arena_allocation_bytes_per_step": arena_allocs.bytes,
-        "eager_allocations_per_step": eager_allocs.count,
-        "eager_ms": round(t_eager * 1e3, 3),
-        "arena_ms": round(t_arena * 1e3, 3),
-        "latency_arena_over_eager": round(t_arena / t_eager, 3),
-        "max_abs_diff": diff,
-        "fallback_ops": ex.fallback_ops,
+        "constant_bytes": v["constant_bytes"],
+        "eager_activation_peak_bytes": v["eager_activation_peak_bytes"],
+        "eager_peak_over_arena": round(v["eager_activation_peak_bytes"] / p.arena_bytes, 2),
+        "arena_allocations_per_step": v["steady_state_allocations"],
+        "arena_allocation_bytes_per_step": v["steady_state_allocation_bytes"],
+        "eager_allocations_per_step": v["eager_allocations"],
+        "eager_ms": v["eager_ms"],
+        "arena_ms": v["arena_ms"],
+        "latency_arena_over_eager": v["latency_vs_eager"],
+        "max_abs_diff": v["max_abs_diff"],
+        "fallback_ops": v["fallback_ops"],
     }
 
 

@@ -105,3 +105,16 @@ def test_real_entry_point_exit_code() -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_plan_json_contract(capsys) -> None:
+    """`memopt plan --json`: the contract's keys, and the planned step allocates nothing."""
+    import json
+
+    code, out, _ = _run(capsys, "plan", "minilm", "--seq", "32", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["lower_bound_bytes"] <= result["arena_bytes"] <= result["naive_bytes"]
+    assert result["arena_bytes"] <= 1.05 * result["lower_bound_bytes"]
+    assert result["steady_state_allocations"] == 0
+    assert result["max_abs_diff"] < 1e-4

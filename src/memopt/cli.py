@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  memopt estimate smollm2 --task train --batch 4 --seq 512 --optimizer adamw8bit\n"
         "  memopt profile minilm --batch 8 --seq 256 --plot profile.png\n"
         "  memopt eval smollm2\n"
+        "  memopt plan minilm --seq 256 --plot plan.png\n"
         "  memopt demo",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -136,6 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "plan",
+        help="static activation plan: every intermediate in one arena",
+        description="Capture the inference graph (torch.export), compute each "
+        "intermediate tensor's size and lifetime, and place them all at "
+        "precomputed offsets in one arena. Then run the planned step "
+        "and check it: same outputs as eager, zero allocations.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--seq", type=_positive_int, default=128, help="sequence length (default 128)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the plan: tensors as lifetime × offset")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="plan only; skip running the arena executor against eager",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser(
         "demo",
@@ -335,6 +356,57 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from memopt.models import load_model
+    from memopt.plan import plan_model, verify_plan, write_plan_png
+
+    with _progress("loading", quiet=args.json) as cb:
+        loaded = load_model(args.model, progress=cb)
+    with _status("capturing the graph and planning the arena"):
+        plan = plan_model(loaded, batch=args.batch, seq=args.seq)
+    result = plan.to_dict()
+    result["model"] = args.model
+    if not args.no_verify:
+        with _status("running the planned step against eager"):
+            result.update(verify_plan(plan, loaded))
+    if args.plot:
+        write_plan_png(plan, args.plot)
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import format_bytes, rich_table
+
+    lb = result["lower_bound_bytes"]
+    rows = [
+        (
+            "arena (planned)",
+            format_bytes(result["arena_bytes"]),
+            f"{result['arena_bytes'] / lb:.3f}×" if lb else "–",
+        ),
+        ("lower bound (max live bytes)", format_bytes(lb), "1.000×"),
+        (
+            "naive (every tensor its own buffer)",
+            format_bytes(result["naive_bytes"]),
+            f"{result['naive_bytes'] / lb:.1f}×" if lb else "–",
+        ),
+    ]
+    title = (
+        f"plan: {args.model}, batch {args.batch} × seq {args.seq}, {result['tensors']} "
+        f"tensors, strategy {result['strategy']}"
+    )
+    console = _console()
+    console.print(rich_table(title, ("activations", "bytes", "vs lower bound"), rows))
+    if "steady_state_allocations" in result:
+        console.print(
+            f"planned step: {result['steady_state_allocations']} allocations "
+            f"(eager: {result['eager_allocations']}), max |output − eager| "
+            f"{result['max_abs_diff']:.2e}, latency {result['latency_vs_eager']:.2f}× eager"
+        )
+    if args.plot:
+        console.print(f"plot written to {args.plot}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from memopt.demo import run_demo
 
@@ -355,6 +427,10 @@ def _quiet_libraries() -> None:
     for name in ("torchao", "torch.utils._pytree", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from memopt.plan.capture import capture, example_inputs
 from memopt.plan.executor import ArenaExecutor
 from memopt.plan.lifetimes import ALIGNMENT, Lifetimes, TensorLife, lifetimes
 from memopt.plan.pool import BufferPool, CudaPreallocation, preallocate_cuda
+from memopt.plan.verify import verify_plan
 
 __all__ = [
     "ALIGNMENT",
@@ -49,6 +50,7 @@ __all__ = [
     "plan_arena",
     "plan_model",
     "preallocate_cuda",
+    "verify_plan",
     "write_plan_png",
 ]
 

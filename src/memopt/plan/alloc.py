@@ -14,7 +14,10 @@ OpenMP thread stacks). Those do not show up as tensor bytes anywhere in PyTorch.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +42,9 @@ class AllocationReport:
 
 def count_allocations(fn: Callable[[], Any], repeat: int = 1) -> AllocationReport:
     """Run ``fn`` ``repeat`` times under the profiler; allocations per run (totals divided)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         for _ in range(repeat):
             fn()
     events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
@@ -73,3 +78,26 @@ def count_allocations(fn: Callable[[], Any], repeat: int = 1) -> AllocationRepor
         total_b // repeat,
         {k: (v[0] // repeat, v[1] // repeat) for k, v in sorted(by_op.items())},
     )
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Kineto (the profiler's C++ side) prints start/stop lines straight to file descriptor 2,
+    whatever KINETO_LOG_LEVEL says; the command line keeps stderr for its own messages, so fd 2
+    points at /dev/null while the profiler runs. Python-level errors still propagate as exceptions.
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real fd (e.g. captured by pytest)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
