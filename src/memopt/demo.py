@@ -174,7 +174,36 @@ def run_demo(
         say(f"  {name}: measured")
         del variant
 
-    # 4. Report.
+    # 4. Allocation: plan every activation of the float32 step into one arena, run it, check it.
+    say("[bold]4. plan[/] activations of one inference step into one arena")
+    from memopt.plan import plan_model, verify_plan, write_plan_png
+
+    plan = plan_model(loaded, batch=1, seq=_STEP_SEQ)
+    plan_d = {**plan.to_dict(), **verify_plan(plan, loaded, repeat=3)}
+    plan_rows = [
+        (
+            f"inference 1×{_STEP_SEQ}",
+            format_bytes(plan_d["naive_bytes"]),
+            format_bytes(plan_d["eager_activation_peak_bytes"]),
+            format_bytes(plan_d["arena_bytes"]),
+            format_bytes(plan_d["lower_bound_bytes"]),
+            f"{plan_d['arena_bytes'] / plan_d['lower_bound_bytes']:.3f}×",
+            f"{plan_d['steady_state_allocations']} (eager {plan_d['eager_allocations']})",
+            f"{plan_d['latency_vs_eager']:.2f}×",
+        )
+    ]
+    plan_cols = (
+        "step",
+        "naive",
+        "eager peak",
+        "arena",
+        "lower bound",
+        "arena / bound",
+        "allocations / step",
+        "latency vs eager",
+    )
+
+    # 5. Report.
     base = rows[0]
     table_rows = [
         (
@@ -219,6 +248,9 @@ def run_demo(
                 f"{model_name}: before / after (all measured in this run)", columns, table_rows
             )
         )
+        console.print(
+            rich_table(f"{model_name}: static activation plan (float32)", plan_cols, plan_rows)
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     plot_breakdown_timeline(
@@ -227,6 +259,7 @@ def run_demo(
         title=f"{model_name}: inference step, batch 1 × seq 512 (measured)",
     )
     _plot_rows(rows, out / "techniques.png")
+    write_plan_png(plan, out / "plan.png")
     summary = {
         "model": model_name,
         "machine": {
@@ -237,6 +270,7 @@ def run_demo(
         "estimate": {"infer": est_infer.to_dict(), "train": est_train.to_dict()},
         "profile": {k: v for k, v in measured_d.items() if k != "timeline"},
         "rows": [r.to_dict() for r in rows],
+        "plan": plan_d,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     atomic_write_text(out / "report.json", dumps(summary))
@@ -248,8 +282,9 @@ def run_demo(
                 "Before / after",
                 html_table(columns, table_rows) + f"<p>{html_escape(source_note)}</p>",
             ),
+            ("Static activation plan", html_table(plan_cols, plan_rows)),
         ],
-        images=[out / "profile.png", out / "techniques.png"],
+        images=[out / "profile.png", out / "techniques.png", out / "plan.png"],
     )
     atomic_write_text(out / "report.html", page)
     say(f"report written to {out}/ (report.html, report.json, PNGs) in {summary['seconds']} s")
