@@ -193,6 +193,10 @@ def _architecture(config: Any, task: Task) -> nn.Module:
 def build_meta(spec: str | Path | ModelSource) -> LoadedModel:
     """The model's architecture on the meta device: shapes and dtypes, no storage, no weights read."""
     source = spec if isinstance(spec, ModelSource) else resolve(spec)
+    if source.kind == "memopt":  # quantized modules in place, from the manifest (memopt.io)
+        from memopt.io import build_meta as build_saved_meta
+
+        return build_saved_meta(source.path, source.name)
     config = load_config(source)
     task = task_of(config)
     with torch.device("meta"):
@@ -332,7 +336,10 @@ def load_model(
     """Load a model with its weights, reading one tensor at a time into a meta-built architecture."""
     if isinstance(spec, nn.Module):
         raise MemoptError("a plain nn.Module needs example inputs: use LoadedModel.from_module")
-    loaded = build_meta(spec)
+    source = spec if isinstance(spec, ModelSource) else resolve(spec)
+    if source.kind == "memopt":
+        return _load_saved(source, dtype, progress)
+    loaded = build_meta(source)
     model, source = loaded.model, loaded.source
     assert source is not None
     src = tensor_source(source)
@@ -372,6 +379,22 @@ def load_model(
     return loaded
 
 
+def _load_saved(
+    source: ModelSource, dtype: torch.dtype | None, progress: ProgressFn | None
+) -> LoadedModel:
+    """A folder written by memopt (memopt.io): rebuilt from its manifest, no original needed.
+
+    ``dtype`` casts the float tensors that are left (quantized weights keep their formats)."""
+    from memopt.io import load
+
+    loaded = load(source.path, name=source.name, progress=progress)
+    if dtype is not None:
+        from memopt.quant import Cast, quantize_
+
+        quantize_(loaded.model, Cast(str(dtype).removeprefix("torch."), keep=()))
+    return loaded
+
+
 def _match_key(name: str, targets: dict[str, Any]) -> str | None:
     """Map a file's tensor name to the model's, allowing for a base-model prefix on either side."""
     if name in targets:
@@ -393,7 +416,9 @@ def _refuse_unused_weights(name: str, unexpected: list[str], model: nn.Module) -
     bad = []
     for key in unexpected:
         owner = key.rpartition(".")[0]
-        if any(m == owner or m.endswith("." + owner) or owner.endswith("." + m) for m in modules if m):
+        if any(
+            m == owner or m.endswith("." + owner) or owner.endswith("." + m) for m in modules if m
+        ):
             bad.append(key)
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""

@@ -1,0 +1,753 @@
+"""Streamed quantization: source file -> quantized memopt folder, one tensor at a time.
+
+``quantize_model("smollm2", Int4WeightOnly(group_size=64, algo="rtn"), "out/")`` never builds the
+float model. The architecture is built on the meta device (no memory); the covered modules are
+swapped for their quantized classes with empty weights, which fixes every output tensor's name,
+dtype and shape, so the safetensors header is written first and each tensor's bytes follow as they
+are made (:class:`memopt.io.SafetensorsWriter`), in execution order. Each weight is read from the
+source in row chunks (about 8 MB of float32 at a time: safetensors through ``mmap``, GGUF blocks
+dequantized per chunk), quantized chunk by chunk by the same weight classes ``quantize_`` uses (rows
+are quantized independently, so the result is bit-identical to quantizing the whole tensor), and its
+pages of the source mapping are released after use (``madvise(MADV_DONTNEED)`` on the file-backed
+mapping: the page cache keeps them, the process's RSS does not). So the peak is about the imports,
+the tokenizer, one chunk's temporaries and one quantized tensor, far under the bound the issue sets
+(imports + output size + largest float32 tensor).
+
+Calibrated int4 (``Int4WeightOnly(algo="gptq")``) goes block by block: the modules before the first
+transformer block are materialized to capture its calibration inputs and freed; then for each block,
+its float weights are read from the source, :func:`memopt.quant.calibrate.quantize_block_` quantizes
+its Linears and returns the next block's inputs, its tensors are written and it goes back to meta.
+Peak: the calibration activations + one float block + the embedding during the capture.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt import io
+from memopt.errors import MemoptError
+from memopt.models import ModelSource, build_meta, resolve
+from memopt.quant.config import (
+    Cast,
+    Int4WeightOnly,
+    Int8Dynamic,
+    Int8WeightOnly,
+    IntNWeightOnly,
+    QuantConfig,
+)
+from memopt.quant.modules import (
+    Int4Weight,
+    Int8Weight,
+    IntNWeight,
+    QConv,
+    QEmbedding,
+    QLinear,
+    QuantizedWeight,
+)
+
+__all__ = [
+    "METHODS",
+    "import_baseline_job",
+    "method_config",
+    "quantize_model",
+    "quantize_model_job",
+]
+
+ProgressFn = Callable[[int, int], None]
+CHUNK_BYTES = 4 << 20  # float32 bytes of one row chunk: temporaries stay a few times this
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading rows of a source tensor, and giving its pages back
+
+
+class _SafetensorsRows:
+    """Every ``*.safetensors`` of a folder, mapped with ``mmap``; tensors are zero-copy views."""
+
+    def __init__(self, folder: Path) -> None:
+        from memopt.models import _SAFE_DTYPES, _check_safetensors_size
+
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise MemoptError(f"{folder}: no .safetensors weights in the folder")
+        self._t: dict[str, tuple[mmap.mmap, torch.dtype, tuple[int, ...], int, int]] = {}
+        for file in files:
+            _check_safetensors_size(file)  # truncated / corrupt: one line, before any work
+            with open(file, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _SAFE_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise MemoptError(f"{file}: tensor {name!r} has unsupported {info['dtype']}")
+                a, b = info["data_offsets"]
+                self._t[name] = (mm, dtype, tuple(info["shape"]), 8 + n + a, 8 + n + b)
+
+    def names(self) -> list[str]:
+        return list(self._t)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._t[name][2]
+
+    def view(self, name: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
+        mm, dtype, shape, start, end = self._t[name]
+        if r0 is None or not shape:
+            count, offset, out_shape = end - start, start, shape
+        else:
+            row = (end - start) // max(shape[0], 1)
+            count, offset, out_shape = (r1 - r0) * row, start + r0 * row, (r1 - r0, *shape[1:])
+        with warnings.catch_warnings():  # read-only mapping: we never write through the view
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=count, offset=offset)
+        return raw.view(dtype).reshape(out_shape)
+
+    def release(self) -> None:
+        """Drop the mapped pages of every file (see :meth:`_Rows.release`)."""
+        for mm in {id(v[0]): v[0] for v in self._t.values()}.values():
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _file_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where ``path`` is mapped in this process (Linux /proc/self/maps)."""
+    real = str(Path(path).resolve())
+    out = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].strip() == real:
+                    lo, hi = parts[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return out
+
+
+def _madvise_dontneed(addr: int, nbytes: int, ranges: list[tuple[int, int]]) -> None:
+    """Drop this process's pages of ``[addr, addr + nbytes)`` - only inside the file mappings
+    ``ranges`` (on anonymous memory MADV_DONTNEED would discard data; on a file mapping that we
+    only read it merely unmaps pages, which refault from the page cache if touched again)."""
+    page = mmap.PAGESIZE
+    lo, hi = addr // page * page, -(-(addr + nbytes) // page) * page
+    for a, b in ranges:
+        s, e = max(lo, a), min(hi, b)
+        if e > s:
+            _LIBC.madvise(ctypes.c_void_p(s), ctypes.c_size_t(e - s), 4)  # 4: MADV_DONTNEED
+
+
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):  # no libc madvise (not Linux): pages are simply kept
+    _LIBC = None
+
+
+class _Rows:
+    """Row-chunk reads of a source's float tensors (by source name) + page release."""
+
+    def __init__(self, source: ModelSource) -> None:
+        self.source = source
+        if source.kind == "gguf":
+            from memopt.gguf_loader import GGUFSource
+
+            self.gguf = GGUFSource(source.path)
+            self.st = None
+            self._ranges = _file_ranges(source.path) if _LIBC is not None else []
+        else:
+            self.gguf = None
+            self.st = _SafetensorsRows(source.path)
+
+    def names(self) -> list[str]:
+        return self.gguf.names() if self.gguf is not None else self.st.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.gguf.shape(name) if self.gguf is not None else self.st.shape(name))
+
+    def rows(self, name: str, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``r0:r1`` as ``dtype`` (possibly a read-only view of the mapping: do not write)."""
+        if self.gguf is not None:
+            from memopt.gguf_loader import dequantize
+
+            gtype, data = self._raw(name)
+            with warnings.catch_warnings():  # a read-only view of the mapping: only read
+                warnings.simplefilter("ignore", UserWarning)
+                out = dequantize(data[r0:r1], gtype, (r1 - r0, *self.shape(name)[1:]))
+        else:
+            out = self.st.view(name, r0, r1)
+        return out if not out.is_floating_point() or out.dtype == dtype else out.to(dtype)
+
+    def _raw(self, name: str) -> tuple[str, Any]:
+        key = getattr(self, "_raw_key", None)
+        if key != name:  # one tensor's raw blocks at a time (q/k rows are reordered: a copy)
+            self._raw_val = self.gguf.raw(name)
+            self._raw_key = name
+        return self._raw_val
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if self.gguf is not None:
+            return self.gguf.get(name, dtype if dtype.is_floating_point else None)
+        t = self.st.view(name)
+        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+    def release(self) -> None:
+        """Drop every mapped page of the source from this process's RSS (the page cache keeps
+        them; a later read refaults). The whole mapping, not just the tensor just read: the kernel
+        maps neighbouring pages on each fault ("fault-around"), and over a few hundred tensors
+        those neighbours added up to 40 MB of RSS on SmolLM2 when only each tensor was dropped."""
+        if self.gguf is not None:
+            self._raw_key = None
+            self._raw_val = None
+            for a, b in self._ranges:
+                _madvise_dontneed(a, b - a, self._ranges)
+        else:
+            self.st.release()
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: which modules become which quantized weights (the rules of quantize_, on meta)
+
+
+@dataclass
+class _Planned:
+    src: str  # source tensor name of the float weight
+    transpose: bool  # transformers' Conv1D stores (in, out)
+    make: Callable[[torch.Tensor], QuantizedWeight]
+    gptq: bool = False
+    qw: QuantizedWeight | None = None
+
+
+@dataclass
+class _Plan:
+    weights: dict[int, _Planned] = field(default_factory=dict)  # id(empty weight) -> plan
+    modules: list[str] = field(default_factory=list)
+    formats: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _covered(m: nn.Module) -> tuple[tuple[int, int], bool] | None:
+    """((N, K), transposed) of a covered module's weight on the meta device, else None."""
+    from memopt.quant.api import _is_hf_conv1d
+
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        return None
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        return (w.shape[0], w.shape[1]), False
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return (w.shape[0], w[0].numel()), False
+    if _is_hf_conv1d(m):
+        return (w.shape[1], w.shape[0]), True
+    return None
+
+
+def _format(config: QuantConfig, n: int, k: int, dtype: torch.dtype) -> tuple[dict, Any] | str:
+    """(empty-weight spec, maker of the real weight from a float (rows, K)) or a reason to skip."""
+    spec: dict[str, Any] = {"shape": [n, k], "dtype": str(dtype).removeprefix("torch.")}
+    if isinstance(config, Int8Dynamic):
+        return {**spec, "format": "int8", "group_size": None}, lambda w: Int8Weight(w)
+    g = config.group_size
+    if g is not None and k % g:
+        return f"group size {g} does not divide {k} inputs"
+    if isinstance(config, Int8WeightOnly):
+        return {**spec, "format": "int8", "group_size": g}, lambda w: Int8Weight(w, g)
+    if isinstance(config, Int4WeightOnly):
+        sym = config.symmetric
+        spec = {**spec, "format": "int4", "group_size": g, "symmetric": sym}
+        return spec, lambda w: Int4Weight(w, g, sym)
+    assert isinstance(config, IntNWeightOnly)
+    bits, sym = config.bits, config.symmetric
+    spec = {**spec, "format": f"int{bits}", "group_size": g, "symmetric": sym, "bits": bits}
+    return spec, lambda w: IntNWeight(w, bits, g, sym)
+
+
+def _plan(
+    model: nn.Module,
+    config: QuantConfig,
+    select: Callable[[str, nn.Module], bool],
+    src_of: Callable[[str], str | None],
+    gptq_linears: set[str],
+) -> _Plan:
+    """Swap the selected covered modules of a meta model for quantized ones with empty weights,
+    following ``quantize_``'s rules exactly (tie groups all-or-nothing, max_norm embeddings left
+    alone, group sizes that do not divide left in float). ``gptq_linears``: Linears that the
+    calibrated path fills instead (quantize_block_ decides their codes)."""
+    plan = _Plan()
+    covered, owners, key_of = [], {}, {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name and _covered(m) is not None:
+            covered.append((name, m))
+            key_of[name] = id(m.weight)
+            owners.setdefault(key_of[name], []).append(name)
+    chosen = {name for name, m in covered if select(name, m)}
+    done: dict[int, QuantizedWeight] = {}
+    dynamic = isinstance(config, Int8Dynamic)
+    for name, m in covered:
+        if name not in chosen:
+            continue
+        group = owners[key_of[name]]
+        if any(g not in chosen for g in group):
+            plan.skipped[name] = (
+                f"weight tied to unselected {[g for g in group if g not in chosen]}"
+            )
+            continue
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            plan.skipped[name] = "embedding with max_norm (renormalises its weight in place)"
+            continue
+        qw = done.get(key_of[name])
+        if qw is None:
+            (n, k), transposed = _covered(m)
+            made = _format(config, n, k, m.weight.dtype)
+            if isinstance(made, str):
+                plan.skipped[name] = made
+                continue
+            spec, make = made
+            src = src_of(f"{name}.weight")
+            if src is None:
+                raise MemoptError(f"source has no tensor for {name}.weight")
+            qw = done[key_of[name]] = io.empty_weight(spec)
+            plan.weights[id(qw)] = _Planned(src, transposed, make, name in gptq_linears, qw)
+        if isinstance(m, nn.Embedding):
+            new: nn.Module = QEmbedding(qw, m.padding_idx)
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            new = QConv(m, qw)
+        else:
+            new = QLinear(qw, getattr(m, "bias", None), dynamic=dynamic and qw.fmt == "int8")
+        io._set_module(model, name, new)
+        plan.modules.append(name)
+        fmt = qw.fmt + ("-dynamic" if getattr(new, "dynamic", False) else "")
+        plan.formats[fmt] = plan.formats.get(fmt, 0) + 1
+    return plan
+
+
+def _quantize_rows(rows: _Rows, p: _Planned, dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
+    """The disk form of one weight, as row chunks per tensor, built from row chunks of its float
+    source tensor (each chunk's source pages are given back as soon as it is quantized)."""
+    assert p.qw is not None
+    n, k = p.qw.shape
+    if p.transpose:  # (in, out) on disk: small in practice (GPT-2), read whole and transpose
+        whole = rows.get(p.src, dtype).t()  # (N, K) view
+        read = lambda a, b: whole[a:b]  # noqa: E731
+    else:
+        read = lambda a, b: rows.rows(p.src, a, b, dtype)  # noqa: E731
+    step = max(64, CHUNK_BYTES // (4 * max(k, 1)) // 64 * 64)  # a multiple of every int4 block_n
+    parts: dict[str, list[torch.Tensor]] = {}
+    for a, b in io.iter_chunks(n, step):
+        w = read(a, b)  # (rows, K)
+        for suffix, t in io.disk_tensors(p.make(w)).items():
+            parts.setdefault(suffix, []).append(t.clone() if t._base is not None else t)
+        del w
+        rows.release()
+        _trim()
+    return parts
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the system after each chunk. glibc keeps it otherwise: once
+    a chunk of a few MB is freed, its dynamic mmap threshold rises, later chunks come from the heap
+    and the heap only grows (measured: +8 MB per 5 int4 chunks of 1792 x 576 without, flat with)."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The calibrated path: one transformer block at a time
+
+
+class _Calibrated:
+    """Runs calibrate.quantize_block_ block by block on a second meta model (the float one),
+    materializing one block's weights from the source at a time."""
+
+    def __init__(self, fmodel, rows, src_of, config, select, calib, progress) -> None:
+        from memopt.quant import calibrate
+
+        self.cal = calibrate
+        self.fmodel, self.rows, self.src_of = fmodel, rows, src_of
+        self.config, self.select, self.progress = config, select, progress
+        self.prefix, self.blocks = calibrate.find_blocks(fmodel)
+        self.calib = calib
+        self.current = -1
+        self.inputs: list | None = None
+        self.done: dict[str, QuantizedWeight] = {}
+
+    def linears(self) -> set[str]:
+        """Full names of the Linears quantize_block_ will quantize (selected, group divides)."""
+        out = set()
+        for b, block in enumerate(self.blocks):
+            for nm, m in block.named_modules():
+                full = f"{self.prefix}.{b}.{nm}"
+                divides = isinstance(m, nn.Linear) and m.in_features % self.config.group_size == 0
+                if divides and self.select(full, m):
+                    out.add(full)
+        return out
+
+    def _fill(self, module: nn.Module, prefix: str, skip: str | None = None) -> None:
+        """Read the meta tensors of ``module`` (names under ``prefix``) from the source; names
+        starting with ``skip`` are left on meta."""
+        from memopt.models import _assign
+
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if not t.is_meta or (skip is not None and name.startswith(skip)):
+                continue
+            src = self.src_of(f"{prefix}{name}")
+            if src is not None:
+                _assign(module, name, self.rows.get(src, t.dtype).clone())
+                self.rows.release()
+
+    def _capture(self, tokenizer: Callable[[], Any]) -> None:
+        """Inputs of block 0: everything outside the blocks materialized, run, then freed."""
+        calib = self.calib
+        if isinstance(calib, torch.Tensor):
+            ids = calib
+        else:
+            ids = self.cal.calibration_ids(tokenizer(), calib)
+        outside = [
+            (n, t)
+            for n, t in [*self.fmodel.named_parameters(), *self.fmodel.named_buffers()]
+            if t.is_meta and not n.startswith(self.prefix + ".")
+        ]
+        self._fill(self.fmodel, "", skip=self.prefix + ".")  # the blocks stay on meta
+        self.inputs = self.cal._capture_inputs(self.fmodel, self.blocks[0], ids, 8)
+        self._to_meta(self.fmodel, [n for n, _ in outside])  # the embedding's float copy goes
+
+    @staticmethod
+    def _to_meta(model: nn.Module, names: list[str]) -> None:
+        from memopt.models import _assign
+
+        for n in names:
+            owner_name, _, attr = n.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            t = owner._parameters.get(attr, owner._buffers.get(attr))
+            if t is not None and not t.is_meta:
+                _assign(model, n, torch.empty_like(t, device="meta"))
+
+    def weight(self, full: str, tokenizer: Callable[[], Any]) -> QuantizedWeight:
+        """The calibrated weight of Linear ``full`` (``prefix.b.rest``): block b run if needed."""
+        b = int(full[len(self.prefix) + 1 :].split(".", 1)[0])
+        if self.inputs is None:
+            self._capture(tokenizer)
+        while self.current < b:
+            self._next_block()
+        if b != self.current:
+            raise RuntimeError(f"calibrated weights asked out of block order ({full})")
+        return self.done[full]
+
+    def _next_block(self) -> None:
+        if self.current >= 0:
+            self.blocks[self.current].to("meta")  # the previous block is written: free it
+        self.done.clear()
+        b = self.current = self.current + 1
+        here = f"{self.prefix}.{b}"
+        block = self.blocks[b]
+        self._fill(block, here + ".")
+
+        def on_linear(nm: str, qw: Any) -> None:
+            if not isinstance(qw, str):
+                self.done[f"{here}.{nm}"] = qw
+
+        outputs = self.cal.quantize_block_(
+            block,
+            self.inputs,
+            self.config,
+            select=lambda nm, m: self.select(f"{here}.{nm}", m),
+            on_linear=on_linear,
+        )
+        self.inputs = self.cal._next_inputs(self.inputs, outputs)
+        if self.progress is not None:
+            self.progress(b + 1, len(self.blocks))
+
+
+# --------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def _as_config(config: QuantConfig | dict[str, Any]) -> QuantConfig:
+    if isinstance(config, dict):
+        return QuantConfig.from_dict(config)
+    if not isinstance(config, QuantConfig):
+        raise MemoptError(f"not a quantization config: {config!r}")
+    return config
+
+
+def _meta_bytes(model: nn.Module) -> int:
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def _select(include: list[str] | None, exclude: list[str] | None) -> Callable[[str, Any], bool]:
+    from memopt.quant.api import _match
+
+    if isinstance(include, str) or isinstance(exclude, str):
+        raise MemoptError("include / exclude take a list of patterns, not a string")
+
+    def select(name: str, module: Any) -> bool:
+        if include is not None and not _match(name, include):
+            return False
+        return not (exclude is not None and _match(name, exclude))
+
+    return select
+
+
+def _source_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Model tensor name -> source tensor name (allowing a base-model prefix on either side)."""
+    from memopt.models import _match_key
+
+    targets = {n: None for n, _ in model.named_parameters(remove_duplicate=False)}
+    targets.update({n: None for n, _ in model.named_buffers(remove_duplicate=False)})
+    out = {}
+    for src in names:
+        key = _match_key(src, targets)
+        if key is not None:
+            out[key] = src
+    return out
+
+
+def quantize_model(
+    model_spec: str | Path | ModelSource,
+    config: QuantConfig | dict[str, Any],
+    out_dir: str | Path,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    calib: str | torch.Tensor | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Quantize a model from its file(s) into a memopt folder without holding the float model.
+
+    ``calib``: calibration text (default: memopt.quant.calibrate's pydoc excerpt) or ``(N, T)`` token
+    ids, for calibrated configs. ``progress(bytes written, bytes total)``.
+
+    Returns ``bytes_before`` (the float model as memopt loads it: float32 for GGUF), ``bytes_after``
+    (the quantized model in RAM once loaded, exact), ``disk_bytes`` (sum of the written files),
+    ``peak_rss_bytes`` (this process's peak resident set so far: run it in a fresh process for a
+    figure that belongs to it alone, see :func:`memopt.measure.rss.run_in_child`), ``seconds``,
+    ``modules`` (names quantized), ``formats`` and ``skipped``.
+    """
+    from memopt.measure.rss import peak_rss_bytes
+
+    start = time.perf_counter()
+    config = _as_config(config)
+    io.check_output(out_dir)
+    source = model_spec if isinstance(model_spec, ModelSource) else resolve(model_spec)
+    gptq = isinstance(config, Int4WeightOnly) and getattr(config, "algo", "rtn") != "rtn"
+    known = (Cast, Int8WeightOnly, Int8Dynamic, Int4WeightOnly, IntNWeightOnly)
+    if source.kind == "memopt" or not isinstance(config, known):
+        return _in_memory(source, config, out_dir, include, exclude, calib, progress, start)
+    if gptq:
+        try:
+            from memopt.quant.calibrate import quantize_block_  # noqa: F401
+        except ImportError:
+            return _in_memory(source, config, out_dir, include, exclude, calib, progress, start)
+
+    from memopt.models import _materialize_buffers
+
+    loaded = build_meta(source)
+    model = loaded.model
+    bytes_before = _meta_bytes(model)
+    rows = _Rows(source)
+    key_to_src = _source_names(model, rows.names())
+    select = _select(include, exclude)
+    with torch.no_grad():
+        _materialize_buffers(model)  # computed buffers (rotary frequencies): small, real
+    cal = None
+    if gptq:
+        fmodel = build_meta(source).model
+        with torch.no_grad():
+            _materialize_buffers(fmodel)
+        cal = _Calibrated(fmodel, rows, key_to_src.get, config, select, calib, None)
+
+    def src_of(name: str) -> str | None:
+        if name in key_to_src:
+            return key_to_src[name]
+        i = name.rfind(".conv.")
+        if i >= 0:  # QConv keeps the convolution as a child: "x.conv.bias" <- "x.bias"
+            return key_to_src.get(name[:i] + "." + name[i + 6 :])
+        return None
+
+    if isinstance(config, Cast):
+        from memopt.quant.api import quantize_
+
+        with torch.no_grad():
+            report = quantize_(model, config, include=include, exclude=exclude)
+        plan = _Plan(modules=report.modules, formats=report.formats)
+    else:
+        gl = cal.linears() if cal is not None else set()
+        plan = _plan(model, config, select, key_to_src.get, gl)
+    undivided = [n for n, why in plan.skipped.items() if "does not divide" in why]
+    if undivided and not plan.modules:
+        raise MemoptError(f"{source.name}: {plan.skipped[undivided[0]]} (nor any other layer's)")
+    desc = io.describe(model)
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+    tok_cache: list[Any] = []
+
+    def tokenizer() -> Any:
+        if not tok_cache:
+            from memopt.models import LoadedModel
+
+            tok_cache.append(LoadedModel(model, loaded.task, source.name, None, source).tokenizer())
+        return tok_cache[0]
+
+    def fill(e: io.Entry) -> torch.Tensor | list[torch.Tensor]:
+        if e.weight is None:
+            assert e.tensor is not None
+            if not e.tensor.is_meta:
+                return e.tensor  # a computed buffer
+            src = src_of(e.name)
+            if src is None:
+                raise MemoptError(f"{source.name}: no tensor in the source for {e.name}")
+            t = rows.get(src, e.dtype).clone()  # owned: the mapping's pages go right away
+            rows.release()
+            return t
+        key = id(e.weight)
+        if key not in cache:
+            cache.clear()  # one weight's disk form at a time
+            p = plan.weights[key]
+            if p.gptq:
+                assert cal is not None
+                qw = cal.weight(e.weight_key.removesuffix(".qweight"), tokenizer)
+                cache[key] = {k: v.contiguous() for k, v in io.disk_tensors(qw).items()}
+            else:
+                cache[key] = _quantize_rows(rows, p, e.weight.dtype)
+        return cache[key][e.suffix]
+
+    with torch.no_grad(), io.staged_folder(out_dir) as tmp:
+        io.write_folder(
+            tmp,
+            desc,
+            fill,
+            config=loaded.config,
+            task=loaded.task,
+            name=source.name,
+            quant=[_record(config, include, exclude, calib)],
+            source=source,
+            loaded=None,
+            progress=progress,
+        )
+    out = Path(out_dir)
+    bytes_after = sum(io._numel(e.shape) * e.dtype.itemsize for e in desc.entries)
+    return {
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "disk_bytes": io.disk_bytes(out),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "seconds": time.perf_counter() - start,
+        "modules": list(plan.modules),
+        "formats": dict(plan.formats),
+        "skipped": dict(plan.skipped),
+        "config": config.to_dict(),
+        "streamed": True,
+    }
+
+
+def _in_memory(source, config, out_dir, include, exclude, calib, progress, start) -> dict:
+    """Load the whole model, quantize it in RAM, save: for sources and configs that the
+    streamed path does not cover (a memopt folder, a config type registered elsewhere)."""
+    from memopt.measure.rss import peak_rss_bytes
+    from memopt.models import load_model
+    from memopt.quant.api import model_bytes, quantize_
+
+    loaded = load_model(source)
+    before = model_bytes(loaded.model)
+    if isinstance(config, Int4WeightOnly) and getattr(config, "algo", "rtn") != "rtn":
+        from memopt.quant.calibrate import calibrate_
+
+        kw = {"calib_ids": calib} if isinstance(calib, torch.Tensor) else {"calib_text": calib}
+        report = calibrate_(loaded, config, include=include, exclude=exclude, **kw)
+    else:
+        report = quantize_(loaded.model, config, include=include, exclude=exclude)
+    after = model_bytes(loaded.model)
+    quant = [_record(config, include, exclude, calib)]
+    io.save(loaded, out_dir, quant_config=quant, progress=progress)
+    return {
+        "bytes_before": before,
+        "bytes_after": after,
+        "disk_bytes": io.disk_bytes(out_dir),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "seconds": time.perf_counter() - start,
+        "modules": list(report.modules),
+        "formats": dict(report.formats),
+        "skipped": dict(report.skipped),
+        "config": config.to_dict(),
+        "streamed": False,
+    }
+
+
+def _record(config: QuantConfig, include: Any, exclude: Any, calib: Any) -> dict[str, Any]:
+    """The manifest's account of one quantization: config, selection, calibration data."""
+    rec: dict[str, Any] = {"config": config.to_dict(), "include": include, "exclude": exclude}
+    if isinstance(config, Int4WeightOnly) and getattr(config, "algo", "rtn") != "rtn":
+        if isinstance(calib, torch.Tensor):
+            rec["calib"] = f"token ids {list(calib.shape)}"
+        else:
+            rec["calib"] = "pydoc_data.topics (default)" if calib is None else "user text"
+    return rec
+
+
+METHODS = ("float32", "float16", "bfloat16", "int8", "int8-dynamic", "int4", "int3", "int2")
+
+
+def method_config(
+    method: str, group_size: int | None = None, algo: str | None = None
+) -> QuantConfig:
+    """The config behind ``memopt quantize --method M [--group-size G] [--algo A]``.
+
+    Defaults: int4 group 64 calibrated (``gptq``; ``--algo rtn`` for round-to-nearest), int8 per
+    output channel, int3/int2 group 32. Invalid combinations raise MemoptError in one line.
+    """
+    if method not in METHODS:
+        raise MemoptError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if algo is not None and method != "int4":
+        raise MemoptError(f"--algo applies to int4 only, not {method}")
+    if group_size is not None and method in ("float32", "float16", "bfloat16", "int8-dynamic"):
+        raise MemoptError(f"--group-size does not apply to {method}")
+    if method in ("float32", "float16", "bfloat16"):
+        return Cast(method)
+    if method == "int8":
+        return Int8WeightOnly(group_size=group_size)
+    if method == "int8-dynamic":
+        return Int8Dynamic()
+    if method == "int4":
+        return Int4WeightOnly(group_size=group_size or 64, algo=algo or "gptq")
+    return IntNWeightOnly(bits=int(method[3:]), group_size=group_size or 32)
+
+
+def quantize_model_job(
+    model_spec: str,
+    config: dict[str, Any],
+    out_dir: str,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> dict[str, Any]:
+    """JSON-in, JSON-out form of :func:`quantize_model` for ``run_in_child`` (which then reports
+    the child's own peak RSS and its import baseline)."""
+    return quantize_model(model_spec, config, out_dir, include=include, exclude=exclude)
+
+
+def import_baseline_job(model_type: str = "llama") -> dict[str, Any]:
+    """Only the imports that streamed quantization needs (torch, memopt, transformers' auto classes
+    and the architecture's modeling code, gguf): run it in a child for the import baseline that
+    the RSS bound of the issue starts from."""
+    import importlib
+
+    import gguf  # noqa: F401
+    import transformers
+
+    transformers.AutoModelForCausalLM  # noqa: B018 (the lazy import is the point)
+    importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    return {}
