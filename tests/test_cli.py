@@ -118,3 +118,76 @@ def test_plan_json_contract(capsys) -> None:
     assert result["arena_bytes"] <= 1.05 * result["lower_bound_bytes"]
     assert result["steady_state_allocations"] == 0
     assert result["max_abs_diff"] < 1e-4
+
+
+def test_quantize_json_contract_and_reload(capsys, tiny_folder, tmp_path: Path) -> None:
+    import json
+
+    out_dir = tmp_path / "q"
+    code, out, _ = _run(
+        capsys,
+        "quantize",
+        str(tiny_folder("llama")),
+        "--method",
+        "int8",
+        "-o",
+        str(out_dir),
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(out)
+    for key in ("bytes_before", "bytes_after", "disk_bytes", "peak_rss_bytes"):
+        assert isinstance(result[key], int)
+    # int8 weights + float32 scales and norms: well under half of float32, over a quarter.
+    assert 0.25 < result["bytes_after"] / result["bytes_before"] < 0.5
+    assert result["disk_bytes"] == sum(f.stat().st_size for f in out_dir.iterdir())
+    # The saved folder is a MODEL for the other commands.
+    code, out, _ = _run(capsys, "estimate", str(out_dir), "--json")
+    assert code == 0 and json.loads(out)["peak_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        (["--method", "int4", "--group-size", "48"], "group"),
+        (["--method", "float16", "--group-size", "32"], "group-size"),
+        (["--method", "int8", "--algo", "rtn"], "--algo"),
+        (["--method", "int9"], "--method"),
+    ],
+)
+def test_quantize_bad_options(capsys, tiny_folder, tmp_path: Path, options, needle) -> None:
+    code, _, err = _run(
+        capsys, "quantize", str(tiny_folder("llama")), *options, "-o", str(tmp_path / "q")
+    )
+    _assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "q").exists()  # never a half-written output
+
+
+def test_quantize_output_is_a_file(capsys, tiny_folder, tmp_path: Path) -> None:
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    code, _, err = _run(
+        capsys, "quantize", str(tiny_folder("llama")), "--method", "int8", "-o", str(target)
+    )
+    _assert_one_line_error(code, err, "a-file")
+    assert target.read_text() == "keep me"
+
+
+def test_run_json_contract(capsys) -> None:
+    import json
+
+    code, out, _ = _run(
+        capsys,
+        "run",
+        "smollm2",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert isinstance(result["text"], str) and len(result["tokens"]) == 4
+    assert result["tokens_per_s"] > 0
+    assert result["peak_rss_bytes"] > 500e6  # the float32 weights alone are 538 MB

@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n"
         "  memopt estimate smollm2 --task train --batch 4 --seq 512 --optimizer adamw8bit\n"
         "  memopt profile minilm --batch 8 --seq 256 --plot profile.png\n"
-        "  memopt eval smollm2\n"
+        "  memopt quantize smollm2 --method int4 -o smollm2-int4\n"
+        "  memopt run smollm2-int4 --prompt 'The capital of France is' --max-new-tokens 16\n"
+        "  memopt eval smollm2-int4\n"
         "  memopt plan minilm --seq 256 --plot plan.png\n"
         "  memopt demo",
     )
@@ -137,6 +139,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize and save, reading the source tensor by tensor",
+        description="Quantize MODEL and save it as a memopt folder (safetensors + "
+        "memopt.json). The source is read one tensor (or one block, for "
+        "calibrated int4) at a time, so the float model is never held "
+        "whole. The saved folder is a MODEL for every other command.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=("float32", "float16", "bfloat16", "int8", "int8-dynamic", "int4", "int3", "int2"),
+        help="float16/bfloat16/float32: cast (norms kept in float32); int8: weights "
+        "per output channel; int8-dynamic: int8 weights and activations; int4: "
+        "calibrated (GPTQ) 4-bit weights, group 64; int3/int2: group 32",
+    )
+    p.add_argument(
+        "--group-size",
+        type=_positive_int,
+        metavar="G",
+        help="input channels sharing one scale (must divide the layers' widths)",
+    )
+    p.add_argument(
+        "--algo",
+        choices=("gptq", "rtn"),
+        help="int4 only: gptq (calibrated, default) or rtn (round to nearest)",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="FILE",
+        help="calibration text for gptq (default: Python docs, not the eval excerpt)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser(
+        "run",
+        help="generate text (greedy by default)",
+        description="Generate text with MODEL (float, or a memopt folder) and report "
+        "decode speed (tokens/s, prefill excluded) and peak RSS.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)"
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the model's chat template (instruct models)",
+    )
+    p.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
         "plan",
@@ -352,6 +411,71 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             ("metric", "value"),
             [(k, f"{v:.6g}" if isinstance(v, float) else v) for k, v in result.items()],
         )
+    )
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from memopt.evaluate import read_text
+    from memopt.quant.stream import method_config, quantize_model
+
+    config = method_config(args.method, args.group_size, args.algo)
+    calib = read_text(args.calib) if args.calib else None
+    with _progress(f"quantizing to {args.method}", quiet=args.json) as cb:
+        result = quantize_model(args.model, config, args.output, calib=calib, progress=cb)
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import format_bytes, rich_table
+
+    before, after = result["bytes_before"], result["bytes_after"]
+    rows = [
+        ("weights before (float)", format_bytes(before), "1.00×"),
+        ("weights after, in RAM", format_bytes(after), f"{after / before:.3f}×"),
+        ("on disk", format_bytes(result["disk_bytes"]), f"{result['disk_bytes'] / before:.3f}×"),
+        ("peak RSS while quantizing", format_bytes(result["peak_rss_bytes"]), ""),
+    ]
+    console = _console()
+    console.print(
+        rich_table(
+            f"quantize: {args.model} → {args.output} ({args.method})",
+            ("", "bytes", "vs before"),
+            rows,
+        )
+    )
+    if result.get("skipped"):
+        console.print(
+            f"{len(result['skipped'])} modules kept as they were: "
+            + ", ".join(f"{k} ({v})" for k, v in list(result["skipped"].items())[:3])
+        )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from memopt.generate import generate
+    from memopt.measure.rss import peak_rss_bytes
+    from memopt.models import load_model
+
+    with _progress("loading", quiet=args.json) as cb:
+        loaded = load_model(args.model, progress=cb)
+    if loaded.task != "causal-lm":
+        raise MemoptError(f"{args.model} is not a causal language model: nothing to generate")
+    with _status("generating"):
+        result = generate(
+            loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat
+        )
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    if args.json:
+        _print_json(result)
+        return 0
+    console = _console()
+    console.print(result["text"], markup=False, highlight=False)
+    tps = result.get("tokens_per_s")
+    console.print(
+        f"[dim]{len(result['tokens'])} tokens, "
+        + (f"{tps:.1f} tokens/s decode, " if tps else "")
+        + f"prefill {result['prefill_s']:.2f} s, peak RSS "
+        + f"{result['peak_rss_bytes'] / 2**20:.0f} MiB[/]"
     )
     return 0
 
