@@ -35,6 +35,13 @@ _HOME = {
     "Int8Dynamic": "memopt.quant",
     "Int4WeightOnly": "memopt.quant",
     "IntNWeightOnly": "memopt.quant",
+    "quantize_model": "memopt.quant.stream",
+    # allocation
+    "plan_model": "memopt.plan",
+    # save / load, generation
+    "save": "memopt.io",
+    "load": "memopt.io",
+    "generate": "memopt.generate",
     # training
     "AdamW8bit": "memopt.train",
     # quality
@@ -58,20 +65,28 @@ __all__ = [
     "build_meta",
     "embedding_cosine",
     "estimate",
+    "generate",
+    "load",
     "load_model",
     "perplexity",
+    "plan_model",
     "profile",
     "quantize_",
+    "quantize_model",
+    "save",
 ]
 
 if TYPE_CHECKING:
     from memopt.errors import MemoptError
     from memopt.evaluate import embedding_cosine, perplexity
+    from memopt.generate import generate
+    from memopt.io import load, save
     from memopt.measure.estimate import MemoryReport, estimate
     from memopt.measure.profile import profile
     from memopt.measure.step import StepSpec
     from memopt.measure.tracker import MemoryTracker
     from memopt.models import LoadedModel, build_meta, load_model
+    from memopt.plan import plan_model
     from memopt.quant import (
         Cast,
         Int4WeightOnly,
@@ -80,6 +95,7 @@ if TYPE_CHECKING:
         IntNWeightOnly,
         quantize_,
     )
+    from memopt.quant.stream import quantize_model
     from memopt.train import AdamW8bit
 
 
