@@ -55,14 +55,13 @@ def model_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def _disk_bytes(model: nn.Module) -> int:
-    """Save the state dict as safetensors in a temporary folder and sum the file sizes."""
-    from safetensors.torch import save_model
+def _disk_bytes(loaded: Any) -> int:
+    """Save with memopt.io (safetensors + manifest + tokenizer) in a temporary folder; sum its files."""
+    from memopt.io import disk_bytes, save
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.safetensors"
-        save_model(model, str(path))  # drops tied duplicates, as a real save does
-        return path.stat().st_size
+        save(loaded, Path(tmp) / "model")
+        return disk_bytes(Path(tmp) / "model")
 
 
 def _latency(model: nn.Module, ids: torch.Tensor, repeats: int = 5) -> float:
@@ -93,7 +92,7 @@ def _measure_row(technique: str, loaded: Any, ids: torch.Tensor, note: str = "")
     return DemoRow(
         technique=technique,
         ram_bytes=model_bytes(model),
-        disk_bytes=_disk_bytes(model),
+        disk_bytes=_disk_bytes(loaded),
         step_peak_bytes=_step_peak(model, ids),
         latency_s=_latency(model, ids),
         perplexity=ppl.perplexity,

@@ -88,12 +88,27 @@ def quantize_(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     filter_fn: FilterFn | None = None,
+    calib: torch.Tensor | None = None,
 ) -> QuantReport:
     """Quantize (or cast) ``model`` in place and report the measured bytes.
 
     Modules are selected by fnmatch patterns over fully qualified names (``include`` default: all;
     ``exclude`` wins) and ``filter_fn(name, module)``. Dispatch is on ``type(config)``.
+    Calibrated int4 (``Int4WeightOnly(algo="gptq")``) takes ``calib``, token ids ``(N, T)``
+    (``memopt.quant.calibrate.calibration_ids``); ``calibrate_`` also accepts a LoadedModel and
+    makes them from its tokenizer.
     """
+    if isinstance(config, Int4WeightOnly) and config.algo != "rtn":
+        from memopt.quant.calibrate import calibrate_
+
+        if calib is None:
+            raise MemoptError(
+                f"int4 algo {config.algo!r} needs calibration token ids: pass calib= (N, T) ids "
+                "or call memopt.quant.calibrate.calibrate_(loaded_model, config)"
+            )
+        return calibrate_(
+            model, config, calib, include=include, exclude=exclude, filter_fn=filter_fn
+        )
     handler = REGISTRY.get(type(config))
     if handler is None:
         raise MemoptError(f"no quantization handler for {type(config).__name__}")

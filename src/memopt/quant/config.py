@@ -14,6 +14,7 @@ from memopt.errors import MemoptError
 
 __all__ = [
     "CONFIGS",
+    "INT4_ALGOS",
     "REGISTRY",
     "Cast",
     "Int4WeightOnly",
@@ -123,13 +124,22 @@ class Int8Dynamic(QuantConfig):
     fmt: ClassVar[str] = "int8-dynamic"
 
 
+# How int4 codes are chosen: "rtn" rounds each weight to nearest; "gptq" is calibrated (needs
+# calibration inputs; memopt.quant.calibrate). Same storage either way.
+INT4_ALGOS = ("rtn", "gptq")
+
+
 @dataclass(frozen=True)
 class Int4WeightOnly(QuantConfig):
-    """int4 weights, two per byte, one bfloat16 scale (+ zero unless symmetric) per group."""
+    """int4 weights, two per byte, one bfloat16 scale (+ zero unless symmetric) per group.
+
+    ``algo="gptq"`` chooses the codes with calibration data (memopt.quant.calibrate); ``"rtn"``
+    rounds to nearest."""
 
     fmt: ClassVar[str] = "int4"
     group_size: int = 128
     symmetric: bool = False
+    algo: str = "rtn"
 
     def __post_init__(self) -> None:
         _check(
@@ -139,6 +149,10 @@ class Int4WeightOnly(QuantConfig):
         _check(
             isinstance(self.symmetric, bool),
             f"Int4WeightOnly: symmetric must be true or false, got {self.symmetric!r}",
+        )
+        _check(
+            self.algo in INT4_ALGOS,
+            f"Int4WeightOnly: algo must be one of {', '.join(INT4_ALGOS)}, got {self.algo!r}",
         )
 
 

@@ -1,0 +1,655 @@
+"""Calibrated int4: GPTQ, block by block over a transformer, into the same ``Int4Weight`` as RTN.
+
+Why GPTQ (chosen by measurement, bench/calibrate.py): on SmolLM2-135M at group 64, perplexity on
+memopt.evaluate's text (float32 14.52) was 1.427x float32 with round-to-nearest, 1.222x with the
+paper's plain GPTQ, 1.132x with the variant below on the blocks' Linears (32 x 256 calibration
+tokens; 242 s) and 1.078x with the (tied) lm_head by GPTQ as well, the default (466 s on a loaded
+CPU). GPTQ (Frantar et al. 2022) quantizes one input column at a time and pushes each column's
+rounding error onto the columns not yet quantized, weighted by the inverse of the layer's input
+Hessian ``H = X^T X`` (X: the layer's calibration inputs), so the layer's *output* on real
+activations is what gets preserved, not the weight. We add two things the format allows:
+
+* act-order (columns in decreasing ``H_jj``: the most excited inputs are quantized first, while
+  there are still many columns left to absorb their error). Groups stay contiguous in the original
+  column order (the kernel's format has one scale/zero per 64 consecutive inputs): a group's scale
+  and zero are chosen when the first of its columns is reached, from the group's columns' current
+  values (error feedback included, also the feedback still pending inside the lazy 128-column
+  block);
+* a per-group clipping search: the group's ``[min, max]`` range shrunk by up to 25 %, keeping per
+  row the range whose rounding error, weighted by ``H_jj``, is smallest.
+
+The result is plain int4 codes + bfloat16 scale/zero, packed by :func:`int4_weight_from_codes` into
+the very buffers ``Int4Weight`` holds for RTN: same kernel, same bytes, nothing extra kept.
+
+Sequential, as in the paper: a transformer block's calibration inputs are the outputs of the blocks
+before it *already quantized*, and inside a block the sub-layers are quantized in execution order (a
+"stage" is the set of Linears that read the same tensor, e.g. q/k/v or gate/up), each stage's
+Hessian computed with every earlier stage already quantized. A stage's pass stops at its first
+Linear (an exception raised from a hook), so the rest of the block is not computed for nothing.
+
+Memory bound while calibrating (whole model, :func:`calibrate_`): the model itself, plus the block
+inputs and outputs of the whole calibration set, ``2 * N * T * hidden * 4`` bytes (N sequences of T
+tokens; 2 x 18.9 MB for the default 32 x 256 on SmolLM2), plus one chunk's activations inside one
+block (``batch`` sequences at a time), plus one (K, K) float32 Hessian and its float32 inverse per
+Linear being quantized (K = 1536 at most here: 9.4 MB each), plus one float32 copy of that Linear's
+weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt.errors import MemoptError
+from memopt.quant import kernels
+from memopt.quant.config import Int4WeightOnly
+from memopt.quant.modules import Int4Weight, QLinear, QuantizedWeight
+from memopt.quant.primitives import choose_qparams, pack, pack_int4_nblock
+
+__all__ = [
+    "CALIB_TOPICS",
+    "GPTQSettings",
+    "calibrate_",
+    "calibration_ids",
+    "default_calib_text",
+    "find_blocks",
+    "gptq_quantize",
+    "int4_weight_from_codes",
+    "quantize_block_",
+]
+
+# Topics of pydoc_data.topics used for calibration: the language reference's statements, strings,
+# sequences, mappings, the debugger; none of the Data model (chapter 3) or Execution model
+# (chapter 4) sections that evaluation reads (memopt.evaluate._TOPICS, and the Data model's own
+# sections on Pythons whose topics split it: "types", "specialnames", "customization", ...).
+CALIB_TOPICS: tuple[str, ...] = (
+    "compound",
+    "formatstrings",
+    "string-methods",
+    "typesseq",
+    "debugger",
+    "typesmapping",
+    "assignment",
+    "comparisons",
+    "strings",
+    "import",
+    "try",
+    "operator-summary",
+    "calls",
+    "function",
+    "typesseq-mutable",
+    "identifiers",
+    "async",
+    "raise",
+    "binary",
+    "with",
+    "class",
+)
+
+ProgressFn = Callable[[int, int], None]  # (blocks done, blocks total)
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """Knobs of the algorithm (the defaults are what bench/calibrate.py measured best)."""
+
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal: keeps H invertible
+    block: int = 128  # lazy-update block: columns updated eagerly inside, by one matmul outside
+    act_order: bool = True
+    search: bool = True  # per-group clipping search
+    shrink: float = 0.25  # the search tries ranges down to (1 - shrink) x the min..max range
+    steps: int = 11  # candidates in that search
+    # GPTQ for the output projection too (a tied embedding shares it): 1.132x -> 1.078x on SmolLM2
+    lm_head: bool = True
+
+
+DEFAULT_SETTINGS = GPTQSettings()
+
+
+def _settings(config: Int4WeightOnly, settings: GPTQSettings | None) -> GPTQSettings:
+    if not isinstance(config, Int4WeightOnly):
+        raise MemoptError(
+            f"calibration takes an Int4WeightOnly config, not {type(config).__name__}"
+        )
+    if config.algo != "gptq":
+        raise MemoptError(f"calibration: algo {config.algo!r} is not a calibrated algorithm")
+    return settings or DEFAULT_SETTINGS
+
+
+# ---- calibration data ----
+
+
+def default_calib_text() -> str:
+    """The calibration text: :data:`CALIB_TOPICS` of ``pydoc_data.topics`` (those present)."""
+    from pydoc_data.topics import topics
+
+    from memopt.evaluate import _TOPICS as EVAL_TOPICS
+
+    parts = [topics[t] for t in CALIB_TOPICS if t in topics and t not in EVAL_TOPICS]
+    if not parts:
+        raise MemoptError("pydoc_data.topics has none of the calibration topics")
+    return "\n\n".join(parts)
+
+
+def calibration_ids(
+    tokenizer: Any, text: str | None = None, n: int = 32, seq: int = 256
+) -> torch.Tensor:
+    """``(n, seq)`` int64 token ids: ``n`` windows of ``seq`` tokens spread evenly over ``text``
+    (default :func:`default_calib_text`). A text shorter than ``n * seq`` tokens gives overlapping
+    windows; shorter than ``seq``, one window of all of it."""
+    if n < 1 or seq < 2:
+        raise MemoptError(f"calibration needs n >= 1 and seq >= 2, got n={n}, seq={seq}")
+    text = default_calib_text() if text is None else text
+    ids = torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long).reshape(-1)  # (L,)
+    if ids.numel() < 2:
+        raise MemoptError("the calibration text has fewer than 2 tokens")
+    seq = min(seq, ids.numel())
+    count = min(n, ids.numel() - seq + 1)
+    starts = torch.linspace(0, ids.numel() - seq, count).round().long()  # (count,)
+    return torch.stack([ids[s : s + seq] for s in starts.tolist()])  # (count, seq)
+
+
+# ---- GPTQ on one weight ----
+
+
+def _choose_group(
+    x: torch.Tensor, weight: torch.Tensor, symmetric: bool, s: GPTQSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset per row of one group ``x (N, G)``: bfloat16 values, as float32 ``(N,)``.
+
+    Candidates are the min..max range shrunk towards its centre; each row keeps the one with the
+    smallest ``sum_j weight_j (x_j - dq(x_j))^2``. choose_qparams makes the scale/offset of each
+    candidate range, so the convention (and the bfloat16 rounding) is exactly RTN's.
+    """
+    n = x.shape[0]
+    lo, hi = x.amin(1), x.amax(1)  # (N,)
+    p = torch.linspace(1.0, 1.0 - s.shrink, s.steps) if s.search else torch.ones(1)  # (P,)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    if symmetric:  # symmetric ranges shrink towards 0, the only fixed point they have
+        mid = torch.zeros_like(mid)
+        half = torch.maximum(-lo, hi)
+    ends = torch.stack([mid - p[:, None] * half, mid + p[:, None] * half], -1)  # (P, N, 2)
+    scale, off = choose_qparams(ends.reshape(-1, 2), 4, 2, symmetric, torch.bfloat16)
+    scale = scale.float().reshape(-1, n, 1)  # (P, N, 1)
+    off = torch.zeros_like(scale) if off is None else off.float().reshape(-1, n, 1)
+    if scale.shape[0] == 1:
+        return scale[0, :, 0], off[0, :, 0]
+    c = torch.round((x - off) / scale).clamp_(-8, 7)  # (P, N, G)
+    err = ((c * scale + off - x) ** 2 * weight).sum(-1)  # (P, N)
+    best = err.argmin(0)  # (N,)
+    rows = torch.arange(n)
+    return scale[best, rows, 0], off[best, rows, 0]
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    group_size: int,
+    symmetric: bool = False,
+    settings: GPTQSettings = DEFAULT_SETTINGS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of one weight ``w (N, K)`` given ``h (K, K)`` = sum of x x^T over calibration inputs.
+
+    Returns ``(codes (N, K) uint8 in [0, 15], scale (N, K/G) bfloat16, zero (N, K/G) bfloat16)``
+    in the convention ``w ~ (c - 8) * scale + zero`` (zero = 0 when symmetric).
+
+    Runs on one thread: the per-column operations (a few thousand elements each) are too small to
+    split, and OpenMP's fork/join on each of them cost more than the work (a rank-1 update
+    measured 16 ms with 2 threads on a loaded machine, 0.1 ms with 1).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gptq(w, h, group_size, symmetric, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    group_size: int,
+    symmetric: bool,
+    settings: GPTQSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, k = w.shape
+    g = group_size
+    if k % g:
+        raise MemoptError(f"group size {g} does not divide the input dimension {k}")
+    s = settings
+    W = w.detach().float().clone()  # (N, K) float32, modified in place as errors are fed back
+    H = h.detach().float().clone()  # (K, K) float32 (float64 was 5x slower, same results)
+    diag = H.diagonal().clone()  # (K,)
+    dead = diag <= 0  # inputs never excited: any value is exact on the data, no feedback to give
+    H[dead, dead] = 1.0
+    diag[dead] = 0.0
+    perm = (
+        torch.argsort(diag, descending=True, stable=True) if s.act_order else torch.arange(k)
+    )  # (K,) position -> column
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    dperm = diag[perm].float()  # (K,) weights of the clipping search, in processing order
+    U = None
+    damp = s.damp
+    for _ in range(6):  # a singular H (few samples, duplicated inputs): more damping, try again
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * float(H.diagonal().mean()))
+        try:
+            # U: upper Cholesky factor of H^-1, the rows that carry each column's error forward
+            hinv = torch.cholesky_inverse(torch.linalg.cholesky(Hd))  # (K, K)
+            U = torch.linalg.cholesky(hinv, upper=True)  # (K, K) float32
+            break
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    del Hd
+    if U is None:
+        raise MemoptError("GPTQ: the calibration Hessian is not positive definite")
+    del H
+
+    ngroups = k // g
+    pos_of = torch.empty(k, dtype=torch.long)  # column -> position
+    pos_of[perm] = torch.arange(k)
+    group_pos = pos_of.reshape(ngroups, g)  # (K/G, G) positions of each group's columns
+    group_at = perm // g  # (K,) group of the column at each position
+    chosen = torch.zeros(ngroups, dtype=torch.bool)
+    scale = torch.empty(n, ngroups)  # (N, K/G) float32 holding bfloat16 values
+    zero = torch.empty(n, ngroups)
+    # Transposed working copy: one input column is one contiguous row, so the per-column work
+    # (read, round, rank-1 update of the rest of the block) touches contiguous memory.
+    Wt = W.t().contiguous()  # (K, N), rows in processing order
+    del W
+    Q = torch.empty(k, n, dtype=torch.uint8)  # (K, N) codes, in processing order
+    for i1 in range(0, k, s.block):
+        i2 = min(i1 + s.block, k)
+        W1 = Wt[i1:i2].clone()  # (B, N) eagerly updated
+        E1 = torch.zeros(i2 - i1, n)  # (B, N) scaled errors, for the lazy update of the rest
+        U1 = U[i1:i2, i1:i2]  # (B, B)
+        for i in range(i2 - i1):
+            gi = int(group_at[i1 + i])
+            if not chosen[gi]:
+                pos = group_pos[gi]  # (G,) all >= i1 + i: this is the group's first column
+                cur = Wt[pos]  # (G, N) up to date for positions in earlier blocks
+                inb = pos < i2
+                cur[inb] = W1[pos[inb] - i1]
+                out = ~inb
+                if i and bool(out.any()):  # the pending feedback of this block's columns
+                    cur[out] -= U[i1 : i1 + i][:, pos[out]].t() @ E1[:i]
+                scale[:, gi], zero[:, gi] = _choose_group(cur.t(), dperm[pos], symmetric, s)
+                chosen[gi] = True
+            sc, zr = scale[:, gi], zero[:, gi]  # (N,)
+            x = W1[i]  # (N,)
+            c = torch.round((x - zr) / sc).clamp_(-8, 7)
+            Q[i1 + i] = (c + 8).to(torch.uint8)
+            err = (x - (c * sc + zr)) / U1[i, i]  # (N,)
+            # rank-1 error feedback; addmm_, not addr_ (which measured 100x slower here)
+            W1[i + 1 :].addmm_(U1[i, i + 1 :, None], err[None, :], alpha=-1.0)
+            E1[i] = err
+        Wt[i2:] -= U[i1:i2, i2:].t() @ E1  # (K - i2, B) @ (B, N): the lazy update
+    Q = Q.t()  # (N, K)
+    codes = torch.empty_like(Q)
+    codes[:, perm] = Q
+    return codes, scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+
+
+def int4_weight_from_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    symmetric: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Int4Weight:
+    """An :class:`Int4Weight` holding given codes ``(N, K)`` and bfloat16 scale/zero ``(N, K/G)``.
+
+    Exactly the buffers ``Int4Weight(w, ...)`` makes for RTN (the kernel's row-interleaved
+    layout where it has one, ``scale_zero (K/G, N, 2)`` bfloat16): only the choice of codes differs.
+    """
+    n, k = codes.shape
+    qw = Int4Weight.__new__(Int4Weight)
+    QuantizedWeight.__init__(qw, (n, k), dtype)
+    qw.group_size, qw.symmetric = group_size, symmetric
+    qw.block_n = kernels.int4_block_n(n) if codes.device.type == "cpu" else None
+    packed = pack(codes, 4) if qw.block_n is None else pack_int4_nblock(codes, qw.block_n)
+    qw.register_buffer("packed", packed)  # (N, K // 2) uint8
+    sz = torch.stack([scale.to(torch.bfloat16).t(), zero.to(torch.bfloat16).t()], -1)
+    qw.register_buffer("scale_zero", sz.contiguous())  # (K // G, N, 2) bfloat16
+    return qw
+
+
+# ---- one transformer block ----
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once what it was run for has been captured."""
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _stages(block: nn.Module, first: tuple[tuple, dict], names: list[str]) -> list[list[str]]:
+    """The Linears ``names`` grouped by the tensor they read, in the order they first run."""
+    by_input: dict[int, list[str]] = {}
+    order: list[int] = []
+    keep: list[torch.Tensor] = []  # holds the inputs so that their ids stay unique
+
+    def hook(name: str) -> Callable[..., None]:
+        def pre(mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            keep.append(x)
+            if any(name in v for v in by_input.values()):
+                return  # a Linear run twice: its stage is where it first ran
+            if id(x) not in by_input:
+                by_input[id(x)] = []
+                order.append(id(x))
+            by_input[id(x)].append(name)
+
+        return pre
+
+    handles = [block.get_submodule(nm).register_forward_pre_hook(hook(nm)) for nm in names]
+    try:
+        block(*first[0], **first[1])
+    finally:
+        for h in handles:
+            h.remove()
+    stages = [by_input[i] for i in order]
+    unseen = [nm for nm in names if not any(nm in st for st in stages)]
+    return stages + [[nm] for nm in unseen]  # never called: quantized last, without data
+
+
+def _hessian(
+    block: nn.Module, linear: nn.Module, inputs: list[tuple[tuple, dict]], k: int
+) -> torch.Tensor:
+    """sum over every calibration token of x x^T at ``linear``'s input: (K, K) float32."""
+    H = torch.zeros(k, k)  # (K, K) float32
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, k).float()  # (M, K)
+        H.addmm_(x.t(), x)
+        raise _Stop
+
+    handle = linear.register_forward_pre_hook(pre)
+    try:
+        for args, kwargs in inputs:
+            with contextlib.suppress(_Stop):
+                block(*args, **kwargs)
+    finally:
+        handle.remove()
+    return H
+
+
+@torch.no_grad()
+def quantize_block_(
+    block: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    config: Int4WeightOnly,
+    *,
+    select: Callable[[str, nn.Module], bool] | None = None,
+    on_linear: Callable[[str, Int4Weight | str], None] | None = None,
+    settings: GPTQSettings | None = None,
+) -> list[Any]:
+    """Quantize every ``nn.Linear`` of one transformer block in place with calibrated int4.
+
+    ``inputs``: the calibration inputs of the block, each the ``(args, kwargs)`` of one call of
+    ``block.forward``. Sub-layers are quantized in execution order, each from the inputs it gets
+    with the earlier ones already quantized. Returns the block's outputs, one per input, computed
+    with the whole block quantized: the next block's inputs. ``select(name, module)`` (names
+    relative to the block) leaves Linears out; ``on_linear(name, weight or reason skipped)`` is told
+    of each one. ``settings`` overrides the algorithm's knobs (benchmarks compare variants).
+    """
+    settings = _settings(config, settings)
+    if not inputs:
+        raise MemoptError("quantize_block_: no calibration inputs")
+    names = [
+        nm
+        for nm, m in block.named_modules()
+        if isinstance(m, nn.Linear) and (select is None or select(nm, m))
+    ]
+    g = config.group_size
+    todo = []
+    for nm in names:
+        k = block.get_submodule(nm).in_features
+        if k % g:
+            if on_linear is not None:
+                on_linear(nm, f"group size {g} does not divide {k} inputs")
+        else:
+            todo.append(nm)
+    if todo:
+        for stage in _stages(block, inputs[0], todo):
+            lin0 = block.get_submodule(stage[0])
+            H = _hessian(block, lin0, inputs, lin0.in_features)  # shared by the stage
+            for nm in stage:
+                lin = block.get_submodule(nm)
+                codes, scale, zero = gptq_quantize(lin.weight, H, g, config.symmetric, settings)
+                qw = int4_weight_from_codes(
+                    codes, scale, zero, g, config.symmetric, lin.weight.dtype
+                )
+                del codes
+                _set_child(block, nm, QLinear(qw, lin.bias))
+                lin.register_parameter("weight", None)  # the float weight goes now
+                if on_linear is not None:
+                    on_linear(nm, qw)
+            del H
+    return [block(*args, **kwargs) for args, kwargs in inputs]
+
+
+# ---- the whole model ----
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer's block list: the ModuleList of same-type modules holding the most
+    Linear parameters (``model.layers`` in Llama, ``transformer.h`` in GPT-2, ...)."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0:
+            continue
+        if len({type(c) for c in m}) != 1:
+            continue
+        size = sum(
+            lin.weight.numel()
+            for c in m
+            for lin in c.modules()
+            if isinstance(lin, nn.Linear) and lin.weight is not None
+        )
+        if size and (best is None or size > best[0]):
+            best = (size, name, m)
+    if best is None:
+        raise MemoptError("calibration: found no list of transformer blocks with Linear layers")
+    return best[1], best[2]
+
+
+def _first_hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _capture_inputs(
+    model: nn.Module, block: nn.Module, ids: torch.Tensor, batch: int
+) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) of ``block`` for each chunk of ``batch`` sequences of ``ids``."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, dict(kwargs)))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for i in range(0, ids.shape[0], batch):
+            with contextlib.suppress(_Stop):
+                model(input_ids=ids[i : i + batch], use_cache=False)
+    finally:
+        handle.remove()
+    if len(captured) != math.ceil(ids.shape[0] / batch):
+        raise MemoptError("calibration: the first block did not run once per calibration chunk")
+    return captured
+
+
+def _next_inputs(
+    inputs: list[tuple[tuple, dict]], outputs: Iterable[Any]
+) -> list[tuple[tuple, dict]]:
+    nxt = []
+    for (args, kwargs), out in zip(inputs, outputs, strict=True):
+        h = _first_hidden(out)
+        if args:
+            nxt.append(((h, *args[1:]), kwargs))
+        else:
+            nxt.append(((), {**kwargs, "hidden_states": h}))
+    return nxt
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: the first returns the stored final hidden states, the rest pass on."""
+
+    def __init__(self, stored: list[torch.Tensor] | None, as_tuple: bool) -> None:
+        super().__init__()
+        self.stored, self.as_tuple = stored, as_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        h = self.stored.pop(0) if self.stored is not None else hidden_states
+        return (h,) if self.as_tuple else h
+
+
+def _head_hessian(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    head: nn.Linear,
+    ids: torch.Tensor,
+    batch: int,
+    final: list[tuple[tuple, dict]],
+    as_tuple: bool,
+) -> torch.Tensor:
+    """(K, K) float32 sum of x x^T at the output projection's input, from the stored final
+    hidden states (the blocks are swapped for replays, so none of them runs again)."""
+    k = head.in_features
+    H = torch.zeros(k, k)  # (K, K) float32
+    stored = [a[0] if a else kw["hidden_states"] for a, kw in final]
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, k).float()  # (M, K)
+        H.addmm_(x.t(), x)
+        raise _Stop  # the (M, vocab) logits are not needed
+
+    saved = list(blocks)
+    for i in range(len(blocks)):
+        blocks[i] = _Replay(stored if i == 0 else None, as_tuple)
+    handle = head.register_forward_pre_hook(pre)
+    try:
+        for i in range(0, ids.shape[0], batch):
+            with contextlib.suppress(_Stop):
+                model(input_ids=ids[i : i + batch], use_cache=False)
+    finally:
+        handle.remove()
+        for i, blk in enumerate(saved):
+            blocks[i] = blk
+    return H
+
+
+@torch.no_grad()
+def calibrate_(
+    model: Any,
+    config: Int4WeightOnly,
+    calib_ids: torch.Tensor | None = None,
+    *,
+    tokenizer: Any = None,
+    calib_text: str | None = None,
+    n: int = 32,
+    seq: int = 256,
+    batch: int = 8,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    progress: ProgressFn | None = None,
+    settings: GPTQSettings | None = None,
+) -> Any:
+    """Quantize a causal LM in place with calibrated int4, block by block; returns a QuantReport.
+
+    ``model``: an ``nn.Module`` or a :class:`~memopt.models.LoadedModel` (whose tokenizer then makes
+    the calibration ids). ``calib_ids (N, T)``: token ids; default ``calibration_ids(tokenizer,
+    calib_text, n, seq)``, the text defaulting to :func:`default_calib_text`. Linears inside the
+    transformer blocks get GPTQ; every other covered module selected (the embedding and a tied
+    lm_head) gets round-to-nearest int4, as ``algo="rtn"`` would.
+    """
+    from memopt.models import LoadedModel
+    from memopt.quant.api import QuantReport, _match, _replace_weights, model_bytes
+
+    settings = _settings(config, settings)
+    if isinstance(model, LoadedModel):
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer()
+        model = model.model
+    if calib_ids is None:
+        if tokenizer is None:
+            raise MemoptError("calibration needs token ids or a tokenizer to make them")
+        calib_ids = calibration_ids(tokenizer, calib_text, n, seq)
+    if calib_ids.dim() != 2 or calib_ids.numel() == 0:
+        raise MemoptError(f"calib_ids must be (N, T) token ids, got {tuple(calib_ids.shape)}")
+
+    def select(name: str, module: nn.Module) -> bool:
+        if include is not None and not _match(name, include):
+            return False
+        if exclude is not None and _match(name, exclude):
+            return False
+        return filter_fn is None or bool(filter_fn(name, module))
+
+    report = QuantReport(config.to_dict(), model_bytes(model), 0)
+    g_size = config.group_size
+    prefix, blocks = find_blocks(model)
+    was_training = model.training
+    model.eval()
+    inputs = _capture_inputs(model, blocks[0], calib_ids, batch)
+    for b, block in enumerate(blocks):
+        here = f"{prefix}.{b}"
+
+        def on_linear(nm: str, qw: Int4Weight | str, here: str = here) -> None:
+            if isinstance(qw, str):
+                report.skipped[f"{here}.{nm}"] = qw
+            else:
+                report.modules.append(f"{here}.{nm}")
+                report.formats["int4"] = report.formats.get("int4", 0) + 1
+
+        outputs = quantize_block_(
+            block,
+            inputs,
+            config,
+            select=lambda nm, m, here=here: select(f"{here}.{nm}", m),
+            on_linear=on_linear,
+            settings=settings,
+        )
+        tuple_out = isinstance(outputs[0], (tuple, list))
+        inputs = _next_inputs(inputs, outputs)
+        del outputs
+        if progress is not None:
+            progress(b + 1, len(blocks))
+
+    # The output projection (a tied lm_head: also the embedding) by GPTQ when asked, from its real
+    # inputs: the last block's outputs through the final norm, replayed without recomputing blocks.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_q: QuantizedWeight | None = None
+    if settings.lm_head and isinstance(head, nn.Linear) and head.in_features % g_size == 0:
+        H = _head_hessian(model, blocks, head, calib_ids, batch, inputs, tuple_out)
+        codes, scale, zero = gptq_quantize(head.weight, H, g_size, config.symmetric, settings)
+        head_q = int4_weight_from_codes(
+            codes, scale, zero, g_size, config.symmetric, head.weight.dtype
+        )
+        del H, codes
+    del inputs
+
+    # The rest (embedding, lm_head, anything outside the blocks): round to nearest, as RTN does.
+    def make(w: torch.Tensor, m: nn.Module) -> QuantizedWeight | str:
+        if w.shape[1] % config.group_size:
+            return f"group size {config.group_size} does not divide {w.shape[1]} inputs"
+        if head_q is not None and head is not None and w is head.weight:
+            return head_q
+        return Int4Weight(w, config.group_size, config.symmetric)
+
+    _replace_weights(model, select, report, make)
+    model.train(was_training)
+    report.bytes_after = model_bytes(model)
+    return report
