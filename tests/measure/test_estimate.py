@@ -217,15 +217,15 @@ def test_ranks_shard_the_model_states_exactly() -> None:
     ratio = shard / full
     assert two.sharding is not None and two.sharding["gathered_param_bytes"] == gathered
     b1, b2 = one.breakdown, two.breakdown
+    # the rank's peak is the worst point of the single-process timeline with sharded states
+    # (memopt.train, issue 8: checked against real 2-rank FSDP2 runs in tests/train/test_fsdp.py)
     assert b2["params"] == round(b1["params"] * ratio) + gathered
-    assert b2["grads"] == round(b1["grads"] * ratio) + gathered
     assert b2["optimizer"] == round(b1["optimizer"] * ratio)
     assert abs(b2["optimizer"] / b1["optimizer"] - 0.5) < 0.01  # ≈ half
-    assert b2["activations"] == b1["activations"] and b2["buffers"] == b1["buffers"]
-    assert two.peak_bytes == one.peak_bytes - sum(b1.values()) + sum(b2.values())
-    states = ("params", "grads", "optimizer")
-    sharded_states = sum(b2[k] for k in states) - 2 * gathered
-    assert abs(sharded_states / sum(b1[k] for k in states) - 0.5) < 0.01
+    assert b2["buffers"] == b1["buffers"]
+    assert b2["grads"] <= round(b1["grads"] * ratio) + gathered
+    assert two.peak_bytes == sum(b2.values())
+    assert two.peak_bytes < one.peak_bytes
 
 
 def load_model_meta(name: str) -> nn.Module:

@@ -88,12 +88,28 @@ class StepSpec:
     optimizer: Literal["adamw", "sgd", "adamw8bit"] = "adamw"
     checkpointing: bool = False
     ranks: int = 1
+    # Training options (memopt.train): micro-batches per optimizer step (``batch`` is per
+    # micro-batch); float32 master weights for 16-bit parameters (the optimizer updates the
+    # masters, the model holds a 16-bit copy); a subset of blocks to checkpoint (indices into the
+    # largest ModuleList; None with checkpointing=True means every block).
+    grad_accum: int = 1
+    master_weights: bool = False
+    checkpoint_blocks: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.dtype = _DTYPE_ALIASES.get(str(self.dtype), str(self.dtype))
         if self.task not in TASKS:
             raise MemoptError(f"unknown task {self.task!r} (choose from {', '.join(TASKS)})")
-        for name in ("batch", "seq", "ranks"):
+        if self.checkpoint_blocks is not None:
+            blocks = list(self.checkpoint_blocks)
+            if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
+                raise MemoptError(f"checkpoint_blocks must be block indices ≥ 0, got {blocks!r}")
+            self.checkpoint_blocks = sorted(set(blocks))
+            if self.checkpoint_blocks and self.checkpointing is False:
+                self.checkpointing = True  # a list of blocks asks for checkpointing
+        if not isinstance(self.master_weights, bool):
+            raise MemoptError(f"master_weights must be true or false, got {self.master_weights!r}")
+        for name in ("batch", "seq", "ranks", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MemoptError(f"--{name} must be a whole number ≥ 1, got {value!r}")
@@ -167,7 +183,12 @@ def prepare(loaded: LoadedModel, spec: StepSpec) -> None:
             if b is not None and b.is_floating_point() and b.dtype != dtype:
                 owner._buffers[name] = b.to(dtype)
     if spec.checkpointing and spec.task == "train":
-        enable_checkpointing(model)
+        if spec.checkpoint_blocks is None:
+            enable_checkpointing(model)
+        else:
+            from memopt.train.checkpoint import checkpoint_blocks
+
+            checkpoint_blocks(model, spec.checkpoint_blocks)
 
 
 def enable_checkpointing(model: nn.Module) -> str:
@@ -285,18 +306,27 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
-def make_optimizer(model: nn.Module, spec: StepSpec) -> torch.optim.Optimizer:
-    """The optimizer ``spec.optimizer`` names, over the parameters that require grad."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    model: nn.Module | None,
+    spec: StepSpec,
+    *,
+    params: list[torch.Tensor] | None = None,
+    lr: float = LR,
+    weight_decay: float = 1e-2,
+) -> torch.optim.Optimizer:
+    """The optimizer ``spec.optimizer`` names, over ``params`` or the model's trainable parameters."""
+    if params is None:
+        assert model is not None
+        params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise MemoptError("the model has no trainable parameters")
     if spec.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=LR)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=LR, momentum=SGD_MOMENTUM)
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
     from memopt.train.adamw8bit import AdamW8bit
 
-    return AdamW8bit(params, lr=LR)
+    return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,12 +366,17 @@ def run_step(
             del output
             return
         model.train()
-        optimizer = make_optimizer(model, spec)
-        tracker.attach_optimizer(optimizer)
-        _train_step(loaded, inputs, optimizer, tracker)  # warm-up: creates the optimizer state
+        from memopt.train.trainer import Trainer
+
+        # The same training step that memopt.train runs (accumulation, master weights, loss
+        # scaling), with the tracker's phase marks.
+        trainer = Trainer(loaded, spec, lr=LR, prepared=True)
+        trainer.attach(tracker)
+        micro = [inputs] * spec.grad_accum
+        trainer.step(micro, mark=tracker.mark)  # warm-up: creates the optimizer state
         gc.collect()  # the warm-up's cyclic garbage is not part of the measured step
         tracker.reset_peak()
-        _train_step(loaded, inputs, optimizer, tracker)  # measured: the steady state
+        trainer.step(micro, mark=tracker.mark)  # measured: the steady state
 
 
 @contextmanager
@@ -360,21 +395,6 @@ def _forward(loaded: LoadedModel, inputs: dict[str, Any], labels: bool = False) 
     if labels and loaded.task == "causal-lm":
         return loaded.model(**inputs, labels=inputs["input_ids"])
     return loaded.model(**inputs)
-
-
-def _train_step(
-    loaded: LoadedModel, inputs: dict[str, Any], optimizer: torch.optim.Optimizer, tracker: Any
-) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    tracker.mark("forward")
-    output = _forward(loaded, inputs, labels=True)
-    loss = loss_of(loaded, output)
-    del output  # the graph keeps what backward needs; logits not needed by it are freed here
-    tracker.mark("backward")
-    loss.backward()
-    del loss
-    tracker.mark("optimizer")
-    optimizer.step()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = [
+    "LOOKUP_BYTES",
     "OPTIMIZER_KINDS",
     "AdamW8bit",
     "adamw_state_bytes",
@@ -34,6 +35,10 @@ __all__ = [
 
 # The optimizers whose state bytes adamw_state_bytes predicts.
 OPTIMIZER_KINDS = ("adamw", "adamw8bit", "sgd", "sgd-momentum")
+
+# Bytes of the two nearest-code lookup tables an AdamW8bit holds per device: per map, 256 float32
+# values, 2^17 uint8 codes and 2^17 float32 thresholds.
+LOOKUP_BYTES = 2 * (256 * 4 + (1 << 17) * (1 + 4))
 
 # Smallest positive normal float32: the divisor for an all-zero block (0 / TINY = 0, no NaN).
 _TINY = torch.finfo(torch.float32).tiny
@@ -230,6 +235,18 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.chunk_size = chunk_size
         self._maps: dict[torch.device, _Maps] = {}
+        # Build the lookup tables now for every device that will need them, so that they exist
+        # (and a memory tracker can be told about them: lookup_tensors()) before the first step.
+        for group in self.param_groups:
+            for p in group["params"]:
+                local = p.to_local() if type(p).__name__ == "DTensor" else p
+                if local.numel() >= group["min_8bit_size"]:
+                    self._maps_on(local.device)
+
+    def lookup_tensors(self) -> list[torch.Tensor]:
+        """The nearest-code lookup tables (2 maps × (256 + 2¹⁷ × 5) bytes ≈ 1.3 MB per device):
+        memory the optimizer holds outside ``state``."""
+        return [t for maps in self._maps.values() for lookup in maps for t in lookup]
 
     def _maps_on(self, device: torch.device) -> _Maps:
         if device not in self._maps:
@@ -275,6 +292,17 @@ class AdamW8bit(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW8bit does not support sparse gradients")
                 state = self.state[p]
+                if type(p).__name__ == "DTensor":
+                    # FSDP2 shards: the update is elementwise, so each rank updates its own local
+                    # shard (a view of the parameter's storage) with plain tensors; the state is
+                    # local too (one rank's blocks).
+                    local = p.to_local()
+                    local.grad = p.grad.to_local()
+                    if not state:
+                        self._init_state(local, state, group)
+                    self._update(local, state, group)
+                    local.grad = None
+                    continue
                 if not state:
                     self._init_state(p, state, group)
                 self._update(p, state, group)
