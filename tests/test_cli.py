@@ -191,3 +191,28 @@ def test_run_json_contract(capsys) -> None:
     assert isinstance(result["text"], str) and len(result["tokens"]) == 4
     assert result["tokens_per_s"] > 0
     assert result["peak_rss_bytes"] > 500e6  # the float32 weights alone are 538 MB
+
+
+def test_finetune_missing_data(capsys, tmp_path: Path) -> None:
+    code, _, err = _run(
+        capsys,
+        "finetune",
+        "smollm2",
+        "--data",
+        str(tmp_path / "none.txt"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    _assert_one_line_error(code, err, "none.txt")
+
+
+def test_training_a_quantized_model_is_refused(capsys, tiny_folder, tmp_path: Path) -> None:
+    out_dir = tmp_path / "q"
+    assert (
+        _run(capsys, "quantize", str(tiny_folder("llama")), "--method", "int8", "-o", str(out_dir))[
+            0
+        ]
+        == 0
+    )
+    code, _, err = _run(capsys, "estimate", str(out_dir), "--task", "train")
+    _assert_one_line_error(code, err, "quantized")

@@ -69,6 +69,12 @@ def _add_step_options(p: argparse.ArgumentParser, ranks: bool) -> None:
         help="optimizer for --task train (default adamw)",
     )
     p.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=1,
+        help="micro-batches per optimizer step (--batch is per micro-batch)",
+    )
+    p.add_argument(
         "--checkpointing",
         action="store_true",
         help="activation checkpointing per block (recompute in backward)",
@@ -94,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  memopt quantize smollm2 --method int4 -o smollm2-int4\n"
         "  memopt run smollm2-int4 --prompt 'The capital of France is' --max-new-tokens 16\n"
         "  memopt eval smollm2-int4\n"
+        "  memopt finetune smollm2 --data notes.txt --optimizer adamw8bit --checkpointing\n"
         "  memopt plan minilm --seq 256 --plot plan.png\n"
         "  memopt demo",
     )
@@ -198,6 +205,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
+        "finetune",
+        help="fine-tune a causal LM on a text file, every memory option a flag",
+        description="Fine-tune MODEL on the text in --data with the memory options "
+        "as flags (8-bit AdamW, checkpointing, 16-bit weights with "
+        "float32 masters, gradient accumulation, FSDP2 ranks). Writes "
+        "periodic checkpoints (safetensors + JSON; --resume continues), "
+        "loss.jsonl and loss.png to --out.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text to fine-tune on")
+    p.add_argument(
+        "--out",
+        default="finetune-out",
+        metavar="DIR",
+        help="folder for checkpoints, loss.jsonl and loss.png (default finetune-out)",
+    )
+    p.add_argument("--steps", type=_positive_int, default=50, help="optimizer steps (default 50)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences per micro-batch")
+    p.add_argument("--seq", type=_positive_int, default=128, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "sgd"), default="adamw")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weight dtype; 16-bit keeps float32 master weights",
+    )
+    p.add_argument(
+        "--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step"
+    )
+    p.add_argument(
+        "--ranks",
+        type=_positive_int,
+        default=1,
+        help="processes sharding the model with FSDP2 (launched by memopt)",
+    )
+    p.add_argument("--save-every", type=_positive_int, default=25, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser(
         "plan",
         help="static activation plan: every intermediate in one arena",
         description="Capture the inference graph (torch.export), compute each "
@@ -290,6 +340,8 @@ def _spec(args: argparse.Namespace) -> Any:
         optimizer=args.optimizer,
         checkpointing=args.checkpointing,
         ranks=getattr(args, "ranks", 1),
+        grad_accum=args.grad_accum,
+        master_weights=args.task == "train" and args.dtype != "float32",
     )
 
 
@@ -477,6 +529,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
         + f"prefill {result['prefill_s']:.2f} s, peak RSS "
         + f"{result['peak_rss_bytes'] / 2**20:.0f} MiB[/]"
     )
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from memopt.train import finetune
+
+    bar_ctx = _progress("fine-tuning", quiet=args.json)
+    with bar_ctx as cb:
+        result = finetune(
+            args.model,
+            args.data,
+            out_dir=args.out,
+            steps=args.steps,
+            batch=args.batch,
+            seq=args.seq,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            checkpointing=args.checkpointing,
+            dtype=args.dtype,
+            grad_accum=args.grad_accum,
+            ranks=args.ranks,
+            save_every=args.save_every,
+            resume=args.resume,
+            progress=lambda step, total, loss: cb(step, total),
+        )
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import rich_table
+
+    losses = result["losses"]
+    rows = [
+        ("steps", f"{result['start_step']} → {result['steps']}"),
+        ("loss, first → last", f"{losses[0]:.4f} → {result['final_loss']:.4f}" if losses else "–"),
+        ("tokens/s", f"{result['tokens_per_s']:.0f}"),
+        ("checkpoint", result["checkpoint"]),
+        ("loss plot", result["loss_plot"]),
+    ]
+    _console().print(rich_table(f"finetune: {args.model} on {args.data}", ("", ""), rows))
     return 0
 
 

@@ -127,7 +127,16 @@ class StepSpec:
         return DTYPES[self.dtype]
 
     def check_model(self, loaded: LoadedModel) -> None:
-        """Checks that need the model: ``seq`` within its maximum positions, when it has one."""
+        """Checks that need the model: trainable weights for a training step, ``seq`` within its
+        maximum positions when it has one."""
+        if self.task == "train":
+            from memopt.quant.modules import QuantizedWeight
+
+            if any(isinstance(m, QuantizedWeight) for m in loaded.model.modules()):
+                raise MemoptError(
+                    f"{loaded.name} has quantized weights, which have no gradients: train the "
+                    "float model (quantize after), or estimate --task infer"
+                )
         if loaded.task == "module":
             return
         limit = max_positions(loaded.config)
