@@ -2,7 +2,8 @@
 
 Each load runs in a fresh Python process, so that neither warms the other (imports, page cache of
 the interpreter's modules, allocator state); the imports that both need (torch, transformers, and
-memopt.models for memopt) are timed separately from the load itself. memopt's load is repeated and
+memopt.models for memopt, and transformers' Llama modeling code, which both build the model from) are
+timed separately from the load itself. memopt's load is repeated and
 the median taken; transformers' (~15 s) once unless asked. Both children compute the logits of one
 short prompt, and the table ends with their largest absolute difference.
 
@@ -35,6 +36,7 @@ import importlib.util, json, sys, time
 t0 = time.perf_counter()
 import numpy as np
 import torch, transformers
+import transformers.models.llama.modeling_llama  # library code both loaders need: an import
 import memopt.models as mm
 imports = time.perf_counter() - t0
 loader, out = sys.argv[1], sys.argv[2]

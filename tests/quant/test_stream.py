@@ -100,12 +100,14 @@ def test_bfloat16_source_streams_the_same(tmp_path):
 
 
 def test_calibrated_streamed_block_by_block_equals_in_memory(tiny_folder, tmp_path):
-    from memopt.quant.calibrate import calibrate_
+    from memopt.quant.calibrate import GPTQSettings, calibrate_
 
     cfg = Int4WeightOnly(group_size=32, algo="gptq")
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))  # (N, T)
     ref = load_model(tiny_folder("llama"))
-    report = calibrate_(ref.model, cfg, calib_ids=ids)
+    # The streamed path calibrates the blocks; the tied head/embedding gets round-to-nearest there
+    # (GPTQ of the head needs the final hidden states of the whole calibration set: not ported yet).
+    report = calibrate_(ref.model, cfg, calib_ids=ids, settings=GPTQSettings(lm_head=False))
     result = quantize_model(tiny_folder("llama"), cfg, tmp_path / "out", calib=ids)
     assert result["streamed"] and sorted(result["modules"]) == sorted(report.modules)
     _assert_same_state(load_model(tmp_path / "out").model, ref.model)

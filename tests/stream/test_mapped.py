@@ -1,0 +1,77 @@
+"""Zero-copy mapped safetensors: views of the file's pages, no second copy, pages given back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from memopt.models import SafetensorsSource
+from memopt.stream.mapped import MappedSafetensors, span_of
+
+MB = 1 << 20
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    tensors = {f"layers.{i}.weight": torch.randn(1024, 2048) for i in range(4)}  # 4 × 8 MB
+    tensors["norm.weight"] = torch.randn(7)  # odd sizes: later offsets are not 8-aligned
+    tensors["ids"] = torch.arange(5, dtype=torch.int64)
+    folder = tmp_path_factory.mktemp("mapped")
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder, tensors
+
+
+def test_values_and_metadata(weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    folder, tensors = weights
+    src = MappedSafetensors(folder)
+    assert set(src.names()) == set(tensors)
+    for name, t in tensors.items():
+        got = src.get(name)
+        assert got.dtype == t.dtype and tuple(got.shape) == tuple(t.shape)
+        assert torch.equal(got, t)
+        assert src.nbytes(name) == t.numel() * t.element_size()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_zero_copy_load_and_release(weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """Loading and reading 32 MB of weights adds no anonymous memory (the bytes are the page
+    cache's, mapped); the views' data pointers lie in the mapping; release() gives the pages back."""
+    folder, _ = weights
+    src = MappedSafetensors(folder)
+    whole = src.mapped_span()
+    anon0, file0 = _status("RssAnon"), _status("RssFile")
+    views = [src.get(f"layers.{i}.weight") for i in range(4)]
+    total = float(sum(v.sum() for v in views))  # touch every byte
+    assert total == total  # not NaN: the data was really read
+    assert _status("RssAnon") - anon0 < 4 * MB  # no second copy of the 32 MB
+    assert _status("RssFile") - file0 > 28 * MB  # the mapped pages are what is resident
+    for v in views:
+        s = span_of(v)
+        assert whole.start <= s.start and s.end <= whole.end
+    src.release_all()
+    assert _status("RssFile") - file0 < 4 * MB  # pages given back, data still there:
+    assert torch.equal(views[0], src.get("layers.0.weight"))
+
+
+def test_safetensors_source_mmap_option(weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    folder, tensors = weights
+    mapped = SafetensorsSource(folder, mmap=True)
+    plain = SafetensorsSource(folder)
+    for name in tensors:
+        assert torch.equal(mapped.get(name), plain.get(name))
+    t = mapped.get("layers.1.weight")
+    span = mapped.span("layers.1.weight")
+    assert t.data_ptr() == span.start and span.nbytes == 8 * MB
+    assert mapped.get("layers.1.weight", torch.float16).dtype == torch.float16
