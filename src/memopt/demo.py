@@ -64,7 +64,7 @@ def _disk_bytes(loaded: Any) -> int:
         return disk_bytes(Path(tmp) / "model")
 
 
-def _latency(model: nn.Module, ids: torch.Tensor, repeats: int = 5) -> float:
+def _latency(model: nn.Module, ids: torch.Tensor, repeats: int = 3) -> float:
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)  # warm-up
         times = []

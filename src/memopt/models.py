@@ -226,9 +226,14 @@ def _stored_dtype(source: ModelSource) -> torch.dtype | None:
 
 
 class SafetensorsSource:
-    """All ``*.safetensors`` files of a folder, opened once through safetensors' mmap-backed handle."""
+    """All ``*.safetensors`` files of a folder, opened once through safetensors' mmap-backed handle.
 
-    def __init__(self, folder: Path, name: str | None = None) -> None:
+    ``mmap=True``: :meth:`get` returns views of memopt's own ``MAP_PRIVATE`` mapping of the files
+    (:class:`memopt.stream.mapped.MappedSafetensors`): zero-copy, and :meth:`span` tells where each
+    tensor's pages are so that they can be given back (``madvise``) by the streaming executor.
+    """
+
+    def __init__(self, folder: Path, name: str | None = None, mmap: bool = False) -> None:
         from safetensors import SafetensorError, safe_open
 
         files = sorted(folder.glob("*.safetensors"))
@@ -249,9 +254,20 @@ class SafetensorsSource:
                     _SAFE_DTYPES.get(sl.get_dtype(), torch.uint8),
                     tuple(sl.get_shape()),
                 )
+        self._mapped: Any = None
+        if mmap:
+            from memopt.stream.mapped import MappedSafetensors
+
+            self._mapped = MappedSafetensors(folder, name)
 
     def names(self) -> list[str]:
         return list(self._handles)
+
+    def span(self, name: str) -> Any:
+        """Where a tensor's bytes are mapped (``mmap=True`` only): a ``memopt.stream.mapped.Span``."""
+        if self._mapped is None:
+            raise MemoptError("SafetensorsSource.span needs mmap=True")
+        return self._mapped.span(name)
 
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[name][0]
@@ -266,6 +282,8 @@ class SafetensorsSource:
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         from safetensors import SafetensorError
 
+        if self._mapped is not None:
+            return self._mapped.get(name, dtype)
         try:
             tensor = self._handles[name].get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as exc:

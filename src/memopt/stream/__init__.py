@@ -1,0 +1,33 @@
+"""memopt.stream: memory-mapped weights and layer-by-layer streaming under a byte budget.
+
+``stream_model(model, max_memory)`` returns a model whose blocks are read from the mapped file as
+they run (prefetched one ahead, their pages given back after), so that a run's peak RSS stays within
+``max_memory`` over the import baseline; :func:`plan_budget` predicts that peak (and refuses a budget
+that cannot work) without reading a weight. :mod:`memopt.stream.run` has the entry points that the
+command line calls (``memopt run --max-memory``).
+"""
+
+from memopt.stream.executor import (
+    RESERVE_BYTES,
+    StreamedModel,
+    StreamPlan,
+    activation_bytes,
+    kv_cache_bytes,
+    plan_budget,
+    stream_model,
+)
+from memopt.stream.mapped import MappedSafetensors, drop_page_cache, populate, release
+
+__all__ = [
+    "RESERVE_BYTES",
+    "MappedSafetensors",
+    "StreamPlan",
+    "StreamedModel",
+    "activation_bytes",
+    "drop_page_cache",
+    "kv_cache_bytes",
+    "plan_budget",
+    "populate",
+    "release",
+    "stream_model",
+]

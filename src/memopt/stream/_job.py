@@ -1,0 +1,14 @@
+"""The child-process entry of :func:`memopt.stream.run.run_measured`.
+
+Importing this module imports everything a streamed run needs (the child's RSS baseline is taken
+after it), so that the measured peak over the baseline is the run's own: weights, KV cache,
+activations, tokenizer and runtime, not the libraries.
+"""
+
+from __future__ import annotations
+
+from memopt.stream.run import import_baseline, run_job
+
+__all__ = ["run_job"]
+
+import_baseline()

@@ -1,0 +1,248 @@
+"""Memory-mapped safetensors: tensors that are views of the file's pages, and control of those pages.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
+``data_offsets`` relative to the end of the header) and the tensors' bytes. :class:`MappedSafetensors`
+maps each file once (``MAP_PRIVATE``: we never write, and a private mapping keeps torch from warning
+about a read-only buffer) and hands out ``torch.frombuffer`` views: no byte is read until a kernel
+touches it, and then the page cache's own pages are mapped in, never a second copy (measured in
+``bench/stream.py`` and ``tests/stream/test_mapped.py``: the anonymous RSS does not grow).
+
+Pages of a mapping can be given back with :func:`release` (``madvise(MADV_DONTNEED)``: the process's
+RSS falls, the page cache keeps them, so a later touch is a minor fault, not a disk read) and brought
+in ahead of use with :func:`populate` (``MADV_POPULATE_READ``, Linux ≥ 5.14: the page tables are
+filled in one call, off the compute thread; elsewhere the pages are touched one by one).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memopt.errors import MemoptError
+
+__all__ = [
+    "MappedSafetensors",
+    "PAGE",
+    "Span",
+    "drop_page_cache",
+    "populate",
+    "release",
+    "span_of",
+]
+
+PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_MADV_POPULATE_READ = 22  # Linux 5.14; EINVAL before, then we touch the pages instead
+
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _LIBC.madvise.restype = ctypes.c_int
+except (OSError, AttributeError):  # no libc madvise (not Linux): pages are simply kept
+    _LIBC = None
+_POPULATE_OK = True  # cleared the first time the kernel refuses MADV_POPULATE_READ
+
+
+@dataclass(frozen=True)
+class Span:
+    """A byte range ``[start, end)`` of this process's address space that a mapping backs."""
+
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def span_of(t: torch.Tensor) -> Span:
+    """The address range of a contiguous tensor's bytes."""
+    start = t.data_ptr()
+    return Span(start, start + t.numel() * t.element_size())
+
+
+def _pages(span: Span) -> tuple[int, int]:
+    """The whole pages covering ``span`` (outward: a page shared with a neighbour is dropped too,
+    which is harmless on a clean file mapping: a later touch maps it again)."""
+    a = span.start - span.start % PAGE
+    b = span.end + (-span.end % PAGE)
+    return a, b - a
+
+
+def release(spans: list[Span]) -> None:
+    """Unmap the pages of ``spans`` from this process (MADV_DONTNEED); only for file mappings.
+
+    On a private file mapping that was never written, the next touch maps the page cache's page
+    again: the data is unchanged, only RSS falls. (On anonymous memory it would zero the data.)
+    """
+    if _LIBC is None:
+        return
+    for s in spans:
+        if s.nbytes > 0:
+            addr, n = _pages(s)
+            _LIBC.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(n), _MADV_DONTNEED)
+
+
+def populate(spans: list[Span]) -> None:
+    """Map the pages of ``spans`` now (read fault-in ahead of use; reads from disk if not cached)."""
+    global _POPULATE_OK
+    for s in spans:
+        if s.nbytes <= 0:
+            continue
+        if _LIBC is not None and _POPULATE_OK:
+            addr, n = _pages(s)
+            if _LIBC.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(n), _MADV_POPULATE_READ) == 0:
+                continue
+            _POPULATE_OK = False  # an older kernel: touch instead from now on
+        # one byte a page is enough to fault each page in
+        view = (ctypes.c_ubyte * s.nbytes).from_address(s.start)
+        _ = bytes(memoryview(view)[::PAGE])
+
+
+def drop_page_cache(path: str | Path) -> bool:
+    """Ask the kernel to drop a file's clean pages from the page cache (``POSIX_FADV_DONTNEED``).
+
+    Returns True when the call succeeded; pages still mapped by some process stay cached.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _Item:
+    file: int  # index into MappedSafetensors._maps
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # file offsets of the tensor's bytes
+    end: int
+
+
+class MappedSafetensors:
+    """The ``*.safetensors`` files of a folder (or one file), mapped; :meth:`get` is zero-copy.
+
+    A :class:`~memopt.models.TensorSource`: ``names``, ``nbytes``, ``dtype``, ``shape``, ``get``;
+    plus :meth:`span` (where a tensor's bytes live in memory) for :func:`release` / :func:`populate`.
+    Names are in file order (which for memopt folders is execution order).
+    """
+
+    def __init__(self, path: str | Path, name: str | None = None) -> None:
+        path = Path(path)
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+        if not files:
+            raise MemoptError(f"{name or path}: no .safetensors weights in the folder")
+        self.files = files
+        self._maps: list[mmap.mmap] = []
+        self._items: dict[str, _Item] = {}
+        for i, file in enumerate(files):
+            size = file.stat().st_size
+            try:
+                with open(file, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    if n <= 0 or 8 + n > size:
+                        raise ValueError("header runs past the end of the file")
+                    header = json.loads(fh.read(n))
+                    # ACCESS_COPY = MAP_PRIVATE: writable for torch, never written, never synced
+                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+            except (ValueError, OSError, UnicodeDecodeError) as exc:
+                raise MemoptError(f"{file}: corrupt safetensors file ({exc})") from None
+            assert mm is not None
+            self._maps.append(mm)
+            entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
+            entries.sort(key=lambda kv: kv[1]["data_offsets"][0])  # file order
+            for key, info in entries:
+                dtype = _DTYPES.get(info.get("dtype"))
+                a, b = info["data_offsets"]
+                shape = tuple(int(s) for s in info["shape"])
+                if dtype is None:
+                    raise MemoptError(f"{file}: tensor {key!r} has unsupported {info['dtype']}")
+                if 8 + n + b > size:
+                    raise MemoptError(
+                        f"{file}: truncated safetensors file ({size} bytes, {key!r} ends at "
+                        f"{8 + n + b})"
+                    )
+                numel = 1
+                for s in shape:
+                    numel *= s
+                if numel * dtype.itemsize != b - a:
+                    raise MemoptError(f"{file}: tensor {key!r}: shape and byte range disagree")
+                self._items[key] = _Item(i, dtype, shape, 8 + n + a, 8 + n + b)
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def _item(self, name: str) -> _Item:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise MemoptError(f"no tensor {name!r} in {self.files[0].parent}") from None
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._item(name).dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._item(name).shape
+
+    def nbytes(self, name: str) -> int:
+        it = self._item(name)
+        return it.end - it.start
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A view of the mapped bytes (no copy); a cast to another ``dtype`` is a copy."""
+        it = self._item(name)
+        mm = self._maps[it.file]
+        if it.end == it.start:
+            t = torch.empty(it.shape, dtype=it.dtype)
+        elif it.start % it.dtype.itemsize == 0:
+            count = (it.end - it.start) // it.dtype.itemsize
+            t = torch.frombuffer(mm, dtype=it.dtype, count=count, offset=it.start).view(it.shape)
+        else:  # misaligned for its dtype (another writer's layout): view bytes, then copy
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=it.end - it.start, offset=it.start)
+            t = raw.clone().view(it.dtype).view(it.shape)
+        if dtype is not None and t.is_floating_point() and dtype != t.dtype:
+            t = t.to(dtype)
+        return t
+
+    def span(self, name: str) -> Span:
+        """Where the tensor's bytes are mapped in this process."""
+        it = self._item(name)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._maps[it.file]))
+        return Span(base + it.start, base + it.end)
+
+    def mapped_span(self, file: int = 0) -> Span:
+        """The whole mapping of one file."""
+        mm = self._maps[file]
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        return Span(base, base + len(mm))
+
+    def release_all(self) -> None:
+        """Unmap every page of every file from this process (RSS falls; the page cache keeps them)."""
+        release([self.mapped_span(i) for i in range(len(self._maps))])

@@ -1,0 +1,265 @@
+"""Entry points for ``memopt run --max-memory`` and ``memopt estimate/profile --max-memory``.
+
+* :func:`run_measured` — what ``memopt run MODEL --prompt P --max-new-tokens N --max-memory SIZE``
+  calls: checks the budget here (one-line :class:`MemoptError` naming the smallest budget that
+  works, before any weight is read or a process started), then generates in a fresh child process
+  (:func:`memopt.measure.rss.run_in_child`) and returns ``text``, ``tokens_per_s`` and
+  ``peak_rss_bytes`` (the child's peak RSS) with its ``baseline_rss_bytes`` (after the imports) and
+  ``peak_over_baseline_bytes`` — the figure the budget bounds.
+* :func:`run` — the same generation in this process (no RSS figure of its own).
+* :func:`predict` — the streamed run's predicted peak for ``estimate --max-memory``.
+* :func:`parse_size` — ``"135MB"``, ``"1.5GiB"``, ``"100000"`` → bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Any
+
+from memopt.errors import MemoptError
+
+__all__ = [
+    "import_baseline",
+    "parse_size",
+    "predict",
+    "prompt_token_count",
+    "run",
+    "run_job",
+    "run_measured",
+]
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of a size: an integer, or a number with a unit (``135MB``, ``1.5GiB``; 1 MB = 10⁶ B)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _UNITS:
+            raise MemoptError(f"not a size: {text!r} (expected e.g. 135MB, 1.5GiB or bytes)")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise MemoptError(f"a memory size must be positive, got {text!r}")
+    return value
+
+
+def prompt_token_count(model: str | Path, prompt: str | list[int], chat: bool = False) -> int:
+    """Tokens of ``prompt`` for ``model``, reading its tokenizer only (no weights)."""
+    from memopt.generate import prompt_ids
+    from memopt.models import LoadedModel, build_meta
+
+    if not isinstance(prompt, str):
+        return len(prompt)
+    meta: LoadedModel = build_meta(model)
+    return int(prompt_ids(meta, prompt, chat).shape[1])
+
+
+def predict(
+    model: str | Path,
+    max_memory: int | None,
+    prompt_tokens: int = 128,
+    max_new_tokens: int = 32,
+    batch: int = 1,
+    kv_int8: bool = False,
+) -> dict[str, Any]:
+    """The streamed run's plan and predicted peak RSS over the import baseline (no weights read).
+
+    For ``memopt estimate MODEL --max-memory SIZE [--seq S]``: ``prompt_tokens`` = S. Returns the
+    plan's dict: ``predicted_peak_bytes`` = rest + pinned blocks + 2 × largest streamed unit (current
+    + prefetch) + ``kv_cache_bytes`` + ``activation_bytes`` + ``reserve_bytes``, and the terms.
+    Raises :class:`MemoptError` (one line, naming ``min_budget_bytes``) below the smallest budget.
+    ``peak_bytes`` and ``breakdown`` follow ``memopt estimate``'s JSON (``params`` = resident +
+    pinned + the two streamed units; ``kv_cache`` and ``runtime`` added).
+    """
+    from memopt.stream.executor import plan_budget
+
+    plan = plan_budget(
+        model, max_memory, tokens=prompt_tokens + max_new_tokens, prompt_tokens=prompt_tokens,
+        batch=batch, kv_int8=kv_int8,
+    )  # fmt: skip
+    out = plan.to_dict()
+    out["peak_bytes"] = plan.predicted_peak_bytes
+    out["breakdown"] = {  # estimate's keys, plus the two that streaming adds
+        "params": plan.rest_bytes + plan.pinned_bytes + plan.working_bytes,
+        "buffers": 0,
+        "grads": 0,
+        "optimizer": 0,
+        "activations": plan.activation_bytes,
+        "kv_cache": plan.kv_cache_bytes,
+        "runtime": plan.reserve_bytes + plan.scratch_bytes,
+    }
+    return out
+
+
+def run(
+    model: str | Path,
+    prompt: str | list[int],
+    max_new_tokens: int = 32,
+    max_memory: int | str | None = None,
+    *,
+    chat: bool = False,
+    prefetch: bool = True,
+    warmup: bool = True,
+    eos_token_id: int | None = None,
+    kv_int8: bool = False,
+) -> dict[str, Any]:
+    """Generate greedily under ``max_memory`` (None: no budget) in this process.
+
+    Returns generate's result (``text``, ``tokens``, ``tokens_per_s``, ``prefill_s``...) with
+    ``plan`` (:class:`~memopt.stream.executor.StreamPlan` as a dict) and ``stream`` (prefetch hits,
+    waits, bytes streamed). A prompt given as token ids is run without loading the tokenizer at all
+    (``eos_token_id`` then says where to stop; ``text`` is None).
+    """
+    from memopt.generate import generate, prompt_ids
+    from memopt.models import build_meta
+    from memopt.stream.executor import stream_model, trim_heap
+
+    budget = None if max_memory is None else parse_size(max_memory)
+    # The tokenizer is needed before (encode) and after (decode), not while the model runs; a
+    # fast tokenizer of a 49k vocabulary holds ~30 MB (peak ~60 MB while loading), a fifth of a
+    # 135 MB budget. So: encode, free it, run on ids, decode with a fresh one.
+    meta = build_meta(model)
+    ids = prompt_ids(meta, prompt, chat)[0].tolist()  # (T,)
+    eos = getattr(meta.tokenizer(), "eos_token_id", None) if isinstance(prompt, str) else None
+    eos = eos_token_id if eos_token_id is not None else eos
+    meta._tokenizer = None
+    trim_heap()
+    with stream_model(
+        model, budget, tokens=len(ids) + max_new_tokens, prompt_tokens=len(ids), prefetch=prefetch,
+        kv_int8=kv_int8,
+    ) as streamed:  # fmt: skip
+        streamed.loaded._tokenizer = _DeferredTokenizer(eos)
+        out = generate(streamed.loaded, ids, max_new_tokens, warmup=warmup)
+        out["plan"] = streamed.plan.to_dict()
+        out["stream"] = streamed.stats()
+    del streamed
+    trim_heap()
+    out["text"] = None
+    if isinstance(prompt, str):
+        with contextlib.suppress(MemoptError):
+            out["text"] = meta.tokenizer().decode(out["tokens"], skip_special_tokens=True)
+    return out
+
+
+class _DeferredTokenizer:
+    """Stands in for the tokenizer while the model runs: generate() asks it only for the end
+    token and for a decode, which is done afterwards (``text`` is filled in by :func:`run`)."""
+
+    def __init__(self, eos_token_id: int | None) -> None:
+        self.eos_token_id = eos_token_id
+
+    def decode(self, *_args: Any, **_kwargs: Any) -> str:
+        raise MemoptError("decoded after the run")
+
+
+def import_baseline() -> None:
+    """What a streamed run imports before it starts: torch, transformers' Llama/Qwen2 modeling
+    code, gguf, tokenizers and memopt's own modules. Imported at this module's import by
+    :func:`run_job`'s child (so ``run_in_child``'s baseline includes them)."""
+    import importlib
+
+    for name in (
+        "torch",
+        "gguf",
+        "tokenizers",
+        "transformers",
+        "transformers.models.llama.modeling_llama",
+        "transformers.models.qwen2.modeling_qwen2",
+        "transformers.models.auto.modeling_auto",
+        "transformers.models.auto.tokenization_auto",
+        "memopt.generate",
+        "memopt.gguf_loader",
+        "memopt.io",
+        "memopt.stream.executor",
+    ):
+        importlib.import_module(name)
+
+
+def run_job(
+    model: str,
+    prompt: str | list[int],
+    max_new_tokens: int,
+    max_memory: int | None,
+    chat: bool = False,
+    prefetch: bool = True,
+    eos_token_id: int | None = None,
+    kv_int8: bool = False,
+) -> dict[str, Any]:
+    """JSON-in, JSON-out :func:`run` for :func:`memopt.measure.rss.run_in_child`."""
+    return run(
+        model, prompt, max_new_tokens, max_memory, chat=chat, prefetch=prefetch,
+        eos_token_id=eos_token_id, kv_int8=kv_int8,
+    )  # fmt: skip
+
+
+def run_measured(
+    model: str | Path,
+    prompt: str | list[int],
+    max_new_tokens: int = 32,
+    max_memory: int | str | None = None,
+    *,
+    chat: bool = False,
+    prefetch: bool = True,
+    timeout: float | None = None,
+    kv_int8: bool = False,
+) -> dict[str, Any]:
+    """``memopt run``: generate in a fresh child process and measure its peak RSS.
+
+    The budget is checked first, here (no weights read, no child started). Returns ``text``,
+    ``tokens``, ``tokens_per_s``, ``peak_rss_bytes``, ``baseline_rss_bytes``,
+    ``peak_over_baseline_bytes`` (what ``max_memory`` bounds), ``max_memory_bytes``, ``plan``,
+    ``stream`` and ``seconds``.
+    """
+    from memopt.generate import prompt_ids
+    from memopt.measure.rss import run_in_child
+    from memopt.models import build_meta
+    from memopt.stream.executor import plan_budget
+
+    budget = None if max_memory is None else parse_size(max_memory)
+    # The tokenizer runs here, in the calling process: the child gets token ids and returns token
+    # ids, so that its peak RSS is the model's run alone (a 49k-vocabulary fast tokenizer holds
+    # ~30 MB and peaks at ~60 MB while loading: more than a small model's whole budget).
+    meta = build_meta(model)  # a missing or bad model fails here in one line
+    ids = prompt_ids(meta, prompt, chat)[0].tolist()  # (T,)
+    tok = meta.tokenizer() if isinstance(prompt, str) else None
+    eos = getattr(tok, "eos_token_id", None)
+    if budget is not None:  # refused here: no weight read, no child started
+        plan_budget(
+            model, budget, tokens=len(ids) + max_new_tokens, prompt_tokens=len(ids),
+            kv_int8=kv_int8,
+        )  # fmt: skip
+    out = run_in_child(
+        "memopt.stream._job:run_job",
+        str(model),
+        ids,
+        max_new_tokens,
+        budget,
+        False,
+        prefetch,
+        eos,
+        kv_int8,
+        timeout=timeout,
+    )
+    out["text"] = tok.decode(out["tokens"], skip_special_tokens=True) if tok is not None else None
+    out["max_memory_bytes"] = budget
+    out["peak_over_baseline_bytes"] = int(out["peak_rss_bytes"]) - int(out["baseline_rss_bytes"])
+    return out
