@@ -216,3 +216,8 @@ def test_training_a_quantized_model_is_refused(capsys, tiny_folder, tmp_path: Pa
     )
     code, _, err = _run(capsys, "estimate", str(out_dir), "--task", "train")
     _assert_one_line_error(code, err, "quantized")
+
+
+def test_run_budget_too_small_names_the_minimum(capsys) -> None:
+    code, _, err = _run(capsys, "run", "smollm2", "--prompt", "x", "--max-memory", "20MB")
+    _assert_one_line_error(code, err, "smallest budget that works")

@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrap the prompt in the model's chat template (instruct models)",
     )
     p.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy")
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="stream the blocks from disk to keep the run within SIZE over the import "
+        "baseline (e.g. 135MB, 1.5GiB); refused, naming the smallest that works, "
+        "when SIZE cannot hold one block",
+    )
+    p.add_argument("--kv-int8", action="store_true", help="with --max-memory: an int8 KV cache")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.set_defaults(func=_cmd_run)
 
@@ -508,6 +516,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from memopt.measure.rss import peak_rss_bytes
     from memopt.models import load_model
 
+    if args.max_memory is not None:
+        return _run_streamed(args)
     with _progress("loading", quiet=args.json) as cb:
         loaded = load_model(args.model, progress=cb)
     if loaded.task != "causal-lm":
@@ -568,6 +578,33 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         ("loss plot", result["loss_plot"]),
     ]
     _console().print(rich_table(f"finetune: {args.model} on {args.data}", ("", ""), rows))
+    return 0
+
+
+def _run_streamed(args: argparse.Namespace) -> int:
+    from memopt.stream.run import run_measured
+
+    with _status(f"generating within {args.max_memory} (streamed, in a child process)"):
+        result = run_measured(
+            args.model,
+            args.prompt,
+            args.max_new_tokens,
+            args.max_memory,
+            chat=args.chat,
+            kv_int8=args.kv_int8,
+        )
+    if args.json:
+        _print_json(result)
+        return 0
+    console = _console()
+    console.print(result["text"], markup=False, highlight=False)
+    tps = result.get("tokens_per_s")
+    console.print(
+        f"[dim]{len(result['tokens'])} tokens, "
+        + (f"{tps:.1f} tokens/s decode, " if tps else "")
+        + f"peak {result['peak_over_baseline_bytes'] / 2**20:.0f} MiB over the import "
+        + f"baseline, budget {result['max_memory_bytes'] / 2**20:.0f} MiB[/]"
+    )
     return 0
 
 
