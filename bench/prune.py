@@ -1,0 +1,323 @@
+"""Pruning and distillation on the bundled models, in one run: quality, bytes, decode speed.
+
+smollm2 (SmolLM2-135M-Instruct; its float32 weights are the dequantized Q4_1 of the GGUF it ships
+as) pruned five ways: magnitude 50 %, Wanda 50 %, SparseGPT 50 %, 2:4 (SparseGPT's choice and
+compensation) and structured 25 % (FFN neurons and query heads; a plain smaller dense model). Per
+variant: perplexity on the first ``--tokens`` tokens of memopt.evaluate's default text (calibration
+uses other pydoc topics), RAM bytes (parameters + buffers), disk bytes (the saved folder), and the
+batch-1 forward latency of one token (what a decode step costs) as a ratio to dense, measured in the
+same run. A kernel line says why sparse layers reconstruct their weight rather than use torch's
+CSR matmul. Then minilm is distilled into a half-depth student (every other block).
+
+    python bench/prune.py [--tokens 2048] [--json] [--skip-distill] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _median_ms(fn, warmup: int = 2, reps: int = 7) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def kernel_line() -> dict[str, float]:
+    """One 1536 x 576 layer (smollm2's gate/up shape) at 50 %: batch-1 matmul ways, in ms."""
+    from memopt.prune.storage import SparseWeight
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: less noise from the other jobs on a shared machine
+    try:
+        return _kernel_line(SparseWeight)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kernel_line(SparseWeight) -> dict[str, float]:  # noqa: N803 (a class passed in)
+    torch.manual_seed(0)
+    w = torch.randn(1536, 576)
+    w[torch.rand_like(w) < 0.5] = 0.0
+    x = torch.randn(1, 576)
+    sw = SparseWeight(w)
+    csr = w.to_sparse_csr()
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
+    with torch.no_grad():
+        return {
+            "dense_ms": _median_ms(lambda: torch.nn.functional.linear(x, w), reps=50),
+            "reconstruct_ms": _median_ms(lambda: sw.linear(x), reps=50),
+            "csr_ms": _median_ms(lambda: csr @ x.t(), reps=50),
+            "sparse_bytes": sw.nbytes,
+            "csr_bytes": sum(
+                t.numel() * t.element_size()
+                for t in (csr.values(), csr.col_indices(), csr.crow_indices())
+            ),  # fmt: skip
+            "dense_bytes": w.numel() * 4,
+        }
+
+
+def disk_bytes_of(loaded, out: Path) -> tuple[int, str]:
+    """Bytes of the saved folder via memopt.io; if io cannot yet write sparse weights, the same
+    tensors (state dict, each storage once) in one safetensors file, and say so."""
+    from memopt.errors import MemoptError
+    from memopt.io import disk_bytes, save
+
+    try:
+        save(loaded, out)
+        return disk_bytes(out), "memopt.io"
+    except MemoptError:
+        from safetensors.torch import save_file
+
+        seen, tensors = set(), {}
+        for k, v in loaded.model.state_dict().items():
+            key = v.untyped_storage().data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            tensors[k] = v.contiguous()
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, out / "model.safetensors")
+        return (out / "model.safetensors").stat().st_size, "safetensors (io hook pending)"
+
+
+def bench_smollm2(tokens: int, log) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from memopt.evaluate import perplexity
+    from memopt.models import load_model
+    from memopt.prune import NM, Magnitude, SparseGPT, Structured, Wanda, calibration_ids, prune_
+    from memopt.quant.api import model_bytes
+
+    base = load_model("smollm2")
+    ids = calibration_ids(base, 64, 256)  # 16,384 calibration tokens (32 x 256: sparsegpt 1.48x)
+    one = torch.tensor([[base.tokenizer()("The")["input_ids"][-1]]])  # (1, 1)
+
+    def latency(lm) -> float:
+        with torch.no_grad():
+            return _median_ms(lambda: lm.model(input_ids=one, use_cache=False))
+
+    rows = []
+    dense_ms = latency(base)
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_disk, how = disk_bytes_of(base, Path(tmp) / "dense")
+    dense = {
+        "variant": "float32 dense",
+        "perplexity": perplexity(base, max_tokens=tokens).perplexity,
+        "bytes": model_bytes(base.model),
+        "disk_bytes": dense_disk,
+        "sparsity": 0.0,
+        "latency_ratio": 1.0,
+        "prune_s": 0.0,
+        "saved_with": how,
+    }
+    rows.append(dense)
+    log(dense)
+    variants = [
+        ("magnitude 50%", Magnitude(0.5)),
+        ("wanda 50%", Wanda(0.5)),
+        ("sparsegpt 50%", SparseGPT(0.5)),
+        ("2:4 (sparsegpt)", NM(2, 4, score="sparsegpt")),
+        ("structured 25%", Structured(0.25)),
+    ]
+    for label, cfg in variants:
+        lm = copy.deepcopy(base)
+        t = time.perf_counter()
+        rep = prune_(lm, cfg, calib=ids)
+        took = time.perf_counter() - t
+        with tempfile.TemporaryDirectory() as tmp:
+            disk, how = disk_bytes_of(lm, Path(tmp) / "out")
+        ratio = latency(lm) / latency(base)  # the dense figure re-measured: machines drift
+        row = {
+            "variant": label,
+            "perplexity": perplexity(lm, max_tokens=tokens).perplexity,
+            "bytes": rep.bytes_after,
+            "disk_bytes": disk,
+            "sparsity": rep.sparsity,
+            "latency_ratio": ratio,
+            "prune_s": took,
+            "saved_with": how,
+            "formats": rep.formats,
+        }
+        rows.append(row)
+        log(row)
+        del lm
+        gc.collect()
+    meta = {
+        "tokens": tokens,
+        "dense_latency_ms": dense_ms,
+        "calibration": "64 x 256 tokens of pydoc_data.topics (calibration topics)",
+        "embedding": "included in bytes and disk (tied with lm_head, stored once, never pruned)",
+    }
+    return rows, meta
+
+
+class DeepDigits(torch.nn.Module):
+    """A 4-block MLP on the 64 pixels of sklearn's digits: the teacher whose student keeps half
+    the blocks (memopt.distill.drop_layers finds the ModuleList)."""
+
+    def __init__(self, width: int = 128, depth: int = 4) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(depth)
+        )
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)  # (B, width)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(h)  # (B, 10) logits
+
+
+def distill_digits(steps: int = 600) -> dict[str, Any]:
+    """Digits teacher (4 blocks) -> student with every other block, soft targets (T=4) + labels."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from case3_pruning import accuracy, digits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 60k-parameter MLP: threads cost more than they give
+    try:
+        return _distill_digits(steps, accuracy, digits)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _distill_digits(steps: int, accuracy, digits) -> dict[str, Any]:
+    from memopt.distill import DistillConfig, Distiller, drop_layers
+    from memopt.quant.api import model_bytes
+
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = digits()
+    teacher = DeepDigits()
+    opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        perm = torch.randperm(len(ytr), generator=g)
+        for i in range(0, len(ytr), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(teacher(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+    acc_t = accuracy(teacher, xte, yte)
+    student = drop_layers(teacher)
+    acc_before = accuracy(student, xte, yte)
+    batches = [(xtr[i : i + 64], ytr[i : i + 64]) for i in range(0, len(ytr) - 63, 64)]
+    cfg = DistillConfig(temperature=4.0, alpha=0.7, lr=1e-3, steps=steps, checkpoint_every=steps)
+    Distiller(teacher, student, cfg).train(batches, progress=False)
+    acc_s = accuracy(student, xte, yte)
+    return {
+        "teacher_layers": len(teacher.blocks),
+        "student_layers": len(student.blocks),
+        "teacher_bytes": model_bytes(teacher),
+        "student_bytes": model_bytes(student),
+        "quality_metric": "test accuracy on 360 held-out digits",
+        "quality_teacher": acc_t,
+        "quality_student_before": acc_before,
+        "quality_student": acc_s,
+        "retained": acc_s / acc_t,
+        "steps": steps,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=150, help="minilm distillation steps")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--skip-distill", action="store_true")
+    ap.add_argument("--save", type=Path, help="also write the JSON result to this file")
+    args = ap.parse_args()
+    from rich.console import Console
+
+    err = Console(stderr=True)
+
+    def log(row: dict) -> None:
+        err.print(f"[dim]{row['variant']}: ppl {row['perplexity']:.2f}, "
+                  f"{row['bytes'] / 1e6:.1f} MB, x{row['latency_ratio']:.2f}[/dim]")  # fmt: skip
+
+    t0 = time.perf_counter()
+    kern = kernel_line()
+    rows, meta = bench_smollm2(args.tokens, log)
+    distill: dict[str, Any] = {}
+    if not args.skip_distill:
+        from memopt.distill import distill_model
+
+        distill["digits (4-block MLP)"] = distill_digits()
+        distill["minilm"] = distill_model("minilm", steps=args.steps, progress=not args.json)
+    result = {"smollm2": rows, "smollm2_meta": meta, "kernel_1536x576_50pct": kern,
+              "distill": distill, "seconds": time.perf_counter() - t0}  # fmt: skip
+    if args.save is not None:
+        args.save.write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    render(result, args.tokens)
+    return 0
+
+
+def render(result: dict[str, Any], tokens: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows, kern, distill = result["smollm2"], result["kernel_1536x576_50pct"], result["distill"]
+
+    d0 = rows[0]
+    t = Table(title=f"smollm2 pruning (perplexity on {tokens} tokens; float32 = dequantized "
+                    "Q4_1; bytes include the tied embedding)")  # fmt: skip
+    for c in ("variant", "sparsity", "perplexity", "x dense", "RAM", "x", "disk", "x",
+              "1-token latency x", "prune s"):  # fmt: skip
+        t.add_column(c, justify="left" if c == "variant" else "right")
+    for r in rows:
+        t.add_row(
+            r["variant"], f"{r['sparsity']:.1%}", f"{r['perplexity']:.2f}",
+            f"{r['perplexity'] / d0['perplexity']:.2f}", f"{r['bytes'] / 1e6:.1f} MB",
+            f"{r['bytes'] / d0['bytes']:.3f}", f"{r['disk_bytes'] / 1e6:.1f} MB",
+            f"{r['disk_bytes'] / d0['disk_bytes']:.3f}", f"{r['latency_ratio']:.2f}",
+            f"{r['prune_s']:.0f}",
+        )  # fmt: skip
+    console = Console()
+    console.print(t)
+    console.print(
+        f"one 1536x576 layer at 50 %, batch 1: dense {kern['dense_ms']:.3f} ms, sparse "
+        f"reconstruct+matmul {kern['reconstruct_ms']:.3f} ms ({kern['sparse_bytes']:,} B), torch "
+        f"CSR {kern['csr_ms']:.3f} ms ({kern['csr_bytes']:,} B resident; dense "
+        f"{kern['dense_bytes']:,} B)"
+    )
+    if distill:
+        d = Table(title="distillation: teacher -> student with every other block")
+        for c in ("teacher", "layers", "bytes", "quality metric", "teacher", "student before",
+                  "student distilled", "retained"):  # fmt: skip
+            d.add_column(c, justify="left" if c in ("teacher", "quality metric") else "right")
+        for name, r in distill.items():
+            d.add_row(
+                name, f"{r['teacher_layers']} -> {r['student_layers']}",
+                f"{r['teacher_bytes'] / 1e6:.2f} -> {r['student_bytes'] / 1e6:.2f} MB",
+                r["quality_metric"], f"{r['quality_teacher']:.3f}",
+                f"{r['quality_student_before']:.3f}", f"{r['quality_student']:.3f}",
+                f"{r['retained']:.1%}",
+            )  # fmt: skip
+        console.print(d)
+    console.print(f"{result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
