@@ -221,3 +221,49 @@ def test_training_a_quantized_model_is_refused(capsys, tiny_folder, tmp_path: Pa
 def test_run_budget_too_small_names_the_minimum(capsys) -> None:
     code, _, err = _run(capsys, "run", "smollm2", "--prompt", "x", "--max-memory", "20MB")
     _assert_one_line_error(code, err, "smallest budget that works")
+
+
+def test_prune_json_contract_and_reload(capsys, tiny_folder, tmp_path: Path) -> None:
+    import json
+
+    out_dir = tmp_path / "p"
+    code, out, _ = _run(
+        capsys,
+        "prune",
+        str(tiny_folder("llama")),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "-o",
+        str(out_dir),
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert result["bytes_after"] < result["bytes_before"]
+    assert result["disk_bytes"] == sum(f.stat().st_size for f in out_dir.iterdir())
+    # The saved folder loads and runs (sparse weights are rebuilt layer by layer).
+    import torch
+
+    from memopt.models import load_model
+
+    logits = load_model(out_dir).model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        (["--method", "magnitude", "--sparsity", "1.5"], "sparsity"),
+        (["--method", "3:7"], "3:7"),
+        (["--method", "random", "--sparsity", "0.5"], "random"),
+    ],
+)
+def test_prune_bad_options(capsys, tiny_folder, tmp_path: Path, options, needle) -> None:
+    code, _, err = _run(
+        capsys, "prune", str(tiny_folder("llama")), *options, "-o", str(tmp_path / "p")
+    )
+    _assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "p").exists()

@@ -36,6 +36,13 @@ _HOME = {
     "Int4WeightOnly": "memopt.quant",
     "IntNWeightOnly": "memopt.quant",
     "quantize_model": "memopt.quant.stream",
+    # structure
+    "prune_": "memopt.prune",
+    "Magnitude": "memopt.prune",
+    "Wanda": "memopt.prune",
+    "SparseGPT": "memopt.prune",
+    "NM": "memopt.prune",
+    "Structured": "memopt.prune",
     # allocation
     "plan_model": "memopt.plan",
     # save / load, generation
@@ -50,6 +57,12 @@ _HOME = {
 }
 
 __all__ = [
+    "NM",
+    "Magnitude",
+    "SparseGPT",
+    "Structured",
+    "Wanda",
+    "prune_",
     "AdamW8bit",
     "Cast",
     "Int4WeightOnly",
@@ -87,6 +100,7 @@ if TYPE_CHECKING:
     from memopt.measure.tracker import MemoryTracker
     from memopt.models import LoadedModel, build_meta, load_model
     from memopt.plan import plan_model
+    from memopt.prune import NM, Magnitude, SparseGPT, Structured, Wanda, prune_
     from memopt.quant import (
         Cast,
         Int4WeightOnly,

@@ -256,6 +256,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser(
+        "prune",
+        help="prune and save, with storage that turns sparsity into bytes",
+        description="Prune MODEL's Linear weights and save a memopt folder. "
+        "Unstructured and N:M sparsity are stored as bitmask or CSR plus "
+        "the kept values (chosen per tensor when it saves bytes); "
+        "structured pruning removes FFN neurons and heads, leaving a "
+        "smaller dense model. Tied embeddings are not pruned.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument(
+        "--method",
+        required=True,
+        help="magnitude, wanda, sparsegpt (activation-aware, calibrated on text), "
+        "N:M such as 2:4, or structured",
+    )
+    p.add_argument("--sparsity", type=float, help="fraction of weights removed, in [0, 1)")
+    p.add_argument(
+        "--values",
+        choices=("float", "int8", "int4"),
+        default="float",
+        help="store the kept values as float, int8 or int4 (prune, then quantize)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_prune)
+
+    p = sub.add_parser(
         "plan",
         help="static activation plan: every intermediate in one arena",
         description="Capture the inference graph (torch.export), compute each "
@@ -604,6 +631,37 @@ def _run_streamed(args: argparse.Namespace) -> int:
         + (f"{tps:.1f} tokens/s decode, " if tps else "")
         + f"peak {result['peak_over_baseline_bytes'] / 2**20:.0f} MiB over the import "
         + f"baseline, budget {result['max_memory_bytes'] / 2**20:.0f} MiB[/]"
+    )
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from memopt.prune.cli import prune_model
+
+    with _status(f"pruning ({args.method})"):
+        result = prune_model(
+            args.model, args.method, args.sparsity, args.output, values=args.values
+        )
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import format_bytes, rich_table
+
+    before = result["bytes_before"]
+    rows = [
+        ("weights before", format_bytes(before), "1.00×"),
+        (
+            "weights after, in RAM",
+            format_bytes(result["bytes_after"]),
+            f"{result['bytes_after'] / before:.3f}×",
+        ),
+        ("on disk", format_bytes(result["disk_bytes"]), f"{result['disk_bytes'] / before:.3f}×"),
+        ("sparsity of the pruned weights", f"{result['sparsity']:.3f}", ""),
+    ]
+    _console().print(
+        rich_table(
+            f"prune: {args.model} → {args.output} ({args.method})", ("", "value", "vs before"), rows
+        )
     )
     return 0
 

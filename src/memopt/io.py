@@ -189,8 +189,18 @@ class SafetensorsWriter:
 # Quantized weights: spec (manifest), disk form, and an empty twin to fill on load
 
 
+def _sparse() -> Any:
+    """memopt.prune.storage, imported on first use (it imports quant; io must not import prune
+    at module level, or the two would import each other)."""
+    import memopt.prune.storage as storage
+
+    return storage
+
+
 def weight_spec(qw: QuantizedWeight) -> dict[str, Any]:
     """What the manifest records of a quantized weight (enough to rebuild it empty)."""
+    if isinstance(qw, _sparse().SparseWeight):  # pruned weights: their own format
+        return _sparse().io_weight_spec(qw)
     spec: dict[str, Any] = {
         "format": qw.fmt,
         "shape": list(qw.shape),
@@ -209,6 +219,8 @@ def weight_spec(qw: QuantizedWeight) -> dict[str, Any]:
 
 def disk_layout(spec: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """suffix -> (dtype, shape) of the tensors a weight with this spec writes, in write order."""
+    if _sparse().is_sparse_format(spec.get("format")):
+        return _sparse().io_disk_layout(spec)
     n, k = (int(s) for s in spec["shape"])
     g = spec.get("group_size")
     fmt = spec["format"]
@@ -234,6 +246,8 @@ def disk_layout(spec: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int,
 
 def disk_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The portable form of a quantized weight's tensors (int4: canonical, along K)."""
+    if isinstance(qw, _sparse().SparseWeight):
+        return _sparse().io_disk_tensors(qw)
     if isinstance(qw, Int8Weight):
         return {"qdata": qw.qdata, "scale": qw.scale}
     if isinstance(qw, Int4Weight):
@@ -249,6 +263,8 @@ def disk_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def empty_weight(spec: dict[str, Any], device: str | torch.device = "meta") -> QuantizedWeight:
     """A quantized weight with the spec's attributes and uninitialised buffers (RAM layout)."""
+    if _sparse().is_sparse_format(spec["format"]):
+        return _sparse().io_empty_weight(spec, device)
     shape = (int(spec["shape"][0]), int(spec["shape"][1]))
     dtype = _dtype_of(spec.get("dtype", "float32"))
     layout = disk_layout(spec)
@@ -285,6 +301,8 @@ def empty_weight(spec: dict[str, Any], device: str | torch.device = "meta") -> Q
 
 def fill_weight(qw: QuantizedWeight, tensors: dict[str, torch.Tensor]) -> None:
     """Put the disk form ``tensors`` into ``qw`` (int4: converted to this CPU's kernel layout)."""
+    if isinstance(qw, _sparse().SparseWeight):
+        return _sparse().io_fill_weight(qw, tensors)
     if isinstance(qw, Int4Weight):
         from memopt.quant import kernels
         from memopt.quant.primitives import pack_int4_nblock, unpack
