@@ -42,9 +42,10 @@ class AllocationReport:
 
 def count_allocations(fn: Callable[[], Any], repeat: int = 1) -> AllocationReport:
     """Run ``fn`` ``repeat`` times under the profiler; allocations per run (totals divided)."""
-    with _native_stderr_silenced(), profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         for _ in range(repeat):
             fn()
     events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
