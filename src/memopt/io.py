@@ -312,12 +312,23 @@ def fill_weight(qw: QuantizedWeight, tensors: dict[str, torch.Tensor]) -> None:
         qw.block_n = kernels.int4_block_n(n) if packed.device.type == "cpu" else None
         if qw.block_n is not None:
             packed = pack_int4_nblock(unpack(packed, 4, k), qw.block_n)  # (N, K/2), interleaved
-        qw._buffers["packed"] = packed.contiguous()
+        qw._buffers["packed"] = _aligned(packed.contiguous())
         sz = torch.stack([tensors["scale"].t(), tensors["zero"].t()], -1)  # (K/G, N, 2)
-        qw._buffers["scale_zero"] = sz.contiguous()
+        qw._buffers["scale_zero"] = _aligned(sz.contiguous())
         return
     for name, t in tensors.items():
-        qw._buffers[name] = t
+        qw._buffers[name] = _aligned(t)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when its data is not 64-byte aligned.
+
+    safetensors hands out views of its memory map, at offsets that the format only aligns to 8
+    bytes; PyTorch's packed int8/int4 CPU kernels use aligned vector loads and crash on such a view
+    (a segmentation fault, seen with ``_weight_int8pack_mm`` on AVX-512). A copy comes from PyTorch's
+    allocator, which aligns to 64 bytes. Quantized tensors are small, so the copy is cheap.
+    """
+    return t if t.device.type != "cpu" or t.data_ptr() % 64 == 0 else t.clone()
 
 
 # --------------------------------------------------------------------------------------------------
