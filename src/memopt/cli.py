@@ -554,18 +554,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
             loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat
         )
     result["peak_rss_bytes"] = peak_rss_bytes()
+    return _print_generation(
+        args,
+        result,
+        f"prefill {result['prefill_s']:.2f} s, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB",
+    )
+
+
+def _print_generation(args: argparse.Namespace, result: dict, memory: str) -> int:
+    """The generated text, then one dim line: tokens, decode speed and the memory figures."""
     if args.json:
         _print_json(result)
         return 0
     console = _console()
     console.print(result["text"], markup=False, highlight=False)
     tps = result.get("tokens_per_s")
-    console.print(
-        f"[dim]{len(result['tokens'])} tokens, "
-        + (f"{tps:.1f} tokens/s decode, " if tps else "")
-        + f"prefill {result['prefill_s']:.2f} s, peak RSS "
-        + f"{result['peak_rss_bytes'] / 2**20:.0f} MiB[/]"
-    )
+    speed = f"{tps:.1f} tokens/s decode, " if tps else ""
+    console.print(f"[dim]{len(result['tokens'])} tokens, {speed}{memory}[/]")
     return 0
 
 
@@ -620,19 +625,12 @@ def _run_streamed(args: argparse.Namespace) -> int:
             chat=args.chat,
             kv_int8=args.kv_int8,
         )
-    if args.json:
-        _print_json(result)
-        return 0
-    console = _console()
-    console.print(result["text"], markup=False, highlight=False)
-    tps = result.get("tokens_per_s")
-    console.print(
-        f"[dim]{len(result['tokens'])} tokens, "
-        + (f"{tps:.1f} tokens/s decode, " if tps else "")
-        + f"peak {result['peak_over_baseline_bytes'] / 2**20:.0f} MiB over the import "
-        + f"baseline, budget {result['max_memory_bytes'] / 2**20:.0f} MiB[/]"
+    return _print_generation(
+        args,
+        result,
+        f"peak {result['peak_over_baseline_bytes'] / 2**20:.0f} MiB over the "
+        f"import baseline, budget {result['max_memory_bytes'] / 2**20:.0f} MiB",
     )
-    return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
