@@ -23,6 +23,7 @@ Layout facts used below (GGUF v3, little endian):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -43,6 +44,7 @@ __all__ = [
     "GGUFSource",
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_TYPES",
+    "convert_tokenizer",
     "dequantize",
     "gguf_config",
     "gguf_tokenizer",
@@ -618,21 +620,45 @@ def _cache_root() -> Path:
 def gguf_tokenizer(path: Path) -> Any:
     """The file's tokenizer as a transformers fast tokenizer, converted once and cached on disk.
 
-    transformers' conversion of a GGUF vocabulary takes seconds; the result is saved under
-    ``$XDG_CACHE_HOME/memopt/tokenizers/<key>/`` (key: resolved path, size and mtime of the file),
-    written to a temporary folder and renamed into place, and read back from there afterwards.
+    transformers' conversion of a GGUF vocabulary takes seconds and ~100 MB of transient memory; it
+    runs once, in a child process (so that the caller's peak RSS, e.g. while quantizing, is not the
+    converter's), and the result is saved under ``$XDG_CACHE_HOME/memopt/tokenizers/<key>/`` (key:
+    resolved path, size and mtime of the file), written to a temporary folder and renamed into
+    place. Afterwards it is read back from there.
     """
     from transformers import AutoTokenizer
 
+    from memopt.measure.rss import ChildProcessFailed, run_in_child
+
     path = Path(path)
-    real, size, mtime = _file_key(path)
-    key = hashlib.sha256(f"{real}\0{size}\0{mtime}".encode()).hexdigest()[:24]
-    cached = _cache_root() / key
+    cached = _tokenizer_cache(path)
+    if not (cached / "tokenizer_config.json").is_file():
+        # If the child cannot run (no way to start one here), convert in this process below.
+        with contextlib.suppress(ChildProcessFailed):
+            run_in_child("memopt.gguf_loader:convert_tokenizer", str(path))
     if (cached / "tokenizer_config.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
         except Exception:
             shutil.rmtree(cached, ignore_errors=True)  # a damaged cache entry: convert again
+    return _convert(path, cached)
+
+
+def convert_tokenizer(path: str) -> dict[str, Any]:
+    """Convert the tokenizer of the GGUF at ``path`` into the cache (run in a child process)."""
+    _convert(Path(path), _tokenizer_cache(Path(path)))
+    return {}
+
+
+def _tokenizer_cache(path: Path) -> Path:
+    real, size, mtime = _file_key(path)
+    key = hashlib.sha256(f"{real}\0{size}\0{mtime}".encode()).hexdigest()[:24]
+    return _cache_root() / key
+
+
+def _convert(path: Path, cached: Path) -> Any:
+    from transformers import AutoTokenizer
+
     reader = _reader(path, take=False)  # also rejects bad files with a clear message
     _architecture(reader, path)
     try:
@@ -645,7 +671,7 @@ def gguf_tokenizer(path: Path) -> Any:
         ) from None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cached.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent))
         tok.save_pretrained(str(tmp))
         try:
             os.rename(tmp, cached)
