@@ -100,6 +100,29 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _fold_key(op: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    """A hashable key for a constant op call: the op and its arguments, tensors by identity.
+
+    Two calls with the same key compute the same value (graphs are functional), so a constant
+    built the same way in every layer is computed and held once. None when an argument is not
+    hashable.
+    """
+
+    def norm(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", id(value))
+        if isinstance(value, (tuple, list)):
+            return tuple(norm(v) for v in value)
+        return value
+
+    key = (op, norm(args), tuple(sorted((k, norm(v)) for k, v in kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, bool)) and not isinstance(value, torch.Tensor)
 
@@ -178,6 +201,8 @@ class ArenaExecutor:
         steps = set(self.lifetimes.step_nodes)
         folded = set(self.lifetimes.constants)
         self.constant_bytes = 0  # folded constants, held outside the arena like parameters
+        # identical folded constants (each layer's copy of the same causal mask) are made once
+        shared: dict[Any, Any] = {}
         for node in graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 if node.op == "get_attr":
@@ -198,13 +223,19 @@ class ArenaExecutor:
             elif is_view_op(node.target) or node.name not in steps:
                 # views (and metadata asserts) are evaluated once: the memory they see is fixed;
                 # folded constants (no user input upstream) are computed once, outside the arena
-                with torch.no_grad():
-                    value = node.target(*args, **kwargs)
+                # (views too: a view made once per layer would defeat sharing what follows it)
+                key = _fold_key(node.target, args, kwargs)
+                value = shared.get(key) if key is not None else None
+                if value is None:
+                    with torch.no_grad():
+                        value = node.target(*args, **kwargs)
+                    if key is not None:
+                        shared[key] = value
+                    if node.name in folded:
+                        self.constant_bytes += sum(
+                            t.untyped_storage().nbytes() for t in _tensors(value)
+                        )
                 env[node.name] = value
-                if node.name in folded:
-                    self.constant_bytes += sum(
-                        t.untyped_storage().nbytes() for t in _tensors(value)
-                    )
             else:
                 outs = [slots[b] if b is not None else None for b in buffers]
                 env[node.name] = outs if len(outs) > 1 else outs[0]
@@ -402,7 +433,16 @@ def _rw_relu(ex: ArenaExecutor, args: tuple, kwargs: dict, outs: list) -> Call |
     return _aten.clamp_min.out, (args[0], 0), {"out": outs[0]}
 
 
+def _rw_pow(ex: ArenaExecutor, args: tuple, kwargs: dict, outs: list) -> Call | None:
+    # pow.Tensor_Scalar_out is a native kernel with fast paths (x ** 2 -> x * x), unlike the other
+    # Scalar_out overloads; the generic lookup's Tensor-exponent form loses them (4x slower).
+    if isinstance(args[1], torch.Tensor):
+        return None
+    return _aten.pow.Tensor_Scalar_out, (args[0], args[1]), {"out": outs[0]}
+
+
 _REWRITES: dict[str, Callable[..., Call | None]] = {
+    "pow.Tensor_Scalar": _rw_pow,
     "relu.default": _rw_relu,
     "clone.default": _rw_copy,
     "_to_copy.default": _rw_copy,
