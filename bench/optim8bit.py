@@ -51,7 +51,12 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 def _optimizers() -> dict[str, OptFactory]:
     opts: dict[str, OptFactory] = {
         "torch AdamW (fp32)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2),
-        "memopt AdamW8bit": lambda ps: AdamW8bit(ps, lr=1e-3, weight_decay=1e-2),
+        "memopt AdamW8bit (C kernel)": lambda ps: AdamW8bit(
+            ps, lr=1e-3, weight_decay=1e-2, backend="kernel"
+        ),
+        "memopt AdamW8bit (torch ops)": lambda ps: AdamW8bit(
+            ps, lr=1e-3, weight_decay=1e-2, backend="torch"
+        ),
     }
     try:
         import bitsandbytes as bnb

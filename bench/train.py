@@ -1,48 +1,62 @@
 """Claim: checkpointing + AdamW8bit + bf16 (float32 masters) trains SmolLM2 in ≤ 0.35× the peak of
 plain float32 AdamW, at the same loss; checkpointing + AdamW8bit costs ≤ 1.4× the step time.
 
-One run, every option set in the same process, ratios against plain float32 AdamW:
-- peak (MemoryTracker, steady-state step: the optimizer state exists) and step time (median of
-  ``--repeats`` steps after the measured one) of one SmolLM2 training step at ``--batch × --seq``;
-- loss after ``--loss-steps`` steps on the same data (windows of pydoc_data.topics text) for each
-  option set, on ``--loss-model`` (default: a tiny Llama of SmolLM2's shape with SmolLM2's
-  vocabulary, because 50 SmolLM2 steps per option set do not fit a CI budget on 2 CPU cores; pass
-  ``--loss-model smollm2`` for the real one).
+Every option set runs in its own fresh child process (so its peak RSS is its own) on SmolLM2 with the
+same data: windows of ``--batch × --seq`` tokens of pydoc_data.topics (SmolLM2's tokenizer), the
+same windows at each step for every option set (seeded by the step), the same initial weights (the
+bundled GGUF, dequantized Q4_1). Each child trains ``--steps`` steps and reports:
 
-    .venv/bin/python bench/train.py [--batch 4 --seq 512] [--json]
+- ``peak_bytes``: live tensor bytes at the peak of step 2 (MemoryTracker; steady state: the
+  optimizer state exists), and its breakdown;
+- ``peak_rss_bytes`` / ``base_rss_bytes``: the child's peak RSS (``ru_maxrss``) and its RSS once the
+  model and data are loaded, before training;
+- ``step_s``: the fastest of steps 3.. (steps 1 and 2 are the warm-up and the tracked step); on a
+  shared machine the minimum is the least disturbed; ``step_cpu_s``: the least process CPU time
+  of those steps (all threads), steadier than wall time when other processes share the cores;
+- ``loss``: the training loss of the last step, and ``eval_loss``: the loss on 4 fixed held-out
+  windows after the last step.
+
+Step times measured in separate children are not interleaved; ``--pair`` also runs plain and
+checkpointing + AdamW8bit in one process, alternating step by step (A, B, A, B, ...), and reports
+the ratio of their minimum step times: the number for the 1.4× target.
+
+    .venv/bin/python bench/train.py [--steps 50] [--batch 4 --seq 512] [--only a,b] [--pair N] [--json]
+    .venv/bin/python bench/train.py --quick        # batch 1 × seq 128, 4 steps: a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
+import resource
+import subprocess
+import sys
 import time
 from typing import Any
 
 import torch
 
-from memopt.measure.step import StepSpec, prepare
-from memopt.measure.tracker import MemoryTracker
-from memopt.models import load_model
-from memopt.train.trainer import Trainer
-
 __all__ = ["CONFIGS", "main"]
 
+CKPT8 = {"checkpointing": True, "optimizer": "adamw8bit"}
+BF16 = {"dtype": "bfloat16", "master_weights": True}
+# grad-accum splits the same global batch in 2 micro-batches (``--batch`` must be even)
 CONFIGS: dict[str, dict[str, Any]] = {
     "plain fp32 AdamW": {},
     "checkpointing": {"checkpointing": True},
     "adamw8bit": {"optimizer": "adamw8bit"},
-    "bf16 + fp32 masters": {"dtype": "bfloat16", "master_weights": True},
-    "ckpt + adamw8bit": {"checkpointing": True, "optimizer": "adamw8bit"},
-    "ckpt + adamw8bit + bf16": {
-        "checkpointing": True,
-        "optimizer": "adamw8bit",
-        "dtype": "bfloat16",
-        "master_weights": True,
-    },
+    "bf16 + fp32 masters": BF16,
+    "grad-accum 2": {"grad_accum": 2},
+    "ckpt + adamw8bit": CKPT8,
+    "ckpt + adamw8bit + bf16": {**CKPT8, **BF16},
+    "all (+ grad-accum 2)": {**CKPT8, **BF16, "grad_accum": 2},
 }
+LR = 1e-4  # SmolLM2 is pretrained: a fine-tuning learning rate
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def _tokens() -> torch.Tensor:
@@ -53,106 +67,190 @@ def _tokens() -> torch.Tensor:
 
     tok = gguf_tokenizer(resolve("smollm2").path)
     text = "\n".join(pydoc_data.topics.topics.values())
-    return tok(text, return_tensors="pt")["input_ids"][0]
+    return tok(text, return_tensors="pt")["input_ids"][0]  # (n_tokens,)
 
 
-def measure_step(
-    name: str, opts: dict[str, Any], tokens: torch.Tensor, args: Any
-) -> dict[str, Any]:
-    spec = StepSpec(task="train", batch=args.batch, seq=args.seq, **opts)
-    loaded = load_model("smollm2")
-    prepare(loaded, spec)
-    trainer = Trainer(loaded, spec, lr=1e-4, prepared=True)
-    loaded.model.train()
+def _trainer(opts: dict[str, Any], batch: int, seq: int) -> Any:
+    from memopt.measure.step import StepSpec
+    from memopt.models import load_model
+    from memopt.train.trainer import Trainer
+
+    accum = opts.get("grad_accum", 1)
+    spec = StepSpec(task="train", batch=batch // accum, seq=seq, **opts)
+    trainer = Trainer(load_model("smollm2"), spec, lr=LR)
+    trainer.loaded.model.train()
+    return trainer
+
+
+def _micro(trainer: Any, tokens: torch.Tensor, step: int, batch: int, seq: int) -> list[dict]:
     from memopt.train.finetune import windows
 
-    def batch(i: int) -> list[dict[str, torch.Tensor]]:
-        return [{"input_ids": windows(tokens, i, args.batch, args.seq)}]
-
-    trainer.step(batch(0))  # warm-up: optimizer state
-    gc.collect()
-    tracker = MemoryTracker(loaded.model, per_module=False, timeline=False)
-    trainer.attach(tracker)
-    with tracker:
-        trainer.step(batch(1))
-    times = []
-    for i in range(args.repeats):
-        t = time.perf_counter()
-        trainer.step(batch(2 + i))
-        times.append(time.perf_counter() - t)
-    return {"peak_bytes": tracker.peak_bytes, "step_s": statistics.median(times)}
+    ids = windows(tokens, step, batch, seq)  # (batch, seq): the same for every option set
+    return [{"input_ids": m} for m in ids.chunk(trainer.spec.grad_accum)]
 
 
-def loss_after(opts: dict[str, Any], tokens: torch.Tensor, args: Any) -> float:
+def _eval_loss(trainer: Any, tokens: torch.Tensor, seq: int) -> float:
     from memopt.train.finetune import windows
 
-    if args.loss_model == "tiny":
-        from memopt.train.toy import tiny_llama
-
-        loaded = tiny_llama(vocab_size=49152, hidden_size=64, intermediate_size=192)
-    else:
-        loaded = load_model(args.loss_model)
-    spec = StepSpec(task="train", batch=args.loss_batch, seq=args.loss_seq, **opts)
-    trainer = Trainer(loaded, spec, lr=args.lr)
-    loaded.model.train()
-    loss = float("nan")
-    for i in range(args.loss_steps):
-        loss = float(trainer.step([{"input_ids": windows(tokens, i, spec.batch, spec.seq)}]))
+    ids = windows(tokens, 0, 4, seq, seed=12345)  # (4, seq) held-out windows (another seed)
+    model = trainer.loaded.model
+    model.eval()
+    with torch.no_grad():
+        loss = float(model(input_ids=ids, labels=ids).loss)
+    model.train()
     return loss
 
 
-def main() -> None:
+def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One option set in this (fresh) process; see the module docstring."""
+    import gc
+
+    from memopt.measure.tracker import MemoryTracker
+
+    torch.manual_seed(0)
+    tokens = _tokens()
+    trainer = _trainer(CONFIGS[name], args.batch, args.seq)
+    gc.collect()
+    base_rss = _rss()
+    losses, times, cpu = [], [], []  # cpu: process CPU seconds per step (all threads)
+    peak = breakdown = None
+    for step in range(args.steps):
+        batches = _micro(trainer, tokens, step, args.batch, args.seq)
+        if step == 1:  # the tracked step: the optimizer state exists from step 0
+            tracker = MemoryTracker(trainer.loaded.model, per_module=False, timeline=False)
+            trainer.attach(tracker)
+            with tracker:
+                losses.append(float(trainer.step(batches)))
+            peak, breakdown = tracker.peak_bytes, dict(tracker.peak_breakdown())
+            del tracker
+            continue
+        t, c = time.perf_counter(), time.process_time()
+        losses.append(float(trainer.step(batches)))
+        if step >= 2:
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        print(f"[{name}] step {step + 1}/{args.steps} loss {losses[-1]:.4f}", file=sys.stderr)
+    return {
+        "config": name,
+        "peak_bytes": peak,
+        "breakdown": breakdown,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "base_rss_bytes": base_rss,
+        "step_s": min(times) if times else None,
+        "step_times": times,
+        "step_cpu_s": min(cpu) if cpu else None,
+        "loss": losses[-1],
+        "losses": losses,
+        "eval_loss": _eval_loss(trainer, tokens, args.seq),
+    }
+
+
+def pair(rounds: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Plain and ckpt + AdamW8bit alternating in one process: min step times and their ratio."""
+    tokens = _tokens()
+    names = ["plain fp32 AdamW", "ckpt + adamw8bit"]
+    trainers = {n: _trainer(CONFIGS[n], args.batch, args.seq) for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds + 1):  # round 0: warm-up (optimizer state, allocator)
+        for n in names if r % 2 == 0 else names[::-1]:  # ABBA: neither always goes first
+            batches = _micro(trainers[n], tokens, r, args.batch, args.seq)
+            t = time.perf_counter()
+            trainers[n].step(batches)
+            if r:
+                times[n].append(time.perf_counter() - t)
+            print(f"[pair] round {r} {n} {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    a, b = (min(times[n]) for n in names)
+    return {"rounds": rounds, "times": times, "plain_s": a, "ckpt8_s": b, "ratio": b / a}
+
+
+def _run_child(extra: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, *extra]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--loss-steps", type=int, default=50)
-    ap.add_argument("--loss-batch", type=int, default=4)
-    ap.add_argument("--loss-seq", type=int, default=128)
-    ap.add_argument("--loss-model", default="tiny")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--only", default="", help="comma-separated config names")
+    ap.add_argument("--steps", type=int, default=50, help="training steps per option set (≥ 3)")
+    ap.add_argument("--only", default="", help="comma-separated option-set names")
+    ap.add_argument("--pair", type=int, default=0, help="interleaved timing rounds (0: none)")
+    ap.add_argument("--quick", action="store_true", help="batch 1 (2 with accumulation) × seq 128")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    tokens = _tokens()
-    rows = []
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--pair-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq, args.steps = 2, 128, min(args.steps, 4)
+    if args.steps < 3:
+        ap.error("--steps must be at least 3 (warm-up, tracked step, timed steps)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child or args.pair_child:
+        result = child(args.child, args) if args.child else pair(args.pair, args)
+        print(json.dumps(result))
+        return None
+
+    common = [f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}"]
+    common += [f"--threads={args.threads}"] if args.threads else []
     names = [n for n in CONFIGS if not args.only or n in args.only.split(",")]
+    rows = []
     for name in names:
-        row = {"config": name, **measure_step(name, CONFIGS[name], tokens, args)}
-        row["loss"] = loss_after(CONFIGS[name], tokens, args)
-        rows.append(row)
+        rows.append(_run_child([*common, f"--child={name}"]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # partial results survive a stop
         if not args.json:
-            print(json.dumps(row), flush=True)
+            r = rows[-1]
+            print(
+                f"{name}: peak {r['peak_bytes'] / 1e6:.0f} MB, rss {r['peak_rss_bytes'] / 1e6:.0f} MB,"
+                f" step {r['step_s']:.1f} s, loss {r['loss']:.4f}, eval {r['eval_loss']:.4f}",
+                flush=True,
+            )
     base = rows[0]
     for r in rows:
         r["peak_ratio"] = r["peak_bytes"] / base["peak_bytes"]
+        r["rss_ratio"] = r["peak_rss_bytes"] / base["peak_rss_bytes"]
         r["time_ratio"] = r["step_s"] / base["step_s"]
         r["loss_rel_diff"] = (r["loss"] - base["loss"]) / base["loss"]
-    out = {
-        "smollm2_step": {"batch": args.batch, "seq": args.seq},
-        "loss": {
-            "model": args.loss_model,
-            "steps": args.loss_steps,
-            "batch": args.loss_batch,
-            "seq": args.loss_seq,
-        },
-        "threads": torch.get_num_threads(),
+        r["eval_rel_diff"] = (r["eval_loss"] - base["eval_loss"]) / base["eval_loss"]
+    out: dict[str, Any] = {
+        "model": "smollm2 (GGUF Q4_1, dequantized to float32)",
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "threads": args.threads or torch.get_num_threads(),
+        "torch": torch.__version__,
         "rows": rows,
     }
+    if args.pair:
+        out["pair"] = _run_child([*common, f"--pair={args.pair}", "--pair-child"])
     if args.json:
         print(json.dumps(out))
-        return
+        return out
     print(
-        f"\nSmolLM2 step at batch {args.batch} × seq {args.seq}; loss after {args.loss_steps} "
-        f"steps on {args.loss_model} (batch {args.loss_batch} × seq {args.loss_seq})"
+        f"\nSmolLM2 training step, batch {args.batch} × seq {args.seq}, {args.steps} steps, "
+        f"lr {LR}; ratios against plain float32 AdamW"
     )
-    print(f"{'config':28} {'peak MB':>9} {'×':>6} {'step s':>8} {'×':>6} {'loss':>8} {'Δ%':>7}")
+    head = (
+        f"{'option set':26} {'peak MB':>8} {'×':>6} {'RSS MB':>8} {'×':>6} {'step s':>7} "
+        f"{'×':>5} {'loss':>7} {'Δ%':>6} {'eval':>7} {'Δ%':>6}"
+    )
+    print(head + "\n" + "-" * len(head))
     for r in rows:
         print(
-            f"{r['config']:28} {r['peak_bytes'] / 1e6:9.1f} {r['peak_ratio']:6.3f} "
-            f"{r['step_s']:8.2f} {r['time_ratio']:6.2f} {r['loss']:8.4f} "
-            f"{100 * r['loss_rel_diff']:+7.2f}"
+            f"{r['config']:26} {r['peak_bytes'] / 1e6:8.0f} {r['peak_ratio']:6.3f} "
+            f"{r['peak_rss_bytes'] / 1e6:8.0f} {r['rss_ratio']:6.3f} {r['step_s']:7.2f} "
+            f"{r['time_ratio']:5.2f} {r['loss']:7.4f} {100 * r['loss_rel_diff']:+6.2f} "
+            f"{r['eval_loss']:7.4f} {100 * r['eval_rel_diff']:+6.2f}"
         )
+    if args.pair:
+        p = out["pair"]
+        print(
+            f"\ninterleaved ({p['rounds']} rounds): plain {p['plain_s']:.2f} s, "
+            f"ckpt + adamw8bit {p['ckpt8_s']:.2f} s: {p['ratio']:.2f}×"
+        )
+    return out
 
 
 if __name__ == "__main__":

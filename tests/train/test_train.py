@@ -76,18 +76,16 @@ def test_checkpointing_a_subset_gives_the_same_gradients_and_less_memory() -> No
 
 
 def test_choose_checkpointing_fits_the_budget_with_the_fewest_blocks() -> None:
-    spec = StepSpec(task="train", batch=4, seq=128)
+    spec = StepSpec(task="train", batch=2, seq=64)
     loaded = tiny_llama(**SMALL)
     none = estimate(loaded, spec).peak_bytes
-    every = estimate(
-        loaded, StepSpec(task="train", batch=4, seq=128, checkpointing=True)
-    ).peak_bytes
+    every = estimate(loaded, StepSpec(task="train", batch=2, seq=64, checkpointing=True)).peak_bytes
     budget = (none + every) // 2
     choice = choose_checkpointing(loaded, spec, budget)
     k = len(choice.blocks)
     assert 0 < k < 4 and choice.blocks == list(range(k))
     assert choice.peak_bytes <= budget
-    fewer = StepSpec(task="train", batch=4, seq=128, checkpoint_blocks=list(range(k - 1)) or None)
+    fewer = StepSpec(task="train", batch=2, seq=64, checkpoint_blocks=list(range(k - 1)) or None)
     assert estimate(loaded, fewer).peak_bytes > budget  # one block fewer does not fit
     assert choose_checkpointing(loaded, spec, none + 1).blocks == []
     with pytest.raises(MemoptError, match="even with every block"):

@@ -1,6 +1,7 @@
 """Training-time memory: checkpointing, 8-bit optimizer state, mixed precision, FSDP2, finetune."""
 
 from memopt.train.adamw8bit import (
+    BACKENDS,
     LOOKUP_BYTES,
     OPTIMIZER_KINDS,
     AdamW8bit,
@@ -15,6 +16,7 @@ from memopt.train.checkpoint import (
     choose_checkpointing,
     select_blocks,
 )
+from memopt.train.demo import demo_row
 from memopt.train.finetune import FINETUNE_ARGS, finetune
 from memopt.train.fsdp import check_against_single, launch, shard_model
 from memopt.train.precision import LossScaler, MasterWeights, autocast_context
@@ -25,6 +27,7 @@ __all__ = [
     "LOOKUP_BYTES",
     "OPTIMIZER_KINDS",
     "AdamW8bit",
+    "BACKENDS",
     "CheckpointChoice",
     "LossScaler",
     "MasterWeights",
@@ -34,6 +37,7 @@ __all__ = [
     "check_against_single",
     "checkpoint_blocks",
     "choose_checkpointing",
+    "demo_row",
     "dequantize_blockwise",
     "dynamic_map",
     "finetune",
