@@ -13,7 +13,9 @@ from memopt.cli import main
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("demo") / "report"
-    assert main(["demo", "--out", str(out), "--json"]) == 0
+    # --quick: the pruning, streaming and training rows are tested through their own functions
+    # (tests/prune, tests/stream/test_demo_row.py, tests/train/test_train_demo.py)
+    assert main(["demo", "--out", str(out), "--json", "--quick"]) == 0
     return json.loads((out / "report.json").read_text()), out
 
 

@@ -148,3 +148,46 @@ def test_distill_model_causal_lm(tiny_folder, tmp_path):
     assert out["steps"] == 6 and out["retained"] > 0
     assert (tmp_path / "ck" / "checkpoint.safetensors").is_file()
     assert len(teacher.model.model.layers) == 2  # the teacher is untouched
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from memopt.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_distill_checkpoints_resumes_and_refuses(tmp_path, monkeypatch, capsys):
+    """`memopt distill minilm` end to end, kept small: 8 held-out pairs to score, a few steps."""
+    import memopt.distill as distill
+
+    few = distill.paragraph_pairs()[:8]
+    monkeypatch.setattr(distill, "paragraph_pairs", lambda *a, **k: few)
+    out = tmp_path / "student"
+    common = ("--batch", "2", "--seq", "16", "--save-every", "2", "-o", str(out), "--json")
+    code, stdout, err = _cli(capsys, "distill", "minilm", "--steps", "4", *common)
+    assert code == 0, err
+    r = json.loads(stdout)  # stdout holds the JSON object and nothing else
+    assert r["teacher_layers"] == 6 and r["student_layers"] == 3 and r["kept_blocks"] == [1, 3, 5]
+    assert r["student_bytes"] < r["teacher_bytes"] and r["disk_bytes"] > 0
+    assert r["steps"] == 4 and r["resumed_from"] == 0 and r["retained"] > 0
+    ck = tmp_path / "student.checkpoints"
+    assert json.loads((ck / "checkpoint.json").read_text())["step"] == 4
+    # a longer run resumed from the checkpoint does only the steps left
+    code, stdout, err = _cli(capsys, "distill", "minilm", "--steps", "6", "--resume", *common)
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["resumed_from"] == 4 and r["steps"] == 6
+    from memopt.io import load
+
+    assert len(load(out).model.encoder.layer) == 3  # the saved student loads on its own
+    # bad input: one line on stderr, exit 2, nothing written
+    for bad, needle in (
+        (("--student", "width=2"), "unknown student"),
+        (("--temperature", "0"), "temperature"),
+        (("--resume", "--checkpoints", str(tmp_path / "none")), "no checkpoint"),
+    ):
+        code, stdout, err = _cli(capsys, "distill", "minilm", *bad, "-o", str(tmp_path / "x"))
+        assert code == 2 and stdout == "" and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()

@@ -49,10 +49,11 @@ def _add_step_options(p: argparse.ArgumentParser, ranks: bool) -> None:
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument(
         "--task",
-        choices=("infer", "train"),
+        choices=("infer", "train", "generate"),
         default="infer",
-        help="one forward pass (infer) or one training step: forward, backward, "
-        "optimizer step with its state (train). Default: infer",
+        help="one forward pass (infer), one training step: forward, backward, "
+        "optimizer step with its state (train), or greedy generation of "
+        "--max-new-tokens after a --seq prompt, KV cache counted (generate). Default: infer",
     )
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
     p.add_argument("--seq", type=_positive_int, default=128, help="sequence length (default 128)")
@@ -86,6 +87,21 @@ def _add_step_options(p: argparse.ArgumentParser, ranks: bool) -> None:
             default=1,
             help="processes sharing the model states under FSDP2/ZeRO-3 (per-rank figures)",
         )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=32,
+        help="--task generate: tokens generated after the --seq prompt (default 32)",
+    )
+    p.add_argument(
+        "--kv-int8", action="store_true", help="--task generate: an int8 KV cache (~3.8x smaller)"
+    )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="the streamed run (`memopt run --max-memory`) within SIZE over the import baseline "
+        "(e.g. 135MB): its peak RSS predicted (estimate) or measured (profile)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
 
 
@@ -161,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         choices=("float32", "float16", "bfloat16", "int8", "int8-dynamic", "int4", "int3", "int2"),
         help="float16/bfloat16/float32: cast (norms kept in float32); int8: weights "
-        "per output channel; int8-dynamic: int8 weights and activations; int4: "
+        "per output channel (embeddings: groups of 128); int8-dynamic: int8 weights and "
+        "activations; int4: "
         "calibrated (GPTQ) 4-bit weights, group 64; int3/int2: group 32",
     )
     p.add_argument(
@@ -283,6 +300,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser(
+        "distill",
+        help="distill a teacher into a smaller student built from it",
+        description="Build a student from TEACHER (every other block, chosen blocks, or "
+        "narrower FFNs; initialised from the teacher's weights), train it to imitate "
+        "the teacher on pydoc_data.topics text, score both on held-out text, and save "
+        "the student as a memopt folder. Checkpoints (safetensors + JSON) are written "
+        "periodically to --checkpoints; --resume continues an interrupted run.",
+    )
+    p.add_argument("model", metavar="TEACHER", help=_MODEL_HELP)
+    p.add_argument(
+        "--student",
+        default="half-depth",
+        help="half-depth (every other block, default), keep=I,J,... (those blocks) "
+        "or width=F (that fraction of the FFN neurons)",
+    )
+    p.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default 600)")
+    p.add_argument(
+        "--batch", type=_positive_int, default=16, help="sequences per step (default 16)"
+    )
+    p.add_argument("--seq", type=_positive_int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-4 encoder, 2e-4 LM)")
+    p.add_argument(
+        "--temperature", type=float, default=2.0, help="soft-target temperature T (causal LMs)"
+    )
+    p.add_argument(
+        "--hidden-weight",
+        type=float,
+        default=1.0,
+        help="weight of matching each student block to its teacher block (0: off)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument(
+        "--checkpoints",
+        metavar="DIR",
+        help="checkpoint folder (default: DIR.checkpoints beside the output)",
+    )
+    p.add_argument(
+        "--save-every", type=_positive_int, help="checkpoint every N steps (default steps / 4)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint (without it a run starts afresh)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser(
         "plan",
         help="static activation plan: every intermediate in one arena",
         description="Capture the inference graph (torch.export), compute each "
@@ -312,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="model to run the demo on (default smollm2)")
     p.add_argument("--out", default="memopt-report", help="report folder (default memopt-report)")
     p.add_argument("--json", action="store_true", help="print report.json's content on stdout")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="skip the slowest rows: calibrated pruning, streamed generation, training",
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -368,7 +438,7 @@ def _spec(args: argparse.Namespace) -> Any:
     from memopt.measure.step import StepSpec
 
     return StepSpec(
-        task=args.task,
+        task="infer" if args.task == "generate" else args.task,  # generate: prefill-sized step
         batch=args.batch,
         seq=args.seq,
         dtype=args.dtype,
@@ -423,11 +493,23 @@ def _memory_tables(report: dict, title: str) -> list[Any]:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
+    from memopt.measure import generation
     from memopt.measure.estimate import estimate
 
     spec = _spec(args)
+    gen = args.task == "generate"
     with _status("estimating on the meta device (no weights read)"):
-        report = estimate(args.model, spec).to_dict()
+        if args.max_memory is not None:
+            report = generation.estimate_streamed(
+                args.model, spec, args.max_memory, generate=gen,
+                max_new_tokens=args.max_new_tokens, kv_int8=args.kv_int8,
+            )  # fmt: skip
+        elif gen:
+            report = generation.estimate_generation(
+                args.model, spec, args.max_new_tokens, args.kv_int8
+            )
+        else:
+            report = estimate(args.model, spec).to_dict()
     if args.json:
         _print_json(report)
         return 0
@@ -438,6 +520,12 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         + (f", {args.optimizer}" if args.task == "train" else "")
         + (", checkpointing" if args.checkpointing else "")
         + (f", per rank of {args.ranks}" if args.ranks > 1 else "")
+        + (f", {args.max_new_tokens} new tokens" if args.task == "generate" else "")
+        + (
+            f", streamed within {args.max_memory} (peak = RSS over the import baseline)"
+            if args.max_memory
+            else ""
+        )
     )
     for table in _memory_tables(report, title):
         console.print(table)
@@ -445,11 +533,23 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    from memopt.measure import generation
     from memopt.measure.profile import profile
 
     spec = _spec(args)
+    gen = args.task == "generate"
     with _status("loading and running one step in a child process"):
-        report = profile(args.model, spec).to_dict()
+        if args.max_memory is not None:
+            report = generation.profile_streamed(
+                args.model, spec, args.max_memory, generate=gen,
+                max_new_tokens=args.max_new_tokens, kv_int8=args.kv_int8,
+            )  # fmt: skip
+        elif gen:
+            report = generation.profile_generation(
+                args.model, spec, args.max_new_tokens, args.kv_int8
+            )
+        else:
+            report = profile(args.model, spec).to_dict()
     if args.plot:
         from memopt.report import plot_breakdown_timeline
 
@@ -460,7 +560,14 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     console = _console()
     title = (
         f"profile: {args.model}, {args.task}, batch {args.batch} × seq {args.seq}, "
-        f"{args.dtype}" + (f", {args.optimizer}" if args.task == "train" else "")
+        f"{args.dtype}"
+        + (f", {args.optimizer}" if args.task == "train" else "")
+        + (f", {args.max_new_tokens} new tokens" if args.task == "generate" else "")
+        + (
+            f", streamed within {args.max_memory} (peak = RSS over the import baseline)"
+            if args.max_memory
+            else ""
+        )
     )
     for table in _memory_tables(report, title):
         console.print(table)
@@ -664,6 +771,62 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from memopt.distill import distill_model
+
+    if args.lr is not None and not args.lr > 0:
+        raise MemoptError(f"--lr must be > 0, got {args.lr}")
+    out = Path(args.output)
+    ckpt = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".checkpoints")
+    if args.resume and not (ckpt / "checkpoint.json").is_file():
+        raise MemoptError(f"--resume: no checkpoint in {ckpt}")
+    result = distill_model(
+        args.model,
+        student=args.student,
+        steps=args.steps,
+        batch=args.batch,
+        seq=args.seq,
+        lr=args.lr,
+        temperature=args.temperature,
+        hidden_weight=args.hidden_weight,
+        checkpoint_dir=ckpt,
+        checkpoint_every=args.save_every,
+        resume=args.resume,
+        out_dir=out,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    result["checkpoint_dir"] = str(ckpt)
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import format_bytes, rich_table
+
+    tb, sb = result["teacher_bytes"], result["student_bytes"]
+    rows = [
+        ("blocks", str(result["teacher_layers"]), str(result["student_layers"]), ""),
+        ("weights in RAM", format_bytes(tb), format_bytes(sb), f"{sb / tb:.3f}×"),
+        ("on disk", "", format_bytes(result["disk_bytes"]), ""),
+        (
+            "quality",
+            f"{result['quality_teacher']:.4f}",
+            f"{result['quality_student']:.4f} (before: {result['quality_student_before']:.4f})",
+            f"{result['retained']:.1%} retained",
+        ),
+    ]
+    console = _console()
+    console.print(
+        rich_table(
+            f"distill: {args.model} → {args.output} ({args.student}, {result['steps']} steps)",
+            ("", "teacher", "student", ""),
+            rows,
+        )
+    )
+    console.print(f"[dim]quality: {result['quality_metric']}; checkpoints in {ckpt}[/]")
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from memopt.models import load_model
     from memopt.plan import plan_model, verify_plan, write_plan_png
@@ -718,7 +881,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from memopt.demo import run_demo
 
-    summary = run_demo(args.model, args.out, console=None if args.json else _console())
+    console = None if args.json else _console()
+    summary = run_demo(args.model, args.out, console=console, quick=args.quick)
     if args.json:
         _print_json(summary)
     return 0

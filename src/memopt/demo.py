@@ -28,6 +28,9 @@ __all__ = ["DemoRow", "model_bytes", "run_demo"]
 # Demo workload: small enough to finish in about a minute on 2 CPU cores.
 _STEP_SEQ = 128
 _PPL_TOKENS = 512
+# Pruning row: SparseGPT meets the 50 % quality target (Wanda does not on smollm2; bench/prune.py)
+_PRUNE_METHOD = "sparsegpt"
+_PRUNE_CALIB = 4
 
 
 @dataclass
@@ -117,9 +120,16 @@ def _techniques() -> list[tuple[str, Callable[[nn.Module], Any], str]]:
 
 
 def run_demo(
-    model_name: str = "smollm2", out: str | Path = "memopt-report", console: Any | None = None
+    model_name: str = "smollm2",
+    out: str | Path = "memopt-report",
+    console: Any | None = None,
+    quick: bool = False,
 ) -> dict:
-    """Run the demo, write the report folder, return the summary (report.json's content)."""
+    """Run the demo, write the report folder, return the summary (report.json's content).
+
+    ``quick`` skips the slowest rows (pruning with calibration, streamed generation in child
+    processes, the training comparison); their functions are tested on their own.
+    """
     from memopt.measure.estimate import estimate
     from memopt.measure.profile import profile
     from memopt.measure.step import StepSpec
@@ -173,6 +183,19 @@ def run_demo(
         say(f"  {name}: measured")
         del variant
 
+    # Structure: activation-aware pruning into sparse storage, measured like the rows above.
+    pruned: dict[str, Any] | None = None
+    if not quick:
+        from memopt.prune.cli import demo_row as prune_row
+
+        variant = copy.copy(loaded)
+        variant.model = copy.deepcopy(loaded.model)
+        pruned = prune_row(variant, method=_PRUNE_METHOD, sparsity=0.5, n_calib=_PRUNE_CALIB)
+        note = f"bitmask + values, {_PRUNE_CALIB} × 256 calibration tokens"
+        rows.append(_measure_row(pruned["technique"], variant, ids, note))
+        say(f"  {pruned['technique']}: measured")
+        del variant
+
     # 4. Allocation: plan every activation of the float32 step into one arena, run it, check it.
     say("[bold]4. plan[/] activations of one inference step into one arena")
     from memopt.plan import plan_model, verify_plan, write_plan_png
@@ -202,7 +225,58 @@ def run_demo(
         "latency vs eager",
     )
 
-    # 5. Report.
+    # 5. Access: generation streamed under a budget of 25 % of the float32 weights (child processes).
+    streamed: dict[str, Any] | None = None
+    trained: dict[str, Any] | None = None
+    stream_rows: list[tuple[str, ...]] = []
+    train_rows: list[tuple[str, ...]] = []
+    stream_cols = (
+        "budget",
+        "peak RSS over baseline",
+        "within budget",
+        "tok/s vs in-memory",
+        "same tokens",
+    )
+    train_cols = ("training step", "peak", "vs plain", "step time vs plain", "loss vs plain")
+    if not quick:
+        say("[bold]5. stream[/] generation under a memory budget of 25 % of the float32 weights")
+        from memopt.stream import demo_row as stream_row
+
+        with tempfile.TemporaryDirectory(prefix="memopt-demo-") as tmp:
+            streamed = stream_row(model_name, tmp, share=0.25, max_new_tokens=8, loaded=loaded)
+        stream_rows = [
+            (
+                format_bytes(streamed["budget_bytes"]),
+                format_bytes(streamed["peak_over_baseline_bytes"]),
+                "yes" if streamed["within_budget"] else "NO",
+                f"{streamed['tokens_per_s_ratio']:.2f}×" if streamed["tokens_per_s_ratio"] else "–",
+                "yes" if streamed["same_tokens"] else "NO",
+            )
+        ]
+
+        # 6. Training memory: plain float32 AdamW against checkpointing + 8-bit AdamW + bfloat16.
+        say("[bold]6. train[/] plain float32 AdamW vs checkpointing + AdamW8bit + bfloat16")
+        from memopt.train import demo_row as train_row
+
+        trained = train_row(loaded, batch=1, seq=_STEP_SEQ, steps=3)
+        train_rows = [
+            (
+                f"plain fp32 AdamW 1×{_STEP_SEQ}",
+                format_bytes(trained["plain"]["peak_bytes"]),
+                "1.00×",
+                "1.00×",
+                "–",
+            ),
+            (
+                "checkpointing + AdamW8bit + bf16",
+                format_bytes(trained["optimized"]["peak_bytes"]),
+                f"{trained['peak_ratio']:.2f}×",
+                f"{trained['time_ratio']:.2f}×",
+                f"{trained['loss_rel_diff']:+.1%}",
+            ),
+        ]
+
+    # 7. Report.
     base = rows[0]
     table_rows = [
         (
@@ -250,6 +324,11 @@ def run_demo(
         console.print(
             rich_table(f"{model_name}: static activation plan (float32)", plan_cols, plan_rows)
         )
+        if stream_rows:
+            title = f"{model_name}: streamed generation (float32 weights)"
+            console.print(rich_table(title, stream_cols, stream_rows))
+        if train_rows:
+            console.print(rich_table(f"{model_name}: training memory", train_cols, train_rows))
 
     out.mkdir(parents=True, exist_ok=True)
     plot_breakdown_timeline(
@@ -270,6 +349,9 @@ def run_demo(
         "profile": {k: v for k, v in measured_d.items() if k != "timeline"},
         "rows": [r.to_dict() for r in rows],
         "plan": plan_d,
+        "prune": pruned,
+        "stream": streamed,
+        "train": trained,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     atomic_write_text(out / "report.json", dumps(summary))
@@ -282,7 +364,13 @@ def run_demo(
                 html_table(columns, table_rows) + f"<p>{html_escape(source_note)}</p>",
             ),
             ("Static activation plan", html_table(plan_cols, plan_rows)),
-        ],
+        ]
+        + (
+            [("Streamed generation, 25 % budget", html_table(stream_cols, stream_rows))]
+            if stream_rows
+            else []
+        )
+        + ([("Training memory", html_table(train_cols, train_rows))] if train_rows else []),
         images=[out / "profile.png", out / "techniques.png", out / "plan.png"],
     )
     atomic_write_text(out / "report.html", page)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -40,8 +41,13 @@ __all__ = [
     "hidden_loss",
     "kd_loss",
     "narrow",
+    "STUDENTS",
+    "heldout_topics",
+    "make_student",
+    "parse_student",
     "paragraph_pairs",
     "retrieval_accuracy",
+    "retrieval_scores",
 ]
 
 Batch = Any
@@ -61,6 +67,18 @@ class DistillConfig:
     log_every: int = 10
     seed: int = 0
     dropout: bool = False  # train the student with its dropout on (off: it matches sooner)
+    schedule: str = "constant"  # or "cosine": lr decays to 0 at `steps` (after `warmup`)
+    warmup: int = 0  # steps of linear warm-up from 0 to lr
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based): a function of the step alone,
+        so a resumed run follows the same schedule without a scheduler's state."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        frac = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -71,6 +89,11 @@ class DistillConfig:
             raise MemoptError("distill: steps, checkpoint_every and log_every must be >= 1")
         if self.hidden_weight < 0 or self.lr <= 0:
             raise MemoptError("distill: hidden_weight must be >= 0 and lr > 0")
+        if self.schedule not in ("constant", "cosine") or self.warmup < 0:
+            raise MemoptError(
+                f"distill: schedule must be 'constant' or 'cosine' (warmup >= 0), "
+                f"got {self.schedule!r}"
+            )
 
 
 @dataclass
@@ -268,25 +291,26 @@ class Distiller:
                          alpha=cfg.alpha)  # fmt: skip
             parts["kd"] = float(kd.detach())
             total = total + kd
-        if s["hidden"] is not None and (want_hidden or s["logits"] is None):
-            sh, th = s["hidden"], t["hidden"]
-            if s["logits"] is None and not want_hidden:  # encoder output only
-                hl = _masked_mse(sh[-1], th[-1], s["mask"])
-                cos = (
-                    1
-                    - F.cosine_similarity(
-                        _pool(sh[-1], s["mask"]), _pool(th[-1], s["mask"]).detach(), dim=-1
-                    ).mean()
-                )  # what a sentence embedding is compared by
-                parts["cosine"] = float(cos.detach())
-                hl = hl + cos
-            else:
-                first = 1 if len(sh) > 1 else 0  # skip the embeddings entry
-                tmap = [k + 1 for k in keep] if keep is not None else list(range(first, len(sh)))
-                hl = hidden_loss(sh[first:], th, tmap)
-            w = cfg.hidden_weight if want_hidden else 1.0
+        sh, th = s["hidden"], t["hidden"]
+        if s["logits"] is None and sh is not None:  # an encoder: its output is what it is for
+            out = _masked_mse(sh[-1], th[-1], s["mask"])
+            cos = (
+                1
+                - F.cosine_similarity(
+                    _pool(sh[-1], s["mask"]), _pool(th[-1], s["mask"]).detach(), dim=-1
+                ).mean()
+            )  # what a sentence embedding is compared by
+            parts["output"], parts["cosine"] = float(out.detach()), float(cos.detach())
+            total = total + out + cos
+        if want_hidden and sh is not None and len(sh) > 1:
+            # each student block's output against the output of the teacher block it came from
+            # (entry 0 of hidden_states is the embeddings, block j's output is entry j + 1)
+            tmap = [k + 1 for k in keep] if keep is not None else list(range(1, len(sh)))
+            hl = torch.stack([
+                _masked_mse(a, th[j], s["mask"]) for a, j in zip(sh[1:], tmap, strict=True)
+            ]).mean()  # fmt: skip
             parts["hidden"] = float(hl.detach())
-            total = total + w * hl
+            total = total + cfg.hidden_weight * hl
         parts["loss"] = float(total.detach())
         return total, parts
 
@@ -308,6 +332,8 @@ class Distiller:
         done_here = 0
         try:
             while self.step < cfg.steps:
+                for group in self.opt.param_groups:
+                    group["lr"] = cfg.lr_at(self.step)
                 loss, parts = self.loss(get(self.step))
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -409,10 +435,12 @@ def _masked_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> 
 def _progress(enabled: bool, total: int, start: int) -> tuple[Any, Any]:
     if not enabled:
         return None, None
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    # stderr: stdout stays clean for --json
     bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), transient=True)  # fmt: skip
+                   TimeRemainingColumn(), transient=True, console=Console(stderr=True))  # fmt: skip
     task = bar.add_task("distill", total=total, completed=start)
     bar.start()
     return bar, task
@@ -422,14 +450,27 @@ def _progress(enabled: bool, total: int, start: int) -> tuple[Any, Any]:
 # Sentence encoders: a quality metric and a ready-made run (minilm -> half depth)
 
 
-def paragraph_pairs(topics: Sequence[str] | None = None, n: int = 200) -> list[tuple[str, str]]:
-    """``(first half, second half)`` of up to ``n`` paragraphs of pydoc_data.topics (default: the
-    evaluation topics' paragraphs, memopt.evaluate._TOPICS, which calibration and training avoid)."""
+def heldout_topics() -> list[str]:
+    """pydoc_data.topics' topics that distillation never trains on: all but the calibration
+    topics (memopt.quant.calibrate.CALIB_TOPICS, the training text); the evaluation topics first."""
     from pydoc_data.topics import topics as all_topics
 
     from memopt.evaluate import _TOPICS
+    from memopt.quant.calibrate import CALIB_TOPICS
 
-    names = list(topics) if topics is not None else list(_TOPICS)
+    rest = sorted(t for t in all_topics if t not in CALIB_TOPICS and t not in _TOPICS)
+    return [t for t in _TOPICS if t in all_topics] + rest
+
+
+def paragraph_pairs(
+    topics: Sequence[str] | None = None, n: int | None = None
+) -> list[tuple[str, str]]:
+    """``(first half, second half)`` of the paragraphs (24 words or more, at most 120 kept; code
+    and tables skipped) of pydoc_data.topics' ``topics`` (default :func:`heldout_topics`: 432
+    pairs on Python 3.11), the first ``n`` of them if given."""
+    from pydoc_data.topics import topics as all_topics
+
+    names = list(topics) if topics is not None else heldout_topics()
     pairs = []
     for name in names:
         for para in re.split(r"\n\s*\n", all_topics.get(name, "")):
@@ -439,32 +480,43 @@ def paragraph_pairs(topics: Sequence[str] | None = None, n: int = 200) -> list[t
             words = words[:120]
             half = len(words) // 2
             pairs.append((" ".join(words[:half]), " ".join(words[half:])))
-    return pairs[:n]
+    return pairs if n is None else pairs[:n]
+
+
+def retrieval_scores(loaded: Any, pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Same-paragraph retrieval: each first half queries all second halves by the cosine of the
+    model's mean-pooled embeddings. ``top1``: the fraction whose own second half ranks first;
+    ``mrr``: the mean of 1 / its rank (credit for near misses: a steadier figure on a few hundred
+    queries). A task an embedding model is for, on text the student never trained on."""
+    from memopt.evaluate import embed
+
+    with torch.no_grad():
+        q = F.normalize(embed(loaded, [a for a, _ in pairs]), dim=-1)  # (N, H)
+        d = F.normalize(embed(loaded, [b for _, b in pairs]), dim=-1)  # (N, H)
+    sim = q @ d.t()  # (N, N)
+    own = sim.diagonal()[:, None]  # (N, 1)
+    rank = (sim > own).sum(1) + 1  # (N,) 1 = retrieved first
+    return {"top1": float((rank == 1).float().mean()), "mrr": float((1.0 / rank).mean())}
 
 
 def retrieval_accuracy(loaded: Any, pairs: list[tuple[str, str]]) -> float:
-    """Same-paragraph retrieval: for each first half, is the nearest second half (by the model's
-    mean-pooled embedding cosine) its own? The fraction right: a task an embedding model is for,
-    scored on text the student never trained on."""
-    from memopt.evaluate import embed
-
-    q = F.normalize(embed(loaded, [a for a, _ in pairs]), dim=-1)  # (N, H)
-    d = F.normalize(embed(loaded, [b for _, b in pairs]), dim=-1)  # (N, H)
-    hit = (q @ d.t()).argmax(1) == torch.arange(len(pairs))
-    return float(hit.float().mean())
+    """Top-1 of :func:`retrieval_scores`."""
+    return retrieval_scores(loaded, pairs)["top1"]
 
 
-def _train_batches(tokenizer: Any, n_batches: int, batch: int, seq: int) -> list[dict]:
-    """Sentences of the calibration topics (not the evaluation ones), tokenized per batch."""
+def _train_batches(tokenizer: Any, batch: int, seq: int, seed: int = 0) -> list[dict]:
+    """Every sentence of the calibration topics (never the held-out ones) once, in a seeded
+    shuffled order, tokenized per batch of ``batch``; the Distiller cycles through them."""
     from memopt.quant.calibrate import default_calib_text
 
     flat = re.sub(r"\s+", " ", default_calib_text())
     sents = [s for s in re.split(r"(?<=[.!?])\s+", flat) if 30 <= len(s) <= 400]
-    if not sents:
-        raise MemoptError("no training sentences in the calibration text")
+    if len(sents) < batch:
+        raise MemoptError("too few training sentences in the calibration text")
+    order = torch.randperm(len(sents), generator=torch.Generator().manual_seed(seed)).tolist()
     out = []
-    for i in range(n_batches):
-        chunk = [sents[(i * batch + j) % len(sents)] for j in range(batch)]
+    for i in range(0, len(order) - batch + 1, batch):
+        chunk = [sents[j] for j in order[i : i + batch]]
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=seq, return_tensors="pt")
         out.append(dict(enc))
     return out
@@ -482,28 +534,76 @@ def _lm_batches(tokenizer: Any, n_batches: int, batch: int, seq: int) -> list[di
     return out
 
 
+STUDENTS = "half-depth | keep=I,J,... | width=F"
+
+
+def make_student(teacher: Any, spec: str | Sequence[int] = "half-depth") -> nn.Module:
+    """The student of a LoadedModel ``teacher`` from a spec: ``half-depth`` (every other block,
+    :func:`drop_layers`), ``keep=1,3,5`` (those blocks) or ``width=0.5`` (that fraction of the FFN
+    neurons, :func:`narrow`, ranked on calibration text), or a list of block indices."""
+    kind, value = parse_student(spec)
+    if kind == "keep":
+        return drop_layers(teacher.model, value)
+    if kind == "width":
+        from memopt.prune import calibration_ids
+
+        calib = calibration_ids(teacher, 16, 128) if value < 1 else None
+        return narrow(teacher.model, value, calib)
+    return drop_layers(teacher.model)
+
+
+def parse_student(spec: str | Sequence[int]) -> tuple[str, Any]:
+    """``("half-depth", None)``, ``("keep", [i, ...])`` or ``("width", f)``; checked before any
+    model is loaded (MemoptError for a malformed spec)."""
+    if not isinstance(spec, str):
+        return "keep", [int(i) for i in spec]
+    if spec in ("half-depth", "every_other"):
+        return "half-depth", None
+    key, _, val = spec.partition("=")
+    try:
+        if key == "keep" and val:
+            return "keep", [int(v) for v in val.split(",")]
+        if key == "width" and val and 0 < float(val) <= 1:
+            return "width", float(val)
+    except ValueError:
+        pass
+    raise MemoptError(f"unknown student {spec!r} (expected {STUDENTS}, 0 < F <= 1)")
+
+
 def distill_model(
     teacher: Any = "minilm",
     *,
-    keep: Sequence[int] | str = "every_other",
-    steps: int = 200,
+    student: str | Sequence[int] = "half-depth",
+    steps: int = 600,
     batch: int = 16,
     seq: int = 64,
-    lr: float = 2e-4,
+    lr: float | None = None,
     temperature: float = 2.0,
+    hidden_weight: float = 1.0,
+    schedule: str = "cosine",
+    warmup: int | None = None,
     checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """What ``memopt distill TEACHER [--keep every_other|i,j,..] [--steps N] -o DIR`` calls.
+    """What ``memopt distill TEACHER --student S --steps N -o DIR`` calls.
 
-    The student is the teacher with ``keep`` blocks (default every other: half depth), trained on
-    pydoc_data.topics calibration text (never the evaluation topics). A sentence encoder is
-    distilled on its output (masked hidden-state MSE + cosine of the mean-pooled embeddings) and
-    scored by same-paragraph retrieval (:func:`retrieval_accuracy`) and embedding cosine to the
-    teacher; a causal LM on soft targets at ``temperature`` plus next-token labels, scored by
-    perplexity (retained = teacher perplexity / student perplexity). Returns a dict of sizes,
-    qualities, ``retained`` and ``disk_bytes`` (the saved student; None without ``out_dir``).
+    The student (:func:`make_student`; default every other block, initialised from the teacher's
+    blocks) is trained on pydoc_data.topics calibration text (never the held-out topics) with
+    AdamW, ``lr`` (encoder 3e-4, causal LM 2e-4) on a ``schedule`` after ``warmup`` steps (default
+    5 %), checkpointed every ``checkpoint_every`` steps (default a quarter of the run) to
+    ``checkpoint_dir`` and resumed from it when ``resume``.
+
+    A sentence encoder learns its output (masked hidden-state MSE + cosine of the mean-pooled
+    embeddings) plus ``hidden_weight`` x each kept block's output against the teacher block it came
+    from; it is scored by same-paragraph retrieval MRR on held-out pydoc paragraphs
+    (:func:`retrieval_scores`; top-1 and embedding cosine to the teacher are reported beside). A
+    causal LM learns soft targets at ``temperature`` plus next-token labels (and the hidden states
+    when ``hidden_weight``), scored by 1 / perplexity. ``retained`` = student / teacher metric.
+    Returns sizes in bytes (``teacher_bytes``, ``student_bytes``, ``disk_bytes``: the saved student,
+    None without ``out_dir``), the metric before and after, ``retained`` and the run's steps.
     """
     from memopt.models import LoadedModel, load_model
     from memopt.quant.api import model_bytes
@@ -512,22 +612,40 @@ def distill_model(
         from memopt.io import check_output
 
         check_output(out_dir)
+    if not isinstance(steps, int) or steps < 1:
+        raise MemoptError(f"distill: steps must be a whole number >= 1, got {steps!r}")
+    parse_student(student)
+    common = dict(steps=steps, temperature=temperature, hidden_weight=hidden_weight,
+                  schedule=schedule, warmup=steps // 20 if warmup is None else warmup,
+                  checkpoint_every=checkpoint_every or max(1, steps // 4))  # fmt: skip
+    DistillConfig(lr=lr or 1e-3, **common)  # refuse a bad option before loading anything
     t = teacher if isinstance(teacher, LoadedModel) else load_model(teacher)
     if t.task not in ("encoder", "causal-lm"):
         raise MemoptError(f"{t.name}: distill needs a transformers encoder or causal LM")
-    student_model = drop_layers(t.model, keep)
+    student_model = make_student(t, student)
     s = LoadedModel(student_model, t.task, f"{t.name}-student", student_model.config, t.source,
                     _tokenizer=t.tokenizer())  # fmt: skip
     encoder = t.task == "encoder"
+    extra: dict[str, Callable[[LoadedModel], float]] = {}
     if encoder:
         pairs = paragraph_pairs()
+        scores: dict[int, dict[str, float]] = {}
+
+        def _scores(m: LoadedModel) -> dict[str, float]:
+            if id(m) not in scores or m is s:  # the student changes: score it afresh
+                scores[id(m)] = retrieval_scores(m, pairs)
+            return scores[id(m)]
 
         def quality(m: LoadedModel) -> float:
-            return retrieval_accuracy(m, pairs)
+            return _scores(m)["mrr"]
 
-        metric = f"same-paragraph retrieval top-1 over {len(pairs)} pydoc paragraphs"
-        data = _train_batches(t.tokenizer(), min(steps, 64), batch, seq)
-        cfg = DistillConfig(steps=steps, lr=lr, checkpoint_every=max(1, steps // 4))
+        extra["top1"] = lambda m: _scores(m)["top1"]
+        metric = (
+            f"same-paragraph retrieval MRR over {len(pairs)} held-out pydoc paragraphs "
+            "(mean-pooled embeddings, cosine)"
+        )
+        data = _train_batches(t.tokenizer(), batch, seq)
+        cfg = DistillConfig(lr=lr or 3e-4, **common)
     else:
         from memopt.evaluate import perplexity
 
@@ -536,18 +654,21 @@ def distill_model(
 
         metric = "1 / perplexity on 1,024 tokens of the evaluation text"
         data = _lm_batches(t.tokenizer(), min(steps, 32), batch, seq)
-        cfg = DistillConfig(temperature=temperature, alpha=0.5, steps=steps, lr=lr,
-                            checkpoint_every=max(1, steps // 4))  # fmt: skip
+        cfg = DistillConfig(alpha=0.5, lr=lr or 2e-4, **common)
     q_teacher, q_before = quality(t), quality(s)
-    result = Distiller(t.model, s.model, cfg, checkpoint_dir=checkpoint_dir).train(
-        data, progress=progress
-    )
+    before_extra = {k: f(s) for k, f in extra.items()}
+    distiller = Distiller(t.model, s.model, cfg, checkpoint_dir=checkpoint_dir)
+    result = distiller.train(data, progress=progress, resume=resume)
     q_student = quality(s)
+    keep = getattr(student_model, "memopt_keep", None)  # None: a narrowed student
     out: dict[str, Any] = {
         "teacher": t.name,
+        "student": student if isinstance(student, str) else f"keep={','.join(map(str, student))}",
         "teacher_layers": len(_blocks(t.model)[1]),
-        "student_layers": len(student_model.memopt_keep),
-        "kept_blocks": list(student_model.memopt_keep),
+        "student_layers": len(keep) if keep is not None else len(_blocks(s.model)[1]),
+        "kept_blocks": keep,
+        "teacher_params": sum(p.numel() for p in t.model.parameters()),
+        "student_params": sum(p.numel() for p in s.model.parameters()),
         "teacher_bytes": model_bytes(t.model),
         "student_bytes": model_bytes(s.model),
         "quality_metric": metric,
@@ -556,13 +677,20 @@ def distill_model(
         "quality_student": q_student,
         "retained": q_student / q_teacher if q_teacher else 0.0,
         "steps": result.steps,
+        "resumed_from": result.resumed_from,
         "final_loss": result.history[-1]["loss"] if result.history else None,
+        "config": asdict(cfg),
         "disk_bytes": None,
     }
+    for k, f in extra.items():
+        out[f"{k}_teacher"], out[f"{k}_student_before"] = f(t), before_extra[k]
+        out[f"{k}_student"] = f(s)
+        out[f"{k}_retained"] = out[f"{k}_student"] / out[f"{k}_teacher"] if f(t) else 0.0
     if encoder:
         from memopt.evaluate import embedding_cosine
 
-        cos = embedding_cosine(s, t)
+        with torch.no_grad():
+            cos = embedding_cosine(s, t, [b for _, b in pairs])
         out.update(cosine_mean=cos.cosine_mean, cosine_min=cos.cosine_min)
     if out_dir is not None:
         from memopt.io import disk_bytes, save

@@ -589,23 +589,59 @@ class GGUFSource:
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor dequantized, in Hugging Face layout, as ``dtype`` (default float32)."""
+        with _one_thread():
+            out = self.read(name)
+            if dtype is not None and dtype.is_floating_point and dtype != out.dtype:
+                out = out.to(dtype)
+        return out
+
+    def read(self, name: str, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 values of the tensor (or of some of its rows), in Hugging Face layout.
+
+        ``rows``: a ``slice`` of rows (a range of the file's bytes: quantized rows are independent
+        runs of blocks) or an index tensor of any shape (a gather: an embedding lookup), whose
+        shape then leads the result's, ``(*rows.shape, *shape[1:])``. Only those rows' bytes are
+        read. Unlike :meth:`get`, torch's thread count is left alone (a process-wide setting that a
+        caller on another thread would see change). The result owns its memory.
+        """
         e = self._entry(name)
         if e.ggml_type not in _KINDS:
             raise MemoptError(
                 f"{self.path}: tensor {e.gguf_name!r} is {e.ggml_type}, a GGML type memopt cannot "
                 f"dequantize (supported: {', '.join(SUPPORTED_TYPES)})"
             )
-        data = self._rows(e)  # (rows, bytes_per_row)
+        data = self._rows(e)  # (rows, bytes_per_row), a view of the mapping
         if e.heads:
+            if rows is not None:
+                raise MemoptError(
+                    f"{name}: rows of a permuted llama q/k weight cannot be read alone"
+                )
             # Rows are independent, so reorder their bytes (4-5x smaller) rather than the floats.
             data = _unpermute_rows(data, e.heads)
-        with _one_thread():
-            out = dequantize(data, e.ggml_type, e.shape)
-            if out.untyped_storage().data_ptr() == data.untyped_storage().data_ptr():
-                out = out.clone()  # an F32 tensor viewed the mapping: own the memory instead
-            if dtype is not None and dtype.is_floating_point and dtype != out.dtype:
-                out = out.to(dtype)
+        lead: tuple[int, ...] = e.shape[:1]
+        if isinstance(rows, slice):
+            data = data[rows]
+            lead = (data.shape[0],)
+        elif rows is not None:
+            data = data[rows.reshape(-1)]  # (n, bytes_per_row): a copy of only those rows
+            lead = tuple(rows.shape)
+        shape = e.shape if rows is None else (*lead, *e.shape[1:])
+        out = dequantize(data, e.ggml_type, shape)
+        if out.untyped_storage().data_ptr() == self._rows(e).untyped_storage().data_ptr():
+            out = out.clone()  # an F32 tensor viewed the mapping: own the memory instead
         return out
+
+    def region(self, name: str | None = None) -> tuple[int, int]:
+        """``(address, length)`` of a tensor's stored bytes in the mapping (``None``: all the
+        tensors' data), for ``madvise`` (populate ahead, or give the pages back after use)."""
+        data = self._reader.data if name is None else self._entry(name).data
+        return int(data.ctypes.data), int(data.nbytes)
+
+    def drop_metadata(self) -> None:
+        """Forget the parsed key-value metadata (every vocabulary string as a numpy view: ~30 MB
+        of Python objects for SmolLM2) once the config and tokenizer are made; tensors stay
+        readable (they need only the mapping and the tensor table)."""
+        self._reader.fields = {}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,9 +19,13 @@ quantized modules the manifest names, and fills every tensor from the file: the 
 never needed.
 
 Disk forms: int8 ``qdata (N, K) int8`` + ``scale (N, K/G) float32``; int4 ``packed (N, K/2) uint8``
-along K (two codes a byte, low nibble first) + ``scale``, ``zero`` ``(N, K/G) bfloat16``: the CPU
-kernel's row-interleaved layout depends on the CPU, so it is rebuilt on load; int2/int3 ``packed
-(N, K*bits/8) uint8`` + ``scale`` (+ ``offset``) ``(N, K/G) float16``.
++ ``scale``, ``zero`` ``(N, K/G) bfloat16``, the packed codes in the layout the weight had in RAM:
+the CPU kernel's row-interleaved one (``block_n`` rows per block, recorded in the weight's manifest
+entry) where the saving machine has that kernel, else along K (two codes a byte, low nibble first;
+``block_n`` null or absent). Why not always along K: converting on every load cost ~1 s for
+SmolLM2 (unpack + re-interleave 67 M codes); now a machine whose kernel wants the recorded layout
+loads the bytes as they are, and only another layout (another CPU, CUDA) converts; int2/int3
+``packed (N, K*bits/8) uint8`` + ``scale`` (+ ``offset``) ``(N, K/G) float16``.
 
 Writes go to a temporary folder beside the output, renamed into place at the end: a failure never
 leaves a half-written output.
@@ -127,7 +131,9 @@ class SafetensorsWriter:
     """Writes a safetensors file whose tensors are known (name, dtype, shape) before their data.
 
     The header (with every offset) goes first, then each tensor's bytes as it is produced, in the
-    planned order: a producer never has to hold more than the tensor it is writing. The result is a
+    planned order: a producer never has to hold more than the tensor it is writing. A tensor that
+    can only be made later (streamed GPTQ of a tied embedding needs every block done first) is
+    :meth:`reserve`-d in its turn and written when ready: the file keeps the planned order. The result is a
     standard safetensors file (8-byte little-endian header length, JSON header padded with spaces to
     a multiple of 8, contiguous data), readable by ``safetensors.safe_open``.
     """
@@ -150,16 +156,40 @@ class SafetensorsWriter:
         self.path = path
         self._layout = list(layout)
         self._next = 0
+        self._reserved: dict[str, tuple[int, int]] = {}  # name -> (layout index, file offset)
         self._fh = open(path, "wb")  # noqa: SIM115 (closed by close(), after the last tensor)
         self._fh.write(len(text).to_bytes(8, "little"))
         self._fh.write(text)
 
+    def reserve(self, name: str) -> None:
+        """Skip the next planned tensor, ``name``, leaving its bytes to a later :meth:`write`."""
+        if self._next >= len(self._layout) or self._layout[self._next][0] != name:
+            raise ValueError(f"tensor {name!r} is not the next planned one")
+        _, dtype, shape = self._layout[self._next]
+        self._reserved[name] = (self._next, self._fh.tell())
+        self._fh.seek(_numel(shape) * dtype.itemsize, os.SEEK_CUR)
+        self._next += 1
+
     def write(self, name: str, tensor: torch.Tensor | list[torch.Tensor]) -> None:
-        """Append ``tensor``, the next planned one with the planned dtype and shape; or a list of
-        its row chunks (consecutive along dim 0), written one after the other without a concat."""
+        """Append ``tensor``, the next planned one with the planned dtype and shape (or a reserved
+        one, written in its place); or a list of its row chunks (consecutive along dim 0), written
+        one after the other without a concat."""
+        if name in self._reserved:
+            index, offset = self._reserved.pop(name)
+            end = self._fh.tell()
+            self._fh.seek(offset)
+            try:
+                self._write(index, name, tensor)
+            finally:
+                self._fh.seek(end)
+            return
         if self._next >= len(self._layout):
             raise ValueError(f"tensor {name!r} was not planned")
-        want, dtype, shape = self._layout[self._next]
+        self._write(self._next, name, tensor)
+        self._next += 1
+
+    def _write(self, index: int, name: str, tensor: torch.Tensor | list[torch.Tensor]) -> None:
+        want, dtype, shape = self._layout[index]
         parts = tensor if isinstance(tensor, list) else [tensor]
         rows = sum(int(t.shape[0]) if t.dim() else 1 for t in parts)
         got = (rows, *parts[0].shape[1:]) if parts and parts[0].dim() else tuple(parts[0].shape)
@@ -171,12 +201,12 @@ class SafetensorsWriter:
             flat = t.detach().contiguous().reshape(-1).view(torch.uint8)  # raw bytes, no copy
             if flat.numel():
                 self._fh.write(memoryview(flat.numpy()))
-        self._next += 1
 
     def close(self) -> None:
-        if self._next != len(self._layout):
+        left = len(self._layout) - self._next + len(self._reserved)
+        if left:
             self._fh.close()
-            raise ValueError(f"{len(self._layout) - self._next} planned tensors were not written")
+            raise ValueError(f"{left} planned tensors were not written")
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
@@ -209,6 +239,8 @@ def weight_spec(qw: QuantizedWeight) -> dict[str, Any]:
     }
     if isinstance(qw, (Int4Weight, IntNWeight)):
         spec["symmetric"] = bool(qw.symmetric)
+    if isinstance(qw, Int4Weight):
+        spec["block_n"] = qw.block_n  # layout of "packed" on disk (None: along K)
     if isinstance(qw, IntNWeight):
         spec["bits"] = int(qw.bits)
     spec["tensors"] = {
@@ -250,9 +282,13 @@ def disk_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         return _sparse().io_disk_tensors(qw)
     if isinstance(qw, Int8Weight):
         return {"qdata": qw.qdata, "scale": qw.scale}
-    if isinstance(qw, Int4Weight):
-        packed, scale, zero = qw.canonical()
-        return {"packed": packed, "scale": scale.contiguous(), "zero": zero.contiguous()}
+    if isinstance(qw, Int4Weight):  # packed as it is in RAM (weight_spec records block_n)
+        sz = qw.scale_zero  # (K/G, N, 2)
+        return {
+            "packed": qw.packed,
+            "scale": sz[..., 0].t().contiguous(),
+            "zero": sz[..., 1].t().contiguous(),
+        }
     if isinstance(qw, IntNWeight):
         out = {"packed": qw.packed, "scale": qw.scale}
         if qw.offset is not None:
@@ -282,7 +318,7 @@ def empty_weight(spec: dict[str, Any], device: str | torch.device = "meta") -> Q
             buf(name, dt, sh)
     elif fmt == "int4":
         qw.symmetric = bool(spec.get("symmetric"))
-        qw.block_n = None  # set when the packed codes are filled (CPU-dependent)
+        qw.block_n = spec.get("block_n")  # the disk layout; fill_weight sets the RAM one
         n, k = shape
         buf("packed", torch.uint8, (n, k // 2))
         buf("scale_zero", torch.bfloat16, (k // qw.group_size, n, 2))
@@ -305,19 +341,29 @@ def fill_weight(qw: QuantizedWeight, tensors: dict[str, torch.Tensor]) -> None:
         return _sparse().io_fill_weight(qw, tensors)
     if isinstance(qw, Int4Weight):
         from memopt.quant import kernels
-        from memopt.quant.primitives import pack_int4_nblock, unpack
 
-        n, k = qw.shape
+        n, _ = qw.shape
         packed = tensors["packed"]
-        qw.block_n = kernels.int4_block_n(n) if packed.device.type == "cpu" else None
-        if qw.block_n is not None:
-            packed = pack_int4_nblock(unpack(packed, 4, k), qw.block_n)  # (N, K/2), interleaved
+        want = kernels.int4_block_n(n) if packed.device.type == "cpu" else None
+        packed = int4_relayout(packed, qw.shape[1], qw.block_n, want)  # qw.block_n: disk's
+        qw.block_n = want
         qw._buffers["packed"] = _aligned(packed.contiguous())
         sz = torch.stack([tensors["scale"].t(), tensors["zero"].t()], -1)  # (K/G, N, 2)
         qw._buffers["scale_zero"] = _aligned(sz.contiguous())
         return
     for name, t in tensors.items():
         qw._buffers[name] = _aligned(t)
+
+
+def int4_relayout(packed: torch.Tensor, k: int, have: int | None, want: int | None) -> torch.Tensor:
+    """int4 ``packed (N, K/2)`` from layout ``have`` to ``want`` (a row block size of the CPU
+    kernel's interleaved layout, or None: along K). The same tensor when they agree."""
+    if have == want:
+        return packed
+    from memopt.quant.primitives import pack, pack_int4_nblock, unpack, unpack_int4_nblock
+
+    codes = unpack(packed, 4, k) if have is None else unpack_int4_nblock(packed, have, k)
+    return pack(codes, 4) if want is None else pack_int4_nblock(codes, want)  # (N, K/2)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -560,9 +606,11 @@ def write_folder(
     source: ModelSource | None,
     loaded: LoadedModel | None = None,
     progress: ProgressFn | None = None,
+    late: Callable[[Entry], bool] | None = None,
 ) -> dict[str, Any]:
     """Write weights (``fill(entry)`` gives each entry's tensor, in order), config, tokenizer and
-    manifest into ``tmp``; returns the manifest."""
+    manifest into ``tmp``; returns the manifest. Entries for which ``late(entry)`` is true keep
+    their place in the file but are filled after all the others."""
     # config and tokenizer first: converting a GGUF tokenizer takes tens of MB for a moment, which
     # is then given back before the weights' own working memory is needed
     config_dict = config.to_dict()
@@ -572,8 +620,18 @@ def write_folder(
     writer = SafetensorsWriter(tmp / WEIGHTS, layout)
     total = sum(_numel(e.shape) * e.dtype.itemsize for e in desc.entries)
     done = 0
+    deferred = [e for e in desc.entries if late is not None and late(e)]
+    later = {id(e) for e in deferred}
     try:
         for e in desc.entries:
+            if id(e) in later:
+                writer.reserve(e.name)
+                continue
+            writer.write(e.name, fill(e))
+            done += _numel(e.shape) * e.dtype.itemsize
+            if progress is not None:
+                progress(done, total)
+        for e in deferred:
             writer.write(e.name, fill(e))
             done += _numel(e.shape) * e.dtype.itemsize
             if progress is not None:

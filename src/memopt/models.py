@@ -30,6 +30,8 @@ __all__ = [
     "build_meta",
     "load_config",
     "load_model",
+    "match_key",
+    "materialize_buffers",
     "resolve",
     "tensor_source",
 ]
@@ -368,7 +370,7 @@ def load_model(
     loaded_keys: set[str] = set()
     unexpected: list[str] = []
     for name in src.names():
-        key = _match_key(name, targets)
+        key = match_key(name, targets)
         done += src.nbytes(name)
         if key is None:
             unexpected.append(name)
@@ -386,7 +388,7 @@ def load_model(
             progress(done, total)
     _refuse_unused_weights(source.name, unexpected, model)
     _tie(model)
-    _materialize_buffers(model)
+    materialize_buffers(model)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -413,7 +415,7 @@ def _load_saved(
     return loaded
 
 
-def _match_key(name: str, targets: dict[str, Any]) -> str | None:
+def match_key(name: str, targets: dict[str, Any]) -> str | None:
     """Map a file's tensor name to the model's, allowing for a base-model prefix on either side."""
     if name in targets:
         return name
@@ -462,7 +464,7 @@ def _tie(model: nn.Module) -> None:
         tie()
 
 
-def _materialize_buffers(model: nn.Module) -> None:
+def materialize_buffers(model: nn.Module) -> None:
     """Give buffers that no file holds (rotary frequencies, position ids) their computed values.
 
     They are non-persistent, so they were built on the meta device with the rest; transformers'
@@ -523,3 +525,8 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+# The names other modules used before these two were public.
+_match_key = match_key
+_materialize_buffers = materialize_buffers

@@ -178,7 +178,7 @@ def test_bad_calls():
 
 
 def test_methods_map():
-    assert config_for_method("2:4") == NM(2, 4)
+    assert config_for_method("2:4") == NM(2, 4, score="sparsegpt")
     assert config_for_method("wanda", 0.6) == Wanda(0.6)
     assert config_for_method("sparsegpt") == SparseGPT(0.5)
     assert config_for_method("structured") == Structured(0.25)

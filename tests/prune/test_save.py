@@ -95,3 +95,17 @@ def test_demo_row(minilm):
     row = demo_row(lm, "magnitude", 0.5)
     assert row["technique"] == "prune magnitude 50%" and row["sparsity"] == pytest.approx(0.5)
     assert row["bytes_after"] < 0.8 * row["bytes_before"]  # the 30522 x 384 embedding stays dense
+
+
+@pytest.mark.parametrize("values", ["float", "int4"])
+def test_estimate_sparse_folder_matches_profile(tiny_folder, tmp_path, values, io_with_sparse):
+    """`memopt estimate` on a pruned folder: the sparse weights rebuild on meta from the manifest's
+    nnz (no data-dependent op), and the prediction is the measured step's bytes."""
+    from memopt.measure.estimate import estimate
+    from memopt.measure.profile import profile
+
+    prune_model(tiny_folder("llama"), "magnitude", 0.5, tmp_path / "m", values=values)
+    pred = estimate(tmp_path / "m").to_dict()
+    got = profile(tmp_path / "m").to_dict()
+    assert pred["peak_bytes"] == got["peak_bytes"]
+    assert pred["breakdown"] == got["breakdown"]

@@ -100,17 +100,25 @@ def test_bfloat16_source_streams_the_same(tmp_path):
 
 
 def test_calibrated_streamed_block_by_block_equals_in_memory(tiny_folder, tmp_path):
-    from memopt.quant.calibrate import GPTQSettings, calibrate_
+    from memopt.quant.calibrate import calibrate_
 
     cfg = Int4WeightOnly(group_size=32, algo="gptq")
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))  # (N, T)
     ref = load_model(tiny_folder("llama"))
-    # The streamed path calibrates the blocks; the tied head/embedding gets round-to-nearest there
-    # (GPTQ of the head needs the final hidden states of the whole calibration set: not ported yet).
-    report = calibrate_(ref.model, cfg, calib_ids=ids, settings=GPTQSettings(lm_head=False))
+    rtn = load_model(tiny_folder("llama"))
+    quantize_(rtn.model, Int4WeightOnly(group_size=32))
+    # the default settings: blocks and the tied head/embedding by GPTQ, in RAM and streamed (the
+    # head's entries are written last, in their place at the start of the file)
+    report = calibrate_(ref.model, cfg, calib_ids=ids)
     result = quantize_model(tiny_folder("llama"), cfg, tmp_path / "out", calib=ids)
     assert result["streamed"] and sorted(result["modules"]) == sorted(report.modules)
-    _assert_same_state(load_model(tmp_path / "out").model, ref.model)
+    back = load_model(tmp_path / "out").model
+    _assert_same_state(back, ref.model)
+    # ...and the head is really GPTQ's, not round-to-nearest (which the blocks-only port wrote)
+    assert not torch.equal(back.lm_head.qweight.packed, rtn.model.lm_head.qweight.packed)
+    assert back.lm_head.qweight is back.model.embed_tokens.qweight  # still tied, stored once
+    names = list(io.read_manifest(tmp_path / "out")["tensors"])
+    assert names[0].startswith("model.embed_tokens.")  # file order unchanged: execution order
 
 
 def test_bad_output_and_bad_config_fail_before_any_work(tiny_folder, tmp_path):

@@ -188,6 +188,10 @@ class SparseWeight(QuantizedWeight):
     def positions(self) -> torch.Tensor:
         """Flat indices ``(nnz,) int64`` of the nonzeros in the ``(N*K,)`` dense weight, ascending."""
         n, k = self.shape
+        if self._device().type == "meta":
+            # memopt estimate runs the step on meta: the positions are data, but their count is
+            # the stored nnz (manifest), so the shapes (and bytes) are known without reading them.
+            return torch.empty(self.nnz, dtype=torch.long, device="meta")
         if self.layout == "bitmask":
             if self.mask.device.type == "cpu":
                 # numpy's unpack + flatnonzero: ~15x faster here than torch's nonzero on a bool
@@ -335,6 +339,12 @@ def io_empty_weight(spec: dict[str, Any], device: str | torch.device = "meta") -
     dtype = getattr(torch, str(spec.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise MemoptError(f"corrupt sparse weight spec (dtype {spec.get('dtype')!r})")
+    if torch.device(device).type == "meta":
+        # A meta model is being built (memopt estimate): forget the meta scratch buffers of an
+        # earlier estimate, so this one counts the buffer a fresh process allocates (they hold
+        # no memory).
+        for key in [k for k in _SCRATCH if k[1] == "meta"]:
+            del _SCRATCH[key]
     qw = SparseWeight.__new__(SparseWeight)  # not __init__: it encodes a dense weight
     QuantizedWeight.__init__(qw, (int(spec["shape"][0]), int(spec["shape"][1])), dtype)
     qw.nnz = int(spec["nnz"])

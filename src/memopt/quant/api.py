@@ -221,10 +221,22 @@ def _replace_weights(
     del done
 
 
+def lookup_only_weights(model: nn.Module) -> set[int]:
+    """ids of the weights that only embeddings read (no Linear / convolution shares them)."""
+    emb, other = set(), set()
+    for _, m in model.named_modules(remove_duplicate=False):
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            (emb if isinstance(m, nn.Embedding) else other).add(id(w))
+    return emb - other
+
+
 @register(Int8WeightOnly)
 def _int8_weight_only(model, config: Int8WeightOnly, select, report) -> None:
+    lookup = lookup_only_weights(model)
+
     def make(w: torch.Tensor, m: nn.Module) -> QuantizedWeight | str:
-        g = config.group_size
+        g = config.group_for(w.shape[1], id(m.weight) in lookup)
         if g is not None and w.shape[1] % g:
             return f"group size {g} does not divide {w.shape[1]} inputs"
         return Int8Weight(w, g)

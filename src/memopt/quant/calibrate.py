@@ -59,8 +59,11 @@ __all__ = [
     "calibration_ids",
     "default_calib_text",
     "find_blocks",
+    "gptq_head",
     "gptq_quantize",
+    "gptq_weight",
     "int4_weight_from_codes",
+    "output_projection",
     "quantize_block_",
 ]
 
@@ -209,6 +212,30 @@ def gptq_quantize(
         return _gptq(w, h, group_size, symmetric, settings)
     finally:
         torch.set_num_threads(threads)
+
+
+def gptq_weight(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    config: Int4WeightOnly,
+    settings: GPTQSettings = DEFAULT_SETTINGS,
+    rows: int = 4096,
+) -> Int4Weight:
+    """GPTQ of ``w (N, K)`` into an :class:`Int4Weight`, ``rows`` output rows at a time.
+
+    Rows are independent in GPTQ (a column's rounding error is fed back along its own row only,
+    and each row's group ranges are its own), so chunks give the result of the whole weight while
+    the float32 working copies stay ``rows x K`` (9.4 MB for the 49152 x 576 SmolLM2 head instead
+    of 3 x 113 MB): what keeps the streamed quantization's peak within its bound.
+    """
+    n = w.shape[0]
+    parts = [
+        gptq_quantize(w[a : min(n, a + rows)], h, config.group_size, config.symmetric, settings)
+        for a in range(0, n, rows)
+    ]
+    codes, scale, zero = (torch.cat(t) for t in zip(*parts, strict=True))
+    del parts
+    return int4_weight_from_codes(codes, scale, zero, config.group_size, config.symmetric, w.dtype)
 
 
 def _gptq(
@@ -552,6 +579,41 @@ def _head_hessian(
     return H
 
 
+def output_projection(model: nn.Module) -> nn.Module | None:
+    """The model's output projection (lm_head; tied: it shares the embedding's weight)."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+@torch.no_grad()
+def gptq_head(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    ids: torch.Tensor,
+    final: list[tuple[tuple, dict]],
+    as_tuple: bool,
+    config: Int4WeightOnly,
+    batch: int = 8,
+    settings: GPTQSettings | None = None,
+) -> Int4Weight | None:
+    """The output projection by GPTQ (a tied lm_head: also the embedding's weight), or None when
+    ``settings.lm_head`` is off or the model has no Linear head whose width the group divides.
+
+    Its Hessian comes from its real inputs: ``final``, the calibration inputs that the last block's
+    outputs would be for a next block (``_next_inputs``), through whatever sits between the blocks
+    and the head (the final norm), replayed without recomputing a block. Used by :func:`calibrate_`
+    and by the streamed path (memopt.quant.stream), which calls it with the blocks on meta.
+    """
+    settings = _settings(config, settings)
+    head = output_projection(model)
+    if not settings.lm_head or not isinstance(head, nn.Linear):
+        return None
+    if head.in_features % config.group_size or head.weight.is_meta:
+        return None
+    H = _head_hessian(model, blocks, head, ids, batch, final, as_tuple)  # (K, K)
+    return gptq_weight(head.weight, H, config, settings)
+
+
 @torch.no_grad()
 def calibrate_(
     model: Any,
@@ -599,7 +661,6 @@ def calibrate_(
         return filter_fn is None or bool(filter_fn(name, module))
 
     report = QuantReport(config.to_dict(), model_bytes(model), 0)
-    g_size = config.group_size
     prefix, blocks = find_blocks(model)
     was_training = model.training
     model.eval()
@@ -628,17 +689,11 @@ def calibrate_(
         if progress is not None:
             progress(b + 1, len(blocks))
 
-    # The output projection (a tied lm_head: also the embedding) by GPTQ when asked, from its real
-    # inputs: the last block's outputs through the final norm, replayed without recomputing blocks.
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_q: QuantizedWeight | None = None
-    if settings.lm_head and isinstance(head, nn.Linear) and head.in_features % g_size == 0:
-        H = _head_hessian(model, blocks, head, calib_ids, batch, inputs, tuple_out)
-        codes, scale, zero = gptq_quantize(head.weight, H, g_size, config.symmetric, settings)
-        head_q = int4_weight_from_codes(
-            codes, scale, zero, g_size, config.symmetric, head.weight.dtype
-        )
-        del H, codes
+    head = output_projection(model)
+    head_name = next((nm for nm, m in model.named_modules() if m is head), None)
+    head_q = None
+    if head_name is not None and select(head_name, head):  # not excluded: worth calibrating
+        head_q = gptq_head(model, blocks, calib_ids, inputs, tuple_out, config, batch, settings)
     del inputs
 
     # The rest (embedding, lm_head, anything outside the blocks): round to nearest, as RTN does.

@@ -263,6 +263,10 @@ def int4_linear(
 ) -> torch.Tensor:
     """int4 weight-only ``x (M, K) @ W.T``: ATen's kernel when the layout is its own, else blocked."""
     n, k = packed.shape[0], packed.shape[1] * 2
+    key = _key("int4", x, n, k)
+    fast = block_n is not None and x.device.type == "cpu" and _FORCED_ENV not in os.environ
+    if fast and _CHOSEN.get(key) == "int4_aten_bf16":
+        return _int4_aten(x, packed, group, sz)  # the decode path: no closures, no timing
     mult = block_n or 64
     cands: dict[str, Callable[[], torch.Tensor]] = {
         "int4_dequant_fp32": lambda: dequant_linear(x, dequant_rows, n, k, torch.float32, mult),
@@ -271,4 +275,4 @@ def int4_linear(
     }
     if block_n is not None and x.device.type == "cpu":
         cands["int4_aten_bf16"] = lambda: _int4_aten(x, packed, group, sz)
-    return autotune(_key("int4", x, n, k), cands)
+    return autotune(key, cands)

@@ -79,7 +79,12 @@ class Int8Weight(QuantizedWeight):
     def __init__(self, w: torch.Tensor, group_size: int | None = None) -> None:
         super().__init__(tuple(w.shape), w.dtype)
         self.group_size = group_size
-        scale, _ = choose_qparams(w, 8, group_size)
+        # Scales rounded to bfloat16 values before the codes are chosen: the fused kernel
+        # (int8pack_bf16) multiplies by the bfloat16 scale, and codes rounded against the float32
+        # scale would then carry up to 127 x 2^-9 of a step of extra error on the largest weights.
+        # Rounded first, every kernel computes with exactly the scale the codes were chosen for.
+        scale, _ = choose_qparams(w, 8, group_size, scale_dtype=torch.bfloat16)
+        scale = scale.float()  # stored as float32 (the disk format), holding bfloat16 values
         self.register_buffer("qdata", quantize(w, scale, None, 8, group_size))  # (N, K) int8
         self.register_buffer("scale", scale)  # (N, K // G) float32
 

@@ -17,7 +17,11 @@ Calibrated int4 (``Int4WeightOnly(algo="gptq")``) goes block by block: the modul
 transformer block are materialized to capture its calibration inputs and freed; then for each block,
 its float weights are read from the source, :func:`memopt.quant.calibrate.quantize_block_` quantizes
 its Linears and returns the next block's inputs, its tensors are written and it goes back to meta.
-Peak: the calibration activations + one float block + the embedding during the capture.
+The output projection (with a tied embedding) is calibrated last, by the function ``calibrate_``
+uses (:func:`memopt.quant.calibrate.gptq_head`), from the final hidden states: its tensors keep
+their place at the start of the file and are written at the end (``SafetensorsWriter.reserve``).
+Peak: the calibration activations + one float block, or the embedding (during the capture and
+the head's GPTQ, which goes 4096 rows at a time).
 """
 
 from __future__ import annotations
@@ -229,6 +233,7 @@ class _Planned:
     make: Callable[[torch.Tensor], QuantizedWeight]
     gptq: bool = False
     qw: QuantizedWeight | None = None
+    head: bool = False  # the output projection by GPTQ: written last, once every block is done
 
 
 @dataclass
@@ -255,19 +260,29 @@ def _covered(m: nn.Module) -> tuple[tuple[int, int], bool] | None:
     return None
 
 
-def _format(config: QuantConfig, n: int, k: int, dtype: torch.dtype) -> tuple[dict, Any] | str:
-    """(empty-weight spec, maker of the real weight from a float (rows, K)) or a reason to skip."""
+def _format(
+    config: QuantConfig, n: int, k: int, dtype: torch.dtype, lookup_only: bool = False
+) -> tuple[dict, Any] | str:
+    """(empty-weight spec, maker of the real weight from a float (rows, K)) or a reason to skip.
+    ``lookup_only``: only embeddings read the weight (Int8WeightOnly groups those differently)."""
     spec: dict[str, Any] = {"shape": [n, k], "dtype": str(dtype).removeprefix("torch.")}
     if isinstance(config, Int8Dynamic):
         return {**spec, "format": "int8", "group_size": None}, lambda w: Int8Weight(w)
-    g = config.group_size
+    if isinstance(config, Int8WeightOnly):
+        g = config.group_for(k, lookup_only)
+    else:
+        g = config.group_size
     if g is not None and k % g:
         return f"group size {g} does not divide {k} inputs"
     if isinstance(config, Int8WeightOnly):
         return {**spec, "format": "int8", "group_size": g}, lambda w: Int8Weight(w, g)
     if isinstance(config, Int4WeightOnly):
+        from memopt.quant.kernels import int4_block_n
+
         sym = config.symmetric
+        # written in this CPU's kernel layout (memopt.io): loading here needs no repacking
         spec = {**spec, "format": "int4", "group_size": g, "symmetric": sym}
+        spec["block_n"] = int4_block_n(n)
         return spec, lambda w: Int4Weight(w, g, sym)
     assert isinstance(config, IntNWeightOnly)
     bits, sym = config.bits, config.symmetric
@@ -281,12 +296,17 @@ def _plan(
     select: Callable[[str, nn.Module], bool],
     src_of: Callable[[str], str | None],
     gptq_linears: set[str],
+    gptq_head: str | None = None,
 ) -> _Plan:
     """Swap the selected covered modules of a meta model for quantized ones with empty weights,
     following ``quantize_``'s rules exactly (tie groups all-or-nothing, max_norm embeddings left
     alone, group sizes that do not divide left in float). ``gptq_linears``: Linears that the
-    calibrated path fills instead (quantize_block_ decides their codes)."""
+    calibrated path fills instead (quantize_block_ decides their codes); ``gptq_head``: the name of
+    the output projection when the calibrated path quantizes it (with its tied embedding)."""
+    from memopt.quant.api import lookup_only_weights
+
     plan = _Plan()
+    lookup = lookup_only_weights(model)
     covered, owners, key_of = [], {}, {}
     for name, m in model.named_modules(remove_duplicate=False):
         if name and _covered(m) is not None:
@@ -311,7 +331,7 @@ def _plan(
         qw = done.get(key_of[name])
         if qw is None:
             (n, k), transposed = _covered(m)
-            made = _format(config, n, k, m.weight.dtype)
+            made = _format(config, n, k, m.weight.dtype, key_of[name] in lookup)
             if isinstance(made, str):
                 plan.skipped[name] = made
                 continue
@@ -320,7 +340,9 @@ def _plan(
             if src is None:
                 raise MemoptError(f"source has no tensor for {name}.weight")
             qw = done[key_of[name]] = io.empty_weight(spec)
-            plan.weights[id(qw)] = _Planned(src, transposed, make, name in gptq_linears, qw)
+            head = gptq_head is not None and gptq_head in group
+            gptq = name in gptq_linears or head
+            plan.weights[id(qw)] = _Planned(src, transposed, make, gptq, qw, head)
         if isinstance(m, nn.Embedding):
             new: nn.Module = QEmbedding(qw, m.padding_idx)
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
@@ -348,12 +370,21 @@ def _quantize_rows(rows: _Rows, p: _Planned, dtype: torch.dtype) -> dict[str, li
     parts: dict[str, list[torch.Tensor]] = {}
     for a, b in io.iter_chunks(n, step):
         w = read(a, b)  # (rows, K)
-        for suffix, t in io.disk_tensors(p.make(w)).items():
+        for suffix, t in _disk_tensors(p.make(w), p.qw).items():
             parts.setdefault(suffix, []).append(t.clone() if t._base is not None else t)
         del w
         rows.release()
         _trim()
     return parts
+
+
+def _disk_tensors(qw: QuantizedWeight, planned: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """``io.disk_tensors(qw)`` with int4 codes in the planned weight's layout: a chunk of rows (or
+    a weight made elsewhere) may have found another kernel layout for its own row count."""
+    out = io.disk_tensors(qw)
+    if isinstance(qw, Int4Weight) and qw.block_n != planned.block_n:
+        out["packed"] = io.int4_relayout(out["packed"], qw.shape[1], qw.block_n, planned.block_n)
+    return out
 
 
 def _trim() -> None:
@@ -382,7 +413,20 @@ class _Calibrated:
         self.calib = calib
         self.current = -1
         self.inputs: list | None = None
+        self.ids: torch.Tensor | None = None
+        self.as_tuple = True  # whether the blocks return tuples (set by the first block run)
         self.done: dict[str, QuantizedWeight] = {}
+
+    def head_name(self, model: nn.Module) -> str | None:
+        """The name of ``model``'s output projection if calibration will quantize it, else None
+        (:func:`memopt.quant.calibrate.gptq_head`'s conditions, checked on the meta model)."""
+        head = self.cal.output_projection(model)
+        if not isinstance(head, nn.Linear) or head.in_features % self.config.group_size:
+            return None
+        if not self.cal.DEFAULT_SETTINGS.lm_head:
+            return None
+        name = next((nm for nm, m in model.named_modules() if m is head), None)
+        return name if name is not None and self.select(name, head) else None
 
     def linears(self) -> set[str]:
         """Full names of the Linears quantize_block_ will quantize (selected, group divides)."""
@@ -415,6 +459,7 @@ class _Calibrated:
             ids = calib
         else:
             ids = self.cal.calibration_ids(tokenizer(), calib)
+        self.ids = ids
         outside = [
             (n, t)
             for n, t in [*self.fmodel.named_parameters(), *self.fmodel.named_buffers()]
@@ -446,6 +491,36 @@ class _Calibrated:
             raise RuntimeError(f"calibrated weights asked out of block order ({full})")
         return self.done[full]
 
+    def head_weight(self, tokenizer: Callable[[], Any]) -> QuantizedWeight:
+        """The output projection (and tied embedding) by GPTQ, after every block: the modules
+        outside the blocks are read back (the embedding: the largest float32 tensor, held alone
+        now), :func:`memopt.quant.calibrate.gptq_head` runs on the final hidden states, and they
+        go back to meta."""
+        from memopt.models import _tie
+
+        if self.inputs is None:
+            self._capture(tokenizer)
+        while self.current < len(self.blocks) - 1:
+            self._next_block()
+        if self.current >= 0:
+            self.blocks[self.current].to("meta")  # written already: only the head is left
+        outside = [
+            n
+            for n, t in [*self.fmodel.named_parameters(), *self.fmodel.named_buffers()]
+            if t.is_meta and not n.startswith(self.prefix + ".")
+        ]
+        self._fill(self.fmodel, "", skip=self.prefix + ".")
+        _tie(self.fmodel)  # a tied head shares the embedding read just now (_assign untied it)
+        qw = self.cal.gptq_head(
+            self.fmodel, self.blocks, self.ids, self.inputs, self.as_tuple, self.config
+        )
+        self.inputs = None
+        self._to_meta(self.fmodel, outside)
+        _tie(self.fmodel)  # and lets it go with it
+        if qw is None:
+            raise RuntimeError("the planned GPTQ of the output projection did not run")
+        return qw
+
     def _next_block(self) -> None:
         if self.current >= 0:
             self.blocks[self.current].to("meta")  # the previous block is written: free it
@@ -466,6 +541,7 @@ class _Calibrated:
             select=lambda nm, m: self.select(f"{here}.{nm}", m),
             on_linear=on_linear,
         )
+        self.as_tuple = isinstance(outputs[0], (tuple, list))
         self.inputs = self.cal._next_inputs(self.inputs, outputs)
         if self.progress is not None:
             self.progress(b + 1, len(self.blocks))
@@ -588,7 +664,8 @@ def quantize_model(
         plan = _Plan(modules=report.modules, formats=report.formats)
     else:
         gl = cal.linears() if cal is not None else set()
-        plan = _plan(model, config, select, key_to_src.get, gl)
+        head = cal.head_name(model) if cal is not None else None
+        plan = _plan(model, config, select, key_to_src.get, gl, head)
     undivided = [n for n, why in plan.skipped.items() if "does not divide" in why]
     if undivided and not plan.modules:
         raise MemoptError(f"{source.name}: {plan.skipped[undivided[0]]} (nor any other layer's)")
@@ -618,10 +695,15 @@ def quantize_model(
         if key not in cache:
             cache.clear()  # one weight's disk form at a time
             p = plan.weights[key]
-            if p.gptq:
+            if p.head:
+                assert cal is not None
+                qw = cal.head_weight(tokenizer)
+                cache[key] = {k: v.contiguous() for k, v in _disk_tensors(qw, p.qw).items()}
+                del qw
+            elif p.gptq:
                 assert cal is not None
                 qw = cal.weight(e.weight_key.removesuffix(".qweight"), tokenizer)
-                cache[key] = {k: v.contiguous() for k, v in io.disk_tensors(qw).items()}
+                cache[key] = {k: v.contiguous() for k, v in _disk_tensors(qw, p.qw).items()}
             else:
                 cache[key] = _quantize_rows(rows, p, e.weight.dtype)
         return cache[key][e.suffix]
@@ -638,6 +720,7 @@ def quantize_model(
             source=source,
             loaded=None,
             progress=progress,
+            late=lambda e: e.weight is not None and plan.weights[id(e.weight)].head,
         )
     out = Path(out_dir)
     bytes_after = sum(io._numel(e.shape) * e.dtype.itemsize for e in desc.entries)
@@ -708,7 +791,8 @@ def method_config(
     """The config behind ``memopt quantize --method M [--group-size G] [--algo A]``.
 
     Defaults: int4 group 64 calibrated (``gptq``; ``--algo rtn`` for round-to-nearest), int8 per
-    output channel, int3/int2 group 32. Invalid combinations raise MemoptError in one line.
+    output channel (embeddings read only by lookups: groups of 128, see Int8WeightOnly), int3/int2
+    group 32. Invalid combinations raise MemoptError in one line.
     """
     if method not in METHODS:
         raise MemoptError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")

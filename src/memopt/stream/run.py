@@ -98,14 +98,18 @@ def predict(
     )  # fmt: skip
     out = plan.to_dict()
     out["peak_bytes"] = plan.predicted_peak_bytes
+    # the plan's KV term is the full cache plus one layer's K and V again (torch.cat's moment of
+    # old + new): the cache itself is kv_cache, the moment goes with the runtime's transients
+    layers = len(plan.block_bytes)
+    kv = plan.kv_cache_bytes * layers // (layers + 1) if layers else plan.kv_cache_bytes
     out["breakdown"] = {  # estimate's keys, plus the two that streaming adds
         "params": plan.rest_bytes + plan.pinned_bytes + plan.working_bytes,
         "buffers": 0,
         "grads": 0,
         "optimizer": 0,
         "activations": plan.activation_bytes,
-        "kv_cache": plan.kv_cache_bytes,
-        "runtime": plan.reserve_bytes + plan.scratch_bytes,
+        "kv_cache": kv,
+        "runtime": plan.reserve_bytes + plan.scratch_bytes + plan.kv_cache_bytes - kv,
     }
     return out
 
@@ -148,7 +152,8 @@ def run(
         kv_int8=kv_int8,
     ) as streamed:  # fmt: skip
         streamed.loaded._tokenizer = _DeferredTokenizer(eos)
-        out = generate(streamed.loaded, ids, max_new_tokens, warmup=warmup)
+        # eos -1: no end token, exactly max_new_tokens (benchmarks, profile)
+        out = generate(streamed.loaded, ids, max_new_tokens, warmup=warmup, stop_at_eos=eos != -1)
         out["plan"] = streamed.plan.to_dict()
         out["stream"] = streamed.stats()
     del streamed
@@ -221,13 +226,15 @@ def run_measured(
     prefetch: bool = True,
     timeout: float | None = None,
     kv_int8: bool = False,
+    eos_token_id: int | None = None,
 ) -> dict[str, Any]:
     """``memopt run``: generate in a fresh child process and measure its peak RSS.
 
     The budget is checked first, here (no weights read, no child started). Returns ``text``,
     ``tokens``, ``tokens_per_s``, ``peak_rss_bytes``, ``baseline_rss_bytes``,
     ``peak_over_baseline_bytes`` (what ``max_memory`` bounds), ``max_memory_bytes``, ``plan``,
-    ``stream`` and ``seconds``.
+    ``stream`` and ``seconds``. ``eos_token_id`` overrides the tokenizer's end token (``-1``: none,
+    generate exactly ``max_new_tokens``).
     """
     from memopt.generate import prompt_ids
     from memopt.measure.rss import run_in_child
@@ -241,7 +248,7 @@ def run_measured(
     meta = build_meta(model)  # a missing or bad model fails here in one line
     ids = prompt_ids(meta, prompt, chat)[0].tolist()  # (T,)
     tok = meta.tokenizer() if isinstance(prompt, str) else None
-    eos = getattr(tok, "eos_token_id", None)
+    eos = eos_token_id if eos_token_id is not None else getattr(tok, "eos_token_id", None)
     if budget is not None:  # refused here: no weight read, no child started
         plan_budget(
             model, budget, tokens=len(ids) + max_new_tokens, prompt_tokens=len(ids),
