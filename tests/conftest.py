@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -117,3 +117,20 @@ def smollm2():
     from memopt.models import load_model
 
     return load_model("smollm2")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_training_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """tests/train: one intra-op thread (here, not in tests/train/conftest.py, which would shadow
+    this module's name for ``from conftest import ...``).
+
+    Its models are tiny: each op is too small to split over threads, and on a shared 2-core machine
+    two intra-op threads per process oversubscribe the cores. Restored after each test.
+    """
+    if "train" not in request.node.path.parent.parts[-1:]:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

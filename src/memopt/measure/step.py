@@ -9,7 +9,9 @@ What a step is:
 - ``infer``: ``model.eval()``, one forward under ``torch.no_grad()``. Causal LMs run with
   ``use_cache=False`` (a step, not generation), so no KV cache is counted.
 - ``train``: ``model.train()``, then ``zero_grad(set_to_none=True)``, forward, loss, backward,
-  ``optimizer.step()``. The loss: causal LM, its own next-token cross-entropy (``labels=input_ids``);
+  ``optimizer.step()``. The loss: causal LM, its own next-token cross-entropy (``labels=input_ids``),
+  computed with the LM head over chunks of tokens when ``spec.loss_chunk_for`` says so (by default
+  with checkpointing; :mod:`memopt.train.loss`: the same value, one chunk's logits at the peak);
   encoder, the mean of the squared last hidden state (a stand-in objective with the same graph as any
   loss on the hidden states); plain module, the mean of its (first) output.
 
@@ -95,6 +97,10 @@ class StepSpec:
     grad_accum: int = 1
     master_weights: bool = False
     checkpoint_blocks: list[int] | None = None
+    # Causal LMs: the LM head + cross-entropy over chunks of this many tokens, each checkpointed
+    # (memopt.train.loss). None: on with checkpointing (the head is then the largest activation
+    # left), at the default chunk; 0: off (the model's own loss); n: on, n tokens per chunk.
+    loss_chunk: int | None = None
 
     def __post_init__(self) -> None:
         self.dtype = _DTYPE_ALIASES.get(str(self.dtype), str(self.dtype))
@@ -107,6 +113,12 @@ class StepSpec:
             self.checkpoint_blocks = sorted(set(blocks))
             if self.checkpoint_blocks and self.checkpointing is False:
                 self.checkpointing = True  # a list of blocks asks for checkpointing
+        if self.loss_chunk is not None and (
+            isinstance(self.loss_chunk, bool)
+            or not isinstance(self.loss_chunk, int)
+            or self.loss_chunk < 0
+        ):
+            raise MemoptError(f"loss_chunk must be a whole number ≥ 0, got {self.loss_chunk!r}")
         if not isinstance(self.master_weights, bool):
             raise MemoptError(f"master_weights must be true or false, got {self.master_weights!r}")
         for name in ("batch", "seq", "ranks", "grad_accum"):
@@ -144,6 +156,20 @@ class StepSpec:
             raise MemoptError(
                 f"--seq {self.seq} is longer than {loaded.name}'s maximum of {limit} positions"
             )
+
+    def loss_chunk_for(self, loaded: LoadedModel) -> int:
+        """Tokens per chunk of the chunked LM head + loss for ``loaded``, or 0 for the model's
+        own loss (not a causal LM with a plain linear head, or chunking is off)."""
+        from memopt.train.loss import chunk_tokens, head_of
+
+        if self.task != "train" or loaded.task != "causal-lm":
+            return 0
+        if self.loss_chunk == 0 or (self.loss_chunk is None and not self.checkpointing):
+            return 0
+        found = head_of(loaded.model)
+        if found is None:
+            return 0
+        return self.loss_chunk or chunk_tokens(found[1].out_features)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,6 +33,7 @@ from torch import nn
 from memopt.errors import MemoptError
 from memopt.measure.step import StepSpec, loss_of, make_optimizer, prepare
 from memopt.models import LoadedModel
+from memopt.train.loss import causal_lm_hidden, chunked_causal_lm_loss, head_of
 from memopt.train.precision import LossScaler, MasterWeights, autocast_context
 
 __all__ = ["Trainer", "STATE_JSON"]
@@ -94,6 +95,8 @@ class Trainer:
             None, spec, params=opt_params, lr=lr, weight_decay=weight_decay
         )
         self.steps_done = 0
+        self.loss_chunk = spec.loss_chunk_for(loaded)  # 0: the model's own loss
+        self._head = head_of(model) if self.loss_chunk else None
 
     # ------------------------------------------------------------------ the step
 
@@ -112,6 +115,13 @@ class Trainer:
         """The loss of one micro-batch (causal LMs: next-token cross-entropy on ``labels``)."""
         loaded = self.loaded
         with autocast_context(_device_of(self.params[0]), self.autocast):
+            if self.loss_chunk:
+                # the head + loss chunk by chunk (memopt.train.loss): same value, one chunk's
+                # logits at the peak instead of the whole batch's
+                base, head = self._head
+                labels = inputs.get("labels", inputs["input_ids"])
+                hidden = causal_lm_hidden(base, inputs)  # (B, T, C)
+                return chunked_causal_lm_loss(hidden, head, labels, self.loss_chunk)
             if loaded.task == "causal-lm":
                 labels = inputs.get("labels", inputs["input_ids"])
                 rest = {k: v for k, v in inputs.items() if k != "labels"}
