@@ -44,11 +44,13 @@ def test_int8_groups_lookup_only_embeddings_and_keeps_tied_ones_per_channel(tiny
     assert llama.lm_head.qweight.group_size is None
 
 
-def test_minilm_int8_default_meets_the_issue_targets(minilm):
+def test_minilm_int8_default_meets_the_issue_targets():
     """Issue 4: whole-model int8 <= 0.27x float32 bytes and cosine_min >= 0.999 (64 sentences).
-    Measured 0.2561x and 0.99920 (per channel everywhere: 0.99900-0.99915)."""
+    Measured 0.2561x and 0.99920 (per channel everywhere: 0.99900-0.99915). The float32 reference
+    is loaded here, not the session fixture, which other tests may have transformed."""
     from memopt.evaluate import embedding_cosine
 
+    minilm = load_model("minilm")
     q = load_model("minilm")
     report = quantize_(q.model, Int8WeightOnly())
     assert report.bytes_after <= 0.27 * model_bytes(minilm.model)
