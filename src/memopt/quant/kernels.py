@@ -18,7 +18,7 @@ activations to bfloat16 (relative error 2^-9 per element, far below int8's own w
 cosine vs the float32 reference of the dequantized weight > 0.99999) and the per-channel scale is
 fused. At batch 128 that kernel loses (0.15-0.7x float32); a blocked int8 -> bfloat16 dequantize
 (exact: |q| <= 127 fits bf16's significand) + bf16 matmul, scale applied to the output, wins there
-(1.9-2.4x with 1 thread). bench/kernels.py prints the whole table. On a CPU without native bf16
+(1.9-2.4x with 1 thread). bench/matmul_kernels.py prints the whole table. On a CPU without native bf16
 (AVX2 only) the ratios differ, which is why :func:`autotune` times the candidates once per (kernel
 family, shape, batch bucket, dtype, threads) and keeps the fastest. All candidates of a family
 compute the same function up to bf16 rounding of the activations; ``Int8Dynamic`` (per-token int8

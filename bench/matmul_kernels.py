@@ -1,6 +1,6 @@
 """Batch-1/8/128 latency of quantized Linear kernels vs float32 on this CPU.
 
-    .venv/bin/python bench/kernels.py [--json] [--threads N] [--repeats R]
+    .venv/bin/python bench/matmul_kernels.py [--json] [--threads N] [--repeats R]
 
 Each row: one weight shape and batch; each column: a path, as median latency (after warm-up) and
 as speed-up vs float32 F.linear timed in the same run (>1 = faster). "int8 (memopt)" and
