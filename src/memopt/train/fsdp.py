@@ -113,13 +113,21 @@ def launch(fn: Callable[..., Any], ranks: int, *args: Any, backend: str | None =
         raise MemoptError(f"--ranks must be ≥ 1, got {ranks}")
     with tempfile.TemporaryDirectory(prefix="memopt-ranks-") as tmp:
         port = _free_port()
-        mp.start_processes(
+        ctx = mp.start_processes(
             _entry,
             args=(fn, ranks, port, backend, tmp, args),
             nprocs=ranks,
-            join=True,
+            join=False,
             start_method="spawn",
         )
+        try:
+            while not ctx.join():
+                pass
+        except mp.ProcessExitedException:
+            if not all((Path(tmp) / f"rank{r}.json").exists() for r in range(ranks)):
+                raise
+            for p in ctx.processes:  # a rank died in teardown after writing its result
+                p.join()
         results = []
         for r in range(ranks):
             out = json.loads((Path(tmp) / f"rank{r}.json").read_text())
@@ -154,18 +162,24 @@ def _entry(
     if backend == "nccl":
         torch.cuda.set_device(rank)
     out: dict[str, Any]
+    initialized = False
     try:
         dist.init_process_group(backend, rank=rank, world_size=ranks)
-        try:
-            out = {"result": fn(rank, ranks, *args)}
-        finally:
-            dist.destroy_process_group()
+        initialized = True
+        out = {"result": fn(rank, ranks, *args)}
     except MemoptError as exc:
         out = {"error": str(exc), "memopt": True}
     except Exception as exc:  # noqa: BLE001 - reported to the parent with its traceback
         out = {"error": str(exc), "traceback": traceback.format_exc()}
+    # The result is written before the process group is torn down: gloo's teardown has aborted
+    # a rank now and then ("terminate called without an active exception") after its work was
+    # done; launch() accepts such an exit when every rank's result is on disk.
     path = Path(tmp) / f"rank{rank}.json"
-    path.write_text(json.dumps(out))
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps(out))
+    part.replace(path)
+    if initialized:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------
