@@ -28,11 +28,13 @@ Hessian computed with every earlier stage already quantized. A stage's pass stop
 Linear (an exception raised from a hook), so the rest of the block is not computed for nothing.
 
 Memory bound while calibrating (whole model, :func:`calibrate_`): the model itself, plus the block
-inputs and outputs of the whole calibration set, ``2 * N * T * hidden * 4`` bytes (N sequences of T
-tokens; 2 x 18.9 MB for the default 32 x 256 on SmolLM2), plus one chunk's activations inside one
-block (``batch`` sequences at a time), plus one (K, K) float32 Hessian and its float32 inverse per
-Linear being quantized (K = 1536 at most here: 9.4 MB each), plus one float32 copy of that Linear's
-weight.
+inputs and outputs of the whole calibration set, ``N * T * hidden * 4`` bytes once each input is
+dropped as its output is made (``consume=True``, the streamed path; twice that otherwise: N
+sequences of T tokens, 18.9 MB for the default 32 x 256 on SmolLM2), plus one chunk's activations
+inside one block (:data:`CALIB_BATCH` sequences at a time), plus two (K, K) float32 matrices at a
+time per Linear being quantized (the Hessian, then its Cholesky factors; K = 1536 at most here:
+9.4 MB each), plus one float32 copy of that Linear's weight. The output projection's GPTQ reads its
+weight 2048 rows at a time (:func:`gptq_rows`) and packs each chunk into the preallocated result.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt import heap
 from memopt.errors import MemoptError
 from memopt.quant import kernels
 from memopt.quant.config import Int4WeightOnly
@@ -53,6 +56,7 @@ from memopt.quant.modules import Int4Weight, QLinear, QuantizedWeight
 from memopt.quant.primitives import choose_qparams, pack, pack_int4_nblock
 
 __all__ = [
+    "CALIB_BATCH",
     "CALIB_TOPICS",
     "GPTQSettings",
     "calibrate_",
@@ -61,6 +65,7 @@ __all__ = [
     "find_blocks",
     "gptq_head",
     "gptq_quantize",
+    "gptq_rows",
     "gptq_weight",
     "int4_weight_from_codes",
     "output_projection",
@@ -96,6 +101,11 @@ CALIB_TOPICS: tuple[str, ...] = (
 )
 
 ProgressFn = Callable[[int, int], None]  # (blocks done, blocks total)
+
+# Calibration sequences per forward. Each chunk's activations inside a block are the peak's
+# transient part (SmolLM2, 256 tokens: ~14 MB a sequence at the MLP), so 4 rather than 8 takes
+# ~56 MB off the streamed quantization's peak; the Hessians it accumulates are the same.
+CALIB_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -183,8 +193,11 @@ def _choose_group(
     off = torch.zeros_like(scale) if off is None else off.float().reshape(-1, n, 1)
     if scale.shape[0] == 1:
         return scale[0, :, 0], off[0, :, 0]
-    c = torch.round((x - off) / scale).clamp_(-8, 7)  # (P, N, G)
-    err = ((c * scale + off - x) ** 2 * weight).sum(-1)  # (P, N)
+    # One (P, N, G) temporary, updated in place (11.5 MB for a 4096-row chunk of the head; the
+    # expression form held four at once): codes, then their squared, weighted rounding error
+    c = (x - off).div_(scale).round_().clamp_(-8, 7)  # (P, N, G)
+    err = c.mul_(scale).add_(off).sub_(x).pow_(2).mul_(weight).sum(-1)  # (P, N)
+    del c
     best = err.argmin(0)  # (N,)
     rows = torch.arange(n)
     return scale[best, rows, 0], off[best, rows, 0]
@@ -219,23 +232,46 @@ def gptq_weight(
     h: torch.Tensor,
     config: Int4WeightOnly,
     settings: GPTQSettings = DEFAULT_SETTINGS,
-    rows: int = 4096,
+    rows: int = 2048,
 ) -> Int4Weight:
-    """GPTQ of ``w (N, K)`` into an :class:`Int4Weight`, ``rows`` output rows at a time.
+    """GPTQ of ``w (N, K)`` into an :class:`Int4Weight`, ``rows`` output rows at a time."""
+    return gptq_rows(lambda a, b: w[a:b], w.shape[0], h, config, settings, rows, w.dtype)
+
+
+def gptq_rows(
+    read: Callable[[int, int], torch.Tensor],
+    n: int,
+    h: torch.Tensor,
+    config: Int4WeightOnly,
+    settings: GPTQSettings = DEFAULT_SETTINGS,
+    rows: int = 2048,
+    dtype: torch.dtype = torch.float32,
+) -> Int4Weight:
+    """GPTQ of an ``(n, K)`` weight given by ``read(r0, r1)`` (its rows ``r0:r1``), ``rows`` at a time.
 
     Rows are independent in GPTQ (a column's rounding error is fed back along its own row only,
     and each row's group ranges are its own), so chunks give the result of the whole weight while
     the float32 working copies stay ``rows x K`` (9.4 MB for the 49152 x 576 SmolLM2 head instead
-    of 3 x 113 MB): what keeps the streamed quantization's peak within its bound.
+    of 3 x 113 MB), and the streamed path (memopt.quant.stream) reads each chunk from the source
+    file: the float weight is never whole in memory. ``dtype``: the float weight's dtype.
     """
-    n = w.shape[0]
-    parts = [
-        gptq_quantize(w[a : min(n, a + rows)], h, config.group_size, config.symmetric, settings)
-        for a in range(0, n, rows)
-    ]
-    codes, scale, zero = (torch.cat(t) for t in zip(*parts, strict=True))
-    del parts
-    return int4_weight_from_codes(codes, scale, zero, config.group_size, config.symmetric, w.dtype)
+    k, g = h.shape[0], config.group_size
+    block_n = kernels.int4_block_n(n)
+    if block_n is not None and rows % block_n:
+        rows = max(block_n, rows // block_n * block_n)
+    # Each chunk's codes are packed into the final buffers as they come (rows are packed
+    # independently, in row blocks that a chunk of a multiple of block_n rows holds whole): no
+    # (N, K) codes tensor, no concatenation (for the SmolLM2 head 28 MB + 28 MB less at the peak)
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)  # (N, K/2)
+    scale_zero = torch.empty(k // g, n, 2, dtype=torch.bfloat16)  # (K/G, N, 2)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        codes, scale, zero = gptq_quantize(read(a, b), h, g, config.symmetric, settings)
+        packed[a:b] = pack(codes, 4) if block_n is None else pack_int4_nblock(codes, block_n)
+        scale_zero[:, a:b, 0] = scale.t()
+        scale_zero[:, a:b, 1] = zero.t()
+        del codes, scale, zero
+    return _int4_weight(packed, scale_zero, (n, k), g, config.symmetric, dtype, block_n)
 
 
 def _gptq(
@@ -250,34 +286,44 @@ def _gptq(
     if k % g:
         raise MemoptError(f"group size {g} does not divide the input dimension {k}")
     s = settings
-    W = w.detach().float().clone()  # (N, K) float32, modified in place as errors are fed back
-    H = h.detach().float().clone()  # (K, K) float32 (float64 was 5x slower, same results)
-    diag = H.diagonal().clone()  # (K,)
+    # Working copies, one (K, K) or (K, N) allocation each; ``h`` is shared by the Linears of a
+    # stage and stays untouched. With K = 1536 (down_proj) a (K, K) float32 is 9.4 MB, and the
+    # chain H -> Cholesky -> inverse -> Cholesky holds two at a time, not five: what bounds the
+    # streamed quantization's peak inside a block.
+    h = h.detach().float()  # (K, K) float32 (float64 was 5x slower, same results)
+    diag = h.diagonal().clone()  # (K,)
     dead = diag <= 0  # inputs never excited: any value is exact on the data, no feedback to give
-    H[dead, dead] = 1.0
     diag[dead] = 0.0
     perm = (
         torch.argsort(diag, descending=True, stable=True) if s.act_order else torch.arange(k)
     )  # (K,) position -> column
-    W = W[:, perm]
-    H = H[perm][:, perm]
+    H = h[perm[:, None], perm[None, :]]  # (K, K) in processing order, a new tensor
+    H.diagonal()[dead[perm]] = 1.0
     dperm = diag[perm].float()  # (K,) weights of the clipping search, in processing order
-    U = None
+    d0 = H.diagonal().clone()  # (K,) undamped diagonal
+    mean = float(d0.mean())
+    L = None
     damp = s.damp
     for _ in range(6):  # a singular H (few samples, duplicated inputs): more damping, try again
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * float(H.diagonal().mean()))
-        try:
-            # U: upper Cholesky factor of H^-1, the rows that carry each column's error forward
-            hinv = torch.cholesky_inverse(torch.linalg.cholesky(Hd))  # (K, K)
-            U = torch.linalg.cholesky(hinv, upper=True)  # (K, K) float32
+        H.diagonal().copy_(d0 + damp * mean)  # damped in place
+        L, info = torch.linalg.cholesky_ex(H)  # (K, K) lower factor of H
+        if int(info) == 0:
             break
-        except torch.linalg.LinAlgError:
-            damp *= 10
-    del Hd
-    if U is None:
+        L = None
+        damp *= 10
+    del H, d0
+    if L is None:
         raise MemoptError("GPTQ: the calibration Hessian is not positive definite")
-    del H
+    hinv = torch.cholesky_inverse(L)  # (K, K) H^-1
+    del L
+    U, info = torch.linalg.cholesky_ex(hinv, upper=True)  # (K, K) float32
+    del hinv
+    if int(info) != 0:
+        raise MemoptError("GPTQ: the inverse calibration Hessian is not positive definite")
+    # U: upper Cholesky factor of H^-1, the rows that carry each column's error forward
+    # Transposed working copy: one input column is one contiguous row, so the per-column work
+    # (read, round, rank-1 update of the rest of the block) touches contiguous memory.
+    Wt = w.detach().float().t()[perm].contiguous()  # (K, N), rows in processing order
 
     ngroups = k // g
     pos_of = torch.empty(k, dtype=torch.long)  # column -> position
@@ -287,10 +333,6 @@ def _gptq(
     chosen = torch.zeros(ngroups, dtype=torch.bool)
     scale = torch.empty(n, ngroups)  # (N, K/G) float32 holding bfloat16 values
     zero = torch.empty(n, ngroups)
-    # Transposed working copy: one input column is one contiguous row, so the per-column work
-    # (read, round, rank-1 update of the rest of the block) touches contiguous memory.
-    Wt = W.t().contiguous()  # (K, N), rows in processing order
-    del W
     Q = torch.empty(k, n, dtype=torch.uint8)  # (K, N) codes, in processing order
     for i1 in range(0, k, s.block):
         i2 = min(i1 + s.block, k)
@@ -338,14 +380,28 @@ def int4_weight_from_codes(
     layout where it has one, ``scale_zero (K/G, N, 2)`` bfloat16): only the choice of codes differs.
     """
     n, k = codes.shape
-    qw = Int4Weight.__new__(Int4Weight)
-    QuantizedWeight.__init__(qw, (n, k), dtype)
-    qw.group_size, qw.symmetric = group_size, symmetric
-    qw.block_n = kernels.int4_block_n(n) if codes.device.type == "cpu" else None
-    packed = pack(codes, 4) if qw.block_n is None else pack_int4_nblock(codes, qw.block_n)
-    qw.register_buffer("packed", packed)  # (N, K // 2) uint8
+    block_n = kernels.int4_block_n(n) if codes.device.type == "cpu" else None
+    packed = pack(codes, 4) if block_n is None else pack_int4_nblock(codes, block_n)
     sz = torch.stack([scale.to(torch.bfloat16).t(), zero.to(torch.bfloat16).t()], -1)
-    qw.register_buffer("scale_zero", sz.contiguous())  # (K // G, N, 2) bfloat16
+    return _int4_weight(packed, sz.contiguous(), (n, k), group_size, symmetric, dtype, block_n)
+
+
+def _int4_weight(
+    packed: torch.Tensor,
+    scale_zero: torch.Tensor,
+    shape: tuple[int, int],
+    group_size: int,
+    symmetric: bool,
+    dtype: torch.dtype,
+    block_n: int | None,
+) -> Int4Weight:
+    """An Int4Weight around ready buffers: ``packed (N, K/2)`` uint8 (the kernel's layout when
+    ``block_n``), ``scale_zero (K/G, N, 2)`` bfloat16."""
+    qw = Int4Weight.__new__(Int4Weight)
+    QuantizedWeight.__init__(qw, shape, dtype)
+    qw.group_size, qw.symmetric, qw.block_n = group_size, symmetric, block_n
+    qw.register_buffer("packed", packed)  # (N, K // 2) uint8
+    qw.register_buffer("scale_zero", scale_zero)  # (K // G, N, 2) bfloat16
     return qw
 
 
@@ -422,6 +478,7 @@ def quantize_block_(
     select: Callable[[str, nn.Module], bool] | None = None,
     on_linear: Callable[[str, Int4Weight | str], None] | None = None,
     settings: GPTQSettings | None = None,
+    consume: bool = False,
 ) -> list[Any]:
     """Quantize every ``nn.Linear`` of one transformer block in place with calibrated int4.
 
@@ -431,6 +488,9 @@ def quantize_block_(
     with the whole block quantized: the next block's inputs. ``select(name, module)`` (names
     relative to the block) leaves Linears out; ``on_linear(name, weight or reason skipped)`` is told
     of each one. ``settings`` overrides the algorithm's knobs (benchmarks compare variants).
+    ``consume``: each input's hidden states are dropped from ``inputs`` once its output is made
+    (``_next_inputs`` still finds the other arguments there), so the inputs and outputs of the
+    whole calibration set are not both held (2 x 18.9 MB on SmolLM2 at 32 x 256).
     """
     settings = _settings(config, settings)
     if not inputs:
@@ -465,7 +525,17 @@ def quantize_block_(
                 if on_linear is not None:
                     on_linear(nm, qw)
             del H
-    return [block(*args, **kwargs) for args, kwargs in inputs]
+            heap.trim()  # the stage's Hessian and GPTQ's copies: back to the system, not kept
+    outputs = []
+    for i in range(len(inputs)):
+        args, kwargs = inputs[i]
+        outputs.append(block(*args, **kwargs))
+        if consume:
+            inputs[i] = (
+                ((None, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": None})
+            )
+        del args, kwargs
+    return outputs
 
 
 # ---- the whole model ----
@@ -497,8 +567,24 @@ def _first_hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+Embed = Callable[[torch.Tensor], torch.Tensor]  # (B, T) token ids -> (B, T, C) input embeddings
+
+
+def _run(model: nn.Module, ids: torch.Tensor, embed: Embed | None) -> None:
+    """One forward of ``model`` on ``ids (B, T)``; with ``embed``, on ``inputs_embeds=embed(ids)``
+    (the streamed path: the model's embedding weight is not in memory)."""
+    if embed is None:
+        model(input_ids=ids, use_cache=False)
+    else:
+        model(inputs_embeds=embed(ids), use_cache=False)
+
+
 def _capture_inputs(
-    model: nn.Module, block: nn.Module, ids: torch.Tensor, batch: int
+    model: nn.Module,
+    block: nn.Module,
+    ids: torch.Tensor,
+    batch: int,
+    embed: Embed | None = None,
 ) -> list[tuple[tuple, dict]]:
     """The (args, kwargs) of ``block`` for each chunk of ``batch`` sequences of ``ids``."""
     captured: list[tuple[tuple, dict]] = []
@@ -511,7 +597,7 @@ def _capture_inputs(
     try:
         for i in range(0, ids.shape[0], batch):
             with contextlib.suppress(_Stop):
-                model(input_ids=ids[i : i + batch], use_cache=False)
+                _run(model, ids[i : i + batch], embed)
     finally:
         handle.remove()
     if len(captured) != math.ceil(ids.shape[0] / batch):
@@ -552,9 +638,11 @@ def _head_hessian(
     batch: int,
     final: list[tuple[tuple, dict]],
     as_tuple: bool,
+    embed: Embed | None = None,
 ) -> torch.Tensor:
     """(K, K) float32 sum of x x^T at the output projection's input, from the stored final
-    hidden states (the blocks are swapped for replays, so none of them runs again)."""
+    hidden states (the blocks are swapped for replays, so none of them runs again: the first
+    block's input is ignored, so ``embed`` may give any (B, T, C) tensor)."""
     k = head.in_features
     H = torch.zeros(k, k)  # (K, K) float32
     stored = [a[0] if a else kw["hidden_states"] for a, kw in final]
@@ -571,7 +659,7 @@ def _head_hessian(
     try:
         for i in range(0, ids.shape[0], batch):
             with contextlib.suppress(_Stop):
-                model(input_ids=ids[i : i + batch], use_cache=False)
+                _run(model, ids[i : i + batch], embed)
     finally:
         handle.remove()
         for i, blk in enumerate(saved):
@@ -593,8 +681,11 @@ def gptq_head(
     final: list[tuple[tuple, dict]],
     as_tuple: bool,
     config: Int4WeightOnly,
-    batch: int = 8,
+    batch: int = CALIB_BATCH,
     settings: GPTQSettings | None = None,
+    *,
+    embed: Embed | None = None,
+    read: Callable[[int, int], torch.Tensor] | None = None,
 ) -> Int4Weight | None:
     """The output projection by GPTQ (a tied lm_head: also the embedding's weight), or None when
     ``settings.lm_head`` is off or the model has no Linear head whose width the group divides.
@@ -602,16 +693,22 @@ def gptq_head(
     Its Hessian comes from its real inputs: ``final``, the calibration inputs that the last block's
     outputs would be for a next block (``_next_inputs``), through whatever sits between the blocks
     and the head (the final norm), replayed without recomputing a block. Used by :func:`calibrate_`
-    and by the streamed path (memopt.quant.stream), which calls it with the blocks on meta.
+    and by the streamed path (memopt.quant.stream), which calls it with the blocks, the embedding
+    and the head on meta: ``embed`` then stands in for the embedding (the replay ignores what it
+    gives) and ``read(r0, r1)`` gives rows ``r0:r1`` of the head's float weight from the file.
     """
     settings = _settings(config, settings)
     head = output_projection(model)
     if not settings.lm_head or not isinstance(head, nn.Linear):
         return None
-    if head.in_features % config.group_size or head.weight.is_meta:
+    if head.in_features % config.group_size:
         return None
-    H = _head_hessian(model, blocks, head, ids, batch, final, as_tuple)  # (K, K)
-    return gptq_weight(head.weight, H, config, settings)
+    if read is None:
+        if head.weight.is_meta:
+            return None
+        read = lambda a, b: head.weight[a:b]  # noqa: E731
+    H = _head_hessian(model, blocks, head, ids, batch, final, as_tuple, embed)  # (K, K)
+    return gptq_rows(read, head.out_features, H, config, settings, dtype=head.weight.dtype)
 
 
 @torch.no_grad()
@@ -624,7 +721,7 @@ def calibrate_(
     calib_text: str | None = None,
     n: int = 32,
     seq: int = 256,
-    batch: int = 8,
+    batch: int = CALIB_BATCH,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
@@ -682,6 +779,7 @@ def calibrate_(
             select=lambda nm, m, here=here: select(f"{here}.{nm}", m),
             on_linear=on_linear,
             settings=settings,
+            consume=True,
         )
         tuple_out = isinstance(outputs[0], (tuple, list))
         inputs = _next_inputs(inputs, outputs)

@@ -20,12 +20,17 @@ its Linears and returns the next block's inputs, its tensors are written and it 
 The output projection (with a tied embedding) is calibrated last, by the function ``calibrate_``
 uses (:func:`memopt.quant.calibrate.gptq_head`), from the final hidden states: its tensors keep
 their place at the start of the file and are written at the end (``SafetensorsWriter.reserve``).
-Peak: the calibration activations + one float block, or the embedding (during the capture and
-the head's GPTQ, which goes 4096 rows at a time).
+The float embedding is never built: the capture gathers only the calibration tokens' rows into a
+small table, and the head's GPTQ reads its weight 2048 rows at a time from the source (its Hessian
+comes from the stored final hidden states, replayed through the final norm: the model call that
+carries them gets zero input embeddings, which the replay ignores). Peak (smollm2, 1 MB mmap threshold: :func:`memopt.heap.bound_heap`): the imports + the
+calibration activations + one float block + the quantized output, 524 MB against the issue's bound
+of 581 MB (imports 392 + output 76 + largest float32 tensor 113).
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import mmap
@@ -39,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt import io
+from memopt import heap, io
 from memopt.errors import MemoptError
 from memopt.models import ModelSource, build_meta, resolve
 from memopt.quant.config import (
@@ -170,6 +175,7 @@ class _Rows:
             from memopt.gguf_loader import GGUFSource
 
             self.gguf = GGUFSource(source.path)
+            self.gguf.drop_metadata()  # build_meta read the config: the vocabulary's objects go
             self.st = None
             self._ranges = _file_ranges(source.path) if _LIBC is not None else []
         else:
@@ -202,6 +208,17 @@ class _Rows:
             self._raw_key = name
         return self._raw_val
 
+    def gather(self, name: str, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``index (U,)`` of a 2-D tensor as ``dtype``, owned: only those rows are read
+        (an embedding's rows for the calibration tokens, without the whole table)."""
+        if self.gguf is not None:
+            out = self.gguf.read(name, rows=index)
+        else:
+            out = self.st.view(name)[index]  # (U, C): a copy of those rows only
+        out = out.to(dtype) if out.dtype != dtype else out
+        self.release()
+        return out
+
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         if self.gguf is not None:
             return self.gguf.get(name, dtype if dtype.is_floating_point else None)
@@ -229,7 +246,7 @@ class _Rows:
         for a, b in io.iter_chunks(shape[0], step):
             out[a:b] = self.rows(name, a, b, dtype)
             self.release()
-            _trim()
+            heap.trim()
         return out
 
     def release(self) -> None:
@@ -398,7 +415,7 @@ def _quantize_rows(rows: _Rows, p: _Planned, dtype: torch.dtype) -> dict[str, li
             parts.setdefault(suffix, []).append(t.clone() if t._base is not None else t)
         del w
         rows.release()
-        _trim()
+        heap.trim()
     return parts
 
 
@@ -409,14 +426,6 @@ def _disk_tensors(qw: QuantizedWeight, planned: QuantizedWeight) -> dict[str, to
     if isinstance(qw, Int4Weight) and qw.block_n != planned.block_n:
         out["packed"] = io.int4_relayout(out["packed"], qw.shape[1], qw.block_n, planned.block_n)
     return out
-
-
-def _trim() -> None:
-    """Give freed heap memory back to the system after each chunk. glibc keeps it otherwise: once
-    a chunk of a few MB is freed, its dynamic mmap threshold rises, later chunks come from the heap
-    and the heap only grows (measured: +8 MB per 5 int4 chunks of 1792 x 576 without, flat with)."""
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,35 +472,73 @@ class _Calibrated:
                     out.add(full)
         return out
 
-    def _fill(self, module: nn.Module, prefix: str, skip: str | None = None) -> None:
+    def _fill(
+        self, module: nn.Module, prefix: str, skip: Callable[[str], bool] | None = None
+    ) -> None:
         """Read the meta tensors of ``module`` (names under ``prefix``) from the source; names
-        starting with ``skip`` are left on meta."""
+        for which ``skip`` is true are left on meta."""
         from memopt.models import _assign
 
         for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            if not t.is_meta or (skip is not None and name.startswith(skip)):
+            if not t.is_meta or (skip is not None and skip(name)):
                 continue
             src = self.src_of(f"{prefix}{name}")
             if src is not None:
                 _assign(module, name, self.rows.owned(src, t.dtype))
 
+    def _outside(self) -> tuple[list[str], Callable[[str], bool]]:
+        """The meta tensors outside the blocks that the capture and the head's Hessian need (the
+        final norm, position tables...), and the predicate that leaves the rest on meta: the
+        blocks, the embedding and the output projection, the largest float32 tensors (113 MB
+        each for SmolLM2), which are never read whole: the capture gathers the calibration
+        tokens' rows, the head's GPTQ reads 4096 rows at a time."""
+        big = {
+            n
+            for n, t in self.fmodel.named_parameters(remove_duplicate=False)
+            if t is self.embedding().weight or t is getattr(self.head(), "weight", None)
+        }
+
+        def skip(name: str) -> bool:
+            return name.startswith(self.prefix + ".") or name in big
+
+        tensors = [*self.fmodel.named_parameters(), *self.fmodel.named_buffers()]
+        return [n for n, t in tensors if t.is_meta and not skip(n)], skip
+
+    def embedding(self) -> nn.Embedding:
+        return self.fmodel.get_input_embeddings()
+
+    def head(self) -> nn.Module | None:
+        return self.cal.output_projection(self.fmodel)
+
     def _capture(self, tokenizer: Callable[[], Any]) -> None:
-        """Inputs of block 0: everything outside the blocks materialized, run, then freed."""
+        """Inputs of block 0, with the embedding's rows of the calibration tokens only."""
         calib = self.calib
         if isinstance(calib, torch.Tensor):
             ids = calib
         else:
-            ids = self.cal.calibration_ids(tokenizer(), calib)
-        self.ids = ids
-        outside = [
-            (n, t)
-            for n, t in [*self.fmodel.named_parameters(), *self.fmodel.named_buffers()]
-            if t.is_meta and not n.startswith(self.prefix + ".")
-        ]
-        self._fill(self.fmodel, "", skip=self.prefix + ".")  # the blocks stay on meta
-        self.inputs = self.cal._capture_inputs(self.fmodel, self.blocks[0], ids, 8)
-        self._to_meta(self.fmodel, [n for n, _ in outside])  # the embedding's float copy goes
-        _trim()
+            ids = self.cal.calibration_ids(tokenizer(), calib)  # the tokenizer is dropped now
+        self.ids = ids  # (N, T)
+        names, skip = self._outside()
+        self._fill(self.fmodel, "", skip=skip)
+        emb = self.embedding()
+        src = self.src_of(next(n for n, t in self.fmodel.named_parameters() if t is emb.weight))
+        if src is None:
+            raise MemoptError("calibration: the source has no tensor for the input embedding")
+        uniq, local = torch.unique(ids, return_inverse=True)  # (U,) token ids, (N, T) in 0..U-1
+        # The embedding module's own forward (a subclass may scale it) on a (U, C) table of the
+        # calibration tokens' rows, fed the remapped ids; padding_idx off meanwhile (F.embedding
+        # asserts it lies inside the table; it changes gradients only, not the forward).
+        meta_weight, pad = emb.weight, emb.padding_idx
+        emb.weight = nn.Parameter(self.rows.gather(src, uniq, meta_weight.dtype), False)
+        emb.padding_idx = None
+        try:
+            self.inputs = self.cal._capture_inputs(
+                self.fmodel, self.blocks[0], local, self.cal.CALIB_BATCH, emb
+            )
+        finally:
+            emb.weight, emb.padding_idx = meta_weight, pad
+        self._to_meta(self.fmodel, names)
+        heap.trim()
 
     @staticmethod
     def _to_meta(model: nn.Module, names: list[str]) -> None:
@@ -516,32 +563,41 @@ class _Calibrated:
         return self.done[full]
 
     def head_weight(self, tokenizer: Callable[[], Any]) -> QuantizedWeight:
-        """The output projection (and tied embedding) by GPTQ, after every block: the modules
-        outside the blocks are read back (the embedding: the largest float32 tensor, held alone
-        now), :func:`memopt.quant.calibrate.gptq_head` runs on the final hidden states, and they
-        go back to meta."""
-        from memopt.models import _tie
-
+        """The output projection (and tied embedding) by GPTQ, after every block:
+        :func:`memopt.quant.calibrate.gptq_head` on the final hidden states, with the small
+        tensors outside the blocks read back (the final norm) and the head's float weight read
+        from the source 2048 rows at a time, never whole."""
         if self.inputs is None:
             self._capture(tokenizer)
         while self.current < len(self.blocks) - 1:
             self._next_block()
         if self.current >= 0:
             self.blocks[self.current].to("meta")  # written already: only the head is left
-        outside = [
-            n
-            for n, t in [*self.fmodel.named_parameters(), *self.fmodel.named_buffers()]
-            if t.is_meta and not n.startswith(self.prefix + ".")
-        ]
-        self._fill(self.fmodel, "", skip=self.prefix + ".")
-        _tie(self.fmodel)  # a tied head shares the embedding read just now (_assign untied it)
+        names, skip = self._outside()
+        self._fill(self.fmodel, "", skip=skip)
+        head = self.head()
+        assert isinstance(head, nn.Linear)
+        src = self.src_of(next(n for n, t in self.fmodel.named_parameters() if t is head.weight))
+        if src is None:
+            raise MemoptError("calibration: the source has no tensor for the output projection")
+        width, dtype = head.in_features, head.weight.dtype
+
+        def embed(ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C): the replay ignores it
+            return torch.zeros(*ids.shape, width, dtype=dtype)
+
+        def read(r0: int, r1: int) -> torch.Tensor:  # (r1 - r0, C) float rows of the head
+            self.rows.release()  # the previous chunk's pages
+            heap.trim()
+            return self.rows.rows(src, r0, r1, dtype)
+
         qw = self.cal.gptq_head(
-            self.fmodel, self.blocks, self.ids, self.inputs, self.as_tuple, self.config
-        )
+            self.fmodel, self.blocks, self.ids, self.inputs, self.as_tuple, self.config,
+            embed=embed, read=read,
+        )  # fmt: skip
         self.inputs = None
-        self._to_meta(self.fmodel, outside)
-        _tie(self.fmodel)  # and lets it go with it
-        _trim()
+        self.rows.release()
+        self._to_meta(self.fmodel, names)
+        heap.trim()
         if qw is None:
             raise RuntimeError("the planned GPTQ of the output projection did not run")
         return qw
@@ -565,6 +621,7 @@ class _Calibrated:
             self.config,
             select=lambda nm, m: self.select(f"{here}.{nm}", m),
             on_linear=on_linear,
+            consume=True,
         )
         self.as_tuple = isinstance(outputs[0], (tuple, list))
         self.inputs = self.cal._next_inputs(self.inputs, outputs)
@@ -572,7 +629,7 @@ class _Calibrated:
         # Hessians (up to 1536 x 1536 float32) and GPTQ's working copies freed: without the trim
         # glibc kept them and RSS rose ~13 MB per block (658 -> 1041 MB over SmolLM2's 30 blocks;
         # live tensors stayed at 21 MB; with the trim it stays flat)
-        _trim()
+        heap.trim()
         if self.progress is not None:
             self.progress(b + 1, len(self.blocks))
 
@@ -673,9 +730,13 @@ def quantize_model(
         _materialize_buffers(model)  # computed buffers (rotary frequencies): small, real
     cal = None
     if gptq:
-        fmodel = build_meta(source).model
-        with torch.no_grad():
-            _materialize_buffers(fmodel)
+        # Block by block, glibc's rising mmap threshold left each stage's freed Hessians and
+        # copies in the heap: VmHWM 550-608 MB from run to run with the default, 524 MB with a
+        # 1 MB threshold (517 MB at 256 KB, 554 MB at 4 MB), for ~20% more time (page faults)
+        heap.bound_heap(1 << 20)
+        # The float twin that calibration runs: a copy of the meta model (meta tensors cost
+        # nothing; a second build_meta would parse the GGUF's metadata again, ~45 MB kept)
+        fmodel = copy.deepcopy(model)
         cal = _Calibrated(fmodel, rows, key_to_src.get, config, select, calib, None)
 
     def src_of(name: str) -> str | None:
@@ -701,14 +762,11 @@ def quantize_model(
         raise MemoptError(f"{source.name}: {plan.skipped[undivided[0]]} (nor any other layer's)")
     desc = io.describe(model)
     cache: dict[int, dict[str, torch.Tensor]] = {}
-    tok_cache: list[Any] = []
 
-    def tokenizer() -> Any:
-        if not tok_cache:
-            from memopt.models import LoadedModel
+    def tokenizer() -> Any:  # called once, for the calibration ids; not kept (~30 MB)
+        from memopt.models import LoadedModel
 
-            tok_cache.append(LoadedModel(model, loaded.task, source.name, None, source).tokenizer())
-        return tok_cache[0]
+        return LoadedModel(model, loaded.task, source.name, None, source).tokenizer()
 
     def fill(e: io.Entry) -> torch.Tensor | list[torch.Tensor]:
         if e.weight is None:

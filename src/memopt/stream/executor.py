@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from memopt.errors import MemoptError
+from memopt.heap import bound_heap, trim_heap
 from memopt.models import LoadedModel, ModelSource, resolve
 from memopt.stream.mapped import MappedSafetensors, Span, populate, release
 
@@ -52,7 +53,6 @@ __all__ = [
     "kv_cache_bytes",
     "plan_budget",
     "stream_model",
-    "trim_heap",
 ]
 
 # RSS a streamed run adds beyond the tensors the plan counts: the tokenizer, Python objects of the
@@ -853,37 +853,6 @@ def _is_streamed(name: str, list_name: str, plan: StreamPlan, n_blocks: int) -> 
     if not name.startswith(list_name + "."):
         return False
     return int(name[len(list_name) + 1 :].split(".", 1)[0]) not in plan.pinned_blocks
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the system (glibc ``malloc_trim``); a no-op elsewhere."""
-    import gc
-
-    gc.collect()
-    if _LIBC_TRIM is not None:
-        _LIBC_TRIM(0)
-
-
-try:
-    import ctypes
-
-    _LIBC_TRIM: Any = ctypes.CDLL("libc.so.6").malloc_trim
-    _LIBC_MALLOPT: Any = ctypes.CDLL("libc.so.6").mallopt
-except (OSError, AttributeError):
-    _LIBC_TRIM = _LIBC_MALLOPT = None
-_M_MMAP_THRESHOLD = -3
-
-
-def bound_heap(threshold: int = 256 << 10) -> None:
-    """Make glibc serve every allocation above ``threshold`` with its own mapping, returned on free.
-
-    By default glibc raises its mmap threshold to the size of each mapped block that is freed (up
-    to 32 MB), after which tensors of a streamed block come from the heap and the arenas, whose
-    freed memory stays resident: a GGUF run at 135 MB peaked at 331 MB over the baseline that way,
-    161 MB with the threshold fixed. Process-wide; called only when a budget is set.
-    """
-    if _LIBC_MALLOPT is not None:
-        _LIBC_MALLOPT(_M_MMAP_THRESHOLD, threshold)
 
 
 _FILL_ROWS = 4096  # int4 rows repacked at a time: a multiple of every kernel row block (32, 64)

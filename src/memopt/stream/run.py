@@ -134,8 +134,9 @@ def run(
     (``eos_token_id`` then says where to stop; ``text`` is None).
     """
     from memopt.generate import generate, prompt_ids
+    from memopt.heap import trim_heap
     from memopt.models import build_meta
-    from memopt.stream.executor import stream_model, trim_heap
+    from memopt.stream.executor import stream_model
 
     budget = None if max_memory is None else parse_size(max_memory)
     # The tokenizer is needed before (encode) and after (decode), not while the model runs; a
