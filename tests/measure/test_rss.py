@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 
 from memopt.errors import MemoptError
@@ -30,10 +32,13 @@ def refuse(path: str) -> None:
 def test_own_process_figures() -> None:
     now, peak = current_rss_bytes(), peak_rss_bytes()
     assert 10 * MB < now <= peak * 1.05  # ru_maxrss is the high-water mark (sampled in pages)
-    held = b"\x01" * (50 * MB)
+    # A fresh anonymous mapping: malloc could serve a bytes object from heap memory that earlier
+    # tests freed but that is still resident, and RSS would not move.
+    held = mmap.mmap(-1, 50 * MB)
+    held.write(b"\x01" * (50 * MB))  # touches every page (the temporary itself may reuse the heap)
     assert peak_rss_bytes() >= peak
     assert current_rss_bytes() > now + 40 * MB
-    del held
+    held.close()
 
 
 def test_child_peak_counts_the_work_not_the_imports() -> None:

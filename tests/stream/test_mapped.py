@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from memopt.models import SafetensorsSource
-from memopt.stream.mapped import MappedSafetensors, span_of
+from memopt.stream.mapped import MappedSafetensors, populate, release, span_of
 
 MB = 1 << 20
 
@@ -63,6 +63,40 @@ def test_zero_copy_load_and_release(weights: tuple[Path, dict[str, torch.Tensor]
     src.release_all()
     assert _status("RssFile") - file0 < 4 * MB  # pages given back, data still there:
     assert torch.equal(views[0], src.get("layers.0.weight"))
+
+
+def test_read_rows_copies_exactly_the_rows(weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """pread rows equal the mapped rows in the index's shape, own their memory, and an index past
+    the end is refused in one line."""
+    folder, tensors = weights
+    src = MappedSafetensors(folder)
+    idx = torch.tensor([[3, 0, 1023], [7, 7, 512]])  # (2, 3)
+    got = src.read_rows("layers.2.weight", idx)  # (2, 3, 2048)
+    assert got.shape == (2, 3, 2048)
+    assert torch.equal(got, tensors["layers.2.weight"][idx])
+    whole = src.mapped_span()
+    assert not whole.start <= got.data_ptr() < whole.end  # a copy, not a view of the mapping
+    assert src.read_rows("layers.2.weight", torch.tensor([], dtype=torch.long)).shape == (0, 2048)
+    with pytest.raises(IndexError, match="out of range"):
+        src.read_rows("layers.2.weight", torch.tensor([1024]))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_release_gives_back_the_folios_around_a_span(
+    weights: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    """Releasing one tensor's span unmaps what populating it mapped of its neighbours too (the
+    fault-around window: 40-60 kB of them stayed mapped when only the span's pages were
+    released), and leaves the data readable."""
+    folder, tensors = weights
+    src = MappedSafetensors(folder)
+    src.release_all()
+    file0 = _status("RssFile")
+    populate([src.span("layers.1.weight")])
+    assert _status("RssFile") - file0 >= 8 * MB
+    release([src.span("layers.1.weight")])
+    assert _status("RssFile") - file0 < 16 << 10  # nothing of it or its neighbours stays mapped
+    assert torch.equal(src.get("layers.1.weight"), tensors["layers.1.weight"])
 
 
 def test_safetensors_source_mmap_option(weights: tuple[Path, dict[str, torch.Tensor]]) -> None:

@@ -5,8 +5,8 @@ The architecture is built on the meta device. Its blocks are the modules of its 
 position embeddings), loaded once and kept. Two parts of the rest get special care, because in a
 small LM they are the largest tensors of all (SmolLM2: 113 MB of 538 MB, the tied embedding):
 
-* the input embedding is read by rows: a float embedding is a view of the mapped file, of which a
-  lookup touches only the rows it needs; a quantized (GGUF) one dequantizes only those rows;
+* the input embedding is read by rows under a budget: a lookup copies only the rows it needs out
+  of the file (``pread``, which maps nothing) or, for GGUF, dequantizes only those rows;
 * the output head (``get_output_embeddings()``, a float Linear) is a sequence of row chunks, each
   about one block's bytes, streamed like blocks; ``F.linear`` over a chunk of rows computes the
   same dot products as over all of them (tested bit for bit).
@@ -271,6 +271,9 @@ class _MappedReader(_Reader):
         start = t.data_ptr()
         return t, [Span(start, start + t.numel() * t.element_size())]
 
+    def gather(self, name: str, idx: torch.Tensor) -> torch.Tensor:
+        return self.src.read_rows(name, idx)  # (*idx.shape, H): copies, nothing mapped
+
     def release_all(self) -> None:
         self.src.release_all()
 
@@ -419,7 +422,8 @@ class _Streamer:
 
 
 class _RowEmbedding(nn.Module):
-    """An embedding whose rows are dequantized from the file on lookup (GGUF)."""
+    """An embedding whose rows are read from the file on lookup (dequantized from GGUF, or copied
+    out of safetensors by ``pread``): nothing of the table stays resident."""
 
     def __init__(self, reader: _Reader, name: str, like: nn.Embedding) -> None:
         super().__init__()
@@ -762,15 +766,15 @@ def _build(
             reader.release_all()  # the quantized bytes are repacked: their pages can go
         if row_embedding:
             assert emb_key is not None and emb_name is not None and isinstance(emb, nn.Embedding)
-            if reader.dequantizes:
+            tied_and_pinned = (
+                plan.head_pinned and file_of.get(f"{head_name}.weight") == (file_of[emb_key])
+            )
+            if reader.dequantizes or (max_memory is not None and not tied_and_pinned):
+                # rows read on lookup (dequantized, or copied by pread: mapping them would map
+                # whole page-cache folios, see MappedSafetensors.read_rows)
                 _set_module(model, emb_name, _RowEmbedding(reader, file_of[emb_key], emb))
-            else:  # a view of the mapping: F.embedding touches only the rows it gathers
+            else:  # resident anyway (no budget, or the pinned tied head's): a view of the mapping
                 _install(float_payload([emb_key])[0])
-                tied_and_pinned = (
-                    plan.head_pinned and file_of.get(f"{head_name}.weight") == (file_of[emb_key])
-                )
-                if max_memory is not None and not tied_and_pinned:
-                    _release_after_lookup(emb, reader.tensor(file_of[emb_key])[1])
         # pinned blocks, resident
         for i in plan.pinned_blocks:
             p1, _ = float_payload(block_keys[i])
@@ -897,22 +901,6 @@ def _settle(reader: _Reader, spans: list[Span]) -> list[Span]:
         return []
     populate(spans)
     return spans
-
-
-def _release_after_lookup(emb: nn.Module, spans: list[Span]) -> None:
-    """Give back the embedding's pages after each lookup (its output is a copy of the rows).
-
-    A page-cache folio is mapped whole when one of its pages is touched, and a recently written
-    file sits in folios of up to 2 MB: the 16 rows of a random 16-token prompt then mapped ~40 MB
-    of SmolLM2's embedding (measured: 148 MB peak over the baseline at a 135 MB budget, the
-    file's share of RSS 40 MB above the plan), which stayed mapped until the tied head's chunks
-    released them at the end of the pass. ``MADV_DONTNEED`` over the whole tensor is a walk of its
-    page tables, well under a millisecond when little is mapped."""
-
-    def post(_m: nn.Module, _args: Any, _out: Any) -> None:
-        release(spans)
-
-    emb.register_forward_hook(post)
 
 
 def _attach(block: nn.Module, streamer: _Streamer, unit: int) -> None:
