@@ -134,8 +134,8 @@ class SafetensorsWriter:
     planned order: a producer never has to hold more than the tensor it is writing. A tensor that
     can only be made later (streamed GPTQ of a tied embedding needs every block done first) is
     :meth:`reserve`-d in its turn and written when ready: the file keeps the planned order. The result is a
-    standard safetensors file (8-byte little-endian header length, JSON header padded with spaces to
-    a multiple of 8, contiguous data), readable by ``safetensors.safe_open``.
+    standard safetensors file (8-byte little-endian header length, JSON header padded with spaces so
+    that the data starts at a multiple of 64, contiguous data), readable by ``safetensors.safe_open``.
     """
 
     def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
@@ -152,7 +152,10 @@ class SafetensorsWriter:
             }
             offset += n
         text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        # the data starts 64-byte aligned (the format asks for 8): a mapped tensor whose offset
+        # and earlier sizes are multiples of 64 is then aligned for the packed int kernels, used
+        # in place instead of copied by _aligned (a streamed int4 block: 1.2 of its 3.7 ms read)
+        text += b" " * (-(len(text) + 8) % 64)
         self.path = path
         self._layout = list(layout)
         self._next = 0

@@ -53,6 +53,7 @@ __all__ = [
     "int8_linear",
     "int4_linear",
     "row_block",
+    "set_untimed",
 ]
 
 Kernel = Callable[..., torch.Tensor]
@@ -61,6 +62,12 @@ Kernel = Callable[..., torch.Tensor]
 _CHOSEN: dict[tuple, str] = {}
 # MEMOPT_KERNEL=name forces a candidate wherever it exists (benchmarks and tests use it)
 _FORCED_ENV = "MEMOPT_KERNEL"
+# Untimed (set under a streaming memory budget): a shape's first call takes the family's default
+# instead of timing every candidate. Timing costs memory, not only time: a bfloat16 matmul
+# candidate initializes oneDNN, +13 MB of RSS at its first call, never given back (measured on a
+# 1536x576 int4 weight), which is what a streamed SmolLM2 int4 run at an 80 MB budget peaked above
+# the plan by; and timing the 49152-row head's candidates took ~20 s of a 27 s run.
+_UNTIMED = False
 
 
 def row_block(n: int, k: int, multiple: int = 64, temp_bytes: int = 1 << 20) -> int:
@@ -73,10 +80,21 @@ def _bucket(m: int) -> int:
     return 1 if m == 1 else 1 << (m - 1).bit_length()  # 1, 2, 4, 8, 16, ...
 
 
-def autotune(key: tuple, candidates: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+def set_untimed(on: bool) -> bool:
+    """Turn untimed choice on or off (see ``_UNTIMED``); returns the previous setting."""
+    global _UNTIMED
+    before, _UNTIMED = _UNTIMED, on
+    return before
+
+
+def autotune(
+    key: tuple, candidates: dict[str, Callable[[], torch.Tensor]], default: str | None = None
+) -> torch.Tensor:
     """Run the fastest candidate for ``key``; the first call times each (warm-up, median of 5).
 
-    A candidate that raises (an unsupported shape or dtype) is dropped.
+    A candidate that raises (an unsupported shape or dtype) is dropped. Untimed
+    (:func:`set_untimed`), the first call runs ``default`` (else the candidates in order) and keeps
+    the first that runs.
     """
     forced = os.environ.get(_FORCED_ENV)
     if forced in candidates:
@@ -89,6 +107,17 @@ def autotune(key: tuple, candidates: dict[str, Callable[[], torch.Tensor]]) -> t
         _CHOSEN[key] = name
         return fn()
     errors: list[str] = []
+    if _UNTIMED:
+        order = sorted(candidates, key=lambda c: c != default)  # the default first
+        for cand in order:
+            try:
+                result = candidates[cand]()
+            except (RuntimeError, NotImplementedError) as e:
+                errors.append(f"{cand}: {e}")
+                continue
+            _CHOSEN[key] = cand
+            return result
+        raise RuntimeError(f"no kernel ran for {key}: {'; '.join(errors)}")
     results: dict[str, torch.Tensor] = {}
     for cand, fn in candidates.items():  # warm-up, and drop candidates that cannot run
         try:
@@ -199,7 +228,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     # them vs 0.9992 without), and which kernel the timing picks must not change the model's quality
     kernels = INT8_KERNELS if x.shape[0] == 1 else {_EXACT_INT8: INT8_KERNELS[_EXACT_INT8]}
     cands = {name: (lambda f=f: f(x, q, scale)) for name, f in kernels.items()}
-    return autotune(key, cands)
+    return autotune(key, cands, default="int8pack_bf16")  # 2.7x float32 at decode (table above)
 
 
 def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -280,4 +309,4 @@ def int4_linear(
     }
     if block_n is not None and x.device.type == "cpu":
         cands["int4_aten_bf16"] = lambda: _int4_aten(x, packed, group, sz)
-    return autotune(key, cands)
+    return autotune(key, cands, default="int4_aten_bf16")

@@ -43,6 +43,7 @@ from torch import nn
 from memopt.errors import MemoptError
 from memopt.heap import bound_heap, trim_heap
 from memopt.models import LoadedModel, ModelSource, resolve
+from memopt.quant.kernels import set_untimed
 from memopt.stream.mapped import MappedSafetensors, Span, populate, release
 
 __all__ = [
@@ -59,9 +60,10 @@ __all__ = [
 # model and its hooks, page tables, the allocator's slack and the mapped file headers. Measured on
 # SmolLM2 (bench/stream.py) and rounded up.
 RESERVE_BYTES = 24 << 20
-# More for a quantized (memopt int4/int8) model: its first forward brought ~20 MB more than a float
-# model's (measured: SmolLM2 int4 at a 55 MB budget peaked at 74 MB over the baseline).
-QUANT_RESERVE_BYTES = 24 << 20
+# A quantized model needs no more: its first forward brought ~20 MB more than a float model's while
+# the kernels timed their candidates at first use (oneDNN's initialization, see memopt.quant.kernels
+# _UNTIMED); under a budget they no longer do (SmolLM2 int4 at its smallest budget: 45 MB measured,
+# 50 MB predicted).
 
 Payload = list[
     tuple[nn.Module, str, str, Any]
@@ -471,6 +473,7 @@ class StreamedModel:
     loaded: LoadedModel
     plan: StreamPlan
     _streamer: _Streamer | None = None
+    _untimed_before: bool | None = None  # kernels' untimed setting before this model set it
 
     def stats(self) -> dict[str, Any]:
         return asdict(self._streamer.stats) if self._streamer is not None else asdict(StreamStats())
@@ -478,6 +481,9 @@ class StreamedModel:
     def close(self) -> None:
         if self._streamer is not None:
             self._streamer.close()
+        if self._untimed_before is not None:
+            set_untimed(self._untimed_before)
+            self._untimed_before = None
 
     def __enter__(self) -> StreamedModel:
         return self
@@ -693,9 +699,7 @@ def _build(
     plan = _plan(
         source.name, max_memory, rest_bytes, block_bytes, head_bytes, kv, act,
         reserve_bytes if max_memory is not None else 0, tokens,
-        (reader.scratch_bytes(largest_tensor)
-         + (QUANT_RESERVE_BYTES if qweights and reserve_bytes else 0))
-        if max_memory is not None else 0,
+        reader.scratch_bytes(largest_tensor) if max_memory is not None else 0,
     )  # fmt: skip
     if dry:
         return plan
@@ -728,16 +732,14 @@ def _build(
             tensors = {}
             for n in names:
                 t, s = reader.tensor(n)
-                if t.data_ptr() % 64 and wspec["format"] != "int4":
-                    # ATen's int8 weight-only kernel faults on codes that are not 64-byte aligned
-                    # (a segfault, measured: memopt.io.load of an int8 folder hits it too), and a
-                    # safetensors file aligns its data to 8 only: own an aligned copy instead.
-                    # (int4 is repacked into new memory anyway: a copy would only add a peak.)
-                    t = t.clone()
-                    release(s)
-                    s = []
+                # An own copy, and the mapped pages given back at once. Used in place, the mapped
+                # codes made a 2-thread decode 5x slower (SmolLM2 int4 at 80 MB: 0.6-0.8 tok/s
+                # against 3.9 with copies, measured; 1 thread: no difference); and ATen's int8
+                # kernel faults on codes that are not 64-byte aligned (folders written before
+                # memopt aligned its files).
+                t = t.clone()
+                release(s)
                 tensors[n.rsplit(".", 1)[1]] = t
-                spans += s
             _fill(tmp, wspec, tensors)
             payload += [(qw, a, "buffer", b) for a, b in tmp._buffers.items()]
             if hasattr(tmp, "block_n"):
@@ -848,6 +850,8 @@ def _build(
         use_int8_kv_cache(model, config)
     out = StreamedModel(LoadedModel(model.eval(), loaded.task, source.name, config, source), plan)
     out._streamer = streamer if units else None
+    if max_memory is not None:  # kernels' first calls: no timing of candidates (kernels._UNTIMED)
+        out._untimed_before = set_untimed(True)
     if not units:
         streamer.close()
     return out
