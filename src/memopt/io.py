@@ -153,8 +153,8 @@ class SafetensorsWriter:
             offset += n
         text = json.dumps(header, separators=(",", ":")).encode()
         # the data starts 64-byte aligned (the format asks for 8): a mapped tensor whose offset
-        # and earlier sizes are multiples of 64 is then aligned for the packed int kernels, used
-        # in place instead of copied by _aligned (a streamed int4 block: 1.2 of its 3.7 ms read)
+        # and earlier sizes are multiples of 64 is then aligned for the packed int kernels: a
+        # loaded int8/int4 folder uses it in place instead of the copy that _aligned makes
         text += b" " * (-(len(text) + 8) % 64)
         self.path = path
         self._layout = list(layout)

@@ -725,7 +725,6 @@ def _build(
         from memopt.io import empty_weight
 
         payload: Payload = []
-        spans: list[Span] = []
         for qkey in qkeys:
             qw, wspec, names = qweights[qkey]
             tmp = empty_weight(wspec)
@@ -744,7 +743,7 @@ def _build(
             payload += [(qw, a, "buffer", b) for a, b in tmp._buffers.items()]
             if hasattr(tmp, "block_n"):
                 payload.append((qw, "block_n", "attr", tmp.block_n))
-        return payload, spans
+        return payload, []  # the codes are copies: no mapped pages held
 
     def snapshot(keys: list[str], qkeys: list[str]) -> Payload:
         out: Payload = []
