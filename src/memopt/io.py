@@ -338,8 +338,11 @@ def empty_weight(spec: dict[str, Any], device: str | torch.device = "meta") -> Q
     return qw
 
 
-def fill_weight(qw: QuantizedWeight, tensors: dict[str, torch.Tensor]) -> None:
-    """Put the disk form ``tensors`` into ``qw`` (int4: converted to this CPU's kernel layout)."""
+def fill_weight(
+    qw: QuantizedWeight, tensors: dict[str, torch.Tensor], *, keep_layout: bool = False
+) -> None:
+    """Put the disk form ``tensors`` into ``qw`` (int4: converted to this CPU's kernel layout, or
+    left in the disk's with ``keep_layout``, for a weight that is only looked up by rows)."""
     if isinstance(qw, _sparse().SparseWeight):
         return _sparse().io_fill_weight(qw, tensors)
     if isinstance(qw, Int4Weight):
@@ -347,7 +350,8 @@ def fill_weight(qw: QuantizedWeight, tensors: dict[str, torch.Tensor]) -> None:
 
         n, _ = qw.shape
         packed = tensors["packed"]
-        want = kernels.int4_block_n(n) if packed.device.type == "cpu" else None
+        cpu = packed.device.type == "cpu"
+        want = qw.block_n if keep_layout else kernels.int4_block_n(n) if cpu else None
         packed = int4_relayout(packed, qw.shape[1], qw.block_n, want)  # qw.block_n: disk's
         qw.block_n = want
         qw._buffers["packed"] = _aligned(packed.contiguous())

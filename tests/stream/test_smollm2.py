@@ -52,3 +52,25 @@ def test_peak_rss_within_budget_in_child(reference: list[int]) -> None:
     out = run_measured("smollm2", IDS, N, "135MB", timeout=300)
     assert out["tokens"][:N] == reference
     assert 0 < out["peak_over_baseline_bytes"] <= BUDGET, out["peak_over_baseline_bytes"]
+
+
+@pytest.fixture(scope="module")
+def int4_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from memopt.quant.stream import method_config, quantize_model
+
+    out = tmp_path_factory.mktemp("smollm2-int4") / "q"
+    quantize_model("smollm2", method_config("int4", 64, "rtn"), out)  # streamed, ~6 s
+    return out
+
+
+def test_int4_streamed_at_half_its_bytes_in_child(int4_folder: Path) -> None:
+    """The int4 folder at 50 % of its bytes (its tied 16 MB head streamed in row chunks, the
+    embedding read by rows): the unbudgeted run's tokens, the peak RSS within the budget."""
+    from memopt.stream import plan_budget
+
+    budget = plan_budget(int4_folder, None).model_bytes // 2  # 37.9 MB
+    want = run_measured(int4_folder, IDS, N, None, timeout=300)["tokens"]
+    out = run_measured(int4_folder, IDS, N, budget, timeout=300)
+    assert out["plan"]["head_chunks"] > 1 and not out["plan"]["head_pinned"]
+    assert out["tokens"] == want
+    assert 0 < out["peak_over_baseline_bytes"] <= budget, out["peak_over_baseline_bytes"]

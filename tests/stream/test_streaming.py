@@ -223,9 +223,16 @@ def test_quantized_memopt_folder_streams_bit_exact(tiny: Path, tmp_path: Path, c
     budget = plan.min_budget_bytes
     with stream_model(tmp_path / "q", budget, tokens=24, prompt_tokens=8, reserve_bytes=0) as sm:
         assert sm.plan.streamed_units >= 4
+        # the quantized head streams in row chunks, the embedding is read by rows
+        assert not sm.plan.head_pinned and sm.plan.head_chunks > 1
+        assert type(sm.loaded.model.get_input_embeddings()).__name__ == "_QuantRowEmbedding"
         ids = torch.tensor(IDS)
         with torch.inference_mode():
             want = ref.model(input_ids=ids).logits
             got = sm.loaded.model(input_ids=ids).logits
             again = sm.loaded.model(input_ids=ids).logits  # blocks streamed a second time
         assert torch.equal(want, got) and torch.equal(got, again)
+    with stream_model(tmp_path / "q", None, tokens=24, prompt_tokens=8) as sm:  # all resident
+        assert sm.plan.head_pinned and not sm.plan.streamed_units
+        with torch.inference_mode():
+            assert torch.equal(want, sm.loaded.model(input_ids=ids).logits)

@@ -42,8 +42,10 @@ from torch import nn
 
 from memopt.errors import MemoptError
 from memopt.heap import bound_heap, trim_heap
+from memopt.io import empty_weight, fill_weight
 from memopt.models import LoadedModel, ModelSource, resolve
 from memopt.quant.kernels import set_untimed
+from memopt.quant.modules import Int4Weight, QEmbedding, QLinear
 from memopt.stream.mapped import MappedSafetensors, Span, populate, release
 
 __all__ = [
@@ -437,6 +439,40 @@ class _RowEmbedding(nn.Module):
         return self.reader.gather(self.name, ids)
 
 
+class _QuantRowEmbedding(nn.Module):
+    """A memopt quantized embedding whose rows are read from the file on lookup (by ``pread``)
+    and dequantized: nothing of the table stays resident. int4 rows interleaved in blocks of
+    ``block_n`` on disk are read a whole block (64 rows, 18 KB at SmolLM2's width) at a time."""
+
+    def __init__(self, reader: _Reader, spec: dict[str, Any], names: list[str]) -> None:
+        super().__init__()
+        self.reader, self.spec, self.names = reader, spec, names
+        self.num_embeddings, self.embedding_dim = (int(d) for d in spec["shape"])
+        self.block = int(spec.get("block_n") or 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, H)
+        flat = ids.reshape(-1)
+        b = self.block
+        blocks = torch.unique(flat // b)  # (U,) sorted
+        rows = (blocks[:, None] * b + torch.arange(b)).reshape(-1)  # (U * b,) whole blocks
+        tensors = {n.rsplit(".", 1)[1]: self.reader.gather(n, rows) for n in self.names}
+        qw = empty_weight({**self.spec, "shape": [rows.numel(), self.embedding_dim]})
+        fill_weight(qw, tensors, keep_layout=True)
+        local = torch.searchsorted(blocks, flat // b) * b + flat % b  # row of each id in qw
+        return qw.rows(local.view(ids.shape))
+
+
+class _WeightChunk(nn.Module):
+    """Rows of a float head's weight, installed while the chunk computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_parameter("weight", None)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, rows)
+        return F.linear(h, self.weight)
+
+
 class _StreamedHead(nn.Module):
     """The output head as row chunks of its weight, each a streamed unit: logits chunk by chunk."""
 
@@ -455,7 +491,7 @@ class _StreamedHead(nn.Module):
         parts = []
         for c, i in zip(self.chunks, self.units, strict=True):
             self.streamer.acquire(i)
-            parts.append(F.linear(h, c.weight))  # (B, T, rows of this chunk)
+            parts.append(c(h))  # (B, T, rows of this chunk)
             self.streamer.release(i)
         out = torch.cat(parts, -1)
         return out if self.bias is None else out + self.bias
@@ -658,6 +694,22 @@ def _build(
     head_float = bool(head_name) and f"{head_name}.weight" in file_of
     if head_name and not head_float:
         rest_keys.append(f"{head_name}.weight")
+    # A memopt folder's quantized head and embedding (SmolLM2 int4: one tied 15.9 MB weight, 21 %
+    # of the model) are planned as the float ones are: under a budget the head streams in row
+    # chunks unless pinned, and the embedding is read by rows. Sparse (pruned) formats stay resident.
+    qhead_name = qhead_key = qemb_name = qemb_key = None
+    if manifest is not None:
+
+        def rowwise(module: nn.Module | None, cls: type) -> tuple[str | None, str | None]:
+            name = _module_name(model, module) if isinstance(module, cls) else None
+            key = manifest["modules"].get(name, {}).get("weight") if name else None
+            if key in rest_q and qweights[key][1]["format"] in _ROW_FORMATS:
+                return name, key
+            return None, None
+
+        qhead_name, qhead_key = rowwise(head, QLinear)
+        qemb_name, qemb_key = rowwise(emb, QEmbedding)
+    resident_q = [q for q in rest_q if q not in (qhead_key, qemb_key)]
 
     unfilled = [k for keys in block_keys for k in keys if k not in file_of]
     if unfilled:
@@ -683,10 +735,10 @@ def _build(
             continue  # read by rows: only the rows a lookup needs are ever touched
         seen_files.add(file_of.get(key, key))
         rest_bytes += ram(key)
-    rest_bytes += sum(qram(q) for q in rest_q)
+    rest_bytes += sum(qram(q) for q in resident_q)
     block_bytes = [sum(ram(k) for k in block_keys[i]) + sum(qram(q) for q in block_q[i])
                    for i in range(len(blocks))]  # fmt: skip
-    head_bytes = ram(f"{head_name}.weight") if head_float else 0
+    head_bytes = ram(f"{head_name}.weight") if head_float else qram(qhead_key) if qhead_key else 0
     config = loaded.config
     itemsize = 4
     largest_tensor = max(
@@ -722,28 +774,33 @@ def _build(
         return payload, spans
 
     def quant_payload(qkeys: list[str]) -> tuple[Payload, list[Span]]:
-        from memopt.io import empty_weight
-
         payload: Payload = []
         for qkey in qkeys:
             qw, wspec, names = qweights[qkey]
-            tmp = empty_weight(wspec)
-            tensors = {}
-            for n in names:
-                t, s = reader.tensor(n)
-                # An own copy, and the mapped pages given back at once. Used in place, the mapped
-                # codes made a 2-thread decode 5x slower (SmolLM2 int4 at 80 MB: 0.6-0.8 tok/s
-                # against 3.9 with copies, measured; 1 thread: no difference); and ATen's int8
-                # kernel faults on codes that are not 64-byte aligned (folders written before
-                # memopt aligned its files).
-                t = t.clone()
-                release(s)
-                tensors[n.rsplit(".", 1)[1]] = t
-            _fill(tmp, wspec, tensors)
-            payload += [(qw, a, "buffer", b) for a, b in tmp._buffers.items()]
-            if hasattr(tmp, "block_n"):
-                payload.append((qw, "block_n", "attr", tmp.block_n))
+            payload += quant_rows(qw, wspec, names, None)
         return payload, []  # the codes are copies: no mapped pages held
+
+    def quant_rows(
+        qw: nn.Module, wspec: dict[str, Any], names: list[str], rows: tuple[int, int] | None
+    ) -> Payload:
+        """The payload that fills ``qw`` with the weight's rows ``r0:r1`` (None: all of them)."""
+        tensors = {}
+        for n in names:
+            t, s = reader.tensor(n) if rows is None else reader.rows(n, *rows)
+            # An own copy, and the mapped pages given back at once. Used in place, the mapped
+            # codes made a 2-thread decode 5x slower (SmolLM2 int4 at 80 MB: 0.6-0.8 tok/s
+            # against 3.9 with copies, measured; 1 thread: no difference); and ATen's int8
+            # kernel faults on codes that are not 64-byte aligned (folders written before
+            # memopt aligned its files).
+            t = t.clone()
+            release(s)
+            tensors[n.rsplit(".", 1)[1]] = t
+        tmp = empty_weight(wspec)
+        _fill(tmp, wspec, tensors)
+        out: Payload = [(qw, a, "buffer", b) for a, b in tmp._buffers.items()]
+        if hasattr(tmp, "block_n"):
+            out.append((qw, "block_n", "attr", tmp.block_n))
+        return out
 
     def snapshot(keys: list[str], qkeys: list[str]) -> Payload:
         out: Payload = []
@@ -762,8 +819,8 @@ def _build(
             [k for k in rest_keys if not (row_embedding and k == emb_key)]
         )
         _install(rest_payload)
-        if rest_q:
-            _install(quant_payload(rest_q)[0])
+        if resident_q:
+            _install(quant_payload(resident_q)[0])
             reader.release_all()  # the quantized bytes are repacked: their pages can go
         if row_embedding:
             assert emb_key is not None and emb_name is not None and isinstance(emb, nn.Embedding)
@@ -776,11 +833,30 @@ def _build(
                 _set_module(model, emb_name, _RowEmbedding(reader, file_of[emb_key], emb))
             else:  # resident anyway (no budget, or the pinned tied head's): a view of the mapping
                 _install(float_payload([emb_key])[0])
+        if qemb_key is not None and not (plan.head_pinned and qemb_key == qhead_key):
+            assert qemb_name is not None  # (tied to a pinned head: filled with the head)
+            if max_memory is None:
+                _install(quant_payload([qemb_key])[0])
+            else:
+                _, wspec, names = qweights[qemb_key]
+                _set_module(model, qemb_name, _QuantRowEmbedding(reader, wspec, names))
         # pinned blocks, resident
         for i in plan.pinned_blocks:
             p1, _ = float_payload(block_keys[i])
             p2, _ = quant_payload(block_q[i])
             _install(p1 + p2)
+        # Buffers no file holds (rotary tables) are computed for the rest of the model only, the
+        # blocks and a quantized head detached: their meta weights (quantized ones are buffers)
+        # would be zero-filled (SmolLM2 int4's head: 16 MB).
+        detach = [list_name] + ([qhead_name] if qhead_name else [])
+        kept = {name: model.get_submodule(name) for name in detach}
+        for name in detach:
+            _set_module(model, name, nn.Module())
+        try:
+            materialize_buffers(model)
+        finally:
+            for name, module in kept.items():
+                _set_module(model, name, module)
         # streamed units: the other blocks, then the head's chunks
         streamer = _Streamer([], prefetch)
         units = streamer.units
@@ -808,8 +884,7 @@ def _build(
                 step = math.ceil(head.out_features / plan.head_chunks)
                 for r0 in range(0, head.out_features, step):
                     r1 = min(head.out_features, r0 + step)
-                    chunk = nn.Module()
-                    chunk.register_parameter("weight", None)
+                    chunk = _WeightChunk()
 
                     def fetch_rows(
                         r0: int = r0, r1: int = r1, chunk: nn.Module = chunk
@@ -822,16 +897,36 @@ def _build(
                     units.append(_Unit(f"{head_name}[{r0}:{r1}]", nbytes, fetch_rows, restore))
                     new.add(chunk, len(units) - 1)
                 _set_module(model, head_name, new)
+        if qhead_key is not None:
+            assert qhead_name is not None
+            qw, wspec, names = qweights[qhead_key]
+            if plan.head_pinned:  # (a tied embedding shares the weight: filled at once)
+                _install(quant_payload([qhead_key])[0])
+            else:
+                new = _StreamedHead(streamer, model.get_submodule(qhead_name).bias)
+                n_out, k = qw.shape
+                block = int(wspec.get("block_n") or 1)  # int4 rows interleave within blocks
+                step = math.ceil(math.ceil(n_out / plan.head_chunks) / block) * block
+                for r0 in range(0, n_out, step):
+                    r1 = min(n_out, r0 + step)
+                    cspec = {**wspec, "shape": [r1 - r0, k]}
+                    qchunk = QLinear(empty_weight(cspec), None)
+
+                    def fetch_qrows(
+                        r0: int = r0, r1: int = r1, cspec: dict[str, Any] = cspec,
+                        qchunk: QLinear = qchunk,
+                    ) -> tuple[Payload, list[Span]]:  # fmt: skip
+                        return quant_rows(qchunk.qweight, cspec, names, (r0, r1)), []
+
+                    nbytes = sum(
+                        reader.ram_bytes(n) * (r1 - r0) // n_out for n in names
+                    )  # every disk tensor of the weight has one row per output row
+                    restore = [(qchunk.qweight, a, "buffer", b)
+                               for a, b in qchunk.qweight._buffers.items()]  # fmt: skip
+                    units.append(_Unit(f"{qhead_name}[{r0}:{r1}]", nbytes, fetch_qrows, restore))
+                    new.add(qchunk, len(units) - 1)
+                _set_module(model, qhead_name, new)
         streamer.prefetch = prefetch and len(units) > 1
-        # Buffers no file holds (rotary tables) are computed for the rest of the model only: with
-        # the blocks attached, their meta weights (quantized ones are buffers) would be zero-filled.
-        parent_name, _, child = list_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.ModuleList())
-        try:
-            materialize_buffers(model)
-        finally:
-            setattr(parent, child, blocks)
         # Loading touched pages that are not needed now (GGUF: quantized bytes already dequantized;
         # mapped safetensors: headers, pinned blocks not yet run): give them all back.
         reader.release_all()
@@ -839,7 +934,10 @@ def _build(
     left = [
         n
         for n, t in [*model.named_parameters(), *model.named_buffers()]
-        if t is not None and t.is_meta and not _is_streamed(n, list_name, plan, len(blocks))
+        if t is not None
+        and t.is_meta
+        and not _is_streamed(n, list_name, plan, len(blocks))
+        and not (qhead_name and n.startswith(f"{qhead_name}.chunks."))
     ]
     if left:
         raise MemoptError(f"{source.name}: no weight in the file for {left[0]!r}")
@@ -862,6 +960,8 @@ def _is_streamed(name: str, list_name: str, plan: StreamPlan, n_blocks: int) -> 
     return int(name[len(list_name) + 1 :].split(".", 1)[0]) not in plan.pinned_blocks
 
 
+# quantized formats whose disk tensors all have one row per output row (streamable by rows)
+_ROW_FORMATS = ("int8", "int4", "int2", "int3")
 _FILL_ROWS = 4096  # int4 rows repacked at a time: a multiple of every kernel row block (32, 64)
 
 
@@ -872,9 +972,6 @@ def _fill(qw: nn.Module, spec: dict[str, Any], tensors: dict[str, torch.Tensor])
     SmolLM2's 49152 × 576 embedding a ~70 MB transient, more than the weight itself. The layout
     interleaves rows only within blocks of 32 or 64, so chunks of 4096 rows give the same bytes
     (``tests/stream`` compares with the whole-tensor fill)."""
-    from memopt.io import empty_weight, fill_weight
-    from memopt.quant.modules import Int4Weight
-
     n = int(spec["shape"][0])
     if not isinstance(qw, Int4Weight) or n <= _FILL_ROWS:
         fill_weight(qw, tensors)
