@@ -488,15 +488,25 @@ if __name__ != "__main__":
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--work", default="/tmp/memopt-bench-stream")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["load", "stream", "layout"])
-    ap.add_argument("--caches", nargs="*", default=["warm", "cold", "evict"])
-    ap.add_argument("--models", nargs="*", default=["float32", "int4"])
-    ap.add_argument("--shares", nargs="*", type=float, default=[1.0, 0.5, 0.25])
+    ap.add_argument("--tokens", type=int, default=16, help="greedy tokens generated per run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in every child")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (the best is kept)")
+    ap.add_argument("--work", default="/tmp/memopt-bench-stream", help="folder for the weights")
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    ap.add_argument(
+        "--skip", nargs="*", default=[], choices=["load", "stream", "layout"], help="parts to skip"
+    )
+    ap.add_argument(
+        "--caches", nargs="*", default=["warm", "cold", "evict"], help="page-cache states"
+    )
+    ap.add_argument("--models", nargs="*", default=["float32", "int4"], help="weights streamed")
+    ap.add_argument(
+        "--shares",
+        nargs="*",
+        type=float,
+        default=[1.0, 0.5, 0.25],
+        help="budgets as shares of the model's bytes",
+    )
     ap.add_argument("--pairs", type=int, default=5, help="alternated speed pairs (0: none)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # children import this as "stream"

@@ -81,6 +81,22 @@ def test_read_rows_copies_exactly_the_rows(weights: tuple[Path, dict[str, torch.
         src.read_rows("layers.2.weight", torch.tensor([1024]))
 
 
+def test_read_copies_a_row_range(weights: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """One pread of a whole tensor or of rows r0:r1: the mapped values, an own 64-byte aligned
+    buffer (ATen's int8 kernel needs it), nothing mapped; a range past the end is refused."""
+    folder, tensors = weights
+    src = MappedSafetensors(folder)
+    want = tensors["layers.2.weight"]  # (1024, 2048)
+    whole = src.mapped_span()
+    for got, ref in ((src.read("layers.2.weight"), want),
+                     (src.read("layers.2.weight", 5, 700), want[5:700]),
+                     (src.read("layers.2.weight", 9, 9), want[9:9])):  # fmt: skip
+        assert got.shape == ref.shape and torch.equal(got, ref)
+        assert not whole.start <= got.data_ptr() < whole.end and got.data_ptr() % 64 == 0
+    with pytest.raises(IndexError, match="out of range"):
+        src.read("layers.2.weight", 0, 1025)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_release_gives_back_the_folios_around_a_span(
     weights: tuple[Path, dict[str, torch.Tensor]],

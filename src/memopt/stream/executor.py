@@ -249,6 +249,13 @@ class _Reader:
     def gather(self, name: str, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def copy(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """An own copy of the tensor (or of its rows ``r0:r1``), holding no pages of the file."""
+        t, spans = self.tensor(name) if rows is None else self.rows(name, *rows)
+        t = t.clone()
+        release(spans)
+        return t
+
     def scratch_bytes(self, largest_tensor: int) -> int:
         """Memory beyond the tensors while streaming: none for mapped views."""
         return 0
@@ -277,6 +284,9 @@ class _MappedReader(_Reader):
 
     def gather(self, name: str, idx: torch.Tensor) -> torch.Tensor:
         return self.src.read_rows(name, idx)  # (*idx.shape, H): copies, nothing mapped
+
+    def copy(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.src.read(name, *(rows or (0, None)))  # by pread: nothing mapped
 
     def release_all(self) -> None:
         self.src.release_all()
@@ -761,13 +771,20 @@ def _build(
     # --- from here on, weights are read ------------------------------------------------------
     from memopt.models import materialize_buffers
 
-    def float_payload(keys: list[str]) -> tuple[Payload, list[Span]]:
+    def float_payload(keys: list[str], resident: bool = False) -> tuple[Payload, list[Span]]:
         payload: Payload = []
         spans: list[Span] = []
         for key in keys:
             if key not in file_of:
                 continue
             t, s = reader.tensor(file_of[key])
+            if resident and max_memory is not None and t.nbytes < _COPY_BELOW:
+                # A resident view of a small tensor (a norm's 2.3 KB) maps its neighbours' pages
+                # when first read (fault-around, large page-cache folios), and nothing releases
+                # them: SmolLM2 int4 at 76 MB held 11 MB of its pinned blocks' codes mapped so.
+                t = t.clone()
+                release(s)
+                s = []
             owner, attr, kind = _owner(model, key)
             payload.append((owner, attr, kind, t))
             spans += s
@@ -784,17 +801,11 @@ def _build(
         qw: nn.Module, wspec: dict[str, Any], names: list[str], rows: tuple[int, int] | None
     ) -> Payload:
         """The payload that fills ``qw`` with the weight's rows ``r0:r1`` (None: all of them)."""
-        tensors = {}
-        for n in names:
-            t, s = reader.tensor(n) if rows is None else reader.rows(n, *rows)
-            # An own copy, and the mapped pages given back at once. Used in place, the mapped
-            # codes made a 2-thread decode 5x slower (SmolLM2 int4 at 80 MB: 0.6-0.8 tok/s
-            # against 3.9 with copies, measured; 1 thread: no difference); and ATen's int8
-            # kernel faults on codes that are not 64-byte aligned (folders written before
-            # memopt aligned its files).
-            t = t.clone()
-            release(s)
-            tensors[n.rsplit(".", 1)[1]] = t
+        # Own copies, read by pread: used in place, the mapped codes made a 2-thread decode 5x
+        # slower (SmolLM2 int4 at 80 MB: 0.6-0.8 tok/s against 3.9 with copies, measured; 1
+        # thread: no difference), and ATen's int8 kernel faults on codes that are not 64-byte
+        # aligned (folders written before memopt aligned its files).
+        tensors = {n.rsplit(".", 1)[1]: reader.copy(n, rows) for n in names}
         tmp = empty_weight(wspec)
         _fill(tmp, wspec, tensors)
         out: Payload = [(qw, a, "buffer", b) for a, b in tmp._buffers.items()]
@@ -816,7 +827,7 @@ def _build(
     with torch.no_grad():
         # the rest, resident
         rest_payload, _ = float_payload(
-            [k for k in rest_keys if not (row_embedding and k == emb_key)]
+            [k for k in rest_keys if not (row_embedding and k == emb_key)], resident=True
         )
         _install(rest_payload)
         if resident_q:
@@ -842,7 +853,7 @@ def _build(
                 _set_module(model, qemb_name, _QuantRowEmbedding(reader, wspec, names))
         # pinned blocks, resident
         for i in plan.pinned_blocks:
-            p1, _ = float_payload(block_keys[i])
+            p1, _ = float_payload(block_keys[i], resident=True)
             p2, _ = quant_payload(block_q[i])
             _install(p1 + p2)
         # Buffers no file holds (rotary tables) are computed for the rest of the model only, the
@@ -960,6 +971,7 @@ def _is_streamed(name: str, list_name: str, plan: StreamPlan, n_blocks: int) -> 
     return int(name[len(list_name) + 1 :].split(".", 1)[0]) not in plan.pinned_blocks
 
 
+_COPY_BELOW = 1 << 20  # resident float tensors smaller than this are copied out of the mapping
 # quantized formats whose disk tensors all have one row per output row (streamable by rows)
 _ROW_FORMATS = ("int8", "int4", "int2", "int3")
 _FILL_ROWS = 4096  # int4 rows repacked at a time: a multiple of every kernel row block (32, 64)
