@@ -6,10 +6,11 @@ position embeddings), loaded once and kept. Two parts of the rest get special ca
 small LM they are the largest tensors of all (SmolLM2: 113 MB of 538 MB, the tied embedding):
 
 * the input embedding is read by rows under a budget: a lookup copies only the rows it needs out
-  of the file (``pread``, which maps nothing) or, for GGUF, dequantizes only those rows;
-* the output head (``get_output_embeddings()``, a float Linear) is a sequence of row chunks, each
-  about one block's bytes, streamed like blocks; ``F.linear`` over a chunk of rows computes the
-  same dot products as over all of them (tested bit for bit).
+  of the file (``pread``, which maps nothing) and, for GGUF or a memopt quantized folder,
+  dequantizes only those rows;
+* the output head (``get_output_embeddings()``, a float Linear or a memopt QLinear) is a sequence
+  of row chunks, each about one block's bytes, streamed like blocks; a linear over a chunk of rows
+  computes the same dot products as over all of them (tested bit for bit, float and int4/int8).
 
 The plan (:func:`plan_budget`) pins as many blocks as the budget allows after the rest, the KV cache,
 the activations, a runtime reserve and a working set of two streamed units (the one computing and
