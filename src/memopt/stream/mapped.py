@@ -281,9 +281,9 @@ class MappedSafetensors:
     def read(self, name: str, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         """Rows ``r0:r1`` (default: the whole tensor) copied by one ``pread`` into a new tensor.
 
-        Nothing is mapped, so nothing is left to release; and it is faster than copying out of the
-        mapping, which faults its pages in first (SmolLM2 int4 block, 2 MB, page cache warm: see
-        the streaming executor's fetch)."""
+        Nothing is mapped, so nothing is left to release (a copy out of the mapping faults the
+        pages in, plus their fault-around neighbours, and must give them back). A SmolLM2 int4
+        block (2 MB, 7 weights) reads in 0.38 ms warm, measured alone."""
         it = self._item(name)
         n_rows = it.shape[0] if it.shape else 1
         r1 = n_rows if r1 is None else r1
