@@ -1,6 +1,6 @@
 """Bench: calibrated int4 (GPTQ variants) against round-to-nearest on SmolLM2-135M, same run.
 
-Each variant runs in a fresh Python process (memopt.measure.rss.run_in_child): load the bundled
+Each variant runs in a fresh Python process (memopt.core.rss.run_in_child): load the bundled
 model (its float weights are dequantized Q4_1 from the GGUF file), quantize, measure perplexity on
 the first 2,048 tokens of the evaluation text (windows of 512, memopt.evaluate.perplexity).
 Reported: perplexity, ratio to float32 (same run), seconds to quantize, the child's peak RSS up to
@@ -48,7 +48,7 @@ def run_variant(variant: str, group: int, n: int, seq: int) -> dict[str, Any]:
     import torch
 
     from memopt.evaluate import perplexity
-    from memopt.measure.rss import peak_rss_bytes
+    from memopt.core.rss import peak_rss_bytes
     from memopt.models import load_model
     from memopt.quant import Int4WeightOnly, model_bytes, quantize_
     from memopt.quant.calibrate import GPTQSettings, calibrate_, calibration_ids
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from memopt.measure.rss import run_in_child
+    from memopt.core.rss import run_in_child
 
     _, text_name = eval_text()
     rows: list[dict[str, Any]] = []

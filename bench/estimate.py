@@ -46,7 +46,7 @@ def _gpt2_folder(root: Path) -> Path:
 
 
 def _cases(gpt2: Path, quick: bool) -> list[tuple[str, str, Any]]:
-    from memopt.measure.step import StepSpec
+    from memopt.step.step import StepSpec
 
     cases: list[tuple[str, str, Any]] = []
     shapes = [(1, 128), (8, 128)] if quick else [(1, 128), (1, 512), (8, 128), (8, 512)]
@@ -78,7 +78,7 @@ def _human(n: float | None) -> str:
 def run(quick: bool = False) -> list[dict[str, Any]]:
     from memopt.measure.estimate import estimate
     from memopt.measure.profile import profile
-    from memopt.measure.step import StepSpec
+    from memopt.step.step import StepSpec
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="memopt-bench-") as tmp:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memopt.quant import Int4WeightOnly, Int8Dynamic, Int8WeightOnly, quantize_
-from memopt.quant.kernels import INT8_KERNELS, SLOW_KERNELS, chosen_kernels
+from memopt.weights.kernels import INT8_KERNELS, SLOW_KERNELS, chosen_kernels
 
 SHAPES = [(4096, 4096), (576, 1536)]  # (in, out): a 4096 square and SmolLM2's gate/up projection
 BATCHES = [1, 8, 128]

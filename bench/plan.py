@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.plan import plan_model, verify_plan
 
 

@@ -47,7 +47,7 @@ def _median_ms(fn, warmup: int = 2, reps: int = 7) -> float:
 
 def kernel_line() -> dict[str, float]:
     """One 1536 x 576 layer (smollm2's gate/up shape) at 50 %: batch-1 matmul ways, in ms."""
-    from memopt.prune.storage import SparseWeight
+    from memopt.weights.sparse import SparseWeight
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: less noise from the other jobs on a shared machine
@@ -82,14 +82,14 @@ def _kernel_line(SparseWeight) -> dict[str, float]:  # noqa: N803 (a class passe
 
 
 def disk_bytes_of(loaded, out: Path) -> tuple[int, str]:
-    """Bytes of the saved folder via memopt.io; if io cannot yet write sparse weights, the same
+    """Bytes of the saved folder via memopt.models.saved; if io cannot yet write sparse weights, the same
     tensors (state dict, each storage once) in one safetensors file, and say so."""
-    from memopt.errors import MemoptError
-    from memopt.io import disk_bytes, save
+    from memopt.core.errors import MemoptError
+    from memopt.models.saved import disk_bytes, save
 
     try:
         save(loaded, out)
-        return disk_bytes(out), "memopt.io"
+        return disk_bytes(out), "memopt.models.saved"
     except MemoptError:
         from safetensors.torch import save_file
 

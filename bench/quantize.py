@@ -1,6 +1,6 @@
 """Bench: memopt's int8 / int4 against torchao and bitsandbytes on minilm and smollm2, one run.
 
-Per model and variant, two fresh child processes (memopt.measure.rss.run_in_child):
+Per model and variant, two fresh child processes (memopt.core.rss.run_in_child):
 
 1. quantize: memopt streams the source into a saved folder (``memopt quantize``'s path); a peer loads
    the float32 model (as its users must) and quantizes it in place, then saves its state dict with
@@ -144,7 +144,7 @@ def quantize_job(model: str, variant: str, out: str) -> dict[str, Any]:
     """In a child: quantize (and save) one variant; bytes, seconds."""
     import transformers  # noqa: F401 (imported before any timing, in every variant alike)
 
-    from memopt import io
+    from memopt.models import saved as io
     from memopt.models import load_model
 
     if variant == "float32":
@@ -250,7 +250,7 @@ def bound_job() -> dict[str, Any]:
 def run(
     quick: bool, threads: int, rounds: int, models: list[str] | None, only: list[str] | None
 ) -> dict[str, Any]:
-    from memopt.measure.rss import ChildProcessFailed, run_in_child
+    from memopt.core.rss import ChildProcessFailed, run_in_child
 
     plan = {
         m: [v for v in vs if v == "float32" or only is None or v in only]

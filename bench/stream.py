@@ -1,6 +1,6 @@
 """Bench: memory-mapped loading, streamed generation under a budget, and data layout (issue 7).
 
-Three parts, each child-process measured (``memopt.measure.rss.run_in_child``: peak RSS over the
+Three parts, each child-process measured (``memopt.core.rss.run_in_child``: peak RSS over the
 child's import baseline):
 
 1. **load**: the same SmolLM2 float32 weights (538 MB) loaded by memopt's mapping
@@ -227,7 +227,7 @@ def prepare(work: Path) -> dict[str, Path]:
 
 
 def _child(job: str, *args: Any) -> dict[str, Any]:
-    from memopt.measure.rss import run_in_child
+    from memopt.core.rss import run_in_child
 
     out = run_in_child(f"stream:{job}", *args, timeout=1800)
     out["over_baseline"] = int(out["peak_rss_bytes"]) - int(out["baseline_rss_bytes"])
@@ -266,7 +266,7 @@ def bench_stream(
     before the child starts (the first pass reads the disk, later passes find the pages cached);
     ``evict``: evicted before, and every streamed unit evicted again after use (every pass reads
     the disk: a page cache that cannot hold the model). ``evict`` runs once (it is slow)."""
-    from memopt.errors import MemoptError
+    from memopt.core.errors import MemoptError
     from memopt.stream import plan_budget
 
     rows: list[dict[str, Any]] = []
@@ -420,7 +420,7 @@ def bench_layout(paths: dict[str, Path], reps: int = 20) -> dict[str, Any]:
         "cnn": rows,
         "files": {
             "float32 (memopt save_float_folder)": order_report(paths["f32"]),
-            "int4 (memopt.io)": order_report(paths["int4"]),
+            "int4 (memopt.models.saved)": order_report(paths["int4"]),
         },
     }
 

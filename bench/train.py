@@ -1,7 +1,7 @@
 """Claim: checkpointing + AdamW8bit + bf16 (float32 masters) trains SmolLM2 in ≤ 0.35× the peak of
 plain float32 AdamW, at the same loss; checkpointing + AdamW8bit costs ≤ 1.4× the step time.
 
-Checkpointing also turns on the chunked LM head + loss (:mod:`memopt.train.loss`: the head and
+Checkpointing also turns on the chunked LM head + loss (:mod:`memopt.step.loss`: the head and
 cross-entropy over 170-token chunks, each recomputed in the backward, so the peak holds one chunk's
 logits instead of the batch's (4 × 512 × 49152) float32 logits); "chunked loss" is that option alone.
 
@@ -53,7 +53,7 @@ BF16 = {"dtype": "bfloat16", "master_weights": True}
 CONFIGS: dict[str, dict[str, Any]] = {
     "plain fp32 AdamW": {},
     "checkpointing": {"checkpointing": True},
-    "chunked loss": {"loss_chunk": 170},  # SmolLM2's default chunk (memopt.train.loss)
+    "chunked loss": {"loss_chunk": 170},  # SmolLM2's default chunk (memopt.step.loss)
     "adamw8bit": {"optimizer": "adamw8bit"},
     "bf16 + fp32 masters": BF16,
     "grad-accum 2": {"grad_accum": 2},
@@ -74,7 +74,7 @@ def _rss() -> int:
 def _tokens() -> torch.Tensor:
     import pydoc_data.topics
 
-    from memopt.gguf_loader import gguf_tokenizer
+    from memopt.formats.gguf import gguf_tokenizer
     from memopt.models import resolve
 
     tok = gguf_tokenizer(resolve("smollm2").path)
@@ -83,9 +83,9 @@ def _tokens() -> torch.Tensor:
 
 
 def _trainer(opts: dict[str, Any], batch: int, seq: int) -> Any:
-    from memopt.measure.step import StepSpec
+    from memopt.step.step import StepSpec
     from memopt.models import load_model
-    from memopt.train.trainer import Trainer
+    from memopt.step.trainer import Trainer
 
     accum = opts.get("grad_accum", 1)
     spec = StepSpec(task="train", batch=batch // accum, seq=seq, **opts)

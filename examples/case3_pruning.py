@@ -27,7 +27,7 @@ from torch import nn
 
 from memopt.prune import PolynomialDecay, SparseWeight, prune_low_magnitude, sparsity_of
 from memopt.quant.api import model_bytes
-from memopt.quant.modules import QConv, QLinear
+from memopt.weights.quantized import QConv, QLinear
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,11 +77,11 @@ def train(model, x, y, epochs, lr=3e-3, pruner=None, batch=64, seed=0) -> None:
 
 
 def save_module(model: nn.Module, folder: Path) -> int:
-    """Save a plain module (not a transformers model, which memopt.io handles): its state dict in
+    """Save a plain module (not a transformers model, which memopt.models.saved handles): its state dict in
     safetensors, the sparse weights' specs in JSON. Returns the bytes written."""
     from safetensors.torch import save_file
 
-    from memopt.prune.storage import io_weight_spec
+    from memopt.weights.sparse import io_weight_spec
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -96,7 +96,7 @@ def load_module(folder: Path) -> nn.Module:
     """Rebuild the stripped CNN from the folder alone (architecture + sparse specs + tensors)."""
     from safetensors.torch import load_file
 
-    from memopt.prune.storage import io_disk_layout, io_empty_weight, io_fill_weight
+    from memopt.weights.sparse import io_disk_layout, io_empty_weight, io_fill_weight
 
     specs = json.loads((folder / "memopt.json").read_text())["sparse_weights"]
     tensors = load_file(folder / "model.safetensors")

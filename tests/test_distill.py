@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memopt.core.errors import MemoptError
 from memopt.distill import (
     DistillConfig,
     Distiller,
@@ -18,7 +19,6 @@ from memopt.distill import (
     kd_loss,
     narrow,
 )
-from memopt.errors import MemoptError
 
 
 def _teacher() -> nn.Module:
@@ -151,7 +151,7 @@ def test_distill_model_causal_lm(tiny_folder, tmp_path):
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    from memopt.cli import main
+    from memopt.app.cli import main
 
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -179,7 +179,7 @@ def test_cli_distill_checkpoints_resumes_and_refuses(tmp_path, monkeypatch, caps
     assert code == 0, err
     r = json.loads(stdout)
     assert r["resumed_from"] == 4 and r["steps"] == 6
-    from memopt.io import load
+    from memopt.models.saved import load
 
     assert len(load(out).model.encoder.layer) == 3  # the saved student loads on its own
     # bad input: one line on stderr, exit 2, nothing written

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memopt import io
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.generate import generate
 from memopt.models import load_model
+from memopt.models import saved as io
 from memopt.quant import Int4WeightOnly, Int8WeightOnly, quantize_
 
 PROMPT = [1, 5, 9, 33, 120, 7]

@@ -14,17 +14,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from memopt.core.version import VERSION as __version__
 
 _HOME = {
     # model sources
     "LoadedModel": "memopt.models",
     "build_meta": "memopt.models",
     "load_model": "memopt.models",
-    "MemoptError": "memopt.errors",
+    "MemoptError": "memopt.core.errors",
     # measurement
     "MemoryTracker": "memopt.measure.tracker",
-    "StepSpec": "memopt.measure.step",
+    "StepSpec": "memopt.step.step",
     "MemoryReport": "memopt.measure.estimate",
     "estimate": "memopt.measure.estimate",
     "profile": "memopt.measure.profile",
@@ -46,8 +46,8 @@ _HOME = {
     # allocation
     "plan_model": "memopt.plan",
     # save / load, generation
-    "save": "memopt.io",
-    "load": "memopt.io",
+    "save": "memopt.models.saved",
+    "load": "memopt.models.saved",
     "generate": "memopt.generate",
     # training
     "AdamW8bit": "memopt.train",
@@ -90,15 +90,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from memopt.errors import MemoptError
+    from memopt.core.errors import MemoptError
     from memopt.evaluate import embedding_cosine, perplexity
     from memopt.generate import generate
-    from memopt.io import load, save
     from memopt.measure.estimate import MemoryReport, estimate
     from memopt.measure.profile import profile
-    from memopt.measure.step import StepSpec
     from memopt.measure.tracker import MemoryTracker
     from memopt.models import LoadedModel, build_meta, load_model
+    from memopt.models.saved import load, save
     from memopt.plan import plan_model
     from memopt.prune import NM, Magnitude, SparseGPT, Structured, Wanda, prune_
     from memopt.quant import (
@@ -110,6 +109,7 @@ if TYPE_CHECKING:
         quantize_,
     )
     from memopt.quant.stream import quantize_model
+    from memopt.step.step import StepSpec
     from memopt.train import AdamW8bit
 
 

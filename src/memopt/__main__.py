@@ -1,3 +1,3 @@
-from memopt.cli import main
+from memopt.app.cli import main
 
 raise SystemExit(main())

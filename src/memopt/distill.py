@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core import texts
+from memopt.core.errors import MemoptError
+from memopt.core.modules import model_bytes, require_blocks
+from memopt.core.texts import default_calib_text, heldout_topics
 
 __all__ = [
     "DistillConfig",
@@ -42,7 +45,6 @@ __all__ = [
     "kd_loss",
     "narrow",
     "STUDENTS",
-    "heldout_topics",
     "make_student",
     "parse_student",
     "paragraph_pairs",
@@ -159,18 +161,6 @@ def hidden_loss(
 # Students built from the teacher
 
 
-def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The longest ModuleList of identical blocks (transformer layers)."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, m in model.named_modules():
-        same = isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
-        if same and (best is None or len(m) > len(best[1])):
-            best = (name, m)
-    if best is None:
-        raise MemoptError("drop_layers: the model has no list of repeated blocks")
-    return best
-
-
 def drop_layers(teacher: nn.Module, keep: Sequence[int] | str = "every_other") -> nn.Module:
     """A student with a subset of the teacher's blocks, initialised from their weights.
 
@@ -179,7 +169,7 @@ def drop_layers(teacher: nn.Module, keep: Sequence[int] | str = "every_other") -
     kept block's ``layer_idx`` (its key-value cache slot) are renumbered. ``student.memopt_keep``
     records the kept teacher blocks, for :func:`hidden_loss`."""
     student = copy.deepcopy(teacher)
-    name, blocks = _blocks(student)
+    name, blocks = require_blocks(student, "drop_layers")
     n = len(blocks)
     if keep == "every_other":
         keep = sorted(range(n - 1, -1, -2))
@@ -450,26 +440,13 @@ def _progress(enabled: bool, total: int, start: int) -> tuple[Any, Any]:
 # Sentence encoders: a quality metric and a ready-made run (minilm -> half depth)
 
 
-def heldout_topics() -> list[str]:
-    """pydoc_data.topics' topics that distillation never trains on: all but the calibration
-    topics (memopt.quant.calibrate.CALIB_TOPICS, the training text); the evaluation topics first."""
-    from pydoc_data.topics import topics as all_topics
-
-    from memopt.evaluate import _TOPICS
-    from memopt.quant.calibrate import CALIB_TOPICS
-
-    rest = sorted(t for t in all_topics if t not in CALIB_TOPICS and t not in _TOPICS)
-    return [t for t in _TOPICS if t in all_topics] + rest
-
-
 def paragraph_pairs(
     topics: Sequence[str] | None = None, n: int | None = None
 ) -> list[tuple[str, str]]:
     """``(first half, second half)`` of the paragraphs (24 words or more, at most 120 kept; code
     and tables skipped) of pydoc_data.topics' ``topics`` (default :func:`heldout_topics`: 432
     pairs on Python 3.11), the first ``n`` of them if given."""
-    from pydoc_data.topics import topics as all_topics
-
+    all_topics = texts.topics()
     names = list(topics) if topics is not None else heldout_topics()
     pairs = []
     for name in names:
@@ -507,8 +484,6 @@ def retrieval_accuracy(loaded: Any, pairs: list[tuple[str, str]]) -> float:
 def _train_batches(tokenizer: Any, batch: int, seq: int, seed: int = 0) -> list[dict]:
     """Every sentence of the calibration topics (never the held-out ones) once, in a seeded
     shuffled order, tokenized per batch of ``batch``; the Distiller cycles through them."""
-    from memopt.quant.calibrate import default_calib_text
-
     flat = re.sub(r"\s+", " ", default_calib_text())
     sents = [s for s in re.split(r"(?<=[.!?])\s+", flat) if 30 <= len(s) <= 400]
     if len(sents) < batch:
@@ -606,10 +581,8 @@ def distill_model(
     None without ``out_dir``), the metric before and after, ``retained`` and the run's steps.
     """
     from memopt.models import LoadedModel, load_model
-    from memopt.quant.api import model_bytes
-
     if out_dir is not None:
-        from memopt.io import check_output
+        from memopt.models.saved import check_output
 
         check_output(out_dir)
     if not isinstance(steps, int) or steps < 1:
@@ -664,8 +637,8 @@ def distill_model(
     out: dict[str, Any] = {
         "teacher": t.name,
         "student": student if isinstance(student, str) else f"keep={','.join(map(str, student))}",
-        "teacher_layers": len(_blocks(t.model)[1]),
-        "student_layers": len(keep) if keep is not None else len(_blocks(s.model)[1]),
+        "teacher_layers": len(require_blocks(t.model, "distill")[1]),
+        "student_layers": len(keep) if keep is not None else len(require_blocks(s.model, "distill")[1]),
         "kept_blocks": keep,
         "teacher_params": sum(p.numel() for p in t.model.parameters()),
         "student_params": sum(p.numel() for p in s.model.parameters()),
@@ -693,7 +666,7 @@ def distill_model(
             cos = embedding_cosine(s, t, [b for _, b in pairs])
         out.update(cosine_mean=cos.cosine_mean, cosine_min=cos.cosine_min)
     if out_dir is not None:
-        from memopt.io import disk_bytes, save
+        from memopt.models.saved import disk_bytes, save
 
         save(s, out_dir)
         out["disk_bytes"] = disk_bytes(out_dir)

@@ -1,38 +1,29 @@
 """What a saving costs in quality: perplexity for causal LMs, embedding fidelity for encoders.
 
-The default text is the Python documentation that ships with every CPython
-(``pydoc_data.topics``): English prose, available offline, the same on every machine with the same
-Python. ``--text FILE`` takes any other.
+The default text is the Python documentation that ships with every CPython (memopt.core.texts);
+``--text FILE`` takes any other.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
+from memopt.core.texts import default_sentences, default_text
 from memopt.models import LoadedModel
 
 __all__ = [
     "CosineResult",
     "PerplexityResult",
-    "default_sentences",
-    "default_text",
     "embed",
     "embedding_cosine",
     "perplexity",
-    "read_text",
 ]
-
-# Prose-heavy topics of the Python reference, in a fixed order: "Execution model" and "The standard
-# type hierarchy" (pydoc_data.topics keys; calibration text must come from other topics).
-_TOPICS = ("execmodel", "types")
 
 ProgressFn = Callable[[int, int], None]
 
@@ -57,37 +48,6 @@ class CosineResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def default_text() -> str:
-    """The fixed evaluation excerpt: the prose topics of ``pydoc_data.topics``."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[name] for name in _TOPICS)
-
-
-def read_text(path: str | Path | None) -> str:
-    if path is None:
-        return default_text()
-    p = Path(path)
-    if not p.is_file():
-        raise MemoptError(f"no such text file: {path}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise MemoptError(f"{path}: not UTF-8 text") from None
-    if not text.strip():
-        raise MemoptError(f"{path}: the text file is empty")
-    return text
-
-
-def default_sentences(n: int = 64) -> list[str]:
-    """``n`` fixed sentences of 40–300 characters from the default text, in order."""
-    flat = re.sub(r"\s+", " ", default_text())
-    out = [s.strip() for s in re.split(r"(?<=[.!?])\s+", flat) if 40 <= len(s.strip()) <= 300]
-    if len(out) < n:
-        raise MemoptError(f"the default text has only {len(out)} sentences, {n} asked")
-    return out[:n]
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.models import LoadedModel
 
 __all__ = ["generate", "prompt_ids"]

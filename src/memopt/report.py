@@ -5,16 +5,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from memopt.core.atomic import save_figure
+
 __all__ = [
     "CATEGORY_COLORS",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "dumps",
     "format_bytes",
     "html_page",
@@ -58,24 +56,6 @@ def rich_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     return table
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def plot_breakdown_timeline(result: dict, path: str | Path, title: str = "") -> None:
@@ -139,20 +119,7 @@ def plot_breakdown_timeline(result: dict, path: str | Path, title: str = "") -> 
     ax_line.set_xlabel("allocation / free event")
     ax_line.set_ylabel("live MiB above params + buffers")
     ax_line.set_title(title or "memory over the step")
-    fig.savefig(_tmp_png(path), dpi=110)
-    plt.close(fig)
-    _commit_png(path)
-
-
-def _tmp_png(path: str | Path) -> str:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return str(path.with_name(f".{path.stem}.tmp.png"))
-
-
-def _commit_png(path: str | Path) -> None:
-    path = Path(path)
-    os.replace(path.with_name(f".{path.stem}.tmp.png"), path)
+    save_figure(fig, path, dpi=110)
 
 
 def html_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
+from memopt.core.rss import run_in_child
 from memopt.measure.estimate import estimate, estimate_in_child
 from memopt.measure.profile import profile
-from memopt.measure.rss import run_in_child
-from memopt.measure.step import StepSpec
 from memopt.models import LoadedModel
+from memopt.step.step import StepSpec
 
 MB = 2**20
 TOLERANCE = 0.10  # the bar; the two runs make the same allocations, so the ratio is ~1.000

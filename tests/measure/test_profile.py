@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.measure.profile import profile
-from memopt.measure.step import StepSpec
 from memopt.models import LoadedModel
+from memopt.step.step import StepSpec
 
 MB = 2**20
 

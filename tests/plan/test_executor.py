@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.models import LoadedModel
 from memopt.plan import count_allocations, plan_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.prune import PolynomialDecay, SparseWeight, prune_low_magnitude
 
 

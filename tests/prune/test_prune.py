@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.prune import (
     NM,
     Magnitude,
@@ -21,7 +21,7 @@ from memopt.prune import (
 )
 from memopt.prune.calibrated import sparsegpt_prune
 from memopt.quant import Int8WeightOnly, quantize_
-from memopt.quant.primitives import sqnr
+from memopt.weights.primitives import sqnr
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:

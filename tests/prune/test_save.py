@@ -1,18 +1,18 @@
-"""prune_model (what `memopt prune` calls) and saving pruned models through memopt.io."""
+"""prune_model (what `memopt prune` calls) and saving pruned models through memopt.models.saved."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.prune import prune_model
 
 
 def _io_has_sparse() -> bool:
-    """True once memopt.io dispatches sparse formats to memopt.prune.storage's io_* hooks."""
-    import memopt.io as io
-    from memopt.prune.storage import io_weight_spec
+    """True once memopt.models.saved dispatches sparse formats to memopt.weights.sparse's io_* hooks."""
+    import memopt.models.saved as io
+    from memopt.weights.sparse import io_weight_spec
 
     try:
         return io.disk_layout({"format": "sparse-bitmask-float", "shape": [1, 8], "nnz": 0,
@@ -23,9 +23,9 @@ def _io_has_sparse() -> bool:
 
 @pytest.fixture
 def io_with_sparse(monkeypatch):
-    """memopt.io as it is, or, until it calls the hooks itself, with the five-line dispatch the
-    hooks are for patched in (what the lead adds to io.py; see memopt.prune.storage)."""
-    import memopt.io as io
+    """memopt.models.saved as it is, or, until it calls the hooks itself, with the five-line dispatch the
+    hooks are for patched in (what the lead adds to io.py; see memopt.weights.sparse)."""
+    import memopt.models.saved as io
     from memopt.prune import storage as st
 
     if _io_has_sparse():
@@ -47,7 +47,7 @@ def io_with_sparse(monkeypatch):
 
 
 def test_prune_model_structured_saves(tiny_folder, tmp_path):
-    from memopt.io import load
+    from memopt.models.saved import load
 
     out = prune_model(tiny_folder("llama"), "structured", 0.5, tmp_path / "s")
     assert out["bytes_after"] < out["bytes_before"] and out["disk_bytes"] > 0

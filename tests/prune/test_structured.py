@@ -40,8 +40,8 @@ def test_cnn_channels_match_masked_dense():
 
 
 def test_llama_ffn_and_heads(tiny_folder, tmp_path):
-    from memopt.io import load, save
     from memopt.models import load_model
+    from memopt.models.saved import load, save
 
     loaded = load_model(tiny_folder("llama"))  # hidden 64, ffn 128, 4 heads, 2 kv heads
     ref = copy.deepcopy(loaded.model)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.quant import Int4Weight, Int4WeightOnly, QLinear, QuantConfig, model_bytes, quantize_
 from memopt.quant.calibrate import (
     CALIB_TOPICS,
@@ -22,7 +22,7 @@ from memopt.quant.calibrate import (
     int4_weight_from_codes,
     quantize_block_,
 )
-from memopt.quant.primitives import choose_qparams, quantize
+from memopt.weights.primitives import choose_qparams, quantize
 
 GPTQ64 = Int4WeightOnly(group_size=64, algo="gptq")
 GPTQ32 = Int4WeightOnly(group_size=32, algo="gptq")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.quant import (
     Cast,
     Int4WeightOnly,
@@ -24,7 +24,7 @@ from memopt.quant import (
     model_bytes,
     quantize_,
 )
-from memopt.quant.kernels import INT8_KERNELS
+from memopt.weights.kernels import INT8_KERNELS
 
 WEIGHT_CONFIGS = [
     Int8WeightOnly(),

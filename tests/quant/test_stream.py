@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memopt import io
-from memopt.errors import MemoptError
-from memopt.measure.rss import run_in_child
+from memopt.core.errors import MemoptError
+from memopt.core.rss import run_in_child
 from memopt.models import load_model
+from memopt.models import saved as io
 from memopt.quant import (
     Cast,
     Int4WeightOnly,

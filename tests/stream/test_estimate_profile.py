@@ -17,7 +17,7 @@ from memopt.measure.generation import (
     profile_generation,
     profile_streamed,
 )
-from memopt.measure.step import StepSpec
+from memopt.step.step import StepSpec
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memopt.errors import MemoptError
-from memopt.gguf_loader import GGUFSource
+from memopt.core.errors import MemoptError
+from memopt.formats.gguf import GGUFSource
 from memopt.models import resolve
 
 

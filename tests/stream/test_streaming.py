@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.generate import generate
 from memopt.models import load_model
 from memopt.stream import plan_budget, stream_model
@@ -141,9 +141,9 @@ def test_prefetch_overlaps_a_slow_source(tiny: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_int4_chunked_fill_matches_whole(tmp_path: Path) -> None:
-    """The row-chunked int4 repack gives the bytes of memopt.io's whole-tensor fill."""
-    from memopt.io import disk_tensors, empty_weight, fill_weight, weight_spec
-    from memopt.quant.modules import Int4Weight
+    """The row-chunked int4 repack gives the bytes of memopt.models.saved's whole-tensor fill."""
+    from memopt.models.saved import disk_tensors, empty_weight, fill_weight, weight_spec
+    from memopt.weights.quantized import Int4Weight
 
     torch.manual_seed(0)
     w = Int4Weight(torch.randn(8192 + 64, 128), group_size=64)
@@ -160,7 +160,7 @@ def test_int4_chunked_fill_matches_whole(tmp_path: Path) -> None:
 def test_int8_kv_cache_is_smaller_and_close(tiny: Path) -> None:
     """The int8 cache holds ~1/4 of the float32 bytes; its logits stay close to the float cache's
     (not equal: it is a lossy option)."""
-    from memopt.stream.kvcache import int8_kv_cache
+    from memopt.weights.kvcache import int8_kv_cache
 
     ref = load_model(tiny)
     ids = torch.tensor(IDS)
@@ -209,9 +209,9 @@ def test_run_measured_refuses_without_a_child(tiny: Path, monkeypatch: pytest.Mo
 @pytest.mark.parametrize("config", ["int8", "int4"])
 def test_quantized_memopt_folder_streams_bit_exact(tiny: Path, tmp_path: Path, config: str) -> None:
     """A memopt folder of quantized weights streams with the outputs of the quantized model it was
-    saved from (``memopt.io.load`` is not the reference: its int8 codes are views at 8-byte
+    saved from (``memopt.models.saved.load`` is not the reference: its int8 codes are views at 8-byte
     aligned offsets of the file, on which ATen's int8 kernel segfaults)."""
-    from memopt import io
+    from memopt.models import saved as io
     from memopt.quant import Int4WeightOnly, Int8WeightOnly, quantize_
 
     loaded = load_model(tiny)

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.train.finetune import finetune
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer (its vocabulary), as a Hugging Face folder."""
-    from memopt.gguf_loader import gguf_tokenizer
+    from memopt.formats.gguf import gguf_tokenizer
     from memopt.models import resolve
-    from memopt.train.toy import tiny_llama
+    from memopt.models.toy import tiny_llama
 
     folder = tmp_path_factory.mktemp("tiny-lm")
     tok = gguf_tokenizer(resolve("smollm2").path)

@@ -8,13 +8,13 @@ import copy
 import pytest
 import torch
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.measure.estimate import estimate
 from memopt.measure.profile import profile
-from memopt.measure.step import StepSpec
+from memopt.models.toy import tiny_llama
+from memopt.step.step import StepSpec
+from memopt.step.trainer import Trainer
 from memopt.train.checkpoint import checkpoint_blocks, choose_checkpointing, select_blocks
-from memopt.train.toy import tiny_llama
-from memopt.train.trainer import Trainer
 
 SMALL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, vocab_size=512)
 
@@ -147,8 +147,8 @@ def test_saved_state_resumes_exactly(tmp_path, options: dict) -> None:
 
 
 def test_adamw8bit_state_is_a_quarter_of_adamw_on_smollm2() -> None:
-    from memopt.measure.step import make_optimizer
     from memopt.models import build_meta
+    from memopt.step.step import make_optimizer
 
     model = build_meta("smollm2").model  # meta: the real shapes, no weights
     sizes = {}

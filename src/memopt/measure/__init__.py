@@ -1,6 +1,6 @@
 """What memory a model uses: live tensor bytes by category and module (tracker), process RSS (rss).
 
-Names are imported on first use (PEP 562), so that ``memopt.measure.rss`` can be used, in a child
+Names are imported on first use (PEP 562), so that ``memopt.core.rss`` can be used, in a child
 process say, without importing torch.
 """
 
@@ -34,7 +34,7 @@ _HOME = {
 }
 
 if TYPE_CHECKING:
-    from memopt.measure.rss import (
+    from memopt.core.rss import (
         ChildProcessFailed,
         current_rss_bytes,
         peak_rss_bytes,

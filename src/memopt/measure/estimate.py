@@ -2,7 +2,7 @@
 
 The architecture is built on the meta device from its config (:func:`memopt.models.build_meta`), and
 the same step code that :mod:`memopt.measure.profile` runs on real weights
-(:func:`memopt.measure.step.run_step`) runs on it under the same
+(:func:`memopt.step.step.run_step`) runs on it under the same
 :class:`~memopt.measure.tracker.MemoryTracker`. Meta tensors have shapes, dtypes and storages of a
 size, but no data, so every allocation the real step makes is made and counted, in the same order,
 at no cost. An op whose output shape depends on tensor data (``.item()``, ``nonzero``, boolean
@@ -45,9 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
-from memopt.measure.step import StepSpec, largest_block_list, meta_copy, prepare, run_step
+from memopt.core.errors import MemoptError
+from memopt.core.modules import find_blocks
 from memopt.models import LoadedModel, build_meta
+from memopt.step.step import StepSpec, meta_copy, prepare, run_step
 
 __all__ = [
     "CATEGORIES",
@@ -168,7 +169,7 @@ def estimate(model: str | Path | LoadedModel, spec: StepSpec | None = None) -> M
 
 
 def estimate_in_child(model: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run :func:`estimate` in a fresh process (for :func:`memopt.measure.rss.run_in_child`).
+    """Run :func:`estimate` in a fresh process (for :func:`memopt.core.rss.run_in_child`).
 
     Returns ``{"report": ..., "work_baseline_rss_bytes": ...}``; with the child's
     ``peak_rss_bytes`` this shows what estimating costs in memory (it reads no weights).
@@ -252,7 +253,7 @@ def fsdp_shard(report: MemoryReport, model: nn.Module, spec: StepSpec) -> None:
         raise MemoptError("--ranks needs a model with parameters to shard")
     shard = sum(_shard_bytes(p, n) for p in params)
     ratio = shard / full
-    found = largest_block_list(model)
+    found = find_blocks(model)
     block_ids: set[int] = set()
     largest_block = 0
     if found is not None:

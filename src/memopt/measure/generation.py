@@ -1,4 +1,4 @@
-"""The memory of generation (a KV cache) and of a streamed run (``--max-memory``), for estimate/profile.
+"""The memory of generation (a KV cache), for estimate / profile.
 
 Generation (``--task generate --max-new-tokens N``): a prefill forward over the ``seq`` prompt
 positions fills the KV cache, then each of the ``N - 1`` further tokens is one decode forward of a
@@ -13,12 +13,6 @@ full cache: ``peak_bytes = infer step's peak (seq positions) + kv_cache``. :func
 predicts both terms without a weight; :func:`profile_generation` measures both in a child: the
 prefill-sized step under the tracker, then a real greedy generation whose cache tensors are counted
 (storages once), and the child's peak RSS over the whole generation.
-
-Streamed (``--max-memory SIZE``): :func:`estimate_streamed` is the stream planner's prediction of
-the peak RSS over the import baseline (:func:`memopt.stream.run.predict`); :func:`profile_streamed`
-runs the streamed generation in a fresh child (:func:`memopt.stream.run.run_measured`) and reports
-the measured peak RSS over that child's import baseline as ``peak_bytes``. Both refuse a budget
-below the smallest that works, naming it, before any weight is read.
 """
 
 from __future__ import annotations
@@ -26,30 +20,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 
 __all__ = [
     "cache_nbytes",
+    "causal_lm_config",
     "estimate_generation",
-    "estimate_streamed",
     "kv_cache_bytes",
     "kv_positions",
     "profile_generation",
-    "profile_streamed",
 ]
 
 
-def kv_cache_bytes(config: Any, tokens: int, batch: int = 1, itemsize: int = 4) -> int:
+def kv_cache_bytes(
+    config: Any, tokens: int, batch: int = 1, itemsize: int = 4, extra_layers: int = 0
+) -> int:
     """Bytes of a KV cache holding ``tokens`` positions: ``2 × layers × kv_heads × head_dim ×
     tokens × batch × itemsize``; ``itemsize=1`` is memopt's int8 cache, which adds a float32 scale
-    per position, head, K and V (``2 × layers × kv_heads × tokens × batch × 4``)."""
+    per position, head, K and V (``2 × layers × kv_heads × tokens × batch × 4``).
+    ``extra_layers``: that many layers' K and V counted again (a cache that grows by ``torch.cat``
+    holds a layer's old and new tensors for a moment)."""
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     head_dim = int(getattr(config, "head_dim", None) or (hidden // heads if heads else 0))
     per_position = 2 * kv_heads * head_dim * itemsize + (2 * kv_heads * 4 if itemsize == 1 else 0)
-    return layers * per_position * tokens * batch
+    return (layers + extra_layers) * per_position * tokens * batch
 
 
 def kv_positions(seq: int, max_new_tokens: int) -> int:
@@ -78,7 +75,7 @@ def cache_nbytes(cache: Any) -> int:
 
 
 def _itemsize(dtype: str, kv_int8: bool) -> int:
-    from memopt.measure.step import DTYPES
+    from memopt.step.step import DTYPES
 
     return 1 if kv_int8 else DTYPES[dtype].itemsize
 
@@ -105,7 +102,7 @@ def estimate_generation(
     """``memopt estimate MODEL --task generate``: the prefill step's estimate plus the KV cache."""
     from memopt.measure.estimate import estimate
 
-    config = _causal_lm_config(model)
+    config = causal_lm_config(model)
     report = estimate(model, spec).to_dict()
     kv = kv_cache_bytes(
         config, kv_positions(spec.seq, max_new_tokens), spec.batch, _itemsize(spec.dtype, kv_int8)
@@ -117,7 +114,7 @@ def profile_generation(
     model: str | Path, spec: Any, max_new_tokens: int, kv_int8: bool = False
 ) -> dict[str, Any]:
     """``memopt profile MODEL --task generate``, measured in a fresh child process."""
-    from memopt.measure.rss import run_in_child
+    from memopt.core.rss import run_in_child
     from memopt.models import resolve
 
     resolve(model)  # a missing file or unknown name fails here, before a child starts
@@ -145,9 +142,10 @@ def _generation_in_child(
 
     import torch
 
-    from memopt.measure.profile import import_baseline, profile_loaded
-    from memopt.measure.step import StepSpec, synthetic_inputs
+    from memopt.core.rss import import_baseline
+    from memopt.measure.profile import profile_loaded
     from memopt.models import load_model
+    from memopt.step.step import StepSpec, synthetic_inputs
 
     baseline = import_baseline()
     step = StepSpec(**spec)
@@ -156,7 +154,7 @@ def _generation_in_child(
         raise MemoptError(f"{loaded.name} is not a causal language model: nothing to generate")
     report = profile_loaded(loaded, step).to_dict()
     if kv_int8:
-        from memopt.stream.kvcache import use_int8_kv_cache
+        from memopt.weights.kvcache import use_int8_kv_cache  # noqa: I001
 
         use_int8_kv_cache(loaded.model, loaded.config)
     ids = synthetic_inputs(loaded, step)["input_ids"]  # (B, T)
@@ -176,110 +174,11 @@ def _generation_in_child(
     }
 
 
-def _causal_lm_config(model: str | Path) -> Any:
+def causal_lm_config(model: str | Path) -> Any:
+    """The config of a causal LM, read on the meta device; MemoptError for any other model."""
     from memopt.models import build_meta
 
     meta = build_meta(model)
     if meta.task != "causal-lm":
         raise MemoptError(f"{meta.name} is not a causal language model: nothing to generate")
     return meta.config
-
-
-def _check_streamable(spec: Any) -> None:
-    if spec.task != "infer":
-        raise MemoptError("--max-memory streams inference and generation: drop --task train")
-    if spec.ranks != 1:
-        raise MemoptError("--max-memory runs in one process: drop --ranks")
-    if spec.batch != 1:
-        raise MemoptError("--max-memory runs batch 1 (the streamed generator's): drop --batch")
-    if spec.dtype != "float32":
-        raise MemoptError(
-            "--max-memory runs the model's stored dtype: drop --dtype (quantize first instead)"
-        )
-
-
-def _new_tokens(generate: bool, max_new_tokens: int) -> int:
-    # an inference step is a prefill: generation of one token (the cache is then the prompt's)
-    return max_new_tokens if generate else 1
-
-
-def estimate_streamed(
-    model: str | Path,
-    spec: Any,
-    max_memory: int | str,
-    *,
-    generate: bool = False,
-    max_new_tokens: int = 32,
-    kv_int8: bool = False,
-) -> dict[str, Any]:
-    """``memopt estimate MODEL --max-memory SIZE``: the streamed run's predicted peak RSS over the
-    import baseline (``peak_bytes``) and its terms (``breakdown``), reading no weight."""
-    from memopt.stream.run import parse_size, predict
-
-    _check_streamable(spec)
-    n = _new_tokens(generate, max_new_tokens)
-    out = predict(model, parse_size(max_memory), spec.seq, n, kv_int8=kv_int8)
-    return {
-        "model": str(model),
-        "kind": "estimate",
-        "mode": "streamed",
-        "spec": spec.to_dict(),
-        "max_memory_bytes": parse_size(max_memory),
-        "peak_bytes": int(out["peak_bytes"]),
-        "breakdown": out["breakdown"],
-        "generation": {"prompt_tokens": spec.seq, "max_new_tokens": n, "kv_int8": kv_int8},
-        "plan": {k: v for k, v in out.items() if k not in ("peak_bytes", "breakdown")},
-        "modules": [],
-        "timeline": [],
-    }
-
-
-def profile_streamed(
-    model: str | Path,
-    spec: Any,
-    max_memory: int | str,
-    *,
-    generate: bool = False,
-    max_new_tokens: int = 32,
-    kv_int8: bool = False,
-    timeout: float | None = None,
-) -> dict[str, Any]:
-    """``memopt profile MODEL --max-memory SIZE``: the streamed run measured in a fresh child.
-
-    ``peak_bytes`` is the measured peak RSS over the child's import baseline (what the budget
-    bounds); ``peak_rss_bytes`` the child's peak RSS. ``breakdown`` gives the plan's terms (weights
-    resident at the peak, KV cache, activations, runtime): a streamed run holds no tracker, so these
-    are the planner's, and ``breakdown_source`` says so. The prompt is ``seq`` synthetic token ids
-    (the estimator's, seed 0) and exactly ``max_new_tokens`` are generated (no end token).
-    """
-    from memopt.measure.step import synthetic_inputs
-    from memopt.models import build_meta
-    from memopt.stream.run import parse_size, predict, run_measured
-
-    _check_streamable(spec)
-    n = _new_tokens(generate, max_new_tokens)
-    budget = parse_size(max_memory)
-    planned = predict(model, budget, spec.seq, n, kv_int8=kv_int8)  # refuses a budget too small
-    ids = synthetic_inputs(build_meta(model), spec)["input_ids"][0].tolist()  # (T,)
-    out = run_measured(model, ids, n, budget, kv_int8=kv_int8, eos_token_id=-1, timeout=timeout)
-    return {
-        "model": str(model),
-        "kind": "profile",
-        "mode": "streamed",
-        "spec": spec.to_dict(),
-        "max_memory_bytes": budget,
-        "peak_bytes": int(out["peak_over_baseline_bytes"]),
-        "peak_rss_bytes": int(out["peak_rss_bytes"]),
-        "baseline_rss_bytes": int(out["baseline_rss_bytes"]),
-        "rss_scope": "child",
-        "predicted_peak_bytes": int(planned["peak_bytes"]),
-        "breakdown": planned["breakdown"],
-        "breakdown_source": "plan",
-        "tokens_per_s": out.get("tokens_per_s"),
-        "prefill_s": out.get("prefill_s"),
-        "generation": {"prompt_tokens": spec.seq, "max_new_tokens": n, "kv_int8": kv_int8},
-        "stream": out.get("stream"),
-        "modules": [],  # a streamed run holds no tracker: no per-module figures
-        "timeline": [],
-        "seconds": round(float(out.get("seconds", 0.0)), 3),
-    }

@@ -1,9 +1,9 @@
 """Measure the memory of one real step on real weights, with the estimator's step and tracker.
 
 A model given by name or path is loaded and run in a fresh child process
-(:func:`memopt.measure.rss.run_in_child`), so its peak RSS belongs to this step alone: the child
-reports its peak RSS after the imports any step needs (torch, transformers' auto classes, the
-tracker: :func:`import_baseline`), its RSS peak, and the tracker's result. An
+(:func:`memopt.core.rss.run_in_child`), so its peak RSS belongs to this step alone: the child
+reports its peak RSS after the imports any step needs (:func:`memopt.core.rss.import_baseline`),
+its RSS peak, and the tracker's result. An
 in-memory :class:`~memopt.models.LoadedModel` runs in this process (it cannot be sent to a child
 without copying it); its ``peak_rss_bytes`` is then this process's lifetime high-water mark
 (``rss_scope="process"``), an upper bound on the step's.
@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
+import memopt.measure.tracker  # noqa: F401 (in the child's import baseline)
+from memopt.core.rss import current_rss_bytes, import_baseline, peak_rss_bytes, run_in_child
 from memopt.measure.estimate import MemoryReport, fsdp_shard, report_from_result, tracked_step
-from memopt.measure.step import StepSpec
 from memopt.models import LoadedModel, load_model, resolve
+from memopt.step.step import StepSpec
 
-__all__ = ["import_baseline", "profile", "profile_loaded"]
+__all__ = ["profile", "profile_loaded"]
 
 
 def profile(
@@ -45,8 +47,6 @@ def profile(
     if isinstance(model, LoadedModel):
         report = profile_loaded(model, spec, device=device)
     elif child:
-        from memopt.measure.rss import run_in_child
-
         resolve(model)  # a missing file or unknown name fails here, before a child starts
         out = run_in_child(_profile_in_child, str(model), spec.to_dict(), device)
         report = MemoryReport.from_dict(out["report"])
@@ -61,8 +61,6 @@ def profile(
 
 def profile_loaded(loaded: LoadedModel, spec: StepSpec, device: str = "cpu") -> MemoryReport:
     """Measure one step on an in-memory model, in this process (``rss_scope="process"``)."""
-    from memopt.measure.rss import current_rss_bytes, peak_rss_bytes
-
     spec.check_model(loaded)
     baseline = current_rss_bytes()
     was_training = loaded.model.training
@@ -84,19 +82,6 @@ def profile_loaded(loaded: LoadedModel, spec: StepSpec, device: str = "cpu") -> 
             "max_memory_reserved": torch.cuda.max_memory_reserved(),
         }
     return report
-
-
-def import_baseline() -> int:
-    """Import what any step needs (transformers' auto classes, the tracker's module tracker), then
-    return this process's peak RSS: the baseline a child's work is measured from."""
-    import transformers  # noqa: F401
-    from torch.distributed._tools.mod_tracker import ModTracker  # noqa: F401
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: F401
-
-    import memopt.measure.tracker  # noqa: F401
-    from memopt.measure.rss import peak_rss_bytes
-
-    return peak_rss_bytes()
 
 
 def _profile_in_child(model: str, spec: dict[str, Any], device: str = "cpu") -> dict[str, Any]:

@@ -13,8 +13,6 @@ executor.py (how steps avoid allocating) and pool.py (training-loop buffers, CUD
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.atomic import save_figure
+from memopt.core.errors import MemoptError
 from memopt.plan.alloc import AllocationReport, count_allocations
 from memopt.plan.arena import STRATEGIES, ArenaPlan, plan_arena
 from memopt.plan.capture import capture, example_inputs
@@ -186,15 +185,4 @@ def write_plan_png(plan: ModelPlan | ArenaPlan, path: str | Path, title: str | N
     )
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", prefix=f".{out.stem}-", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return save_figure(fig, path, format="png")

@@ -9,7 +9,7 @@ the dispatcher as one of :data:`DATA_DEPENDENT_OPS` (``bool(t)`` and ``t.item()`
 ``aten._local_scalar_dense`` or ``aten.is_nonzero``; ``nonzero``/``unique``/``masked_select`` have
 data-dependent output shapes), and a static plan needs every size known ahead. When export fails we
 run the model once eagerly under a dispatch mode to find the first such op and name it in a
-:class:`~memopt.errors.MemoptError`; a graph that exported but holds unbacked (data-dependent) sizes is
+:class:`~memopt.core.errors.MemoptError`; a graph that exported but holds unbacked (data-dependent) sizes is
 refused the same way, naming the op that produced them.
 
 The graph is then lowered to core ATen (``run_decompositions``): composite ops such as ``linear``,
@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 
 __all__ = ["DATA_DEPENDENT_OPS", "capture", "example_inputs", "find_data_dependent_op"]
 

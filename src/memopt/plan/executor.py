@@ -30,7 +30,7 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind, OutputKind
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 from memopt.plan.arena import ArenaPlan, plan_arena
 from memopt.plan.lifetimes import Lifetimes, is_view_op, lifetimes
 

@@ -22,15 +22,14 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from memopt.core.heap import preallocate_cpu_heap
 
 __all__ = [
     "BufferPool",
@@ -113,36 +112,6 @@ def fill_batch(source: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> 
     source (N, ...), index (B,) int64, out (B, ...) -> out. ``out`` may be a pooled pinned buffer.
     """
     return torch.index_select(source, 0, index, out=out)
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def preallocate_cpu_heap(nbytes: int, mmap_threshold: int = 1 << 30) -> bool:
-    """Keep freed memory in the process heap and grow the heap by ``nbytes`` now (glibc only).
-
-    Returns True when applied. Blocks up to ``mmap_threshold`` then come from the heap, which is
-    not trimmed, so a training loop's per-step tensors reuse memory already faulted in.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
-        return False
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(min(mmap_threshold, 2**31 - 1)))
-    ok &= libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
-    if nbytes > 0:
-        libc.malloc.restype = ctypes.c_void_p
-        libc.free.argtypes = [ctypes.c_void_p]
-        p = libc.malloc(ctypes.c_size_t(nbytes))
-        if p:
-            ctypes.memset(p, 0, nbytes)  # touch every page: the heap is now this big, resident
-            libc.free(ctypes.c_void_p(p))
-    return bool(ok)
 
 
 @dataclass

@@ -14,7 +14,6 @@ from memopt.prune.api import (
     prune_,
     sparsity_of,
 )
-from memopt.prune.cli import demo_row, prune_model
 from memopt.prune.config import (
     METHODS,
     NM,
@@ -26,7 +25,8 @@ from memopt.prune.config import (
     config_for_method,
 )
 from memopt.prune.gradual import GradualPruner, PolynomialDecay, prune_low_magnitude
-from memopt.prune.storage import SparseWeight, sparse_nbytes
+from memopt.prune.model import prune_model
+from memopt.weights.sparse import SparseWeight, sparse_nbytes
 
 __all__ = [
     "METHODS",
@@ -43,7 +43,6 @@ __all__ = [
     "calibration_ids",
     "compact_",
     "config_for_method",
-    "demo_row",
     "prunable",
     "prune_",
     "prune_low_magnitude",

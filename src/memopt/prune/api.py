@@ -12,7 +12,6 @@ weights, for fine-tuning; :func:`compact_` converts them later.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
+from memopt.core.modules import (
+    FilterFn,
+    Select,
+    find_blocks,
+    model_bytes,
+    nothing_selected,
+    selector,
+    set_module,
+)
 from memopt.models import LoadedModel
 from memopt.prune.config import (
     NM,
@@ -33,15 +41,15 @@ from memopt.prune.config import (
     register,
 )
 from memopt.prune.masks import global_masks, layer_mask, nm_mask, row_mask
-from memopt.prune.storage import (
+from memopt.weights.modules import QConv, QLinear
+from memopt.weights.quantized import Int4Weight, Int8Weight, QuantizedWeight
+from memopt.weights.sparse import (
     VALUE_FORMATS,
     SparseWeight,
     choose_layout,
     dense_nbytes,
     sparse_nbytes,
 )
-from memopt.quant.api import model_bytes
-from memopt.quant.modules import Int4Weight, Int8Weight, QConv, QLinear, QuantizedWeight
 
 __all__ = [
     "PruneReport",
@@ -54,8 +62,6 @@ __all__ = [
     "sparsity_of",
 ]
 
-FilterFn = Callable[[str, nn.Module], bool]
-Select = Callable[[str, nn.Module], bool]
 
 
 @dataclass
@@ -91,30 +97,6 @@ class PruneReport:
             "skipped": dict(self.skipped),
             "changed_config": dict(self.changed_config),
         }
-
-
-# --------------------------------------------------------------------------------------------------
-# Selection
-
-
-def _match(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _selector(
-    include: list[str] | None, exclude: list[str] | None, filter_fn: FilterFn | None
-) -> Select:
-    if isinstance(include, str) or isinstance(exclude, str):
-        raise MemoptError("include / exclude take a list of patterns, not a string")
-
-    def select(name: str, module: nn.Module) -> bool:
-        if include is not None and not _match(name, include):
-            return False
-        if exclude is not None and _match(name, exclude):
-            return False
-        return filter_fn is None or bool(filter_fn(name, module))
-
-    return select
 
 
 def _w2d(m: nn.Module) -> torch.Tensor:
@@ -270,9 +252,7 @@ def prune_(
     """
     if not isinstance(config, PruneConfig):
         raise MemoptError(f"not a pruning config: {config!r}")
-    handler = REGISTRY.get(type(config))
-    if handler is None:
-        raise MemoptError(f"no pruning handler for {type(config).__name__}")
+    handler = REGISTRY.handler(config)
     if values not in VALUE_FORMATS:
         raise MemoptError(f"values must be one of {', '.join(VALUE_FORMATS)}, got {values!r}")
     loaded = model if isinstance(model, LoadedModel) else None
@@ -281,9 +261,14 @@ def prune_(
         raise MemoptError(
             f"prune_: expected an nn.Module or LoadedModel, got {type(model).__name__}"
         )
-    select = _selector(include, exclude, filter_fn)
+    select = selector(include, exclude, filter_fn)
     report = PruneReport(config.to_dict(), model_bytes(module))
     targets = prunable(module, select, report)
+    if not targets:
+        looked_for = "nn.Linear, nn.Conv1d or nn.Conv2d with a float weight of its own"
+        raise MemoptError(
+            nothing_selected("prune_", module, config, looked_for, include, exclude, report.skipped)
+        )
     if isinstance(config, NM):  # refuse before any calibration work
         _check_nm(config, targets)
     if calib is None and loaded is not None and config.needs_calibration:
@@ -340,12 +325,10 @@ def _blockwise(model, targets, calib) -> bool:
     """Calibrate block by block: token ids for a model with a list of transformer blocks."""
     if not isinstance(calib, torch.Tensor) or calib.is_floating_point() or calib.dim() != 2:
         return False
-    from memopt.quant.calibrate import find_blocks
-
-    try:
-        prefix, _ = find_blocks(model)
-    except MemoptError:
+    found = find_blocks(model)
+    if found is None:
         return False
+    prefix = found[0]
     return any(n.startswith(prefix + ".") for n, _ in targets)
 
 
@@ -410,11 +393,6 @@ def _structured(model, config: Structured, targets, calib, report) -> None:
 # Compaction: masked dense weights -> sparse (or dense quantized) storage
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def compact_(
     model: nn.Module,
     *,
@@ -460,7 +438,7 @@ def compact_(
             else:
                 new = QLinear(qw, m.bias)
                 m.register_parameter("weight", None)  # release the dense weight now
-            _set_module(model, name, new)
+            set_module(model, name, new)
             report.formats[qw.fmt] = report.formats.get(qw.fmt, 0) + 1
     if own:
         report.modules = [n for n, _ in targets]

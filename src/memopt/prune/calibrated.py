@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
+from memopt.core.modules import require_blocks
 from memopt.prune.masks import nm_mask, row_mask
 
 __all__ = ["sequential_prune", "sparsegpt_prune"]
@@ -115,22 +116,22 @@ def sequential_prune(
     (Wanda) for every selected Linear at once (Linears reading the same tensor share it), then the
     block is pruned and run again to give the next block its inputs. Returns the names pruned
     (targets outside the blocks are left to the caller)."""
-    from memopt.quant.calibrate import _capture_inputs, _next_inputs, _stages, find_blocks
+    from memopt.quant.calibrate import capture_inputs, next_inputs, stages
 
     chosen = {n for n, _ in targets}
-    prefix, blocks = find_blocks(model)
+    prefix, blocks = require_blocks(model, "calibration")
     nm = (config.n, config.m) if hasattr(config, "m") else None
     s = config.sparsity
     done: set[str] = set()
     was_training = model.training
     model.eval()
-    inputs = _capture_inputs(model, blocks[0], calib, batch)
+    inputs = capture_inputs(model, blocks[0], calib, batch)
     for b, blk in enumerate(blocks):
         here = f"{prefix}.{b}."
         names = [nm_ for nm_, m in blk.named_modules()
                  if isinstance(m, nn.Linear) and here + nm_ in chosen]  # fmt: skip
         if names:
-            stages = _stages(blk, inputs[0], names)  # Linears grouped by the tensor they read
+            stages = stages(blk, inputs[0], names)  # Linears grouped by the tensor they read
             stats: dict[str, torch.Tensor] = {}
             handles = []
             for stage in stages:
@@ -157,7 +158,7 @@ def sequential_prune(
                         w.mul_(keep.to(w.dtype))
                     done.add(here + nm_)
         outputs = [blk(*a, **kw) for a, kw in inputs]
-        inputs = _next_inputs(inputs, outputs)
+        inputs = next_inputs(inputs, outputs)
         del outputs
     model.train(was_training)
     return done

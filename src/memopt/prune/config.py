@@ -5,15 +5,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from memopt.errors import MemoptError
+from memopt.core.config import Config, Registry
+from memopt.core.config import check as _check
+from memopt.core.errors import MemoptError
 
 __all__ = [
-    "CONFIGS",
     "METHODS",
     "NM",
     "REGISTRY",
@@ -26,23 +25,8 @@ __all__ = [
     "register",
 ]
 
-REGISTRY: dict[type, Callable[..., Any]] = {}  # config type -> handler
-CONFIGS: dict[str, type[PruneConfig]] = {}  # class name -> config type, for from_dict
-
-
-def register(config_type: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``@register(Magnitude)`` makes the function the handler of that config."""
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        REGISTRY[config_type] = fn
-        return fn
-
-    return deco
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise MemoptError(msg)
+REGISTRY = Registry("pruning")  # config type -> handler
+register = REGISTRY.register
 
 
 def _check_sparsity(name: str, s: Any) -> None:
@@ -53,32 +37,10 @@ def _check_sparsity(name: str, s: Any) -> None:
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(Config, family="pruning"):
     """Base of every pruning config. ``to_dict()`` / ``from_dict()`` carry it in JSON manifests."""
 
     needs_calibration: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        CONFIGS[cls.__name__] = cls
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"type": type(self).__name__}
-        for f in dataclasses.fields(self):
-            d[f.name] = getattr(self, f.name)
-        return d
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> PruneConfig:
-        d = dict(d)
-        name = d.pop("type", None)
-        cls = CONFIGS.get(name) if isinstance(name, str) else None
-        if cls is None:
-            raise MemoptError(f"unknown pruning config type {name!r}")
-        extra = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if extra:
-            raise MemoptError(f"{name}: unknown field(s) {', '.join(sorted(extra))}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)

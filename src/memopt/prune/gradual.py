@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
-from memopt.prune.api import PruneReport, _selector, _w2d, compact_, prunable
+from memopt.core.errors import MemoptError
+from memopt.core.modules import model_bytes, selector
+from memopt.prune.api import PruneReport, _w2d, compact_, prunable
 from memopt.prune.masks import global_masks, layer_mask
-from memopt.quant.api import model_bytes
 
 __all__ = ["GradualPruner", "PolynomialDecay", "prune_low_magnitude"]
 
@@ -98,7 +98,7 @@ class GradualPruner:
             {"type": "GradualMagnitude", "scope": scope, "schedule": schedule.to_dict()},
             model_bytes(model),
         )
-        self.targets = prunable(model, _selector(include, exclude, filter_fn), self.report)
+        self.targets = prunable(model, selector(include, exclude, filter_fn), self.report)
         if not self.targets:
             raise MemoptError("prune_low_magnitude: no Linear / Conv module selected")
         self.masks: dict[str, torch.Tensor] = {

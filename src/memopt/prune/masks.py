@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 
 __all__ = ["global_masks", "layer_mask", "nm_mask", "row_mask"]
 

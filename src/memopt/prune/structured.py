@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
 
 __all__ = ["Chain", "FFN", "Heads", "find_groups", "structured_prune"]
 

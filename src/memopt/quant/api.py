@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
+from memopt.core.modules import FilterFn, model_bytes, nothing_selected, selector, set_module
 from memopt.quant.config import (
     REGISTRY,
     Cast,
@@ -21,19 +21,26 @@ from memopt.quant.config import (
     QuantConfig,
     register,
 )
-from memopt.quant.modules import (
-    Int4Weight,
-    Int8Weight,
-    IntNWeight,
-    QConv,
-    QEmbedding,
-    QLinear,
-    QuantizedWeight,
-)
+from memopt.weights.cast import cast_modules_
+from memopt.weights.modules import QConv, QEmbedding, QLinear
+from memopt.weights.quantized import Int8Weight, QuantizedWeight
 
-__all__ = ["QuantReport", "model_bytes", "quantize_"]
+__all__ = [
+    "COVERED",
+    "QuantReport",
+    "count_format",
+    "covered_shape",
+    "covered_weight",
+    "is_hf_conv1d",
+    "lookup_only_weights",
+    "quantize_",
+    "replace_weights",
+    "swap_module",
+    "swap_plan",
+]
 
-FilterFn = Callable[[str, nn.Module], bool]
+# What quantize_ looks for, as its error says when it finds none of them
+COVERED = "nn.Linear, nn.Embedding, nn.Conv1d/Conv2d or transformers' Conv1D with a float weight"
 
 
 @dataclass
@@ -61,24 +68,6 @@ class QuantReport:
             "formats": dict(self.formats),
             "skipped": dict(self.skipped),
         }
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once (ties, views)."""
-    seen: dict[tuple[str, int], int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type == "meta":
-            continue
-        st = t.untyped_storage()
-        seen[(str(t.device), st.data_ptr())] = st.nbytes()
-    return sum(seen.values())
-
-
-def _match(name: str, patterns: list[str] | tuple[str, ...], fold: bool = False) -> bool:
-    if fold:
-        name = name.lower()
-        return any(fnmatch.fnmatchcase(name, p.lower()) for p in patterns)
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def quantize_(
@@ -109,30 +98,26 @@ def quantize_(
         return calibrate_(
             model, config, calib, include=include, exclude=exclude, filter_fn=filter_fn
         )
-    handler = REGISTRY.get(type(config))
-    if handler is None:
-        raise MemoptError(f"no quantization handler for {type(config).__name__}")
-    if isinstance(include, str) or isinstance(exclude, str):
-        raise MemoptError("include / exclude take a list of patterns, not a string")
-
-    def select(name: str, module: nn.Module) -> bool:
-        if include is not None and not _match(name, include):
-            return False
-        if exclude is not None and _match(name, exclude):
-            return False
-        return filter_fn is None or bool(filter_fn(name, module))
-
+    handler = REGISTRY.handler(config)
+    if not isinstance(model, nn.Module):
+        raise MemoptError(f"quantize_: expected an nn.Module, got {type(model).__name__}")
+    select = selector(include, exclude, filter_fn)
     report = QuantReport(config.to_dict(), model_bytes(model), 0)
     with torch.no_grad():
         handler(model, config, select, report)
     report.bytes_after = model_bytes(model)
+    if not report.modules:
+        looked_for = "a module with floating tensors" if isinstance(config, Cast) else COVERED
+        raise MemoptError(
+            nothing_selected("quantize_", model, config, looked_for, include, exclude, report.skipped)
+        )
     return report
 
 
 # ---- weight formats: Linear, Embedding, Conv1d/2d, transformers' Conv1D ----
 
 
-def _is_hf_conv1d(m: nn.Module) -> bool:
+def is_hf_conv1d(m: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D (GPT-2): weight (in, out), y = x @ W + b
     return (
         type(m).__name__ == "Conv1D"
@@ -141,83 +126,106 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
     )
 
 
-def _weight_2d(m: nn.Module) -> torch.Tensor | None:
-    """The module's float weight as (N, K) rows x inputs, or None if the module is not covered."""
+def covered_shape(m: nn.Module) -> tuple[tuple[int, int], bool] | None:
+    """``((N, K), transposed)`` of a covered module's floating weight (meta too), else None:
+    rows x inputs (a convolution's kernel flattened; transformers' Conv1D stores (in, out))."""
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        return None
     if isinstance(m, (nn.Linear, nn.Embedding)):
-        w = m.weight
+        return (w.shape[0], w.shape[1]), False
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return (w.shape[0], w[0].numel()), False
+    if is_hf_conv1d(m):
+        return (w.shape[1], w.shape[0]), True
+    return None
+
+
+def covered_weight(m: nn.Module) -> torch.Tensor | None:
+    """The module's float weight as (N, K) rows x inputs, or None if the module is not covered
+    (or its weight is on the meta device)."""
+    found = covered_shape(m)
+    if found is None or m.weight.device.type == "meta":
+        return None
+    (n, k), transposed = found
+    return m.weight.t() if transposed else m.weight.reshape(n, k)
+
+
+def swap_plan(
+    model: nn.Module, select: Callable[[str, nn.Module], bool], skipped: dict[str, str]
+) -> list[tuple[str, nn.Module, int]]:
+    """``(name, module, weight key)`` of the covered modules to swap, by quantize_'s rules:
+    selected; a tie group (modules sharing one weight, a tied lm_head) all or nothing, since
+    quantizing half would keep the float copy anyway; an embedding with ``max_norm`` (it
+    renormalises its weight in place) never. Modules left alone are put in ``skipped`` with why.
+    Modules of one key share one quantized weight."""
+    covered: list[tuple[str, nn.Module]] = []
+    owners: dict[int, list[str]] = {}
+    key_of: dict[str, int] = {}  # ids taken while every weight is alive: never reused below
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name and covered_shape(m) is not None:
+            covered.append((name, m))
+            key_of[name] = id(m.weight)
+            owners.setdefault(key_of[name], []).append(name)
+    chosen = {name for name, m in covered if select(name, m)}
+    out = []
+    for name, m in covered:
+        if name not in chosen:
+            continue
+        group = owners[key_of[name]]
+        if any(g not in chosen for g in group):
+            skipped[name] = f"weight tied to unselected {[g for g in group if g not in chosen]}"
+        elif isinstance(m, nn.Embedding) and m.max_norm is not None:
+            skipped[name] = "embedding with max_norm (renormalises its weight in place)"
+        else:
+            out.append((name, m, key_of[name]))
+    return out
+
+
+def swap_module(
+    model: nn.Module, name: str, m: nn.Module, qw: QuantizedWeight, dynamic: bool = False
+) -> nn.Module:
+    """Put the quantized twin of ``m`` (a covered module) around ``qw`` in its place."""
+    if isinstance(m, nn.Embedding):
+        new: nn.Module = QEmbedding(qw, m.padding_idx)
     elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        w = m.weight.reshape(m.weight.shape[0], -1) if m.weight is not None else None
-    elif _is_hf_conv1d(m):
-        w = m.weight.t()
+        new = QConv(m, qw)
     else:
-        return None
-    if w is None or not w.is_floating_point() or w.device.type == "meta":
-        return None
-    return w
+        new = QLinear(qw, getattr(m, "bias", None), dynamic=dynamic and isinstance(qw, Int8Weight))
+    set_module(model, name, new)
+    return new
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def count_format(formats: dict[str, int], new: nn.Module) -> None:
+    """Count one swapped module under its weight's format (``int8-dynamic`` for dynamic ones)."""
+    fmt = new.qweight.fmt + ("-dynamic" if getattr(new, "dynamic", False) else "")
+    formats[fmt] = formats.get(fmt, 0) + 1
 
 
-def _replace_weights(
+def replace_weights(
     model: nn.Module,
     select: Callable[[str, nn.Module], bool],
     report: QuantReport,
     make: Callable[[torch.Tensor, nn.Module], QuantizedWeight | str],
     dynamic: bool = False,
 ) -> None:
-    """Swap every selected covered module for its quantized twin, one module at a time.
+    """Swap every module of :func:`swap_plan` for its quantized twin, one module at a time.
 
-    ``make(w2d, module)`` returns the quantized weight or a reason to skip. Modules sharing one
-    weight Parameter (a tied lm_head) share one quantized weight; if a member of a tie group is not
-    selected, the whole group is left in float (quantizing half would keep the float copy anyway).
-    """
-    covered: list[tuple[str, nn.Module]] = []
-    owners: dict[int, list[str]] = {}
-    key_of: dict[str, int] = {}  # ids taken while every weight is alive: never reused below
-    for name, m in model.named_modules(remove_duplicate=False):
-        if name and _weight_2d(m) is not None:
-            covered.append((name, m))
-            key_of[name] = id(m.weight)
-            owners.setdefault(key_of[name], []).append(name)
-    chosen = {name for name, m in covered if select(name, m)}
+    ``make(w2d, module)`` returns the quantized weight or a reason to skip."""
     done: dict[int, QuantizedWeight] = {}
-    for name, m in covered:
-        if name not in chosen:
-            continue
-        key = key_of[name]
-        group = owners[key]
-        if any(g not in chosen for g in group):
-            report.skipped[name] = (
-                f"weight tied to unselected {[g for g in group if g not in chosen]}"
-            )
-            continue
-        if isinstance(m, nn.Embedding) and m.max_norm is not None:
-            report.skipped[name] = "embedding with max_norm (renormalises its weight in place)"
-            continue
+    for name, m, key in swap_plan(model, select, report.skipped):
         qw = done.get(key)
         if qw is None:
-            made = make(_weight_2d(m), m)
+            made = make(covered_weight(m), m)
             if isinstance(made, str):
                 report.skipped[name] = made
                 continue
             qw = done[key] = made
-        if isinstance(m, nn.Embedding):
-            new: nn.Module = QEmbedding(qw, m.padding_idx)
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            new = QConv(m, qw)
-        else:
-            bias = getattr(m, "bias", None)
-            new = QLinear(qw, bias, dynamic=dynamic and isinstance(qw, Int8Weight))
-        _set_module(model, name, new)
+        new = swap_module(model, name, m, qw, dynamic)
         if not isinstance(new, QConv):  # QConv already dropped it; a tie partner may still hold it
             m.register_parameter("weight", None)  # release the float weight now, not at the end
         report.modules.append(name)
-        fmt = qw.fmt + ("-dynamic" if getattr(new, "dynamic", False) else "")
-        report.formats[fmt] = report.formats.get(fmt, 0) + 1
+        count_format(report.formats, new)
     del done
 
 
@@ -232,107 +240,27 @@ def lookup_only_weights(model: nn.Module) -> set[int]:
 
 
 @register(Int8WeightOnly)
-def _int8_weight_only(model, config: Int8WeightOnly, select, report) -> None:
+@register(Int8Dynamic)
+@register(Int4WeightOnly)
+@register(IntNWeightOnly)
+def _weight_only(model, config: QuantConfig, select, report) -> None:
+    """Every config with a :meth:`~memopt.quant.config.QuantConfig.plan_weight`."""
     lookup = lookup_only_weights(model)
 
     def make(w: torch.Tensor, m: nn.Module) -> QuantizedWeight | str:
-        g = config.group_for(w.shape[1], id(m.weight) in lookup)
-        if g is not None and w.shape[1] % g:
-            return f"group size {g} does not divide {w.shape[1]} inputs"
-        return Int8Weight(w, g)
+        plan = config.plan_weight(w.shape[0], w.shape[1], w.dtype, id(m.weight) in lookup)
+        return plan if isinstance(plan, str) else plan.make(w)
 
-    _replace_weights(model, select, report, make)
-
-
-@register(Int8Dynamic)
-def _int8_dynamic(model, config: Int8Dynamic, select, report) -> None:
-    _replace_weights(model, select, report, lambda w, m: Int8Weight(w), dynamic=True)
-
-
-@register(Int4WeightOnly)
-def _int4_weight_only(model, config: Int4WeightOnly, select, report) -> None:
-    def make(w: torch.Tensor, m: nn.Module) -> QuantizedWeight | str:
-        if w.shape[1] % config.group_size:
-            return f"group size {config.group_size} does not divide {w.shape[1]} inputs"
-        return Int4Weight(w, config.group_size, config.symmetric)
-
-    _replace_weights(model, select, report, make)
-
-
-@register(IntNWeightOnly)
-def _intn_weight_only(model, config: IntNWeightOnly, select, report) -> None:
-    def make(w: torch.Tensor, m: nn.Module) -> QuantizedWeight | str:
-        if w.shape[1] % config.group_size:
-            return f"group size {config.group_size} does not divide {w.shape[1]} inputs"
-        return IntNWeight(w, config.bits, config.group_size, config.symmetric)
-
-    _replace_weights(model, select, report, make)
+    replace_weights(model, select, report, make, dynamic=isinstance(config, Int8Dynamic))
 
 
 # ---- Cast ----
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _cast_tree(x: Any, dtype: torch.dtype) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-    if isinstance(x, tuple) and not hasattr(x, "_fields"):
-        return tuple(_cast_tree(v, dtype) for v in x)
-    if isinstance(x, list):
-        return [_cast_tree(v, dtype) for v in x]
-    if isinstance(x, dict):
-        return {k: _cast_tree(v, dtype) for k, v in x.items()}
-    return x
-
-
-def _boundary_hooks(m: nn.Module, inner: torch.dtype, outer: torch.dtype) -> None:
-    """Floating inputs enter ``m`` as ``inner``, its floating outputs leave as ``outer``."""
-    for h in getattr(m, "_memopt_cast_hooks", ()):
-        h.remove()
-
-    def pre(mod, args, kwargs):
-        return _cast_tree(args, inner), _cast_tree(kwargs, inner)
-
-    def post(mod, args, kwargs, out):
-        return _cast_tree(out, outer)
-
-    m._memopt_cast_hooks = (  # type: ignore[attr-defined]
-        m.register_forward_pre_hook(pre, with_kwargs=True),
-        m.register_forward_hook(post, with_kwargs=True),
-    )
-
 
 @register(Cast)
 def _cast(model: nn.Module, config: Cast, select, report) -> None:
-    """Cast each selected module's own floating tensors; modules matching ``keep`` go to float32.
-
-    ``p.data`` is replaced, not the Parameter, so tied parameters stay one object. Modules with
-    tensors of their own get boundary casts (inputs to their dtype; kept modules' outputs back to
-    the target dtype), so a float32 LayerNorm inside a float16 model runs. Quantized weights keep
-    their own dtypes (their scales are part of the format).
-    """
-    target = _DTYPES[config.dtype]
-    done: set[int] = set()
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedWeight) or not select(name, m):
-            continue
-        kept = bool(name) and (
-            _match(name, config.keep, fold=True) or _match(type(m).__name__, config.keep, fold=True)
-        )
-        dtype = torch.float32 if kept else target
-        own = [
-            t
-            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
-            if t.is_floating_point()
-        ]
-        if not own:
-            continue
-        for t in own:
-            if id(t) not in done and t.dtype != dtype:
-                t.data = t.data.to(dtype)
-            done.add(id(t))
-        _boundary_hooks(m, dtype, target)
-        fmt = f"{config.dtype}" if not kept else "float32 (kept)"
+    """Each selected module's own floating tensors to ``config.dtype`` (``keep``: float32), with
+    casts at module boundaries (memopt.weights.cast)."""
+    for name, fmt in cast_modules_(model, config.dtype, config.keep, select).items():
         report.modules.append(name)
         report.formats[fmt] = report.formats.get(fmt, 0) + 1

@@ -48,57 +48,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt import heap
-from memopt.errors import MemoptError
-from memopt.quant import kernels
+from memopt.core import heap
+from memopt.core.errors import MemoptError
+from memopt.core.modules import model_bytes, require_blocks, selector
+from memopt.core.texts import default_calib_text
 from memopt.quant.config import Int4WeightOnly
-from memopt.quant.modules import Int4Weight, QLinear, QuantizedWeight
-from memopt.quant.primitives import choose_qparams, pack, pack_int4_nblock
+from memopt.weights import kernels
+from memopt.weights.modules import QLinear
+from memopt.weights.primitives import choose_qparams, pack, pack_int4_nblock
+from memopt.weights.quantized import Int4Weight, QuantizedWeight
 
 __all__ = [
     "CALIB_BATCH",
-    "CALIB_TOPICS",
     "GPTQSettings",
     "calibrate_",
     "calibration_ids",
-    "default_calib_text",
-    "find_blocks",
+    "capture_inputs",
     "gptq_head",
     "gptq_quantize",
     "gptq_rows",
     "gptq_weight",
     "int4_weight_from_codes",
+    "next_inputs",
     "output_projection",
     "quantize_block_",
+    "stages",
 ]
-
-# Topics of pydoc_data.topics used for calibration: the language reference's statements, strings,
-# sequences, mappings, the debugger; none of the Data model (chapter 3) or Execution model
-# (chapter 4) sections that evaluation reads (memopt.evaluate._TOPICS, and the Data model's own
-# sections on Pythons whose topics split it: "types", "specialnames", "customization", ...).
-CALIB_TOPICS: tuple[str, ...] = (
-    "compound",
-    "formatstrings",
-    "string-methods",
-    "typesseq",
-    "debugger",
-    "typesmapping",
-    "assignment",
-    "comparisons",
-    "strings",
-    "import",
-    "try",
-    "operator-summary",
-    "calls",
-    "function",
-    "typesseq-mutable",
-    "identifiers",
-    "async",
-    "raise",
-    "binary",
-    "with",
-    "class",
-)
 
 ProgressFn = Callable[[int, int], None]  # (blocks done, blocks total)
 
@@ -136,18 +111,6 @@ def _settings(config: Int4WeightOnly, settings: GPTQSettings | None) -> GPTQSett
 
 
 # ---- calibration data ----
-
-
-def default_calib_text() -> str:
-    """The calibration text: :data:`CALIB_TOPICS` of ``pydoc_data.topics`` (those present)."""
-    from pydoc_data.topics import topics
-
-    from memopt.evaluate import _TOPICS as EVAL_TOPICS
-
-    parts = [topics[t] for t in CALIB_TOPICS if t in topics and t not in EVAL_TOPICS]
-    if not parts:
-        raise MemoptError("pydoc_data.topics has none of the calibration topics")
-    return "\n\n".join(parts)
 
 
 def calibration_ids(
@@ -418,7 +381,7 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _stages(block: nn.Module, first: tuple[tuple, dict], names: list[str]) -> list[list[str]]:
+def stages(block: nn.Module, first: tuple[tuple, dict], names: list[str]) -> list[list[str]]:
     """The Linears ``names`` grouped by the tensor they read, in the order they first run."""
     by_input: dict[int, list[str]] = {}
     order: list[int] = []
@@ -489,7 +452,7 @@ def quantize_block_(
     relative to the block) leaves Linears out; ``on_linear(name, weight or reason skipped)`` is told
     of each one. ``settings`` overrides the algorithm's knobs (benchmarks compare variants).
     ``consume``: each input's hidden states are dropped from ``inputs`` once its output is made
-    (``_next_inputs`` still finds the other arguments there), so the inputs and outputs of the
+    (``next_inputs`` still finds the other arguments there), so the inputs and outputs of the
     whole calibration set are not both held (2 x 18.9 MB on SmolLM2 at 32 x 256).
     """
     settings = _settings(config, settings)
@@ -510,7 +473,7 @@ def quantize_block_(
         else:
             todo.append(nm)
     if todo:
-        for stage in _stages(block, inputs[0], todo):
+        for stage in stages(block, inputs[0], todo):
             lin0 = block.get_submodule(stage[0])
             H = _hessian(block, lin0, inputs, lin0.in_features)  # shared by the stage
             for nm in stage:
@@ -541,28 +504,6 @@ def quantize_block_(
 # ---- the whole model ----
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer's block list: the ModuleList of same-type modules holding the most
-    Linear parameters (``model.layers`` in Llama, ``transformer.h`` in GPT-2, ...)."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) == 0:
-            continue
-        if len({type(c) for c in m}) != 1:
-            continue
-        size = sum(
-            lin.weight.numel()
-            for c in m
-            for lin in c.modules()
-            if isinstance(lin, nn.Linear) and lin.weight is not None
-        )
-        if size and (best is None or size > best[0]):
-            best = (size, name, m)
-    if best is None:
-        raise MemoptError("calibration: found no list of transformer blocks with Linear layers")
-    return best[1], best[2]
-
-
 def _first_hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -579,7 +520,7 @@ def _run(model: nn.Module, ids: torch.Tensor, embed: Embed | None) -> None:
         model(inputs_embeds=embed(ids), use_cache=False)
 
 
-def _capture_inputs(
+def capture_inputs(
     model: nn.Module,
     block: nn.Module,
     ids: torch.Tensor,
@@ -605,7 +546,7 @@ def _capture_inputs(
     return captured
 
 
-def _next_inputs(
+def next_inputs(
     inputs: list[tuple[tuple, dict]], outputs: Iterable[Any]
 ) -> list[tuple[tuple, dict]]:
     nxt = []
@@ -691,7 +632,7 @@ def gptq_head(
     ``settings.lm_head`` is off or the model has no Linear head whose width the group divides.
 
     Its Hessian comes from its real inputs: ``final``, the calibration inputs that the last block's
-    outputs would be for a next block (``_next_inputs``), through whatever sits between the blocks
+    outputs would be for a next block (``next_inputs``), through whatever sits between the blocks
     and the head (the final norm), replayed without recomputing a block. Used by :func:`calibrate_`
     and by the streamed path (memopt.quant.stream), which calls it with the blocks, the embedding
     and the head on meta: ``embed`` then stands in for the embedding (the replay ignores what it
@@ -737,7 +678,7 @@ def calibrate_(
     lm_head) gets round-to-nearest int4, as ``algo="rtn"`` would.
     """
     from memopt.models import LoadedModel
-    from memopt.quant.api import QuantReport, _match, _replace_weights, model_bytes
+    from memopt.quant.api import QuantReport, replace_weights
 
     settings = _settings(config, settings)
     if isinstance(model, LoadedModel):
@@ -750,18 +691,12 @@ def calibrate_(
     if calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise MemoptError(f"calib_ids must be (N, T) token ids, got {tuple(calib_ids.shape)}")
 
-    def select(name: str, module: nn.Module) -> bool:
-        if include is not None and not _match(name, include):
-            return False
-        if exclude is not None and _match(name, exclude):
-            return False
-        return filter_fn is None or bool(filter_fn(name, module))
-
+    select = selector(include, exclude, filter_fn)
     report = QuantReport(config.to_dict(), model_bytes(model), 0)
-    prefix, blocks = find_blocks(model)
+    prefix, blocks = require_blocks(model, "calibration")
     was_training = model.training
     model.eval()
-    inputs = _capture_inputs(model, blocks[0], calib_ids, batch)
+    inputs = capture_inputs(model, blocks[0], calib_ids, batch)
     for b, block in enumerate(blocks):
         here = f"{prefix}.{b}"
 
@@ -782,7 +717,7 @@ def calibrate_(
             consume=True,
         )
         tuple_out = isinstance(outputs[0], (tuple, list))
-        inputs = _next_inputs(inputs, outputs)
+        inputs = next_inputs(inputs, outputs)
         del outputs
         if progress is not None:
             progress(b + 1, len(blocks))
@@ -802,7 +737,7 @@ def calibrate_(
             return head_q
         return Int4Weight(w, config.group_size, config.symmetric)
 
-    _replace_weights(model, select, report, make)
+    replace_weights(model, select, report, make)
     model.train(was_training)
     report.bytes_after = model_bytes(model)
     return report

@@ -1,20 +1,27 @@
 """Quantization configs: frozen dataclasses, validated on construction, JSON round-trippable.
 
-``quantize_`` dispatches on ``type(config)`` through :data:`REGISTRY`, filled by ``@register``.
+``quantize_`` dispatches on ``type(config)`` through :data:`REGISTRY`, filled by ``@register``
+(the config base and its registry: memopt.core.config).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from memopt.errors import MemoptError
+import torch
+
+from memopt.core.config import Config, Registry
+from memopt.core.config import check as _check
+from memopt.core.errors import MemoptError
+from memopt.formats.safetensors import dtype_name
+from memopt.weights import kernels
+from memopt.weights.quantized import Int4Weight, Int8Weight, IntNWeight, QuantizedWeight
 
 __all__ = [
-    "CONFIGS",
     "INT4_ALGOS",
+    "METHODS",
     "REGISTRY",
     "Cast",
     "Int4WeightOnly",
@@ -22,57 +29,49 @@ __all__ = [
     "Int8WeightOnly",
     "IntNWeightOnly",
     "QuantConfig",
+    "WeightPlan",
+    "method_config",
     "register",
 ]
 
-REGISTRY: dict[type, Callable[..., Any]] = {}  # config type -> handler
-CONFIGS: dict[str, type[QuantConfig]] = {}  # class name -> config type, for from_dict
+REGISTRY = Registry("quantization")  # config type -> handler
+register = REGISTRY.register
 
 
-def register(config_type: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``@register(Int8WeightOnly)`` makes the function the handler of that config."""
+@dataclass
+class WeightPlan:
+    """What a config makes of one ``(N, K)`` weight: its manifest entry (known before any value is
+    read: streamed quantization writes the file's header from it), the maker of the weight from
+    float rows, and whether a Linear also quantizes its activations (int8 dynamic)."""
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        REGISTRY[config_type] = fn
-        return fn
-
-    return deco
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise MemoptError(msg)
+    spec: dict[str, Any]
+    make: Callable[[torch.Tensor], QuantizedWeight]
+    dynamic: bool = False
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """Base of every config. ``to_dict()`` / ``from_dict()`` carry it in JSON manifests."""
+class QuantConfig(Config, family="quantization"):
+    """Base of every quantization config. ``to_dict()`` / ``from_dict()`` carry it in manifests.
+
+    A config that stores weights in a memopt.weights kind says how in :meth:`plan_weight`; both
+    ``quantize_`` and the streamed ``quantize_model`` follow it."""
 
     fmt: ClassVar[str] = "?"
 
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        CONFIGS[cls.__name__] = cls
+    def plan_weight(
+        self, n: int, k: int, dtype: torch.dtype, lookup_only: bool = False
+    ) -> WeightPlan | str:
+        """The plan for an ``(N, K)`` weight of ``dtype``, or why it stays as it is.
+        ``lookup_only``: only embeddings read it (no matmul)."""
+        raise MemoptError(f"{type(self).__name__} does not store weights in a quantized kind")
 
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"type": type(self).__name__}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            d[f.name] = list(v) if isinstance(v, tuple) else v
-        return d
 
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> QuantConfig:
-        d = dict(d)
-        name = d.pop("type", None)
-        cls = CONFIGS.get(name) if isinstance(name, str) else None
-        if cls is None:
-            raise MemoptError(f"unknown quantization config type {name!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - names
-        if extra:
-            raise MemoptError(f"{name}: unknown field(s) {', '.join(sorted(extra))}")
-        return cls(**d)
+def _undivided(g: int | None, k: int) -> str | None:
+    return f"group size {g} does not divide {k} inputs" if g is not None and k % g else None
+
+
+def _spec(fmt: str, n: int, k: int, dtype: torch.dtype, g: int | None, **kw: Any) -> dict:
+    return {"format": fmt, "shape": [n, k], "dtype": dtype_name(dtype), "group_size": g, **kw}
 
 
 _GROUPS = (32, 64, 128)
@@ -110,7 +109,7 @@ class Int8WeightOnly(QuantConfig):
     an explicit ``group_size`` applies to every weight). Why a separate default of 128: a lookup
     dequantizes only the gathered rows, so groups cost it no speed, while a matmul weight keeps
     per-channel scales for the fused kernel (grouped int8 measured 2-3x slower at batch 1, see
-    memopt.quant.kernels). Measured on all-MiniLM-L6-v2 (64 sentences, cosine vs float32):
+    memopt.weights.kernels). Measured on all-MiniLM-L6-v2 (64 sentences, cosine vs float32):
     per channel everywhere 0.2534x bytes, cosine_min 0.99900-0.99915; embeddings in groups of 128
     0.2561x, 0.99920; groups of 128 everywhere 0.2589x, 0.99961 but 2x slower Linears. A group
     that does not divide the embedding's width falls back to per channel.
@@ -135,6 +134,15 @@ class Int8WeightOnly(QuantConfig):
             return g
         return self.group_size
 
+    def plan_weight(
+        self, n: int, k: int, dtype: torch.dtype, lookup_only: bool = False
+    ) -> WeightPlan | str:
+        g = self.group_for(k, lookup_only)
+        why = _undivided(g, k)
+        if why:
+            return why
+        return WeightPlan(_spec("int8", n, k, dtype, g), lambda w: Int8Weight(w, g))
+
 
 @dataclass(frozen=True)
 class Int8Dynamic(QuantConfig):
@@ -142,6 +150,11 @@ class Int8Dynamic(QuantConfig):
     int32 accumulation (``torch._int_mm``). Embeddings get int8 weight-only (no matmul there)."""
 
     fmt: ClassVar[str] = "int8-dynamic"
+
+    def plan_weight(
+        self, n: int, k: int, dtype: torch.dtype, lookup_only: bool = False
+    ) -> WeightPlan | str:
+        return WeightPlan(_spec("int8", n, k, dtype, None), Int8Weight, dynamic=True)
 
 
 # How int4 codes are chosen: "rtn" rounds each weight to nearest; "gptq" is calibrated (needs
@@ -175,6 +188,17 @@ class Int4WeightOnly(QuantConfig):
             f"Int4WeightOnly: algo must be one of {', '.join(INT4_ALGOS)}, got {self.algo!r}",
         )
 
+    def plan_weight(
+        self, n: int, k: int, dtype: torch.dtype, lookup_only: bool = False
+    ) -> WeightPlan | str:
+        g, sym = self.group_size, self.symmetric
+        why = _undivided(g, k)
+        if why:
+            return why
+        # the codes in this CPU's kernel layout: loading them here needs no repacking
+        spec = _spec("int4", n, k, dtype, g, symmetric=sym, block_n=kernels.int4_block_n(n))
+        return WeightPlan(spec, lambda w: Int4Weight(w, g, sym))
+
 
 @dataclass(frozen=True)
 class IntNWeightOnly(QuantConfig):
@@ -202,3 +226,45 @@ class IntNWeightOnly(QuantConfig):
     @property
     def fmt(self) -> str:  # type: ignore[override]
         return f"int{self.bits}"
+
+    def plan_weight(
+        self, n: int, k: int, dtype: torch.dtype, lookup_only: bool = False
+    ) -> WeightPlan | str:
+        bits, g, sym = self.bits, self.group_size, self.symmetric
+        why = _undivided(g, k)
+        if why:
+            return why
+        spec = _spec(f"int{bits}", n, k, dtype, g, symmetric=sym, bits=bits)
+        return WeightPlan(spec, lambda w: IntNWeight(w, bits, g, sym))
+
+
+# ``memopt quantize --method M [--group-size G] [--algo A]``: the config behind each method
+METHODS: dict[str, Callable[[int | None, str | None], QuantConfig]] = {
+    "float32": lambda g, a: Cast("float32"),
+    "float16": lambda g, a: Cast("float16"),
+    "bfloat16": lambda g, a: Cast("bfloat16"),
+    "int8": lambda g, a: Int8WeightOnly(group_size=g),
+    "int8-dynamic": lambda g, a: Int8Dynamic(),
+    "int4": lambda g, a: Int4WeightOnly(group_size=g or 64, algo=a or "gptq"),
+    "int3": lambda g, a: IntNWeightOnly(bits=3, group_size=g or 32),
+    "int2": lambda g, a: IntNWeightOnly(bits=2, group_size=g or 32),
+}
+_NO_GROUP = ("float32", "float16", "bfloat16", "int8-dynamic")
+
+
+def method_config(
+    method: str, group_size: int | None = None, algo: str | None = None
+) -> QuantConfig:
+    """The config behind ``memopt quantize --method M [--group-size G] [--algo A]``.
+
+    Defaults: int4 group 64 calibrated (``gptq``; ``--algo rtn`` for round-to-nearest), int8 per
+    output channel (embeddings read only by lookups: groups of 128, see Int8WeightOnly), int3/int2
+    group 32. Invalid combinations raise MemoptError in one line.
+    """
+    if method not in METHODS:
+        raise MemoptError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if algo is not None and method != "int4":
+        raise MemoptError(f"--algo applies to int4 only, not {method}")
+    if group_size is not None and method in _NO_GROUP:
+        raise MemoptError(f"--group-size does not apply to {method}")
+    return METHODS[method](group_size, algo)

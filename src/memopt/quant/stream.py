@@ -4,7 +4,7 @@
 float model. The architecture is built on the meta device (no memory); the covered modules are
 swapped for their quantized classes with empty weights, which fixes every output tensor's name,
 dtype and shape, so the safetensors header is written first and each tensor's bytes follow as they
-are made (:class:`memopt.io.SafetensorsWriter`), in execution order. Each weight is read from the
+are made (:class:`memopt.models.saved.SafetensorsWriter`), in execution order. Each weight is read from the
 source in row chunks (about 8 MB of float32 at a time: safetensors through ``mmap``, GGUF blocks
 dequantized per chunk), quantized chunk by chunk by the same weight classes ``quantize_`` uses (rows
 are quantized independently, so the result is bit-identical to quantizing the whole tensor), and its
@@ -23,7 +23,7 @@ their place at the start of the file and are written at the end (``SafetensorsWr
 The float embedding is never built: the capture gathers only the calibration tokens' rows into a
 small table, and the head's GPTQ reads its weight 2048 rows at a time from the source (its Hessian
 comes from the stored final hidden states, replayed through the final norm: the model call that
-carries them gets zero input embeddings, which the replay ignores). Peak (smollm2, 1 MB mmap threshold: :func:`memopt.heap.bound_heap`): the imports + the
+carries them gets zero input embeddings, which the replay ignores). Peak (smollm2, 1 MB mmap threshold: :func:`memopt.core.heap.bound_heap`): the imports + the
 calibration activations + one float block + the quantized output, 524 MB against the issue's bound
 of 581 MB (imports 392 + output 76 + largest float32 tensor 113).
 """
@@ -31,9 +31,6 @@ of 581 MB (imports 392 + output 76 + largest float32 tensor 113).
 from __future__ import annotations
 
 import copy
-import ctypes
-import json
-import mmap
 import time
 import warnings
 from collections.abc import Callable
@@ -44,34 +41,49 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt import heap, io
-from memopt.errors import MemoptError
-from memopt.models import ModelSource, build_meta, resolve
-from memopt.quant.config import (
-    Cast,
-    Int4WeightOnly,
-    Int8Dynamic,
-    Int8WeightOnly,
-    IntNWeightOnly,
-    QuantConfig,
+from memopt.core import heap
+from memopt.core.errors import MemoptError
+from memopt.core.modules import iter_chunks, model_bytes, numel, selector
+from memopt.core.pages import file_mappings, release
+from memopt.core.rss import peak_rss_bytes
+from memopt.formats.safetensors import SafetensorsReader
+from memopt.models import (
+    LoadedModel,
+    ModelSource,
+    assign_tensor,
+    build_meta,
+    load_model,
+    match_key,
+    materialize_buffers,
+    resolve,
 )
-from memopt.quant.modules import (
+from memopt.models.saved import (
+    Entry,
+    check_output,
+    describe,
+    disk_bytes,
+    save,
+    staged_folder,
+    write_folder,
+)
+from memopt.quant.api import (
+    count_format,
+    covered_shape,
+    lookup_only_weights,
+    quantize_,
+    swap_module,
+    swap_plan,
+)
+from memopt.quant.config import Cast, Int4WeightOnly, QuantConfig, WeightPlan
+from memopt.weights.quantized import (
     Int4Weight,
-    Int8Weight,
-    IntNWeight,
-    QConv,
-    QEmbedding,
-    QLinear,
     QuantizedWeight,
+    disk_tensors,
+    empty_weight,
+    int4_relayout,
 )
 
-__all__ = [
-    "METHODS",
-    "import_baseline_job",
-    "method_config",
-    "quantize_model",
-    "quantize_model_job",
-]
+__all__ = ["quantize_model", "quantize_model_job"]
 
 ProgressFn = Callable[[int, int], None]
 CHUNK_BYTES = 4 << 20  # float32 bytes of one row chunk: temporaries stay a few times this
@@ -81,106 +93,21 @@ CHUNK_BYTES = 4 << 20  # float32 bytes of one row chunk: temporaries stay a few 
 # Reading rows of a source tensor, and giving its pages back
 
 
-class _SafetensorsRows:
-    """Every ``*.safetensors`` of a folder, mapped with ``mmap``; tensors are zero-copy views."""
-
-    def __init__(self, folder: Path) -> None:
-        from memopt.models import _SAFE_DTYPES, _check_safetensors_size
-
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise MemoptError(f"{folder}: no .safetensors weights in the folder")
-        self._t: dict[str, tuple[mmap.mmap, torch.dtype, tuple[int, ...], int, int]] = {}
-        for file in files:
-            _check_safetensors_size(file)  # truncated / corrupt: one line, before any work
-            with open(file, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = _SAFE_DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise MemoptError(f"{file}: tensor {name!r} has unsupported {info['dtype']}")
-                a, b = info["data_offsets"]
-                self._t[name] = (mm, dtype, tuple(info["shape"]), 8 + n + a, 8 + n + b)
-
-    def names(self) -> list[str]:
-        return list(self._t)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._t[name][2]
-
-    def view(self, name: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
-        mm, dtype, shape, start, end = self._t[name]
-        if r0 is None or not shape:
-            count, offset, out_shape = end - start, start, shape
-        else:
-            row = (end - start) // max(shape[0], 1)
-            count, offset, out_shape = (r1 - r0) * row, start + r0 * row, (r1 - r0, *shape[1:])
-        with warnings.catch_warnings():  # read-only mapping: we never write through the view
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(mm, dtype=torch.uint8, count=count, offset=offset)
-        return raw.view(dtype).reshape(out_shape)
-
-    def release(self) -> None:
-        """Drop the mapped pages of every file (see :meth:`_Rows.release`)."""
-        for mm in {id(v[0]): v[0] for v in self._t.values()}.values():
-            if hasattr(mm, "madvise"):
-                mm.madvise(mmap.MADV_DONTNEED)
-
-
-def _file_ranges(path: Path) -> list[tuple[int, int]]:
-    """Address ranges where ``path`` is mapped in this process (Linux /proc/self/maps)."""
-    real = str(Path(path).resolve())
-    out = []
-    try:
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].strip() == real:
-                    lo, hi = parts[0].split("-")
-                    out.append((int(lo, 16), int(hi, 16)))
-    except OSError:
-        pass
-    return out
-
-
-def _madvise_dontneed(addr: int, nbytes: int, ranges: list[tuple[int, int]]) -> None:
-    """Drop this process's pages of ``[addr, addr + nbytes)`` - only inside the file mappings
-    ``ranges`` (on anonymous memory MADV_DONTNEED would discard data; on a file mapping that we
-    only read it merely unmaps pages, which refault from the page cache if touched again)."""
-    page = mmap.PAGESIZE
-    lo, hi = addr // page * page, -(-(addr + nbytes) // page) * page
-    for a, b in ranges:
-        s, e = max(lo, a), min(hi, b)
-        if e > s:
-            _LIBC.madvise(ctypes.c_void_p(s), ctypes.c_size_t(e - s), 4)  # 4: MADV_DONTNEED
-
-
-try:
-    _LIBC = ctypes.CDLL(None, use_errno=True)
-    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError):  # no libc madvise (not Linux): pages are simply kept
-    _LIBC = None
-
-
 class _Rows:
     """Row-chunk reads of a source's float tensors (by source name) + page release."""
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source
         if source.kind == "gguf":
-            from memopt.gguf_loader import GGUFSource
+            from memopt.formats.gguf import GGUFSource
 
             self.gguf = GGUFSource(source.path)
             self.gguf.drop_metadata()  # build_meta read the config: the vocabulary's objects go
             self.st = None
-            self._ranges = _file_ranges(source.path) if _LIBC is not None else []
+            self._ranges = file_mappings(source.path)
         else:
             self.gguf = None
-            self.st = _SafetensorsRows(source.path)
+            self.st = SafetensorsReader(source.path, source.name)
 
     def names(self) -> list[str]:
         return self.gguf.names() if self.gguf is not None else self.st.names()
@@ -191,14 +118,14 @@ class _Rows:
     def rows(self, name: str, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``r0:r1`` as ``dtype`` (possibly a read-only view of the mapping: do not write)."""
         if self.gguf is not None:
-            from memopt.gguf_loader import dequantize
+            from memopt.formats.gguf import dequantize
 
             gtype, data = self._raw(name)
             with warnings.catch_warnings():  # a read-only view of the mapping: only read
                 warnings.simplefilter("ignore", UserWarning)
                 out = dequantize(data[r0:r1], gtype, (r1 - r0, *self.shape(name)[1:]))
         else:
-            out = self.st.view(name, r0, r1)
+            out = self.st.get(name)[r0:r1]  # a view of the mapping
         return out if not out.is_floating_point() or out.dtype == dtype else out.to(dtype)
 
     def _raw(self, name: str) -> tuple[str, Any]:
@@ -214,7 +141,7 @@ class _Rows:
         if self.gguf is not None:
             out = self.gguf.read(name, rows=index)
         else:
-            out = self.st.view(name)[index]  # (U, C): a copy of those rows only
+            out = self.st.get(name)[index]  # (U, C): a copy of those rows only
         out = out.to(dtype) if out.dtype != dtype else out
         self.release()
         return out
@@ -222,8 +149,7 @@ class _Rows:
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         if self.gguf is not None:
             return self.gguf.get(name, dtype if dtype.is_floating_point else None)
-        t = self.st.view(name)
-        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        return self.st.get(name, dtype)
 
     def owned(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The whole tensor as ``dtype``, owned by the caller, built chunk by chunk into one
@@ -232,7 +158,7 @@ class _Rows:
         source's pages are given back after each chunk."""
         shape = self.shape(name)
         if self.gguf is None:  # a view of the mapping: one copy, in the asked dtype
-            t = self.st.view(name)
+            t = self.st.get(name)
             out = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
             self.release()
             return out
@@ -243,7 +169,7 @@ class _Rows:
         probe = self.rows(name, 0, 1, dtype)  # (1, ...): the dtype a non-float tensor keeps
         out = torch.empty(shape, dtype=probe.dtype)
         step = max(1, CHUNK_BYTES // max(1, probe.numel() * probe.element_size()))
-        for a, b in io.iter_chunks(shape[0], step):
+        for a, b in iter_chunks(shape[0], step):
             out[a:b] = self.rows(name, a, b, dtype)
             self.release()
             heap.trim()
@@ -257,10 +183,9 @@ class _Rows:
         if self.gguf is not None:
             self._raw_key = None
             self._raw_val = None
-            for a, b in self._ranges:
-                _madvise_dontneed(a, b - a, self._ranges)
+            release(self._ranges)
         else:
-            self.st.release()
+            self.st.release_all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +196,7 @@ class _Rows:
 class _Planned:
     src: str  # source tensor name of the float weight
     transpose: bool  # transformers' Conv1D stores (in, out)
-    make: Callable[[torch.Tensor], QuantizedWeight]
+    weight: WeightPlan  # the manifest entry and the maker of the weight from float rows
     gptq: bool = False
     qw: QuantizedWeight | None = None
     head: bool = False  # the output projection by GPTQ: written last, once every block is done
@@ -285,52 +210,6 @@ class _Plan:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _covered(m: nn.Module) -> tuple[tuple[int, int], bool] | None:
-    """((N, K), transposed) of a covered module's weight on the meta device, else None."""
-    from memopt.quant.api import _is_hf_conv1d
-
-    w = getattr(m, "weight", None)
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        return None
-    if isinstance(m, (nn.Linear, nn.Embedding)):
-        return (w.shape[0], w.shape[1]), False
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        return (w.shape[0], w[0].numel()), False
-    if _is_hf_conv1d(m):
-        return (w.shape[1], w.shape[0]), True
-    return None
-
-
-def _format(
-    config: QuantConfig, n: int, k: int, dtype: torch.dtype, lookup_only: bool = False
-) -> tuple[dict, Any] | str:
-    """(empty-weight spec, maker of the real weight from a float (rows, K)) or a reason to skip.
-    ``lookup_only``: only embeddings read the weight (Int8WeightOnly groups those differently)."""
-    spec: dict[str, Any] = {"shape": [n, k], "dtype": str(dtype).removeprefix("torch.")}
-    if isinstance(config, Int8Dynamic):
-        return {**spec, "format": "int8", "group_size": None}, lambda w: Int8Weight(w)
-    if isinstance(config, Int8WeightOnly):
-        g = config.group_for(k, lookup_only)
-    else:
-        g = config.group_size
-    if g is not None and k % g:
-        return f"group size {g} does not divide {k} inputs"
-    if isinstance(config, Int8WeightOnly):
-        return {**spec, "format": "int8", "group_size": g}, lambda w: Int8Weight(w, g)
-    if isinstance(config, Int4WeightOnly):
-        from memopt.quant.kernels import int4_block_n
-
-        sym = config.symmetric
-        # written in this CPU's kernel layout (memopt.io): loading here needs no repacking
-        spec = {**spec, "format": "int4", "group_size": g, "symmetric": sym}
-        spec["block_n"] = int4_block_n(n)
-        return spec, lambda w: Int4Weight(w, g, sym)
-    assert isinstance(config, IntNWeightOnly)
-    bits, sym = config.bits, config.symmetric
-    spec = {**spec, "format": f"int{bits}", "group_size": g, "symmetric": sym, "bits": bits}
-    return spec, lambda w: IntNWeight(w, bits, g, sym)
-
-
 def _plan(
     model: nn.Module,
     config: QuantConfig,
@@ -340,60 +219,35 @@ def _plan(
     gptq_head: str | None = None,
 ) -> _Plan:
     """Swap the selected covered modules of a meta model for quantized ones with empty weights,
-    following ``quantize_``'s rules exactly (tie groups all-or-nothing, max_norm embeddings left
-    alone, group sizes that do not divide left in float). ``gptq_linears``: Linears that the
-    calibrated path fills instead (quantize_block_ decides their codes); ``gptq_head``: the name of
-    the output projection when the calibrated path quantizes it (with its tied embedding)."""
-    from memopt.quant.api import lookup_only_weights
-
+    by ``quantize_``'s own rules (:func:`memopt.quant.api.swap_plan`) and the config's plan of
+    each weight. ``gptq_linears``: Linears that the calibrated path fills instead (quantize_block_
+    decides their codes); ``gptq_head``: the name of the output projection when the calibrated
+    path quantizes it (with its tied embedding)."""
     plan = _Plan()
     lookup = lookup_only_weights(model)
-    covered, owners, key_of = [], {}, {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if name and _covered(m) is not None:
-            covered.append((name, m))
-            key_of[name] = id(m.weight)
-            owners.setdefault(key_of[name], []).append(name)
-    chosen = {name for name, m in covered if select(name, m)}
     done: dict[int, QuantizedWeight] = {}
-    dynamic = isinstance(config, Int8Dynamic)
-    for name, m in covered:
-        if name not in chosen:
-            continue
-        group = owners[key_of[name]]
-        if any(g not in chosen for g in group):
-            plan.skipped[name] = (
-                f"weight tied to unselected {[g for g in group if g not in chosen]}"
-            )
-            continue
-        if isinstance(m, nn.Embedding) and m.max_norm is not None:
-            plan.skipped[name] = "embedding with max_norm (renormalises its weight in place)"
-            continue
-        qw = done.get(key_of[name])
+    swaps = swap_plan(model, select, plan.skipped)
+    owners: dict[int, list[str]] = {}
+    for name, _, key in swaps:
+        owners.setdefault(key, []).append(name)
+    for name, m, key in swaps:
+        qw = done.get(key)
         if qw is None:
-            (n, k), transposed = _covered(m)
-            made = _format(config, n, k, m.weight.dtype, key_of[name] in lookup)
+            (n, k), transposed = covered_shape(m)
+            made = config.plan_weight(n, k, m.weight.dtype, key in lookup)
             if isinstance(made, str):
                 plan.skipped[name] = made
                 continue
-            spec, make = made
             src = src_of(f"{name}.weight")
             if src is None:
                 raise MemoptError(f"source has no tensor for {name}.weight")
-            qw = done[key_of[name]] = io.empty_weight(spec)
-            head = gptq_head is not None and gptq_head in group
+            qw = done[key] = empty_weight(made.spec)
+            head = gptq_head is not None and gptq_head in owners[key]
             gptq = name in gptq_linears or head
-            plan.weights[id(qw)] = _Planned(src, transposed, make, gptq, qw, head)
-        if isinstance(m, nn.Embedding):
-            new: nn.Module = QEmbedding(qw, m.padding_idx)
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            new = QConv(m, qw)
-        else:
-            new = QLinear(qw, getattr(m, "bias", None), dynamic=dynamic and qw.fmt == "int8")
-        io._set_module(model, name, new)
+            plan.weights[id(qw)] = _Planned(src, transposed, made, gptq, qw, head)
+        new = swap_module(model, name, m, qw, plan.weights[id(qw)].weight.dynamic)
         plan.modules.append(name)
-        fmt = qw.fmt + ("-dynamic" if getattr(new, "dynamic", False) else "")
-        plan.formats[fmt] = plan.formats.get(fmt, 0) + 1
+        count_format(plan.formats, new)
     return plan
 
 
@@ -409,9 +263,9 @@ def _quantize_rows(rows: _Rows, p: _Planned, dtype: torch.dtype) -> dict[str, li
         read = lambda a, b: rows.rows(p.src, a, b, dtype)  # noqa: E731
     step = max(64, CHUNK_BYTES // (4 * max(k, 1)) // 64 * 64)  # a multiple of every int4 block_n
     parts: dict[str, list[torch.Tensor]] = {}
-    for a, b in io.iter_chunks(n, step):
+    for a, b in iter_chunks(n, step):
         w = read(a, b)  # (rows, K)
-        for suffix, t in _disk_tensors(p.make(w), p.qw).items():
+        for suffix, t in _disk_tensors(p.weight.make(w), p.qw).items():
             parts.setdefault(suffix, []).append(t.clone() if t._base is not None else t)
         del w
         rows.release()
@@ -420,11 +274,11 @@ def _quantize_rows(rows: _Rows, p: _Planned, dtype: torch.dtype) -> dict[str, li
 
 
 def _disk_tensors(qw: QuantizedWeight, planned: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """``io.disk_tensors(qw)`` with int4 codes in the planned weight's layout: a chunk of rows (or
+    """``disk_tensors(qw)`` with int4 codes in the planned weight's layout: a chunk of rows (or
     a weight made elsewhere) may have found another kernel layout for its own row count."""
-    out = io.disk_tensors(qw)
+    out = disk_tensors(qw)
     if isinstance(qw, Int4Weight) and qw.block_n != planned.block_n:
-        out["packed"] = io.int4_relayout(out["packed"], qw.shape[1], qw.block_n, planned.block_n)
+        out["packed"] = int4_relayout(out["packed"], qw.shape[1], qw.block_n, planned.block_n)
     return out
 
 
@@ -477,14 +331,12 @@ class _Calibrated:
     ) -> None:
         """Read the meta tensors of ``module`` (names under ``prefix``) from the source; names
         for which ``skip`` is true are left on meta."""
-        from memopt.models import _assign
-
         for name, t in [*module.named_parameters(), *module.named_buffers()]:
             if not t.is_meta or (skip is not None and skip(name)):
                 continue
             src = self.src_of(f"{prefix}{name}")
             if src is not None:
-                _assign(module, name, self.rows.owned(src, t.dtype))
+                assign_tensor(module, name, self.rows.owned(src, t.dtype))
 
     def _outside(self) -> tuple[list[str], Callable[[str], bool]]:
         """The meta tensors outside the blocks that the capture and the head's Hessian need (the
@@ -542,14 +394,12 @@ class _Calibrated:
 
     @staticmethod
     def _to_meta(model: nn.Module, names: list[str]) -> None:
-        from memopt.models import _assign
-
         for n in names:
             owner_name, _, attr = n.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             t = owner._parameters.get(attr, owner._buffers.get(attr))
             if t is not None and not t.is_meta:
-                _assign(model, n, torch.empty_like(t, device="meta"))
+                assign_tensor(model, n, torch.empty_like(t, device="meta"))
 
     def weight(self, full: str, tokenizer: Callable[[], Any]) -> QuantizedWeight:
         """The calibrated weight of Linear ``full`` (``prefix.b.rest``): block b run if needed."""
@@ -653,29 +503,13 @@ def _meta_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def _select(include: list[str] | None, exclude: list[str] | None) -> Callable[[str, Any], bool]:
-    from memopt.quant.api import _match
-
-    if isinstance(include, str) or isinstance(exclude, str):
-        raise MemoptError("include / exclude take a list of patterns, not a string")
-
-    def select(name: str, module: Any) -> bool:
-        if include is not None and not _match(name, include):
-            return False
-        return not (exclude is not None and _match(name, exclude))
-
-    return select
-
-
 def _source_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     """Model tensor name -> source tensor name (allowing a base-model prefix on either side)."""
-    from memopt.models import _match_key
-
     targets = {n: None for n, _ in model.named_parameters(remove_duplicate=False)}
     targets.update({n: None for n, _ in model.named_buffers(remove_duplicate=False)})
     out = {}
     for src in names:
-        key = _match_key(src, targets)
+        key = match_key(src, targets)
         if key is not None:
             out[key] = src
     return out
@@ -699,18 +533,18 @@ def quantize_model(
     Returns ``bytes_before`` (the float model as memopt loads it: float32 for GGUF), ``bytes_after``
     (the quantized model in RAM once loaded, exact), ``disk_bytes`` (sum of the written files),
     ``peak_rss_bytes`` (this process's peak resident set so far: run it in a fresh process for a
-    figure that belongs to it alone, see :func:`memopt.measure.rss.run_in_child`), ``seconds``,
+    figure that belongs to it alone, see :func:`memopt.core.rss.run_in_child`), ``seconds``,
     ``modules`` (names quantized), ``formats`` and ``skipped``.
     """
-    from memopt.measure.rss import peak_rss_bytes
-
     start = time.perf_counter()
     config = _as_config(config)
-    io.check_output(out_dir)
+    check_output(out_dir)
     source = model_spec if isinstance(model_spec, ModelSource) else resolve(model_spec)
     gptq = isinstance(config, Int4WeightOnly) and getattr(config, "algo", "rtn") != "rtn"
-    known = (Cast, Int8WeightOnly, Int8Dynamic, Int4WeightOnly, IntNWeightOnly)
-    if source.kind == "memopt" or not isinstance(config, known):
+    # streamed: a cast, or a config whose weights have a plan (what a config registered elsewhere
+    # may not have: it is quantized in memory)
+    planned = type(config).plan_weight is not QuantConfig.plan_weight
+    if source.kind == "memopt" or not (planned or isinstance(config, Cast)):
         return _in_memory(source, config, out_dir, include, exclude, calib, progress, start)
     if gptq:
         try:
@@ -718,16 +552,14 @@ def quantize_model(
         except ImportError:
             return _in_memory(source, config, out_dir, include, exclude, calib, progress, start)
 
-    from memopt.models import _materialize_buffers
-
     loaded = build_meta(source)
     model = loaded.model
     bytes_before = _meta_bytes(model)
     rows = _Rows(source)
     key_to_src = _source_names(model, rows.names())
-    select = _select(include, exclude)
+    select = selector(include, exclude)
     with torch.no_grad():
-        _materialize_buffers(model)  # computed buffers (rotary frequencies): small, real
+        materialize_buffers(model)  # computed buffers (rotary frequencies): small, real
     cal = None
     if gptq:
         # Block by block, glibc's rising mmap threshold left each stage's freed Hessians and
@@ -748,8 +580,6 @@ def quantize_model(
         return None
 
     if isinstance(config, Cast):
-        from memopt.quant.api import quantize_
-
         with torch.no_grad():
             report = quantize_(model, config, include=include, exclude=exclude)
         plan = _Plan(modules=report.modules, formats=report.formats)
@@ -760,15 +590,13 @@ def quantize_model(
     undivided = [n for n, why in plan.skipped.items() if "does not divide" in why]
     if undivided and not plan.modules:
         raise MemoptError(f"{source.name}: {plan.skipped[undivided[0]]} (nor any other layer's)")
-    desc = io.describe(model)
+    desc = describe(model)
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def tokenizer() -> Any:  # called once, for the calibration ids; not kept (~30 MB)
-        from memopt.models import LoadedModel
-
         return LoadedModel(model, loaded.task, source.name, None, source).tokenizer()
 
-    def fill(e: io.Entry) -> torch.Tensor | list[torch.Tensor]:
+    def fill(e: Entry) -> torch.Tensor | list[torch.Tensor]:
         if e.weight is None:
             assert e.tensor is not None
             if not e.tensor.is_meta:
@@ -794,8 +622,8 @@ def quantize_model(
                 cache[key] = _quantize_rows(rows, p, e.weight.dtype)
         return cache[key][e.suffix]
 
-    with torch.no_grad(), io.staged_folder(out_dir) as tmp:
-        io.write_folder(
+    with torch.no_grad(), staged_folder(out_dir) as tmp:
+        write_folder(
             tmp,
             desc,
             fill,
@@ -809,11 +637,11 @@ def quantize_model(
             late=lambda e: e.weight is not None and plan.weights[id(e.weight)].head,
         )
     out = Path(out_dir)
-    bytes_after = sum(io._numel(e.shape) * e.dtype.itemsize for e in desc.entries)
+    bytes_after = sum(numel(e.shape) * e.dtype.itemsize for e in desc.entries)
     return {
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
-        "disk_bytes": io.disk_bytes(out),
+        "disk_bytes": disk_bytes(out),
         "peak_rss_bytes": peak_rss_bytes(),
         "seconds": time.perf_counter() - start,
         "modules": list(plan.modules),
@@ -827,10 +655,6 @@ def quantize_model(
 def _in_memory(source, config, out_dir, include, exclude, calib, progress, start) -> dict:
     """Load the whole model, quantize it in RAM, save: for sources and configs that the
     streamed path does not cover (a memopt folder, a config type registered elsewhere)."""
-    from memopt.measure.rss import peak_rss_bytes
-    from memopt.models import load_model
-    from memopt.quant.api import model_bytes, quantize_
-
     loaded = load_model(source)
     before = model_bytes(loaded.model)
     if isinstance(config, Int4WeightOnly) and getattr(config, "algo", "rtn") != "rtn":
@@ -842,11 +666,11 @@ def _in_memory(source, config, out_dir, include, exclude, calib, progress, start
         report = quantize_(loaded.model, config, include=include, exclude=exclude)
     after = model_bytes(loaded.model)
     quant = [_record(config, include, exclude, calib)]
-    io.save(loaded, out_dir, quant_config=quant, progress=progress)
+    save(loaded, out_dir, quant_config=quant, progress=progress)
     return {
         "bytes_before": before,
         "bytes_after": after,
-        "disk_bytes": io.disk_bytes(out_dir),
+        "disk_bytes": disk_bytes(out_dir),
         "peak_rss_bytes": peak_rss_bytes(),
         "seconds": time.perf_counter() - start,
         "modules": list(report.modules),
@@ -868,35 +692,6 @@ def _record(config: QuantConfig, include: Any, exclude: Any, calib: Any) -> dict
     return rec
 
 
-METHODS = ("float32", "float16", "bfloat16", "int8", "int8-dynamic", "int4", "int3", "int2")
-
-
-def method_config(
-    method: str, group_size: int | None = None, algo: str | None = None
-) -> QuantConfig:
-    """The config behind ``memopt quantize --method M [--group-size G] [--algo A]``.
-
-    Defaults: int4 group 64 calibrated (``gptq``; ``--algo rtn`` for round-to-nearest), int8 per
-    output channel (embeddings read only by lookups: groups of 128, see Int8WeightOnly), int3/int2
-    group 32. Invalid combinations raise MemoptError in one line.
-    """
-    if method not in METHODS:
-        raise MemoptError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-    if algo is not None and method != "int4":
-        raise MemoptError(f"--algo applies to int4 only, not {method}")
-    if group_size is not None and method in ("float32", "float16", "bfloat16", "int8-dynamic"):
-        raise MemoptError(f"--group-size does not apply to {method}")
-    if method in ("float32", "float16", "bfloat16"):
-        return Cast(method)
-    if method == "int8":
-        return Int8WeightOnly(group_size=group_size)
-    if method == "int8-dynamic":
-        return Int8Dynamic()
-    if method == "int4":
-        return Int4WeightOnly(group_size=group_size or 64, algo=algo or "gptq")
-    return IntNWeightOnly(bits=int(method[3:]), group_size=group_size or 32)
-
-
 def quantize_model_job(
     model_spec: str,
     config: dict[str, Any],
@@ -907,17 +702,3 @@ def quantize_model_job(
     """JSON-in, JSON-out form of :func:`quantize_model` for ``run_in_child`` (which then reports
     the child's own peak RSS and its import baseline)."""
     return quantize_model(model_spec, config, out_dir, include=include, exclude=exclude)
-
-
-def import_baseline_job(model_type: str = "llama") -> dict[str, Any]:
-    """Only the imports that streamed quantization needs (torch, memopt, transformers' auto classes
-    and the architecture's modeling code, gguf): run it in a child for the import baseline that
-    the RSS bound of the issue starts from."""
-    import importlib
-
-    import gguf  # noqa: F401
-    import transformers
-
-    transformers.AutoModelForCausalLM  # noqa: B018 (the lazy import is the point)
-    importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    return {}

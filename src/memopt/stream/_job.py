@@ -7,7 +7,10 @@ activations, tokenizer and runtime, not the libraries.
 
 from __future__ import annotations
 
-from memopt.stream.run import import_baseline, run_job
+import memopt.formats.gguf  # noqa: F401 (in the baseline: a GGUF source reads through it)
+import memopt.models.saved  # noqa: F401 (in the baseline: a memopt folder reads through it)
+from memopt.core.rss import import_baseline
+from memopt.stream.run import run_job
 
 __all__ = ["run_job"]
 

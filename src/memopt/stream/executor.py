@@ -41,20 +41,30 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from memopt.errors import MemoptError
-from memopt.heap import bound_heap, trim_heap
-from memopt.io import empty_weight, fill_weight
-from memopt.models import LoadedModel, ModelSource, resolve
-from memopt.quant.kernels import set_untimed
-from memopt.quant.modules import Int4Weight, QEmbedding, QLinear
-from memopt.stream.mapped import MappedSafetensors, Span, populate, release
+from memopt.core.errors import MemoptError
+from memopt.core.heap import bound_heap, trim_heap
+from memopt.core.modules import find_blocks
+from memopt.core.pages import Span, populate, release
+from memopt.formats.manifest import read_manifest
+from memopt.formats.safetensors import SafetensorsReader
+from memopt.measure.generation import kv_cache_bytes
+from memopt.models import (
+    LoadedModel,
+    ModelSource,
+    build_meta,
+    match_key,
+    materialize_buffers,
+    resolve,
+)
+from memopt.weights.kernels import set_untimed
+from memopt.weights.modules import QEmbedding, QLinear
+from memopt.weights.quantized import Int4Weight, disk_layout, empty_weight, fill_weight
 
 __all__ = [
     "RESERVE_BYTES",
     "StreamPlan",
     "StreamedModel",
     "activation_bytes",
-    "kv_cache_bytes",
     "plan_budget",
     "stream_model",
 ]
@@ -64,7 +74,7 @@ __all__ = [
 # SmolLM2 (bench/stream.py) and rounded up.
 RESERVE_BYTES = 24 << 20
 # A quantized model needs no more: its first forward brought ~20 MB more than a float model's while
-# the kernels timed their candidates at first use (oneDNN's initialization, see memopt.quant.kernels
+# the kernels timed their candidates at first use (oneDNN's initialization, see memopt.weights.kernels
 # _UNTIMED); under a budget they no longer do (SmolLM2 int4 at its smallest budget: 45 MB measured,
 # 50 MB predicted).
 
@@ -75,19 +85,6 @@ Payload = list[
 
 # --------------------------------------------------------------------------------------------------
 # Predicting the parts of the budget
-
-
-def kv_cache_bytes(config: Any, tokens: int, batch: int = 1, itemsize: int = 4) -> int:
-    """Bytes of a full KV cache of ``tokens`` positions: K and V per layer, (B, kv_heads, T, head_dim),
-    plus one layer's K and V again (the cache grows by ``torch.cat``: old and new live for a moment).
-    ``itemsize`` 1 is the int8 cache (plus a float32 scale per position and head)."""
-    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-    heads = int(getattr(config, "num_attention_heads", 1) or 1)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
-    head_dim = int(getattr(config, "head_dim", None) or (hidden // heads if heads else 0))
-    per_pos = 2 * kv_heads * head_dim * itemsize + (2 * kv_heads * 4 if itemsize == 1 else 0)
-    return batch * tokens * per_pos * (layers + 1)
 
 
 def activation_bytes(config: Any, tokens: int, batch: int = 1, itemsize: int = 4) -> int:
@@ -267,7 +264,7 @@ class _Reader:
 
 class _MappedReader(_Reader):
     def __init__(self, folder: Path, name: str) -> None:
-        self.src = MappedSafetensors(folder, name)
+        self.src = SafetensorsReader(folder, name)
 
     def names(self) -> list[str]:
         return self.src.names()
@@ -300,7 +297,7 @@ class _GGUFReader(_Reader):
     dequantizes = True
 
     def __init__(self, path: Path) -> None:
-        from memopt.gguf_loader import GGUFSource
+        from memopt.formats.gguf import GGUFSource
 
         self.src = GGUFSource(path)
         self.src.drop_metadata()  # the config and tensor table are read: ~30 MB of objects go
@@ -547,18 +544,12 @@ def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str, str]:
 
 
 def _match(name: str, targets: dict[str, Any]) -> str | None:
-    from memopt.models import match_key
-
     return match_key(name, targets)
 
 
 def _meta_model(source: ModelSource) -> tuple[LoadedModel, dict[str, Any] | None]:
-    from memopt.models import build_meta
-
     manifest = None
     if source.kind == "memopt":
-        from memopt.io import read_manifest
-
         manifest = read_manifest(source.path)
     return build_meta(source), manifest
 
@@ -611,7 +602,7 @@ def stream_model(
     ``tokens``: positions the KV cache must hold (prompt + new tokens); ``prompt_tokens``: the
     longest single forward (the prefill), for the activation term (default ``tokens``). Raises
     :class:`MemoptError` before reading any weight when the budget is below the smallest that works.
-    ``kv_int8``: keep the KV cache as int8 (:mod:`memopt.stream.kvcache`; ~3.8× smaller, outputs no
+    ``kv_int8``: keep the KV cache as int8 (:mod:`memopt.weights.kvcache`; ~3.8× smaller, outputs no
     longer bit-identical).
     """
     out = _build(spec, max_memory, tokens, batch, prompt_tokens, prefetch, reserve_bytes, kv_int8)
@@ -640,9 +631,7 @@ def _build(
         if source.kind == "gguf"
         else _MappedReader(source.path, source.name)
     )
-    from memopt.measure.step import largest_block_list
-
-    found = largest_block_list(model)
+    found = find_blocks(model)
     if found is None:
         raise MemoptError(f"{source.name}: no list of blocks to stream (no nn.ModuleList)")
     list_name, blocks = found
@@ -655,8 +644,6 @@ def _build(
         str, tuple[nn.Module, dict[str, Any], list[str]]
     ] = {}  # key -> (qw, spec, names)
     if manifest is not None:
-        from memopt.io import disk_layout
-
         for key, wspec in manifest["weights"].items():
             qw = model.get_submodule(key)
             qweights[key] = (qw, wspec, [f"{key}.{s}" for s in disk_layout(wspec)])
@@ -757,7 +744,9 @@ def _build(
         default=0,
     )
     kv_size = 1 if kv_int8 else itemsize
-    kv = kv_cache_bytes(config, tokens, batch, kv_size) if loaded.task == "causal-lm" else 0
+    # the full cache plus one layer's K and V again (the cache grows by torch.cat: old and new
+    # live for a moment)
+    kv = kv_cache_bytes(config, tokens, batch, kv_size, 1) if loaded.task == "causal-lm" else 0
     act = activation_bytes(config, prompt_tokens or tokens, batch, itemsize)
     plan = _plan(
         source.name, max_memory, rest_bytes, block_bytes, head_bytes, kv, act,
@@ -770,8 +759,6 @@ def _build(
         bound_heap()
 
     # --- from here on, weights are read ------------------------------------------------------
-    from memopt.models import materialize_buffers
-
     def float_payload(keys: list[str], resident: bool = False) -> tuple[Payload, list[Span]]:
         payload: Payload = []
         spans: list[Span] = []
@@ -841,7 +828,7 @@ def _build(
             )
             if reader.dequantizes or (max_memory is not None and not tied_and_pinned):
                 # rows read on lookup (dequantized, or copied by pread: mapping them would map
-                # whole page-cache folios, see MappedSafetensors.read_rows)
+                # whole page-cache folios, see SafetensorsReader.read_rows)
                 _set_module(model, emb_name, _RowEmbedding(reader, file_of[emb_key], emb))
             else:  # resident anyway (no budget, or the pinned tied head's): a view of the mapping
                 _install(float_payload([emb_key])[0])
@@ -954,7 +941,7 @@ def _build(
     if left:
         raise MemoptError(f"{source.name}: no weight in the file for {left[0]!r}")
     if kv_int8:
-        from memopt.stream.kvcache import use_int8_kv_cache
+        from memopt.weights.kvcache import use_int8_kv_cache
 
         use_int8_kv_cache(model, config)
     out = StreamedModel(LoadedModel(model.eval(), loaded.task, source.name, config, source), plan)
@@ -979,7 +966,7 @@ _FILL_ROWS = 4096  # int4 rows repacked at a time: a multiple of every kernel ro
 
 
 def _fill(qw: nn.Module, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """``memopt.io.fill_weight``, in row chunks for a large int4 weight.
+    """``memopt.models.saved.fill_weight``, in row chunks for a large int4 weight.
 
     Repacking int4 codes into the CPU kernel's row-interleaved layout unpacks all codes first: for
     SmolLM2's 49152 × 576 embedding a ~70 MB transient, more than the weight itself. The layout

@@ -2,7 +2,7 @@
 
 ``safetensors.torch.save_file`` sorts tensors by name, so ``layers.10`` comes before ``layers.2``:
 each block is still one contiguous run, but the blocks are out of order and a cold streamed run
-seeks. memopt's own folders (:func:`memopt.io.save`) are written in execution order;
+seeks. memopt's own folders (:func:`memopt.models.saved.save`) are written in execution order;
 :func:`save_float_folder` writes a Hugging Face folder the same way, and :func:`order_report` checks
 a file (tests/stream/test_layout.py).
 
@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from memopt.core.errors import MemoptError
+from memopt.formats.safetensors import SafetensorsReader, SafetensorsWriter
 from memopt.models import LoadedModel
-from memopt.stream.mapped import MappedSafetensors
 
 __all__ = ["channels_last_", "order_report", "save_float_folder"]
 
@@ -29,8 +30,6 @@ def save_float_folder(
 ) -> Path:
     """Write ``loaded`` as a Hugging Face folder (config.json, model.safetensors, tokenizer), its
     tensors in execution order (module registration order), each tied tensor once."""
-    from memopt.io import SafetensorsWriter
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = loaded.model
@@ -56,8 +55,6 @@ def save_float_folder(
     writer.close()
     if loaded.config is not None:
         loaded.config.to_json_file(str(out / "config.json"))
-    from memopt.errors import MemoptError
-
     try:
         tok = loaded.tokenizer()
     except (MemoptError, OSError):
@@ -73,7 +70,7 @@ _BLOCK = re.compile(r"^(.*?)\.(\d+)\.")
 def order_report(folder: str | Path) -> dict[str, Any]:
     """How a weight file is laid out: ``blocks_contiguous`` (each block's tensors one run of bytes)
     and ``blocks_in_order`` (block i before block i+1, so a streamed pass reads front to back)."""
-    src = MappedSafetensors(folder)
+    src = SafetensorsReader(folder)
     runs: list[int] = []  # block index of each run of consecutive tensors
     for name in src.names():
         m = _BLOCK.match(name)

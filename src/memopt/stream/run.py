@@ -3,26 +3,28 @@
 * :func:`run_measured` — what ``memopt run MODEL --prompt P --max-new-tokens N --max-memory SIZE``
   calls: checks the budget here (one-line :class:`MemoptError` naming the smallest budget that
   works, before any weight is read or a process started), then generates in a fresh child process
-  (:func:`memopt.measure.rss.run_in_child`) and returns ``text``, ``tokens_per_s`` and
+  (:func:`memopt.core.rss.run_in_child`) and returns ``text``, ``tokens_per_s`` and
   ``peak_rss_bytes`` (the child's peak RSS) with its ``baseline_rss_bytes`` (after the imports) and
   ``peak_over_baseline_bytes`` — the figure the budget bounds.
 * :func:`run` — the same generation in this process (no RSS figure of its own).
 * :func:`predict` — the streamed run's predicted peak for ``estimate --max-memory``.
-* :func:`parse_size` — ``"135MB"``, ``"1.5GiB"``, ``"100000"`` → bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Any
 
-from memopt.errors import MemoptError
+from memopt.core.errors import MemoptError
+from memopt.core.heap import trim_heap
+from memopt.core.rss import run_in_child
+from memopt.core.units import parse_size
+from memopt.generate import generate, prompt_ids
+from memopt.models import LoadedModel, build_meta
+from memopt.stream.executor import plan_budget, stream_model
 
 __all__ = [
-    "import_baseline",
-    "parse_size",
     "predict",
     "prompt_token_count",
     "run",
@@ -30,43 +32,8 @@ __all__ = [
     "run_measured",
 ]
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-    "K": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes of a size: an integer, or a number with a unit (``135MB``, ``1.5GiB``; 1 MB = 10⁶ B)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
-        unit = m.group(2).upper() if m else None
-        if m is None or unit not in _UNITS:
-            raise MemoptError(f"not a size: {text!r} (expected e.g. 135MB, 1.5GiB or bytes)")
-        value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise MemoptError(f"a memory size must be positive, got {text!r}")
-    return value
-
-
 def prompt_token_count(model: str | Path, prompt: str | list[int], chat: bool = False) -> int:
     """Tokens of ``prompt`` for ``model``, reading its tokenizer only (no weights)."""
-    from memopt.generate import prompt_ids
-    from memopt.models import LoadedModel, build_meta
-
     if not isinstance(prompt, str):
         return len(prompt)
     meta: LoadedModel = build_meta(model)
@@ -90,8 +57,6 @@ def predict(
     ``peak_bytes`` and ``breakdown`` follow ``memopt estimate``'s JSON (``params`` = resident +
     pinned + the two streamed units; ``kv_cache`` and ``runtime`` added).
     """
-    from memopt.stream.executor import plan_budget
-
     plan = plan_budget(
         model, max_memory, tokens=prompt_tokens + max_new_tokens, prompt_tokens=prompt_tokens,
         batch=batch, kv_int8=kv_int8,
@@ -133,11 +98,6 @@ def run(
     waits, bytes streamed). A prompt given as token ids is run without loading the tokenizer at all
     (``eos_token_id`` then says where to stop; ``text`` is None).
     """
-    from memopt.generate import generate, prompt_ids
-    from memopt.heap import trim_heap
-    from memopt.models import build_meta
-    from memopt.stream.executor import stream_model
-
     budget = None if max_memory is None else parse_size(max_memory)
     # The tokenizer is needed before (encode) and after (decode), not while the model runs; a
     # fast tokenizer of a 49k vocabulary holds ~30 MB (peak ~60 MB while loading), a fifth of a
@@ -177,29 +137,6 @@ class _DeferredTokenizer:
         raise MemoptError("decoded after the run")
 
 
-def import_baseline() -> None:
-    """What a streamed run imports before it starts: torch, transformers' Llama/Qwen2 modeling
-    code, gguf, tokenizers and memopt's own modules. Imported at this module's import by
-    :func:`run_job`'s child (so ``run_in_child``'s baseline includes them)."""
-    import importlib
-
-    for name in (
-        "torch",
-        "gguf",
-        "tokenizers",
-        "transformers",
-        "transformers.models.llama.modeling_llama",
-        "transformers.models.qwen2.modeling_qwen2",
-        "transformers.models.auto.modeling_auto",
-        "transformers.models.auto.tokenization_auto",
-        "memopt.generate",
-        "memopt.gguf_loader",
-        "memopt.io",
-        "memopt.stream.executor",
-    ):
-        importlib.import_module(name)
-
-
 def run_job(
     model: str,
     prompt: str | list[int],
@@ -210,7 +147,7 @@ def run_job(
     eos_token_id: int | None = None,
     kv_int8: bool = False,
 ) -> dict[str, Any]:
-    """JSON-in, JSON-out :func:`run` for :func:`memopt.measure.rss.run_in_child`."""
+    """JSON-in, JSON-out :func:`run` for :func:`memopt.core.rss.run_in_child`."""
     return run(
         model, prompt, max_new_tokens, max_memory, chat=chat, prefetch=prefetch,
         eos_token_id=eos_token_id, kv_int8=kv_int8,
@@ -237,11 +174,6 @@ def run_measured(
     ``stream`` and ``seconds``. ``eos_token_id`` overrides the tokenizer's end token (``-1``: none,
     generate exactly ``max_new_tokens``).
     """
-    from memopt.generate import prompt_ids
-    from memopt.measure.rss import run_in_child
-    from memopt.models import build_meta
-    from memopt.stream.executor import plan_budget
-
     budget = None if max_memory is None else parse_size(max_memory)
     # The tokenizer runs here, in the calling process: the child gets token ids and returns token
     # ids, so that its peak RSS is the model's run alone (a 49k-vocabulary fast tokenizer holds

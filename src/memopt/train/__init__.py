@@ -1,6 +1,6 @@
 """Training-time memory: checkpointing, 8-bit optimizer state, mixed precision, FSDP2, finetune."""
 
-from memopt.train.adamw8bit import (
+from memopt.step.adamw8bit import (
     BACKENDS,
     LOOKUP_BYTES,
     OPTIMIZER_KINDS,
@@ -10,17 +10,12 @@ from memopt.train.adamw8bit import (
     dynamic_map,
     quantize_blockwise,
 )
-from memopt.train.checkpoint import (
-    CheckpointChoice,
-    checkpoint_blocks,
-    choose_checkpointing,
-    select_blocks,
-)
-from memopt.train.demo import demo_row
+from memopt.step.checkpoint import checkpoint_blocks, select_blocks
+from memopt.step.precision import LossScaler, MasterWeights, autocast_context
+from memopt.step.trainer import Trainer
+from memopt.train.checkpoint import CheckpointChoice, choose_checkpointing
 from memopt.train.finetune import FINETUNE_ARGS, finetune
 from memopt.train.fsdp import check_against_single, launch, shard_model
-from memopt.train.precision import LossScaler, MasterWeights, autocast_context
-from memopt.train.trainer import Trainer
 
 __all__ = [
     "FINETUNE_ARGS",
@@ -37,7 +32,6 @@ __all__ = [
     "check_against_single",
     "checkpoint_blocks",
     "choose_checkpointing",
-    "demo_row",
     "dequantize_blockwise",
     "dynamic_map",
     "finetune",

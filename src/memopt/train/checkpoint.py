@@ -1,12 +1,6 @@
-"""Activation checkpointing per block, chosen by pattern or to fit a memory budget.
+"""Activation checkpointing chosen to fit a memory budget (the mechanism: memopt.step.checkpoint).
 
-A checkpointed block keeps only its inputs through the forward and recomputes its activations in
-the backward (``torch.utils.checkpoint``, non-reentrant), trading one more forward of the block for
-its activation memory (Chen et al. 2016).
-
-Blocks are the entries of the model's largest ``nn.ModuleList`` (a transformer's layers); they are
-selected by index, or by ``fnmatch`` patterns on their fully qualified names (``"model.layers.*"``,
-``"model.layers.1?"``). :func:`choose_checkpointing` picks how many to checkpoint so that the
+:func:`choose_checkpointing` picks how many to checkpoint so that the
 estimated peak of a training step fits a budget: it estimates the step with no block and with every
 block checkpointed (two meta-device runs, no weights read), assumes the saving is the same for each
 block (transformer blocks are identical), asks for ``k = ceil((peak_none − budget) / saving_per_block)``
@@ -20,89 +14,18 @@ recomputation adds the least to the memory of the moment.
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import types
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from memopt.core.errors import MemoptError
+from memopt.core.modules import find_blocks
+from memopt.measure.estimate import estimate
+from memopt.models import LoadedModel, build_meta
+from memopt.step.step import StepSpec
 
-from memopt.errors import MemoptError
-from memopt.measure.step import StepSpec, largest_block_list
-from memopt.models import LoadedModel
-
-__all__ = ["CheckpointChoice", "checkpoint_blocks", "choose_checkpointing", "select_blocks"]
-
-
-def select_blocks(
-    model: nn.Module, blocks: Sequence[int] | Sequence[str] | str | None
-) -> list[int]:
-    """Indices into the largest block list for ``blocks``: indices, name patterns, or None (all)."""
-    found = largest_block_list(model)
-    if found is None:
-        raise MemoptError(
-            f"{type(model).__name__}: no nn.ModuleList of blocks to checkpoint (--checkpointing)"
-        )
-    prefix, blocklist = found
-    n = len(blocklist)
-    if blocks is None:
-        return list(range(n))
-    if isinstance(blocks, str):
-        blocks = [blocks]
-    out: set[int] = set()
-    for item in blocks:
-        if isinstance(item, str):
-            hits = [i for i in range(n) if fnmatch.fnmatchcase(f"{prefix}.{i}", item)]
-            if not hits:
-                raise MemoptError(
-                    f"checkpoint pattern {item!r} matches no block of {prefix}.0-{n - 1}"
-                )
-            out.update(hits)
-        else:
-            if not 0 <= int(item) < n:
-                raise MemoptError(f"checkpoint block {item} is out of range 0-{n - 1} ({prefix})")
-            out.add(int(item))
-    return sorted(out)
-
-
-def checkpoint_blocks(
-    model: nn.Module, blocks: Sequence[int] | Sequence[str] | str | None = None
-) -> list[str]:
-    """Turn on activation checkpointing for the selected blocks, in place; returns their names.
-
-    Each selected block's ``forward`` is replaced on the instance by one that runs the class
-    forward under ``torch.utils.checkpoint`` (module names, parameters and hooks are unchanged, so
-    it composes with FSDP2's ``fully_shard`` applied afterwards). Calling it twice on a block does
-    nothing the second time.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    indices = select_blocks(model, blocks)
-    found = largest_block_list(model)
-    assert found is not None
-    prefix, blocklist = found
-    names: list[str] = []
-    for i in indices:
-        block = blocklist[i]
-        if getattr(block, "_memopt_checkpointed", False):
-            names.append(f"{prefix}.{i}")
-            continue
-        inner = block.forward  # the bound class forward
-
-        def forward(self: nn.Module, *args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = types.MethodType(forward, block)
-        block._memopt_checkpointed = True
-        names.append(f"{prefix}.{i}")
-    # transformers models: the KV cache is of no use while training and checkpointing
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False
-    return names
+__all__ = ["CheckpointChoice", "choose_checkpointing"]
 
 
 @dataclass
@@ -139,15 +62,12 @@ def choose_checkpointing(
     ``spec`` is a training step (its own checkpointing fields are ignored). Fails with
     :class:`MemoptError` when even checkpointing every block does not fit, naming that peak.
     """
-    from memopt.measure.estimate import estimate
-    from memopt.models import build_meta
-
     if spec.task != "train":
         raise MemoptError("choosing blocks to checkpoint needs a training step (task='train')")
     if budget_bytes <= 0:
         raise MemoptError(f"the memory budget must be positive, got {budget_bytes}")
     meta = model if isinstance(model, LoadedModel) else build_meta(model)
-    found = largest_block_list(meta.model)
+    found = find_blocks(meta.model)
     if found is None:
         raise MemoptError(f"{meta.name}: no nn.ModuleList of blocks to checkpoint")
     n = len(found[1])

@@ -4,7 +4,7 @@ The text is tokenized once; step ``s`` trains on ``batch × grad_accum × ranks`
 tokens at offsets drawn from a generator seeded by ``(seed, s)``, so the data of a step does not
 depend on what ran before it: a run resumed from a checkpoint sees exactly the batches the
 uninterrupted run would have seen, and with the model, the masters, the optimizer state and the RNG
-restored (:meth:`memopt.train.trainer.Trainer.load`) it continues the same loss curve.
+restored (:meth:`memopt.step.trainer.Trainer.load`) it continues the same loss curve.
 
 Written into ``out_dir``: ``checkpoint/`` (``trainer-rank{R}.safetensors`` + ``trainer.json``,
 every ``save_every`` steps and at the end, each file through a temporary name), ``loss.jsonl``
@@ -16,7 +16,6 @@ inside ``torchrun`` it runs as the current rank.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,8 @@ from typing import Any
 
 import torch
 
-from memopt.errors import MemoptError
+from memopt.core.atomic import atomic_write_text, save_figure
+from memopt.core.errors import MemoptError
 
 __all__ = ["FINETUNE_ARGS", "finetune", "loss_plot", "windows"]
 
@@ -105,7 +105,7 @@ def finetune(
     ends the run after that many steps of this call, as an interruption would (for tests), after
     saving a checkpoint. Bad input raises :class:`MemoptError` with a one-line message.
     """
-    from memopt.measure.step import StepSpec
+    from memopt.step.step import StepSpec
 
     text = _check(data, steps, batch, seq, grad_accum, ranks)
     spec = StepSpec(
@@ -150,10 +150,10 @@ def _worker(
 ) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from memopt.measure.step import StepSpec, prepare
     from memopt.models import load_model
+    from memopt.step.step import StepSpec, prepare
+    from memopt.step.trainer import Trainer
     from memopt.train.fsdp import shard_model
-    from memopt.train.trainer import Trainer
 
     spec = StepSpec(**cfg["spec"])
     loaded = load_model(cfg["model"])
@@ -258,9 +258,7 @@ def _label(spec: Any) -> str:
 
 
 def _write_log(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def loss_plot(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -278,8 +276,4 @@ def loss_plot(records: list[dict[str, Any]], path: str | Path, title: str = "") 
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, format="png")

@@ -38,8 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.errors import MemoptError
-from memopt.measure.step import StepSpec, largest_block_list, prepare
+from memopt.core.errors import MemoptError
+from memopt.core.modules import find_blocks
+from memopt.step.step import StepSpec, prepare
 
 __all__ = [
     "check_against_single",
@@ -61,7 +62,7 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True) -> list
     """
     from torch.distributed.fsdp import fully_shard
 
-    found = largest_block_list(model)
+    found = find_blocks(model)
     names: list[str] = []
     if found is not None:
         prefix, blocks = found
@@ -238,7 +239,7 @@ def _build(cfg: dict[str, Any]) -> Any:
         from memopt.models import load_model
 
         return load_model(cfg["model"])
-    from memopt.train.toy import tiny_llama
+    from memopt.models.toy import tiny_llama
 
     return tiny_llama(seed=cfg.get("seed", 0), **cfg.get("overrides", {}))
 
@@ -250,7 +251,7 @@ def train_worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     from memopt.measure.tracker import MemoryTracker
-    from memopt.train.trainer import Trainer
+    from memopt.step.trainer import Trainer
 
     spec = StepSpec(**{**cfg["spec"], "task": "train", "ranks": world})
     loaded = _build(cfg)

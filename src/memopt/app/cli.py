@@ -1,0 +1,892 @@
+"""The ``memopt`` command line: parses, calls the API, prints. No logic of its own.
+
+Every command takes a MODEL (a bundled name, a Hugging Face folder, a .gguf file or a memopt folder).
+``--json`` prints one JSON object on stdout and nothing else there (progress goes to stderr). Bad input
+ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+from memopt.core.errors import MemoptError
+
+__all__ = ["build_parser", "main"]
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus a message over several lines; we promise one line."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"memopt: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+_MODEL_HELP = (
+    "a bundled name (minilm, smollm2), a Hugging Face folder (config.json + *.safetensors), "
+    "a .gguf file, or a folder written by memopt"
+)
+
+
+def _add_step_options(p: argparse.ArgumentParser, ranks: bool) -> None:
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument(
+        "--task",
+        choices=("infer", "train", "generate"),
+        default="infer",
+        help="one forward pass (infer), one training step: forward, backward, "
+        "optimizer step with its state (train), or greedy generation of "
+        "--max-new-tokens after a --seq prompt, KV cache counted (generate). Default: infer",
+    )
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--seq", type=_positive_int, default=128, help="sequence length (default 128)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="dtype of weights and activations (default: the checkpoint's own, e.g. bfloat16 for "
+        "a bfloat16 checkpoint; float32 for a GGUF file, whose blocks are dequantized)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd", "adamw8bit"),
+        default="adamw",
+        help="optimizer for --task train (default adamw)",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=1,
+        help="micro-batches per optimizer step (--batch is per micro-batch)",
+    )
+    p.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing per block (recompute in backward)",
+    )
+    if ranks:
+        p.add_argument(
+            "--ranks",
+            type=_positive_int,
+            default=1,
+            help="processes sharing the model states under FSDP2/ZeRO-3 (per-rank figures)",
+        )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=32,
+        help="--task generate: tokens generated after the --seq prompt (default 32)",
+    )
+    p.add_argument(
+        "--kv-int8", action="store_true", help="--task generate: an int8 KV cache (~3.8x smaller)"
+    )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="the streamed run (`memopt run --max-memory`) within SIZE over the import baseline "
+        "(e.g. 135MB): its peak RSS predicted (estimate) or measured (profile)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="memopt",
+        description="Measure, then shrink, the memory that a neural network needs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  memopt estimate smollm2 --task train --batch 4 --seq 512 --optimizer adamw8bit\n"
+        "  memopt profile minilm --batch 8 --seq 256 --plot profile.png\n"
+        "  memopt quantize smollm2 --method int4 -o smollm2-int4\n"
+        "  memopt run smollm2-int4 --prompt 'The capital of France is' --max-new-tokens 16\n"
+        "  memopt eval smollm2-int4\n"
+        "  memopt finetune smollm2 --data notes.txt --optimizer adamw8bit --checkpointing\n"
+        "  memopt plan minilm --seq 256 --plot plan.png\n"
+        "  memopt demo",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "estimate",
+        help="predict the memory of a step without reading any weights",
+        description="Predict peak memory of one inference or training step by running "
+        "the model on the meta device: no weight is read, no memory used.",
+    )
+    _add_step_options(p, ranks=True)
+    p.set_defaults(func=_cmd_estimate)
+
+    p = sub.add_parser(
+        "profile",
+        help="measure the memory of one real step",
+        description="Run one real step on the real weights in a fresh child process "
+        "and measure live tensor bytes (by category and module) and peak RSS.",
+    )
+    _add_step_options(p, ranks=False)
+    p.add_argument("--plot", metavar="FILE.png", help="write the breakdown and timeline as a PNG")
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser(
+        "eval",
+        help="quality: perplexity (causal LM) or embedding cosine (encoder)",
+        description="Causal LMs: perplexity on --text (default: a fixed excerpt of "
+        "the Python docs). Encoders: cosine of mean-pooled embeddings "
+        "against --reference over 64 fixed sentences.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (causal LMs)")
+    p.add_argument(
+        "--reference", metavar="MODEL", help="reference model (encoders; required there)"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=2048,
+        help="tokens of the text to score (default 2048)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize and save, reading the source tensor by tensor",
+        description="Quantize MODEL and save it as a memopt folder (safetensors + "
+        "memopt.json). The source is read one tensor (or one block, for "
+        "calibrated int4) at a time, so the float model is never held "
+        "whole. The saved folder is a MODEL for every other command.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=("float32", "float16", "bfloat16", "int8", "int8-dynamic", "int4", "int3", "int2"),
+        help="float16/bfloat16/float32: cast (norms kept in float32); int8: weights "
+        "per output channel (embeddings: groups of 128); int8-dynamic: int8 weights and "
+        "activations; int4: "
+        "calibrated (GPTQ) 4-bit weights, group 64; int3/int2: group 32",
+    )
+    p.add_argument(
+        "--group-size",
+        type=_positive_int,
+        metavar="G",
+        help="input channels sharing one scale (must divide the layers' widths)",
+    )
+    p.add_argument(
+        "--algo",
+        choices=("gptq", "rtn"),
+        help="int4 only: gptq (calibrated, default) or rtn (round to nearest)",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="FILE",
+        help="calibration text for gptq (default: Python docs, not the eval excerpt)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser(
+        "run",
+        help="generate text (greedy by default)",
+        description="Generate text with MODEL (float, or a memopt folder) and report "
+        "decode speed (tokens/s, prefill excluded) and peak RSS.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default 32)"
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the model's chat template (instruct models)",
+    )
+    p.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy")
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="stream the blocks from disk to keep the run within SIZE over the import "
+        "baseline (e.g. 135MB, 1.5GiB); refused, naming the smallest that works, "
+        "when SIZE cannot hold one block",
+    )
+    p.add_argument("--kv-int8", action="store_true", help="with --max-memory: an int8 KV cache")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a causal LM on a text file, every memory option a flag",
+        description="Fine-tune MODEL on the text in --data with the memory options "
+        "as flags (8-bit AdamW, checkpointing, 16-bit weights with "
+        "float32 masters, gradient accumulation, FSDP2 ranks). Writes "
+        "periodic checkpoints (safetensors + JSON; --resume continues), "
+        "loss.jsonl and loss.png to --out.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text to fine-tune on")
+    p.add_argument(
+        "--out",
+        default="finetune-out",
+        metavar="DIR",
+        help="folder for checkpoints, loss.jsonl and loss.png (default finetune-out)",
+    )
+    p.add_argument("--steps", type=_positive_int, default=50, help="optimizer steps (default 50)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences per micro-batch")
+    p.add_argument("--seq", type=_positive_int, default=128, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "sgd"), default="adamw")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weight dtype; 16-bit keeps float32 master weights",
+    )
+    p.add_argument(
+        "--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step"
+    )
+    p.add_argument(
+        "--ranks",
+        type=_positive_int,
+        default=1,
+        help="processes sharding the model with FSDP2 (launched by memopt)",
+    )
+    p.add_argument("--save-every", type=_positive_int, default=25, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser(
+        "prune",
+        help="prune and save, with storage that turns sparsity into bytes",
+        description="Prune MODEL's Linear weights and save a memopt folder. "
+        "Unstructured and N:M sparsity are stored as bitmask or CSR plus "
+        "the kept values (chosen per tensor when it saves bytes); "
+        "structured pruning removes FFN neurons and heads, leaving a "
+        "smaller dense model. Tied embeddings are not pruned.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument(
+        "--method",
+        required=True,
+        help="magnitude, wanda, sparsegpt (activation-aware, calibrated on text), "
+        "N:M such as 2:4, or structured",
+    )
+    p.add_argument("--sparsity", type=float, help="fraction of weights removed, in [0, 1)")
+    p.add_argument(
+        "--values",
+        choices=("float", "int8", "int4"),
+        default="float",
+        help="store the kept values as float, int8 or int4 (prune, then quantize)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_prune)
+
+    p = sub.add_parser(
+        "distill",
+        help="distill a teacher into a smaller student built from it",
+        description="Build a student from TEACHER (every other block, chosen blocks, or "
+        "narrower FFNs; initialised from the teacher's weights), train it to imitate "
+        "the teacher on pydoc_data.topics text, score both on held-out text, and save "
+        "the student as a memopt folder. Checkpoints (safetensors + JSON) are written "
+        "periodically to --checkpoints; --resume continues an interrupted run.",
+    )
+    p.add_argument("model", metavar="TEACHER", help=_MODEL_HELP)
+    p.add_argument(
+        "--student",
+        default="half-depth",
+        help="half-depth (every other block, default), keep=I,J,... (those blocks) "
+        "or width=F (that fraction of the FFN neurons)",
+    )
+    p.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default 600)")
+    p.add_argument(
+        "--batch", type=_positive_int, default=16, help="sequences per step (default 16)"
+    )
+    p.add_argument("--seq", type=_positive_int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-4 encoder, 2e-4 LM)")
+    p.add_argument(
+        "--temperature", type=float, default=2.0, help="soft-target temperature T (causal LMs)"
+    )
+    p.add_argument(
+        "--hidden-weight",
+        type=float,
+        default=1.0,
+        help="weight of matching each student block to its teacher block (0: off)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument(
+        "--checkpoints",
+        metavar="DIR",
+        help="checkpoint folder (default: DIR.checkpoints beside the output)",
+    )
+    p.add_argument(
+        "--save-every", type=_positive_int, help="checkpoint every N steps (default steps / 4)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint (without it a run starts afresh)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser(
+        "plan",
+        help="static activation plan: every intermediate in one arena",
+        description="Capture the inference graph (torch.export), compute each "
+        "intermediate tensor's size and lifetime, and place them all at "
+        "precomputed offsets in one arena. Then run the planned step "
+        "and check it: same outputs as eager, zero allocations.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--seq", type=_positive_int, default=128, help="sequence length (default 128)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the plan: tensors as lifetime × offset")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="plan only; skip running the arena executor against eager",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job on the bundled default model (smollm2)",
+        description="Estimate, profile, optimize and verify the bundled smollm2, print "
+        "a before/after table and write a report folder "
+        "(report.json, PNG plots, report.html).",
+    )
+    p.add_argument("--model", default="smollm2", help="model to run the demo on (default smollm2)")
+    p.add_argument("--out", default="memopt-report", help="report folder (default memopt-report)")
+    p.add_argument("--json", action="store_true", help="print report.json's content on stdout")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="skip the slowest rows: calibrated pruning, streamed generation, training",
+    )
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Output helpers
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output: rich would assume 80 columns and wrap the tables; give them room instead.
+    width = None if stream.isatty() else 120
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+@contextlib.contextmanager
+def _progress(description: str, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr; yields a ``callback(done, total)``."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    if quiet or not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@contextlib.contextmanager
+def _status(message: str) -> Iterator[None]:
+    if not sys.stderr.isatty():
+        yield
+        return
+    with _console(stderr=True).status(message):
+        yield
+
+
+def _print_json(obj: Any) -> None:
+    from memopt.report import dumps
+
+    sys.stdout.write(dumps(obj) + "\n")
+
+
+def _memory_tables(report: dict, title: str) -> list[Any]:
+    from memopt.report import format_bytes, rich_table
+
+    peak = report["peak_bytes"]
+    rows = [
+        (cat, format_bytes(v), f"{100 * v / peak:.1f} %" if peak else "–")
+        for cat, v in report["breakdown"].items()
+    ]
+    rows.append(("peak", format_bytes(peak), "100 %"))
+    if report.get("peak_rss_bytes") is not None:
+        base = report.get("baseline_rss_bytes") or 0
+        rows.append(("peak RSS (process)", format_bytes(report["peak_rss_bytes"]), ""))
+        rows.append(("  over import baseline", format_bytes(report["peak_rss_bytes"] - base), ""))
+    tables = [rich_table(title, ("category", "bytes", "share"), rows)]
+    modules = report.get("modules") or []
+    if modules:
+        top = sorted(
+            modules,
+            key=lambda m: -max(m.get("forward_delta_bytes", 0), m.get("backward_delta_bytes", 0)),
+        )[:10]
+        tables.append(
+            rich_table(
+                "modules that add the most (peak inside the module minus live bytes on entry)",
+                ("module", "forward +", "backward +", "own params"),
+                [
+                    (
+                        m["name"] or "(model)",
+                        format_bytes(m.get("forward_delta_bytes", 0)),
+                        format_bytes(m.get("backward_delta_bytes", 0)),
+                        format_bytes(m.get("param_bytes", 0)),
+                    )
+                    for m in top
+                ],
+            )
+        )
+    return tables
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _memory_report(args: argparse.Namespace, measured: bool) -> dict:
+    from memopt.compose import memory_report
+
+    return memory_report(
+        args.model, measured=measured, task=args.task, batch=args.batch, seq=args.seq,
+        dtype=args.dtype, optimizer=args.optimizer, checkpointing=args.checkpointing,
+        ranks=getattr(args, "ranks", 1), grad_accum=args.grad_accum,
+        max_new_tokens=args.max_new_tokens, kv_int8=args.kv_int8, max_memory=args.max_memory,
+    )  # fmt: skip
+
+
+def _memory_title(kind: str, args: argparse.Namespace, report: dict) -> str:
+    spec = report.get("spec", {})
+    return (
+        f"{kind}: {args.model}, {args.task}, batch {args.batch} × seq {args.seq}, "
+        f"{spec.get('dtype', args.dtype)}"
+        + (f", {args.optimizer}" if args.task == "train" else "")
+        + (", checkpointing" if args.checkpointing else "")
+        + (f", per rank of {args.ranks}" if getattr(args, "ranks", 1) > 1 else "")
+        + (f", {args.max_new_tokens} new tokens" if args.task == "generate" else "")
+        + (
+            f", streamed within {args.max_memory} (peak = RSS over the import baseline)"
+            if args.max_memory
+            else ""
+        )
+    )
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    with _status("estimating on the meta device (no weights read)"):
+        report = _memory_report(args, measured=False)
+    if args.json:
+        _print_json(report)
+        return 0
+    console = _console()
+    for table in _memory_tables(report, _memory_title("estimate", args, report)):
+        console.print(table)
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    with _status("loading and running one step in a child process"):
+        report = _memory_report(args, measured=True)
+    if args.plot:
+        from memopt.report import plot_breakdown_timeline
+
+        plot_breakdown_timeline(report, args.plot, title=f"{args.model}: {args.task} step")
+    if args.json:
+        _print_json(report)
+        return 0
+    console = _console()
+    for table in _memory_tables(report, _memory_title("profile", args, report)):
+        console.print(table)
+    if args.plot:
+        console.print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from memopt.core.texts import read_text
+    from memopt.evaluate import embedding_cosine, perplexity
+    from memopt.models import load_model
+
+    text = read_text(args.text) if args.text else None
+    with _progress("loading", quiet=args.json) as cb:
+        loaded = load_model(args.model, progress=cb)
+    if loaded.task == "causal-lm":
+        with _progress("scoring", quiet=args.json) as cb:
+            result = perplexity(loaded, text, max_tokens=args.max_tokens, progress=cb).to_dict()
+    else:
+        if not args.reference:
+            raise MemoptError(
+                f"{args.model} is an encoder: give --reference MODEL to compare against"
+            )
+        with _progress("loading reference", quiet=args.json) as cb:
+            ref = load_model(args.reference, progress=cb)
+        result = embedding_cosine(loaded, ref).to_dict()
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import rich_table
+
+    _console().print(
+        rich_table(
+            f"quality: {args.model}",
+            ("metric", "value"),
+            [(k, f"{v:.6g}" if isinstance(v, float) else v) for k, v in result.items()],
+        )
+    )
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from memopt.core.texts import read_text
+    from memopt.quant.config import method_config
+    from memopt.quant.stream import quantize_model
+
+    config = method_config(args.method, args.group_size, args.algo)
+    calib = read_text(args.calib) if args.calib else None
+    with _progress(f"quantizing to {args.method}", quiet=args.json) as cb:
+        result = quantize_model(args.model, config, args.output, calib=calib, progress=cb)
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import format_bytes, rich_table
+
+    before, after = result["bytes_before"], result["bytes_after"]
+    rows = [
+        ("weights before (float)", format_bytes(before), "1.00×"),
+        ("weights after, in RAM", format_bytes(after), f"{after / before:.3f}×"),
+        ("on disk", format_bytes(result["disk_bytes"]), f"{result['disk_bytes'] / before:.3f}×"),
+        ("peak RSS while quantizing", format_bytes(result["peak_rss_bytes"]), ""),
+    ]
+    console = _console()
+    console.print(
+        rich_table(
+            f"quantize: {args.model} → {args.output} ({args.method})",
+            ("", "bytes", "vs before"),
+            rows,
+        )
+    )
+    if result.get("skipped"):
+        console.print(
+            f"{len(result['skipped'])} modules kept as they were: "
+            + ", ".join(f"{k} ({v})" for k, v in list(result["skipped"].items())[:3])
+        )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from memopt.core.rss import peak_rss_bytes
+    from memopt.generate import generate
+    from memopt.models import load_model
+
+    if args.max_memory is not None:
+        return _run_streamed(args)
+    with _progress("loading", quiet=args.json) as cb:
+        loaded = load_model(args.model, progress=cb)
+    if loaded.task != "causal-lm":
+        raise MemoptError(f"{args.model} is not a causal language model: nothing to generate")
+    with _status("generating"):
+        result = generate(
+            loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat
+        )
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    return _print_generation(
+        args,
+        result,
+        f"prefill {result['prefill_s']:.2f} s, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB",
+    )
+
+
+def _print_generation(args: argparse.Namespace, result: dict, memory: str) -> int:
+    """The generated text, then one dim line: tokens, decode speed and the memory figures."""
+    if args.json:
+        _print_json(result)
+        return 0
+    console = _console()
+    console.print(result["text"], markup=False, highlight=False)
+    tps = result.get("tokens_per_s")
+    speed = f"{tps:.1f} tokens/s decode, " if tps else ""
+    console.print(f"[dim]{len(result['tokens'])} tokens, {speed}{memory}[/]")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from memopt.train import finetune
+
+    bar_ctx = _progress("fine-tuning", quiet=args.json)
+    with bar_ctx as cb:
+        result = finetune(
+            args.model,
+            args.data,
+            out_dir=args.out,
+            steps=args.steps,
+            batch=args.batch,
+            seq=args.seq,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            checkpointing=args.checkpointing,
+            dtype=args.dtype,
+            grad_accum=args.grad_accum,
+            ranks=args.ranks,
+            save_every=args.save_every,
+            resume=args.resume,
+            progress=lambda step, total, loss: cb(step, total),
+        )
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import rich_table
+
+    losses = result["losses"]
+    rows = [
+        ("steps", f"{result['start_step']} → {result['steps']}"),
+        ("loss, first → last", f"{losses[0]:.4f} → {result['final_loss']:.4f}" if losses else "–"),
+        ("tokens/s", f"{result['tokens_per_s']:.0f}"),
+        ("checkpoint", result["checkpoint"]),
+        ("loss plot", result["loss_plot"]),
+    ]
+    _console().print(rich_table(f"finetune: {args.model} on {args.data}", ("", ""), rows))
+    return 0
+
+
+def _run_streamed(args: argparse.Namespace) -> int:
+    from memopt.stream.run import run_measured
+
+    with _status(f"generating within {args.max_memory} (streamed, in a child process)"):
+        result = run_measured(
+            args.model,
+            args.prompt,
+            args.max_new_tokens,
+            args.max_memory,
+            chat=args.chat,
+            kv_int8=args.kv_int8,
+        )
+    return _print_generation(
+        args,
+        result,
+        f"peak {result['peak_over_baseline_bytes'] / 2**20:.0f} MiB over the "
+        f"import baseline, budget {result['max_memory_bytes'] / 2**20:.0f} MiB",
+    )
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from memopt.prune import prune_model
+
+    with _status(f"pruning ({args.method})"):
+        result = prune_model(
+            args.model, args.method, args.sparsity, args.output, values=args.values
+        )
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import format_bytes, rich_table
+
+    before = result["bytes_before"]
+    rows = [
+        ("weights before", format_bytes(before), "1.00×"),
+        (
+            "weights after, in RAM",
+            format_bytes(result["bytes_after"]),
+            f"{result['bytes_after'] / before:.3f}×",
+        ),
+        ("on disk", format_bytes(result["disk_bytes"]), f"{result['disk_bytes'] / before:.3f}×"),
+        ("sparsity of the pruned weights", f"{result['sparsity']:.3f}", ""),
+    ]
+    _console().print(
+        rich_table(
+            f"prune: {args.model} → {args.output} ({args.method})", ("", "value", "vs before"), rows
+        )
+    )
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from memopt.distill import distill_model
+
+    if args.lr is not None and not args.lr > 0:
+        raise MemoptError(f"--lr must be > 0, got {args.lr}")
+    out = Path(args.output)
+    ckpt = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".checkpoints")
+    if args.resume and not (ckpt / "checkpoint.json").is_file():
+        raise MemoptError(f"--resume: no checkpoint in {ckpt}")
+    result = distill_model(
+        args.model,
+        student=args.student,
+        steps=args.steps,
+        batch=args.batch,
+        seq=args.seq,
+        lr=args.lr,
+        temperature=args.temperature,
+        hidden_weight=args.hidden_weight,
+        checkpoint_dir=ckpt,
+        checkpoint_every=args.save_every,
+        resume=args.resume,
+        out_dir=out,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    result["checkpoint_dir"] = str(ckpt)
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import format_bytes, rich_table
+
+    tb, sb = result["teacher_bytes"], result["student_bytes"]
+    rows = [
+        ("blocks", str(result["teacher_layers"]), str(result["student_layers"]), ""),
+        ("weights in RAM", format_bytes(tb), format_bytes(sb), f"{sb / tb:.3f}×"),
+        ("on disk", "", format_bytes(result["disk_bytes"]), ""),
+        (
+            "quality",
+            f"{result['quality_teacher']:.4f}",
+            f"{result['quality_student']:.4f} (before: {result['quality_student_before']:.4f})",
+            f"{result['retained']:.1%} retained",
+        ),
+    ]
+    console = _console()
+    console.print(
+        rich_table(
+            f"distill: {args.model} → {args.output} ({args.student}, {result['steps']} steps)",
+            ("", "teacher", "student", ""),
+            rows,
+        )
+    )
+    console.print(f"[dim]quality: {result['quality_metric']}; checkpoints in {ckpt}[/]")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from memopt.models import load_model
+    from memopt.plan import plan_model, verify_plan, write_plan_png
+
+    with _progress("loading", quiet=args.json) as cb:
+        loaded = load_model(args.model, progress=cb)
+    with _status("capturing the graph and planning the arena"):
+        plan = plan_model(loaded, batch=args.batch, seq=args.seq)
+    result = plan.to_dict()
+    result["model"] = args.model
+    if not args.no_verify:
+        with _status("running the planned step against eager"):
+            result.update(verify_plan(plan, loaded))
+    if args.plot:
+        write_plan_png(plan, args.plot)
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import format_bytes, rich_table
+
+    lb = result["lower_bound_bytes"]
+    rows = [
+        (
+            "arena (planned)",
+            format_bytes(result["arena_bytes"]),
+            f"{result['arena_bytes'] / lb:.3f}×" if lb else "–",
+        ),
+        ("lower bound (max live bytes)", format_bytes(lb), "1.000×"),
+        (
+            "naive (every tensor its own buffer)",
+            format_bytes(result["naive_bytes"]),
+            f"{result['naive_bytes'] / lb:.1f}×" if lb else "–",
+        ),
+    ]
+    title = (
+        f"plan: {args.model}, batch {args.batch} × seq {args.seq}, {result['tensors']} "
+        f"tensors, strategy {result['strategy']}"
+    )
+    console = _console()
+    console.print(rich_table(title, ("activations", "bytes", "vs lower bound"), rows))
+    if "steady_state_allocations" in result:
+        console.print(
+            f"planned step: {result['steady_state_allocations']} allocations "
+            f"(eager: {result['eager_allocations']}), max |output − eager| "
+            f"{result['max_abs_diff']:.2e}, latency {result['latency_vs_eager']:.2f}× eager"
+        )
+    if args.plot:
+        console.print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from memopt.app.demo import run_demo
+
+    console = None if args.json else _console()
+    summary = run_demo(args.model, args.out, console=console, quick=args.quick)
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _quiet_libraries() -> None:
+    """Peer libraries imported by transformers (torchao, when installed) log on import; the
+    command line keeps stderr for progress and its own one-line errors."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except MemoptError as exc:
+        sys.stderr.write(f"memopt: error: {exc}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("memopt: interrupted\n")
+        return 130
+    except Exception as exc:  # a bug in memopt, not the user's input: say so in one line
+        if os.environ.get("MEMOPT_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        sys.stderr.write(
+            f"memopt: internal error: {type(exc).__name__}: {first} "
+            "(set MEMOPT_DEBUG=1 for the traceback)\n"
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,394 @@
+"""``memopt demo``: the main job on the bundled default model, end to end.
+
+load → estimate (no weights read) → profile (the real step, measured in a child process) → each
+optimization that memopt has → verify (bytes in RAM and on disk, peak of an inference step, latency,
+perplexity) → a before/after table on the terminal and a report folder (report.json, PNGs,
+report.html). Every figure in it is measured in this run; nothing is carried over from elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt.core.atomic import atomic_write_text, save_figure
+from memopt.core.errors import MemoptError
+from memopt.core.modules import model_bytes
+
+__all__ = ["DemoRow", "run_demo"]
+
+# Demo workload: small enough to finish in about a minute on 2 CPU cores.
+_STEP_SEQ = 128
+_PPL_TOKENS = 512
+# Pruning row: SparseGPT meets the 50 % quality target (Wanda does not on smollm2; bench/prune.py)
+_PRUNE_METHOD = "sparsegpt"
+_PRUNE_CALIB = 4
+
+
+@dataclass
+class DemoRow:
+    """One technique's measured figures."""
+
+    technique: str
+    ram_bytes: int  # unique storage bytes of parameters and buffers
+    disk_bytes: int  # safetensors file(s) written for it
+    step_peak_bytes: int  # live tensor peak of one inference step (batch 1 × seq 128)
+    latency_s: float  # median forward time, batch 1 × seq 128
+    perplexity: float | None
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _disk_bytes(loaded: Any) -> int:
+    """Save with memopt.models.saved (safetensors + manifest + tokenizer) in a temporary folder; sum its files."""
+    from memopt.models.saved import disk_bytes, save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save(loaded, Path(tmp) / "model")
+        return disk_bytes(Path(tmp) / "model")
+
+
+def _latency(model: nn.Module, ids: torch.Tensor, repeats: int = 3) -> float:
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _step_peak(model: nn.Module, ids: torch.Tensor) -> int:
+    from memopt.measure.tracker import MemoryTracker
+
+    with torch.no_grad(), MemoryTracker(model, per_module=False, timeline=False) as tracker:
+        tracker.track_existing(ids)
+        model(input_ids=ids, use_cache=False)
+    return tracker.peak_bytes
+
+
+def _measure_row(technique: str, loaded: Any, ids: torch.Tensor, note: str = "") -> DemoRow:
+    from memopt.evaluate import perplexity
+
+    model = loaded.model
+    ppl = perplexity(loaded, max_tokens=_PPL_TOKENS, window=_PPL_TOKENS, stride=_PPL_TOKENS)
+    return DemoRow(
+        technique=technique,
+        ram_bytes=model_bytes(model),
+        disk_bytes=_disk_bytes(loaded),
+        step_peak_bytes=_step_peak(model, ids),
+        latency_s=_latency(model, ids),
+        perplexity=ppl.perplexity,
+        note=note,
+    )
+
+
+def _techniques() -> list[tuple[str, Callable[[nn.Module], Any], str]]:
+    """(name, in-place transform, note) for each optimization available, in order."""
+    from memopt.quant import Cast, Int4WeightOnly, Int8WeightOnly, quantize_
+
+    return [
+        ("bfloat16", lambda m: quantize_(m, Cast(dtype="bfloat16")), "norms kept in float32"),
+        ("float16", lambda m: quantize_(m, Cast(dtype="float16")), "norms kept in float32"),
+        ("int8", lambda m: quantize_(m, Int8WeightOnly()), "per channel, embedding too"),
+        (
+            "int4 g64 (RTN)",
+            lambda m: quantize_(m, Int4WeightOnly(group_size=64)),
+            "round to nearest, group 64",
+        ),
+    ]
+
+
+def run_demo(
+    model_name: str = "smollm2",
+    out: str | Path = "memopt-report",
+    console: Any | None = None,
+    quick: bool = False,
+) -> dict:
+    """Run the demo, write the report folder, return the summary (report.json's content).
+
+    ``quick`` skips the slowest rows (pruning with calibration, streamed generation in child
+    processes, the training comparison); their functions are tested on their own.
+    """
+    from memopt.measure.estimate import estimate
+    from memopt.measure.profile import profile
+    from memopt.models import load_model
+    from memopt.report import (
+        dumps,
+        format_bytes,
+        html_page,
+        html_table,
+        plot_breakdown_timeline,
+        rich_table,
+    )
+    from memopt.step.step import StepSpec
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MemoptError(f"--out {out}: exists and is not a folder")
+    say = console.print if console is not None else (lambda *a, **k: None)
+    t_start = time.perf_counter()
+
+    # 1. Will it fit? Predict without reading a weight.
+    infer = StepSpec(task="infer", batch=1, seq=512)
+    train = StepSpec(task="train", batch=1, seq=_STEP_SEQ, optimizer="adamw")
+    say(f"[bold]1. estimate[/] {model_name} (meta device, no weights read)")
+    est_infer, est_train = estimate(model_name, infer), estimate(model_name, train)
+
+    # 2. Where does it go? Measure the same inference step for real, in a child process.
+    say("[bold]2. profile[/] one inference step on the real weights (child process)")
+    measured = profile(model_name, infer)
+    measured_d = measured.to_dict()
+
+    # 3. Optimize and verify: every row is measured on the model after the transform.
+    say("[bold]3. optimize and verify[/] (bytes, step peak, latency, perplexity)")
+    loaded = load_model(model_name)
+    if loaded.task != "causal-lm":
+        raise MemoptError(f"{model_name}: the demo needs a causal language model")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, loaded.vocab_size or 1000, (1, _STEP_SEQ), generator=gen)
+    source_note = (
+        "dequantized from the bundled Q4_1 GGUF"
+        if loaded.source and loaded.source.kind == "gguf"
+        else ""
+    )
+    rows = [_measure_row("float32 (baseline)", loaded, ids, source_note)]
+    say(f"  {rows[-1].technique}: measured")
+    for name, transform, note in _techniques():
+        variant = copy.copy(loaded)
+        variant.model = copy.deepcopy(loaded.model)
+        transform(variant.model)
+        rows.append(_measure_row(name, variant, ids, note))
+        say(f"  {name}: measured")
+        del variant
+
+    # Structure: activation-aware pruning into sparse storage, measured like the rows above.
+    pruned: dict[str, Any] | None = None
+    if not quick:
+        from memopt.app.rows import prune_row
+
+        variant = copy.copy(loaded)
+        variant.model = copy.deepcopy(loaded.model)
+        pruned = prune_row(variant, method=_PRUNE_METHOD, sparsity=0.5, n_calib=_PRUNE_CALIB)
+        note = f"bitmask + values, {_PRUNE_CALIB} × 256 calibration tokens"
+        rows.append(_measure_row(pruned["technique"], variant, ids, note))
+        say(f"  {pruned['technique']}: measured")
+        del variant
+
+    # 4. Allocation: plan every activation of the float32 step into one arena, run it, check it.
+    say("[bold]4. plan[/] activations of one inference step into one arena")
+    from memopt.plan import plan_model, verify_plan, write_plan_png
+
+    plan = plan_model(loaded, batch=1, seq=_STEP_SEQ)
+    plan_d = {**plan.to_dict(), **verify_plan(plan, loaded, repeat=3)}
+    plan_rows = [
+        (
+            f"inference 1×{_STEP_SEQ}",
+            format_bytes(plan_d["naive_bytes"]),
+            format_bytes(plan_d["eager_activation_peak_bytes"]),
+            format_bytes(plan_d["arena_bytes"]),
+            format_bytes(plan_d["lower_bound_bytes"]),
+            f"{plan_d['arena_bytes'] / plan_d['lower_bound_bytes']:.3f}×",
+            f"{plan_d['steady_state_allocations']} (eager {plan_d['eager_allocations']})",
+            f"{plan_d['latency_vs_eager']:.2f}×",
+        )
+    ]
+    plan_cols = (
+        "step",
+        "naive",
+        "eager peak",
+        "arena",
+        "lower bound",
+        "arena / bound",
+        "allocations / step",
+        "latency vs eager",
+    )
+
+    # 5. Access: generation streamed under a budget of 25 % of the float32 weights (child processes).
+    streamed: dict[str, Any] | None = None
+    trained: dict[str, Any] | None = None
+    stream_rows: list[tuple[str, ...]] = []
+    train_rows: list[tuple[str, ...]] = []
+    stream_cols = (
+        "budget",
+        "peak RSS over baseline",
+        "within budget",
+        "tok/s vs in-memory",
+        "same tokens",
+    )
+    train_cols = ("training step", "peak", "vs plain", "step time vs plain", "loss vs plain")
+    if not quick:
+        say("[bold]5. stream[/] generation under a memory budget of 25 % of the float32 weights")
+        from memopt.app.rows import stream_row
+
+        with tempfile.TemporaryDirectory(prefix="memopt-demo-") as tmp:
+            streamed = stream_row(model_name, tmp, share=0.25, max_new_tokens=8, loaded=loaded)
+        stream_rows = [
+            (
+                format_bytes(streamed["budget_bytes"]),
+                format_bytes(streamed["peak_over_baseline_bytes"]),
+                "yes" if streamed["within_budget"] else "NO",
+                f"{streamed['tokens_per_s_ratio']:.2f}×" if streamed["tokens_per_s_ratio"] else "–",
+                "yes" if streamed["same_tokens"] else "NO",
+            )
+        ]
+
+        # 6. Training memory: plain float32 AdamW against checkpointing + 8-bit AdamW + bfloat16.
+        say("[bold]6. train[/] plain float32 AdamW vs checkpointing + AdamW8bit + bfloat16")
+        from memopt.app.rows import train_row
+
+        trained = train_row(loaded, batch=1, seq=_STEP_SEQ, steps=3)
+        train_rows = [
+            (
+                f"plain fp32 AdamW 1×{_STEP_SEQ}",
+                format_bytes(trained["plain"]["peak_bytes"]),
+                "1.00×",
+                "1.00×",
+                "–",
+            ),
+            (
+                "checkpointing + AdamW8bit + bf16",
+                format_bytes(trained["optimized"]["peak_bytes"]),
+                f"{trained['peak_ratio']:.2f}×",
+                f"{trained['time_ratio']:.2f}×",
+                f"{trained['loss_rel_diff']:+.1%}",
+            ),
+        ]
+
+    # 7. Report.
+    base = rows[0]
+    table_rows = [
+        (
+            r.technique,
+            format_bytes(r.ram_bytes),
+            f"{r.ram_bytes / base.ram_bytes:.2f}×",
+            format_bytes(r.disk_bytes),
+            format_bytes(r.step_peak_bytes),
+            f"{r.latency_s * 1e3:.0f} ms",
+            f"{r.latency_s / base.latency_s:.2f}×",
+            f"{r.perplexity:.2f}" if r.perplexity else "–",
+            f"{r.perplexity / base.perplexity:.3f}×" if r.perplexity else "–",
+        )
+        for r in rows
+    ]
+    columns = (
+        "technique",
+        "RAM",
+        "vs fp32",
+        "disk",
+        f"step peak (1×{_STEP_SEQ})",
+        "latency",
+        "vs fp32",
+        f"ppl ({_PPL_TOKENS} tok)",
+        "vs fp32",
+    )
+    est_rows = [
+        (
+            "inference 1×512",
+            format_bytes(est_infer.peak_bytes),
+            format_bytes(measured.peak_bytes),
+            f"{est_infer.peak_bytes / measured.peak_bytes:.3f}",
+            format_bytes(measured.peak_rss_bytes),
+        ),
+        ("training step 1×128 (adamw)", format_bytes(est_train.peak_bytes), "", "", ""),
+    ]
+    est_cols = ("step", "estimated peak", "measured peak", "estimate / measured", "peak RSS")
+    if console is not None:
+        console.print(rich_table(f"{model_name}: will it fit? (float32)", est_cols, est_rows))
+        console.print(
+            rich_table(
+                f"{model_name}: before / after (all measured in this run)", columns, table_rows
+            )
+        )
+        console.print(
+            rich_table(f"{model_name}: static activation plan (float32)", plan_cols, plan_rows)
+        )
+        if stream_rows:
+            title = f"{model_name}: streamed generation (float32 weights)"
+            console.print(rich_table(title, stream_cols, stream_rows))
+        if train_rows:
+            console.print(rich_table(f"{model_name}: training memory", train_cols, train_rows))
+
+    out.mkdir(parents=True, exist_ok=True)
+    plot_breakdown_timeline(
+        measured_d,
+        out / "profile.png",
+        title=f"{model_name}: inference step, batch 1 × seq 512 (measured)",
+    )
+    _plot_rows(rows, out / "techniques.png")
+    write_plan_png(plan, out / "plan.png")
+    summary = {
+        "model": model_name,
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
+        },
+        "estimate": {"infer": est_infer.to_dict(), "train": est_train.to_dict()},
+        "profile": {k: v for k, v in measured_d.items() if k != "timeline"},
+        "rows": [r.to_dict() for r in rows],
+        "plan": plan_d,
+        "prune": pruned,
+        "stream": streamed,
+        "train": trained,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    atomic_write_text(out / "report.json", dumps(summary))
+    page = html_page(
+        f"memopt report: {model_name}",
+        [
+            ("Will it fit?", html_table(est_cols, est_rows)),
+            (
+                "Before / after",
+                html_table(columns, table_rows) + f"<p>{html_escape(source_note)}</p>",
+            ),
+            ("Static activation plan", html_table(plan_cols, plan_rows)),
+        ]
+        + (
+            [("Streamed generation, 25 % budget", html_table(stream_cols, stream_rows))]
+            if stream_rows
+            else []
+        )
+        + ([("Training memory", html_table(train_cols, train_rows))] if train_rows else []),
+        images=[out / "profile.png", out / "techniques.png", out / "plan.png"],
+    )
+    atomic_write_text(out / "report.html", page)
+    say(f"report written to {out}/ (report.html, report.json, PNGs) in {summary['seconds']} s")
+    return summary
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def _plot_rows(rows: list[DemoRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mib = 1024 * 1024
+    names = [r.technique for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6), constrained_layout=True)
+    a.barh(names, [r.ram_bytes / mib for r in rows], color="#4C72B0")
+    a.set_xlabel("weights in RAM (MiB)")
+    a.invert_yaxis()
+    b.barh(names, [r.perplexity or 0 for r in rows], color="#55A868")
+    b.set_xlabel(f"perplexity ({_PPL_TOKENS} tokens, lower is better)")
+    b.invert_yaxis()
+    save_figure(fig, path, dpi=110)

