@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from memopt.core.errors import MemoptError, one_line
+from memopt.core.modules import numel
 from memopt.formats.safetensors import SafetensorsReader
 
 __all__ = [
