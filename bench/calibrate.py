@@ -7,7 +7,7 @@ Reported: perplexity, ratio to float32 (same run), seconds to quantize, the chil
 the end of quantization (load included) and over the whole child.
 
 Evaluation text: memopt.evaluate's default excerpt (its _TOPICS, named in the table). Calibration:
-n sequences x seq tokens from memopt.quant.calibrate.CALIB_TOPICS, topics disjoint from those.
+n sequences x seq tokens from memopt.core.texts.CALIB_TOPICS, topics disjoint from those.
 
     .venv/bin/python bench/calibrate.py [--groups 64 32] [--variants rtn gptq gptq-plain]
                                         [--n 32] [--seq 256] [--json]
@@ -38,19 +38,20 @@ VARIANTS: dict[str, dict[str, Any] | str | None] = {
 
 def eval_text() -> tuple[str, str]:
     """(text, description) of the evaluation text."""
-    from memopt.evaluate import _TOPICS, default_text
+    from memopt.core.texts import EVAL_TOPICS, default_text
 
-    return default_text(), "+".join(_TOPICS)
+    return default_text(), "+".join(EVAL_TOPICS)
 
 
 def run_variant(variant: str, group: int, n: int, seq: int) -> dict[str, Any]:
     """In the child: load, quantize, evaluate. Returns JSON-able numbers."""
     import torch
 
-    from memopt.evaluate import perplexity
+    from memopt.core.modules import model_bytes
     from memopt.core.rss import peak_rss_bytes
+    from memopt.evaluate import perplexity
     from memopt.models import load_model
-    from memopt.quant import Int4WeightOnly, model_bytes, quantize_
+    from memopt.quant import Int4WeightOnly, quantize_
     from memopt.quant.calibrate import GPTQSettings, calibrate_, calibration_ids
 
     torch.manual_seed(0)

@@ -128,7 +128,7 @@ def _peer_quantize(loaded: Any, variant: str) -> None:
 
 def _memopt_config(model: str, variant: str) -> Any:
     from memopt.quant import Int4WeightOnly
-    from memopt.quant.stream import method_config
+    from memopt.quant.config import method_config
 
     if variant == "memopt int8":
         return method_config("int8")
@@ -144,8 +144,8 @@ def quantize_job(model: str, variant: str, out: str) -> dict[str, Any]:
     """In a child: quantize (and save) one variant; bytes, seconds."""
     import transformers  # noqa: F401 (imported before any timing, in every variant alike)
 
-    from memopt.models import saved as io
     from memopt.models import load_model
+    from memopt.models import saved as io
 
     if variant == "float32":
         loaded = load_model(model)
@@ -239,9 +239,10 @@ def measure_job(model: str, variant: str, out: str, threads: int, rounds: int) -
 
 def bound_job() -> dict[str, Any]:
     """In a child: only the imports that streamed quantization needs (the issue's baseline)."""
-    from memopt.quant.stream import import_baseline_job
+    from memopt.core.rss import import_baseline
 
-    return import_baseline_job("llama")
+    import_baseline()
+    return {}
 
 
 # ---- the run ----

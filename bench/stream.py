@@ -59,9 +59,9 @@ def load_job(kind: str, path: str) -> dict[str, Any]:
     r0 = _rss()
     start = time.perf_counter()
     if kind == "memopt-mmap":
-        from memopt.stream.mapped import MappedSafetensors
+        from memopt.formats.safetensors import SafetensorsReader
 
-        src = MappedSafetensors(path)
+        src = SafetensorsReader(path)
         tensors = {n: src.get(n) for n in src.names()}
     elif kind == "safetensors.load_file":
         from safetensors.torch import load_file
@@ -134,10 +134,10 @@ def _evict_after_use() -> None:
     child): the library keeps released pages cached, which is what a user with room for them wants.
     """
     import memopt.stream.executor as ex
-    from memopt.stream import mapped
+    from memopt.formats import safetensors as st_format
 
     maps: list[tuple[int, int, int]] = []  # (address of the mapping, its length, an fd of the file)
-    init = mapped.MappedSafetensors.__init__
+    init = st_format.SafetensorsReader.__init__
 
     def patched_init(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
@@ -145,7 +145,7 @@ def _evict_after_use() -> None:
             base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
             maps.append((base, len(mm), os.open(file, os.O_RDONLY)))
 
-    mapped.MappedSafetensors.__init__ = patched_init  # type: ignore[method-assign]
+    st_format.SafetensorsReader.__init__ = patched_init  # type: ignore[method-assign]
     release = ex.release
 
     def release_and_evict(spans: list[Any]) -> None:
@@ -185,7 +185,7 @@ def make_cold(path: Path) -> str:
     """Evict ``path`` from the page cache; returns how. ``posix_fadvise(DONTNEED)`` on the file
     first (it touches nothing else on this shared machine); the global ``drop_caches`` only if
     that left pages cached."""
-    from memopt.stream.mapped import drop_page_cache
+    from memopt.core.pages import drop_page_cache
 
     if drop_page_cache(path) and cached_fraction(path) < 0.01:
         return "posix_fadvise(DONTNEED)"
@@ -481,7 +481,7 @@ def print_tables(result: dict[str, Any]) -> None:
 if __name__ != "__main__":
     # Imported by name in a child of run_in_child: import what every job needs now, so that the
     # child's RSS baseline (taken after this import) holds the libraries, not the measured work.
-    from memopt.stream.run import import_baseline
+    from memopt.core.rss import import_baseline
 
     import_baseline()
 

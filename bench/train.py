@@ -83,8 +83,8 @@ def _tokens() -> torch.Tensor:
 
 
 def _trainer(opts: dict[str, Any], batch: int, seq: int) -> Any:
-    from memopt.step.step import StepSpec
     from memopt.models import load_model
+    from memopt.step.step import StepSpec
     from memopt.step.trainer import Trainer
 
     accum = opts.get("grad_accum", 1)

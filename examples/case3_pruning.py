@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from memopt.core.modules import model_bytes
 from memopt.prune import PolynomialDecay, SparseWeight, prune_low_magnitude, sparsity_of
-from memopt.quant.api import model_bytes
-from memopt.weights.quantized import QConv, QLinear
+from memopt.weights.modules import QConv, QLinear
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,13 +81,13 @@ def save_module(model: nn.Module, folder: Path) -> int:
     safetensors, the sparse weights' specs in JSON. Returns the bytes written."""
     from safetensors.torch import save_file
 
-    from memopt.weights.sparse import io_weight_spec
+    from memopt.weights import weight_spec
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors"
     )
-    specs = {n: io_weight_spec(m) for n, m in model.named_modules() if isinstance(m, SparseWeight)}
+    specs = {n: weight_spec(m) for n, m in model.named_modules() if isinstance(m, SparseWeight)}
     (folder / "memopt.json").write_text(json.dumps({"sparse_weights": specs}, indent=1))
     return sum(p.stat().st_size for p in folder.iterdir())
 
@@ -96,15 +96,15 @@ def load_module(folder: Path) -> nn.Module:
     """Rebuild the stripped CNN from the folder alone (architecture + sparse specs + tensors)."""
     from safetensors.torch import load_file
 
-    from memopt.weights.sparse import io_disk_layout, io_empty_weight, io_fill_weight
+    from memopt.weights import disk_layout, empty_weight, fill_weight
 
     specs = json.loads((folder / "memopt.json").read_text())["sparse_weights"]
     tensors = load_file(folder / "model.safetensors")
     model = brief_cnn()
     for wname, spec in specs.items():
         mname = wname.rpartition(".")[0]  # "0.qweight" -> "0"
-        qw = io_empty_weight(spec, "cpu")
-        io_fill_weight(qw, {s: tensors.pop(f"{wname}.{s}") for s in io_disk_layout(spec)})
+        qw = empty_weight(spec, "cpu")
+        fill_weight(qw, {s: tensors.pop(f"{wname}.{s}") for s in disk_layout(spec)})
         old = model.get_submodule(mname)
         new = QConv(old, qw) if isinstance(old, nn.Conv2d) else QLinear(qw, old.bias)
         model._modules[mname] = new

@@ -1,4 +1,5 @@
-"""Shared fixtures: small real transformers models written as Hugging Face folders, loaded models."""
+"""Shared fixtures: small real transformers models written as Hugging Face folders, loaded models;
+shared helpers (``from conftest import assert_similar``): cosine similarity, /proc/self/status."""
 
 from __future__ import annotations
 
@@ -9,6 +10,37 @@ import pytest
 import torch
 
 torch.manual_seed(0)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The cosine similarity of two tensors taken as flat vectors, computed in float64."""
+    return torch.nn.functional.cosine_similarity(
+        a.flatten().double(), b.flatten().double(), dim=0
+    ).item()
+
+
+def assert_similar(
+    a: torch.Tensor, b: torch.Tensor, min_cosine: float, *, rows: bool = False, what: object = ""
+) -> float:
+    """Assert that ``a`` and ``b`` point the same way: their cosine similarity (:func:`cosine`,
+    the tensors as flat vectors) is above ``min_cosine``; with ``rows``, that of every row (along
+    the last dimension) is. Returns the cosine (the smallest row's, with ``rows``); a failure names
+    ``what`` and the cosine found."""
+    if rows:
+        cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).min().item()
+    else:
+        cos = cosine(a, b)
+    assert cos > min_cosine, f"{what}{': ' if what else ''}cosine {cos:.6f} <= {min_cosine}"
+    return cos
+
+
+def proc_status(key: str) -> int:
+    """A byte count of /proc/self/status (``RssAnon``, ``RssFile``, ``VmHWM`` ...)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
 
 
 @pytest.fixture(autouse=True, scope="session")

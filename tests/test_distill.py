@@ -74,8 +74,8 @@ def test_distill_lowers_kl_and_resumes_exactly(tmp_path):
     Distiller(teacher, student_b, cfg, checkpoint_dir=tmp_path / "b").train(
         data, progress=False, stop_after=25
     )
-    meta = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
-    assert meta["step"] == 20
+    meta = json.loads((tmp_path / "b" / "trainer.json").read_text())  # the Trainer's format
+    assert meta["steps_done"] == 20
     student_c = narrow(teacher, 0.25)  # a new process would start from scratch weights
     res = Distiller(teacher, student_c, cfg, checkpoint_dir=tmp_path / "b").train(
         data, progress=False
@@ -146,7 +146,7 @@ def test_distill_model_causal_lm(tiny_folder, tmp_path):
     assert out["teacher_layers"] == 2 and out["student_layers"] == 1
     assert out["student_bytes"] < out["teacher_bytes"]
     assert out["steps"] == 6 and out["retained"] > 0
-    assert (tmp_path / "ck" / "checkpoint.safetensors").is_file()
+    assert (tmp_path / "ck" / "trainer-rank0.safetensors").is_file()
     assert len(teacher.model.model.layers) == 2  # the teacher is untouched
 
 
@@ -173,7 +173,7 @@ def test_cli_distill_checkpoints_resumes_and_refuses(tmp_path, monkeypatch, caps
     assert r["student_bytes"] < r["teacher_bytes"] and r["disk_bytes"] > 0
     assert r["steps"] == 4 and r["resumed_from"] == 0 and r["retained"] > 0
     ck = tmp_path / "student.checkpoints"
-    assert json.loads((ck / "checkpoint.json").read_text())["step"] == 4
+    assert json.loads((ck / "trainer.json").read_text())["steps_done"] == 4
     # a longer run resumed from the checkpoint does only the steps left
     code, stdout, err = _cli(capsys, "distill", "minilm", "--steps", "6", "--resume", *common)
     assert code == 0, err

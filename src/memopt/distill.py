@@ -9,17 +9,17 @@ mean squared error between student hidden states and the teacher's layers they w
 A model without logits (a sentence encoder) is distilled on its hidden states alone.
 
 ``data`` is indexed by step (a sequence, used cyclically, or a function ``step -> batch``), so a run
-resumed from a checkpoint sees exactly the batches it would have seen: checkpoints (student weights,
-optimizer state, RNG state in safetensors; step, history and config in JSON; never pickle) are
-written every ``checkpoint_every`` steps, atomically, and ``train()`` continues from the latest.
+resumed from a checkpoint sees exactly the batches it would have seen. Checkpoints are written every
+``checkpoint_every`` steps in the training checkpoint format of :mod:`memopt.step.trainer` (a
+:class:`~memopt.step.trainer.TrainState`: student weights and buffers, optimizer and RNG state in
+safetensors; the step count in JSON, with the history and config as its ``extra``; never pickle),
+and ``train()`` continues from the latest.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +34,7 @@ from memopt.core import texts
 from memopt.core.errors import MemoptError
 from memopt.core.modules import model_bytes, require_blocks
 from memopt.core.texts import default_calib_text, heldout_topics
+from memopt.step.trainer import TrainState, has_state
 
 __all__ = [
     "DistillConfig",
@@ -53,8 +54,6 @@ __all__ = [
 ]
 
 Batch = Any
-CKPT_WEIGHTS = "checkpoint.safetensors"
-CKPT_META = "checkpoint.json"
 
 
 @dataclass(frozen=True)
@@ -243,7 +242,9 @@ def _forward(model: nn.Module, batch: Batch, hidden: bool) -> dict[str, Any]:
 
 
 class Distiller:
-    """Trains ``student`` to imitate ``teacher`` (frozen, eval mode) with AdamW."""
+    """Trains ``student`` to imitate ``teacher`` (frozen, eval mode) with AdamW; checkpoints (when
+    ``checkpoint_dir`` is given) are a :class:`~memopt.step.trainer.TrainState` of the student's
+    trainable parameters, its buffers and the optimizer."""
 
     def __init__(
         self,
@@ -259,10 +260,16 @@ class Distiller:
         self.config = config or DistillConfig()
         self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         torch.manual_seed(self.config.seed)
+        named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        if not named:
+            raise MemoptError("distill: the student has no trainable parameters")
         self.opt = torch.optim.AdamW(
-            [p for p in student.parameters() if p.requires_grad],
-            lr=self.config.lr,
-            weight_decay=self.config.weight_decay,
+            [p for _, p in named], lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
+        saved = student.state_dict(keep_vars=True)  # persistent buffers only
+        buffers = {n: b for n, b in student.named_buffers() if n in saved}
+        self._state = TrainState(
+            [n for n, _ in named], [p for _, p in named], self.opt, buffers=buffers
         )
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -308,13 +315,20 @@ class Distiller:
         self,
         data: Sequence[Batch] | Callable[[int], Batch],
         *,
-        resume: bool = True,
+        resume: bool | None = None,
         progress: bool = True,
         stop_after: int | None = None,
     ) -> DistillResult:
-        """Train to ``config.steps``, resuming from the checkpoint in ``checkpoint_dir`` if any.
-        ``stop_after``: stop (as an interruption would) after that many steps of this call."""
-        resumed = self.load_checkpoint() if (resume and self.dir is not None) else 0
+        """Train to ``config.steps``. ``resume``: None continues from the checkpoint in
+        ``checkpoint_dir`` when there is one, True requires one (:class:`MemoptError` if none),
+        False starts afresh (later checkpoints replace the old one). ``stop_after``: stop (as an
+        interruption would) after that many steps of this call."""
+        if resume:
+            if self.dir is None:
+                raise MemoptError("distill: resume=True needs a checkpoint_dir")
+            if not has_state(self.dir):
+                raise MemoptError(f"distill: no checkpoint to resume from in {self.dir}")
+        resumed = self.load_checkpoint() if resume is not False and self.dir is not None else 0
         get = data if callable(data) else (lambda i: data[i % len(data)])  # type: ignore[index]
         cfg = self.config
         self.student.train(self.config.dropout)
@@ -346,62 +360,24 @@ class Distiller:
         self.student.eval()
         return DistillResult(self.step, resumed, list(self.history))
 
-    # ---- checkpoints: safetensors + JSON ----
+    # ---- checkpoints: memopt.step.trainer's format ----
 
     def save_checkpoint(self) -> Path:
-        from safetensors.torch import save_file
-
+        """Write the checkpoint (:meth:`TrainState.save <memopt.step.trainer.TrainState.save>`)
+        into ``checkpoint_dir``; returns that folder."""
         assert self.dir is not None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        for k, v in self.student.state_dict().items():
-            tensors[f"student.{k}"] = v.detach().clone().contiguous()  # clone: ties share storage
-        opt = self.opt.state_dict()
-        opt_meta: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
-        for idx, st in opt["state"].items():
-            opt_meta["state"][str(idx)] = {}
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor):
-                    tensors[f"opt.{idx}.{k}"] = v.detach().clone().contiguous()
-                else:
-                    opt_meta["state"][str(idx)][k] = v
-        tensors["rng.torch"] = torch.get_rng_state()
-        meta = {"step": self.step, "history": self.history, "config": asdict(self.config),
-                "optimizer": opt_meta, "format": "memopt-distill-checkpoint", "version": 1}  # fmt: skip
-        tmp_w, tmp_m = self.dir / (CKPT_WEIGHTS + ".tmp"), self.dir / (CKPT_META + ".tmp")
-        save_file(tensors, str(tmp_w))
-        tmp_m.write_text(json.dumps(meta))
-        os.replace(tmp_w, self.dir / CKPT_WEIGHTS)  # weights first, then the JSON that names the
-        os.replace(tmp_m, self.dir / CKPT_META)  # step: a crash between leaves an older step
+        extra = {"history": self.history, "config": asdict(self.config)}
+        self._state.save(self.dir, self.step, extra=extra)
         return self.dir
 
     def load_checkpoint(self) -> int:
         """Restore the latest checkpoint (returns its step; 0 if there is none)."""
-        from safetensors.torch import load_file
-
         assert self.dir is not None
-        meta_p, w_p = self.dir / CKPT_META, self.dir / CKPT_WEIGHTS
-        if not meta_p.is_file() or not w_p.is_file():
+        if not has_state(self.dir):
             return 0
-        try:
-            meta = json.loads(meta_p.read_text())
-            tensors = load_file(str(w_p))
-        except (OSError, ValueError) as exc:
-            raise MemoptError(f"{self.dir}: corrupt distillation checkpoint ({exc})") from None
-        sd = {k[len("student.") :]: v for k, v in tensors.items() if k.startswith("student.")}
-        self.student.load_state_dict(sd)
-        om = meta["optimizer"]
-        state: dict[int, dict[str, Any]] = {}
-        for key, v in tensors.items():
-            m = re.fullmatch(r"opt\.(\d+)\.(.+)", key)
-            if m:
-                state.setdefault(int(m.group(1)), {})[m.group(2)] = v
-        for idx, extra in om["state"].items():
-            state.setdefault(int(idx), {}).update(extra)
-        self.opt.load_state_dict({"state": state, "param_groups": om["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        self.step = int(meta["step"])
-        self.history = list(meta["history"])
+        meta = self._state.load(self.dir)
+        self.step = int(meta["steps_done"])
+        self.history = list(meta["extra"].get("history", []))
         return self.step
 
 
@@ -444,8 +420,8 @@ def paragraph_pairs(
     topics: Sequence[str] | None = None, n: int | None = None
 ) -> list[tuple[str, str]]:
     """``(first half, second half)`` of the paragraphs (24 words or more, at most 120 kept; code
-    and tables skipped) of pydoc_data.topics' ``topics`` (default :func:`heldout_topics`: 432
-    pairs on Python 3.11), the first ``n`` of them if given."""
+    and tables skipped) of pydoc_data.topics' ``topics`` (default :func:`heldout_topics`), the
+    first ``n`` of them if given."""
     all_topics = texts.topics()
     names = list(topics) if topics is not None else heldout_topics()
     pairs = []
@@ -559,7 +535,7 @@ def distill_model(
     warmup: int | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
-    resume: bool = True,
+    resume: bool | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -567,9 +543,12 @@ def distill_model(
 
     The student (:func:`make_student`; default every other block, initialised from the teacher's
     blocks) is trained on pydoc_data.topics calibration text (never the held-out topics) with
-    AdamW, ``lr`` (encoder 3e-4, causal LM 2e-4) on a ``schedule`` after ``warmup`` steps (default
-    5 %), checkpointed every ``checkpoint_every`` steps (default a quarter of the run) to
-    ``checkpoint_dir`` and resumed from it when ``resume``.
+    AdamW, ``lr`` (> 0; default encoder 3e-4, causal LM 2e-4) on a ``schedule`` after ``warmup``
+    steps (default a twentieth of the run), checkpointed every ``checkpoint_every`` steps (default
+    a quarter of the run) to ``checkpoint_dir`` (default ``OUT.checkpoints`` beside ``out_dir``;
+    no checkpoints without either). ``resume``: None continues from a checkpoint there when there
+    is one, True requires one (:class:`MemoptError` before anything loads if there is none), False
+    starts afresh. Every option is checked before the teacher loads.
 
     A sentence encoder learns its output (masked hidden-state MSE + cosine of the mean-pooled
     embeddings) plus ``hidden_weight`` x each kept block's output against the teacher block it came
@@ -578,16 +557,25 @@ def distill_model(
     causal LM learns soft targets at ``temperature`` plus next-token labels (and the hidden states
     when ``hidden_weight``), scored by 1 / perplexity. ``retained`` = student / teacher metric.
     Returns sizes in bytes (``teacher_bytes``, ``student_bytes``, ``disk_bytes``: the saved student,
-    None without ``out_dir``), the metric before and after, ``retained`` and the run's steps.
+    None without ``out_dir``), the metric before and after, ``retained``, the run's steps and
+    ``checkpoint_dir`` (None: no checkpoints).
     """
     from memopt.models import LoadedModel, load_model
+
     if out_dir is not None:
         from memopt.models.saved import check_output
 
         check_output(out_dir)
     if not isinstance(steps, int) or steps < 1:
         raise MemoptError(f"distill: steps must be a whole number >= 1, got {steps!r}")
+    if lr is not None and not lr > 0:
+        raise MemoptError(f"distill: lr must be > 0, got {lr!r}")
     parse_student(student)
+    if checkpoint_dir is None and out_dir is not None:
+        checkpoint_dir = _checkpoints_beside(out_dir)
+    ckpt = Path(checkpoint_dir).expanduser() if checkpoint_dir is not None else None
+    if resume and (ckpt is None or not has_state(ckpt)):
+        raise MemoptError(f"distill: resume: no checkpoint in {ckpt}")
     common = dict(steps=steps, temperature=temperature, hidden_weight=hidden_weight,
                   schedule=schedule, warmup=steps // 20 if warmup is None else warmup,
                   checkpoint_every=checkpoint_every or max(1, steps // 4))  # fmt: skip
@@ -630,7 +618,7 @@ def distill_model(
         cfg = DistillConfig(alpha=0.5, lr=lr or 2e-4, **common)
     q_teacher, q_before = quality(t), quality(s)
     before_extra = {k: f(s) for k, f in extra.items()}
-    distiller = Distiller(t.model, s.model, cfg, checkpoint_dir=checkpoint_dir)
+    distiller = Distiller(t.model, s.model, cfg, checkpoint_dir=ckpt)
     result = distiller.train(data, progress=progress, resume=resume)
     q_student = quality(s)
     keep = getattr(student_model, "memopt_keep", None)  # None: a narrowed student
@@ -638,7 +626,9 @@ def distill_model(
         "teacher": t.name,
         "student": student if isinstance(student, str) else f"keep={','.join(map(str, student))}",
         "teacher_layers": len(require_blocks(t.model, "distill")[1]),
-        "student_layers": len(keep) if keep is not None else len(require_blocks(s.model, "distill")[1]),
+        "student_layers": len(keep)
+        if keep is not None
+        else len(require_blocks(s.model, "distill")[1]),
         "kept_blocks": keep,
         "teacher_params": sum(p.numel() for p in t.model.parameters()),
         "student_params": sum(p.numel() for p in s.model.parameters()),
@@ -654,6 +644,7 @@ def distill_model(
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "config": asdict(cfg),
         "disk_bytes": None,
+        "checkpoint_dir": str(ckpt) if ckpt is not None else None,
     }
     for k, f in extra.items():
         out[f"{k}_teacher"], out[f"{k}_student_before"] = f(t), before_extra[k]
@@ -671,3 +662,11 @@ def distill_model(
         save(s, out_dir)
         out["disk_bytes"] = disk_bytes(out_dir)
     return out
+
+
+def _checkpoints_beside(out_dir: str | Path) -> Path:
+    """``OUT.checkpoints``, the default checkpoint folder of a run writing ``OUT``."""
+    out = Path(out_dir).expanduser()
+    if out.name in ("", ".", ".."):
+        out = out.resolve()
+    return out.with_name(out.name + ".checkpoints")

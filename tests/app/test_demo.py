@@ -14,7 +14,7 @@ from memopt.app.cli import main
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("demo") / "report"
     # --quick: the pruning, streaming and training rows are tested through their own functions
-    # (tests/prune, tests/stream/test_demo_row.py, tests/train/test_train_demo.py)
+    # (memopt.app.rows: tests/app/test_rows.py)
     assert main(["demo", "--out", str(out), "--json", "--quick"]) == 0
     return json.loads((out / "report.json").read_text()), out
 

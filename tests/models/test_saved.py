@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from memopt.core.errors import MemoptError
+from memopt.core.modules import model_bytes
+from memopt.formats.manifest import FORMAT_VERSION, MANIFEST, WEIGHTS, read_manifest
+from memopt.formats.safetensors import SafetensorsWriter
 from memopt.models import build_meta, load_model
 from memopt.models import saved as io
 from memopt.quant import (
@@ -19,10 +22,9 @@ from memopt.quant import (
     Int8Dynamic,
     Int8WeightOnly,
     IntNWeightOnly,
-    QLinear,
-    model_bytes,
     quantize_,
 )
+from memopt.weights import QLinear
 
 CONFIGS = {
     "float32": None,
@@ -52,7 +54,7 @@ def _logits(loaded) -> torch.Tensor:
 
 
 def _weights_header(folder: Path) -> tuple[int, dict]:
-    with open(folder / io.WEIGHTS, "rb") as fh:
+    with open(folder / WEIGHTS, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         return n, json.loads(fh.read(n))
 
@@ -74,7 +76,7 @@ def test_round_trip_tied_llama_is_bit_identical(tiny_folder, tmp_path, name):
     else:  # quantized: one weight module under two parents, stored once
         assert isinstance(m.lm_head, QLinear)
         assert m.lm_head.qweight is m.model.embed_tokens.qweight
-        manifest = io.read_manifest(tmp_path / "out")
+        manifest = read_manifest(tmp_path / "out")
         assert manifest["tied"] == [["model.embed_tokens", "lm_head"]]
         assert not any(t.startswith("lm_head.") for t in manifest["tensors"])
     assert model_bytes(m) == model_bytes(loaded.model)
@@ -117,18 +119,18 @@ def test_disk_bytes_equal_ram_bytes_plus_stated_overhead(tiny_folder, tmp_path):
     n, _ = _weights_header(out)
     # the weights file is exactly: 8-byte length + header + every tensor's bytes, which are the
     # model's bytes in RAM (int4: same byte count in the kernel's layout as on disk)
-    assert os.path.getsize(out / io.WEIGHTS) == 8 + n + model_bytes(loaded.model)
+    assert os.path.getsize(out / WEIGHTS) == 8 + n + model_bytes(loaded.model)
     assert n % 8 == 0
     overhead = io.disk_bytes(out) - model_bytes(loaded.model)
-    small = sum(os.path.getsize(p) for p in files if p.name != io.WEIGHTS)
+    small = sum(os.path.getsize(p) for p in files if p.name != WEIGHTS)
     assert overhead == 8 + n + small  # manifest + config.json + safetensors header, nothing else
 
 
 def test_manifest_is_versioned_readable_and_in_execution_order(tiny_folder, tmp_path):
     cfg = Int4WeightOnly(group_size=64)
     io.save(_quantized(tiny_folder("llama"), cfg), tmp_path / "out", quant_config=cfg)
-    manifest = json.loads((tmp_path / "out" / io.MANIFEST).read_text())
-    assert manifest["format"] == "memopt" and manifest["format_version"] == io.FORMAT_VERSION
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["format"] == "memopt" and manifest["format_version"] == FORMAT_VERSION
     assert manifest["memopt_version"] and manifest["task"] == "causal-lm"
     assert manifest["quantization"] == [{"config": cfg.to_dict()}]
     assert manifest["config"]["model_type"] == "llama"
@@ -164,7 +166,7 @@ def test_safetensors_writer_output_reads_back(tmp_path):
         "c": torch.randint(0, 255, (4, 4), dtype=torch.uint8),
         "d": torch.zeros(0, 3),
     }
-    w = io.SafetensorsWriter(
+    w = SafetensorsWriter(
         tmp_path / "x.safetensors", [(k, v.dtype, v.shape) for k, v in tensors.items()]
     )
     w.write("a", tensors["a"])
@@ -196,30 +198,30 @@ def _one_line_error(fn) -> str:
 
 
 def test_corrupt_manifest_is_one_line(saved):
-    (saved / io.MANIFEST).write_text('{"format": "memopt", "format_version": 1, "task": ')
+    (saved / MANIFEST).write_text('{"format": "memopt", "format_version": 1, "task": ')
     assert "corrupt manifest" in _one_line_error(lambda: load_model(saved))
 
 
 def test_manifest_from_a_newer_format_is_refused(saved):
-    manifest = json.loads((saved / io.MANIFEST).read_text())
-    manifest["format_version"] = io.FORMAT_VERSION + 1
-    (saved / io.MANIFEST).write_text(json.dumps(manifest))
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (saved / MANIFEST).write_text(json.dumps(manifest))
     assert "newer memopt" in _one_line_error(lambda: load_model(saved))
 
 
 def test_missing_tensor_is_one_line(saved):
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(str(saved / io.WEIGHTS))
+    tensors = load_file(str(saved / WEIGHTS))
     del tensors["model.layers.1.mlp.down_proj.qweight.scale"]
-    save_file(tensors, str(saved / io.WEIGHTS))
+    save_file(tensors, str(saved / WEIGHTS))
     msg = _one_line_error(lambda: load_model(saved))
     assert "model.layers.1.mlp.down_proj.qweight.scale" in msg and "missing" in msg
 
 
 def test_truncated_weights_are_one_line(saved):
-    data = (saved / io.WEIGHTS).read_bytes()
-    (saved / io.WEIGHTS).write_bytes(data[: len(data) // 2])
+    data = (saved / WEIGHTS).read_bytes()
+    (saved / WEIGHTS).write_bytes(data[: len(data) // 2])
     assert "truncated" in _one_line_error(lambda: load_model(saved))
 
 
@@ -238,7 +240,7 @@ def test_a_failure_midway_leaves_no_output_and_keeps_the_old_one(saved, tiny_fol
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     loaded = _quantized(tiny_folder("llama"), Int8WeightOnly())
     calls = {"n": 0}
-    real_write = io.SafetensorsWriter.write
+    real_write = SafetensorsWriter.write
 
     def failing_write(self, name, tensor):
         calls["n"] += 1
@@ -246,7 +248,7 @@ def test_a_failure_midway_leaves_no_output_and_keeps_the_old_one(saved, tiny_fol
             raise OSError("disk full (simulated)")
         return real_write(self, name, tensor)
 
-    monkeypatch.setattr(io.SafetensorsWriter, "write", failing_write)
+    monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
     with pytest.raises(OSError):
         io.save(loaded, saved)  # over an earlier output
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # untouched
@@ -268,7 +270,7 @@ def test_saved_folder_resaves_with_its_configs(saved, tmp_path):
 
 
 def test_corrupt_weight_entry_is_one_line(saved):
-    manifest = json.loads((saved / io.MANIFEST).read_text())
+    manifest = json.loads((saved / MANIFEST).read_text())
     del manifest["weights"]["model.layers.0.mlp.up_proj.qweight"]["shape"]
-    (saved / io.MANIFEST).write_text(json.dumps(manifest))
+    (saved / MANIFEST).write_text(json.dumps(manifest))
     assert "corrupt manifest" in _one_line_error(lambda: load_model(saved))

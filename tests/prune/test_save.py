@@ -1,4 +1,5 @@
-"""prune_model (what `memopt prune` calls) and saving pruned models through memopt.models.saved."""
+"""prune_model (what `memopt prune` calls) and saving pruned models through memopt.models.saved.
+(The demo's pruning row: tests/app/test_rows.py.)"""
 
 from __future__ import annotations
 
@@ -7,43 +8,6 @@ import torch
 
 from memopt.core.errors import MemoptError
 from memopt.prune import prune_model
-
-
-def _io_has_sparse() -> bool:
-    """True once memopt.models.saved dispatches sparse formats to memopt.weights.sparse's io_* hooks."""
-    import memopt.models.saved as io
-    from memopt.weights.sparse import io_weight_spec
-
-    try:
-        return io.disk_layout({"format": "sparse-bitmask-float", "shape": [1, 8], "nnz": 0,
-                               "layout": "bitmask", "values": "float"}) is not None  # fmt: skip
-    except MemoptError:
-        return io_weight_spec is None
-
-
-@pytest.fixture
-def io_with_sparse(monkeypatch):
-    """memopt.models.saved as it is, or, until it calls the hooks itself, with the five-line dispatch the
-    hooks are for patched in (what the lead adds to io.py; see memopt.weights.sparse)."""
-    import memopt.models.saved as io
-    from memopt.prune import storage as st
-
-    if _io_has_sparse():
-        return io
-    for name, hook, test in (
-        ("weight_spec", st.io_weight_spec, lambda a: isinstance(a, st.SparseWeight)),
-        ("disk_layout", st.io_disk_layout, lambda a: st.is_sparse_format(a.get("format"))),
-        ("disk_tensors", st.io_disk_tensors, lambda a: isinstance(a, st.SparseWeight)),
-        ("empty_weight", st.io_empty_weight, lambda a: st.is_sparse_format(a.get("format"))),
-        ("fill_weight", st.io_fill_weight, lambda a: isinstance(a, st.SparseWeight)),
-    ):
-        orig = getattr(io, name)
-
-        def patched(first, *rest, _o=orig, _h=hook, _t=test):
-            return _h(first, *rest) if _t(first) else _o(first, *rest)
-
-        monkeypatch.setattr(io, name, patched)
-    return io
 
 
 def test_prune_model_structured_saves(tiny_folder, tmp_path):
@@ -58,13 +22,14 @@ def test_prune_model_structured_saves(tiny_folder, tmp_path):
 
 
 @pytest.mark.parametrize("values", ["float", "int8"])
-def test_prune_model_sparse_round_trip(tiny_folder, tmp_path, values, io_with_sparse):
+def test_prune_model_sparse_round_trip(tiny_folder, tmp_path, values):
     from memopt.models import load_model
+    from memopt.models.saved import load
 
     out = prune_model(tiny_folder("llama"), "magnitude", 0.5, tmp_path / "m", values=values)
     assert out["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert out["disk_bytes"] < 0.75 * out["bytes_before"]
-    again = io_with_sparse.load(tmp_path / "m")
+    again = load(tmp_path / "m")
     ref = load_model(tiny_folder("llama"))
     from memopt.prune import Magnitude, prune_
 
@@ -86,19 +51,8 @@ def test_prune_model_bad_input(tiny_folder, tmp_path):
         prune_model(tiny_folder("llama"), "magnitude", 0.5, tmp_path / "f")
 
 
-def test_demo_row(minilm):
-    import copy
-
-    from memopt.prune import demo_row
-
-    lm = copy.deepcopy(minilm)
-    row = demo_row(lm, "magnitude", 0.5)
-    assert row["technique"] == "prune magnitude 50%" and row["sparsity"] == pytest.approx(0.5)
-    assert row["bytes_after"] < 0.8 * row["bytes_before"]  # the 30522 x 384 embedding stays dense
-
-
 @pytest.mark.parametrize("values", ["float", "int4"])
-def test_estimate_sparse_folder_matches_profile(tiny_folder, tmp_path, values, io_with_sparse):
+def test_estimate_sparse_folder_matches_profile(tiny_folder, tmp_path, values):
     """`memopt estimate` on a pruned folder: the sparse weights rebuild on meta from the manifest's
     nnz (no data-dependent op), and the prediction is the measured step's bytes."""
     from memopt.measure.estimate import estimate

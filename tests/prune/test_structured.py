@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from memopt.core.modules import model_bytes
 from memopt.prune import Structured, prune_
-from memopt.quant.api import model_bytes
 
 
 def _kept_rows(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

@@ -9,27 +9,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import cosine
 from memopt.core.errors import MemoptError
-from memopt.quant import Int4Weight, Int4WeightOnly, QLinear, QuantConfig, model_bytes, quantize_
+from memopt.core.modules import find_blocks, model_bytes
+from memopt.core.texts import CALIB_TOPICS, EVAL_TOPICS, default_calib_text
+from memopt.quant import Int4WeightOnly, QuantConfig, quantize_
 from memopt.quant.calibrate import (
-    CALIB_TOPICS,
     GPTQSettings,
     calibrate_,
     calibration_ids,
-    default_calib_text,
-    find_blocks,
+    capture_inputs,
     gptq_quantize,
     int4_weight_from_codes,
     quantize_block_,
 )
+from memopt.weights import Int4Weight, QLinear
 from memopt.weights.primitives import choose_qparams, quantize
 
 GPTQ64 = Int4WeightOnly(group_size=64, algo="gptq")
 GPTQ32 = Int4WeightOnly(group_size=32, algo="gptq")
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
 def correlated_inputs(m: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -122,10 +120,8 @@ def zipf_tokens(n: int, t: int, seed: int, vocab: int = 256) -> torch.Tensor:
 
 
 def block_inputs(model: nn.Module, ids: torch.Tensor) -> list[tuple[tuple, dict]]:
-    from memopt.quant.calibrate import _capture_inputs
-
     _, blocks = find_blocks(model)
-    return _capture_inputs(model, blocks[0], ids, batch=4)
+    return capture_inputs(model, blocks[0], ids, batch=4)
 
 
 def test_quantize_block_outputs_close_to_float() -> None:
@@ -205,9 +201,7 @@ class CharTokenizer:
 
 
 def test_calibration_ids() -> None:
-    from memopt.evaluate import _TOPICS
-
-    assert not set(CALIB_TOPICS) & set(_TOPICS)
+    assert not set(CALIB_TOPICS) & set(EVAL_TOPICS)
     ids = calibration_ids(CharTokenizer(), None, n=16, seq=128)
     assert ids.shape == (16, 128) and ids.dtype == torch.long
     assert len({tuple(r.tolist()) for r in ids}) == 16  # distinct windows

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from memopt.core.errors import MemoptError
+from memopt.core.modules import model_bytes
 from memopt.core.rss import run_in_child
+from memopt.formats.manifest import read_manifest
 from memopt.models import load_model
 from memopt.models import saved as io
 from memopt.quant import (
@@ -17,10 +19,10 @@ from memopt.quant import (
     Int8Dynamic,
     Int8WeightOnly,
     IntNWeightOnly,
-    model_bytes,
     quantize_,
     stream,
 )
+from memopt.quant.config import method_config
 from memopt.quant.stream import quantize_model
 
 CONFIGS = {
@@ -117,7 +119,7 @@ def test_calibrated_streamed_block_by_block_equals_in_memory(tiny_folder, tmp_pa
     # ...and the head is really GPTQ's, not round-to-nearest (which the blocks-only port wrote)
     assert not torch.equal(back.lm_head.qweight.packed, rtn.model.lm_head.qweight.packed)
     assert back.lm_head.qweight is back.model.embed_tokens.qweight  # still tied, stored once
-    names = list(io.read_manifest(tmp_path / "out")["tensors"])
+    names = list(read_manifest(tmp_path / "out")["tensors"])
     assert names[0].startswith("model.embed_tokens.")  # file order unchanged: execution order
 
 
@@ -147,9 +149,11 @@ EMBEDDING_F32 = 49152 * 576 * 4  # the largest float32 tensor of SmolLM2-135M (1
 
 
 @pytest.fixture(scope="module")
-def smollm2_int4(tmp_path_factory) -> tuple[dict, dict, Path]:
+def smollm2_int4(tmp_path_factory) -> tuple[int, dict, Path]:
     out = tmp_path_factory.mktemp("stream") / "smollm2-int4"
-    base = run_in_child("memopt.quant.stream:import_baseline_job", timeout=300)
+    # the one import baseline (memopt.core.rss.import_baseline): a child's peak RSS once it has
+    # imported torch, transformers (auto classes, Llama modeling code), tokenizers, gguf
+    base = run_in_child("memopt.core.rss:import_baseline", timeout=300)["result"]
     cfg = {"type": "Int4WeightOnly", "group_size": 64, "algo": "rtn"}
     res = run_in_child(
         "memopt.quant.stream:quantize_model_job", "smollm2", cfg, str(out), timeout=600
@@ -159,9 +163,9 @@ def smollm2_int4(tmp_path_factory) -> tuple[dict, dict, Path]:
 
 def test_smollm2_int4_peak_rss_within_the_bound(smollm2_int4):
     base, res, out = smollm2_int4
-    # bound: imports (interpreter + torch + transformers + memopt) + the output + the largest
-    # float32 tensor; the float32 model itself is 538 MB
-    bound = base["peak_rss_bytes"] + res["bytes_after"] + EMBEDDING_F32
+    # bound: imports (memopt.core.rss.import_baseline: interpreter, torch, transformers, ...) + the
+    # output + the largest float32 tensor; the float32 model itself is 538 MB
+    bound = base + res["bytes_after"] + EMBEDDING_F32
     assert res["bytes_before"] == 538_060_288
     assert res["peak_rss_bytes"] <= bound, (res["peak_rss_bytes"], bound)
     assert res["disk_bytes"] == io.disk_bytes(out)
@@ -178,8 +182,6 @@ def test_smollm2_streamed_equals_in_memory(smollm2_int4):
 
 
 def test_method_config_maps_cli_methods_and_refuses_bad_options():
-    from memopt.quant.stream import method_config
-
     assert method_config("int4") == Int4WeightOnly(group_size=64, algo="gptq")
     assert method_config("int4", 32, "rtn") == Int4WeightOnly(group_size=32, algo="rtn")
     assert method_config("int2") == IntNWeightOnly(bits=2, group_size=32)

@@ -12,9 +12,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from memopt.step.adamw8bit import _Lookup, _midpoints
-from memopt.train import (
+from conftest import assert_similar
+from memopt.step.adamw8bit import (
     AdamW8bit,
+    _Lookup,
+    _midpoints,
     adamw_state_bytes,
     dequantize_blockwise,
     dynamic_map,
@@ -28,10 +30,6 @@ def _sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _state_nbytes(opt: torch.optim.Optimizer) -> int:
     return sum(v.nbytes for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
 # --- the map and the lookup -----------------------------------------------------------------------
@@ -175,7 +173,7 @@ def test_first_steps_match_adamw() -> None:
         d8, d32 = p8.detach() - before8, p32.detach() - before32
         if step == 1:
             torch.testing.assert_close(d8, d32, rtol=1e-5, atol=1e-9)
-        assert _cos(d8, d32) > 0.99, (step, _cos(d8, d32))
+        assert_similar(d8, d32, min_cosine=0.99, what=f"step {step}")
         p8.data.copy_(p32.data)  # compare single updates from the same parameters
 
 
@@ -360,7 +358,7 @@ def test_16bit_params(dtype: torch.dtype) -> None:
     assert p16.dtype == dtype
     assert opt16.state[p16]["exp_avg_absmax"].dtype == torch.float32
     moved16, moved32 = p16.detach().float() - w0.float(), p32.detach() - w0.float()
-    assert _cos(moved16, moved32) > 0.99, _cos(moved16, moved32)
+    assert_similar(moved16, moved32, min_cosine=0.99)
 
 
 class _NewStoragePeak(TorchDispatchMode):

@@ -10,14 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from memopt.measure.generation import (
-    estimate_generation,
-    estimate_streamed,
-    kv_cache_bytes,
-    profile_generation,
-    profile_streamed,
-)
+from memopt.measure.generation import estimate_generation, kv_cache_bytes, profile_generation
 from memopt.step.step import StepSpec
+from memopt.stream.memory import estimate_streamed, profile_streamed
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from memopt.formats.safetensors import SafetensorsReader
 from memopt.models import load_model
 from memopt.stream.layout import order_report, save_float_folder
-from memopt.stream.mapped import MappedSafetensors
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def _execution_order(names: list[str]) -> bool:
 
 def test_hf_file_is_sorted_by_name_not_execution(twelve: Path) -> None:
     """The reason memopt writes its own files: safetensors sorts by name."""
-    names = MappedSafetensors(twelve).names()
+    names = SafetensorsReader(twelve).names()
     assert not order_report(twelve)["blocks_in_order"]
     assert not _execution_order(names)
 
@@ -50,20 +50,21 @@ def test_save_float_folder_is_in_execution_order(twelve: Path, tmp_path: Path) -
     out = save_float_folder(load_model(twelve), tmp_path / "f32")
     rep = order_report(out)
     assert rep["blocks"] == 12 and rep["blocks_contiguous"] and rep["blocks_in_order"]
-    assert _execution_order(MappedSafetensors(out).names())
+    assert _execution_order(SafetensorsReader(out).names())
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_memopt_quantized_folder_is_in_execution_order(
     twelve: Path, tmp_path: Path, method: str
 ) -> None:
-    from memopt.quant.stream import method_config, quantize_model
+    from memopt.quant.config import method_config
+    from memopt.quant.stream import quantize_model
 
     out = tmp_path / method
     quantize_model(twelve, method_config(method, 32, "rtn" if method == "int4" else None), out)
     rep = order_report(out)
     assert rep["blocks"] == 12 and rep["blocks_contiguous"] and rep["blocks_in_order"]
-    assert _execution_order(MappedSafetensors(out).names())
+    assert _execution_order(SafetensorsReader(out).names())
 
 
 def test_channels_last_only_for_convolutions() -> None:

@@ -56,7 +56,8 @@ def test_peak_rss_within_budget_in_child(reference: list[int]) -> None:
 
 @pytest.fixture(scope="module")
 def int4_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from memopt.quant.stream import method_config, quantize_model
+    from memopt.quant.config import method_config
+    from memopt.quant.stream import quantize_model
 
     out = tmp_path_factory.mktemp("smollm2-int4") / "q"
     quantize_model("smollm2", method_config("int4", 64, "rtn"), out)  # streamed, ~6 s

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_similar
 from memopt.core.errors import MemoptError
 from memopt.generate import generate
 from memopt.models import load_model
@@ -65,12 +66,12 @@ def test_plan_below_minimum_is_refused(tiny: Path) -> None:
 
 
 def test_stream_model_refuses_before_reading(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from memopt.stream import mapped
+    from memopt.formats.safetensors import SafetensorsReader
 
     def boom(*_a: object, **_k: object) -> None:
         raise AssertionError("a weight was read")
 
-    monkeypatch.setattr(mapped.MappedSafetensors, "get", boom)
+    monkeypatch.setattr(SafetensorsReader, "get", boom)
     with pytest.raises(MemoptError, match="smallest budget"):
         stream_model(tiny, 1000, tokens=24, prompt_tokens=8, reserve_bytes=0)
 
@@ -141,9 +142,15 @@ def test_prefetch_overlaps_a_slow_source(tiny: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_int4_chunked_fill_matches_whole(tmp_path: Path) -> None:
-    """The row-chunked int4 repack gives the bytes of memopt.models.saved's whole-tensor fill."""
-    from memopt.models.saved import disk_tensors, empty_weight, fill_weight, weight_spec
-    from memopt.weights.quantized import Int4Weight
+    """The row-chunked int4 repack gives the bytes of the whole-tensor fill that memopt.models.saved
+    loads with (memopt.weights.quantized's registry)."""
+    from memopt.weights.quantized import (
+        Int4Weight,
+        disk_tensors,
+        empty_weight,
+        fill_weight,
+        weight_spec,
+    )
 
     torch.manual_seed(0)
     w = Int4Weight(torch.randn(8192 + 64, 128), group_size=64)
@@ -172,8 +179,7 @@ def test_int8_kv_cache_is_smaller_and_close(tiny: Path) -> None:
     assert out is not None
     float_bytes = 2 * ref.config.num_hidden_layers * 2 * 16 * len(IDS[0]) * 4  # kv_heads 2, dim 16
     assert sum(layer.nbytes() for layer in cache.layers) < 0.35 * float_bytes
-    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
-    assert cos > 0.999
+    assert_similar(got, want, min_cosine=0.999)
     with stream_model(tiny, None, tokens=24, kv_int8=True) as sm:
         tokens = generate(sm.loaded, IDS[0], 6, stop_at_eos=False, warmup=False)["tokens"]
     assert len(tokens) == 6
@@ -181,25 +187,14 @@ def test_int8_kv_cache_is_smaller_and_close(tiny: Path) -> None:
     assert plan8.kv_cache_bytes < 0.35 * plan_budget(tiny, None, tokens=24).kv_cache_bytes
 
 
-def test_parse_size() -> None:
-    from memopt.stream.run import parse_size
-
-    assert parse_size("135MB") == 135_000_000
-    assert parse_size("1.5GiB") == 3 * 2**29
-    assert parse_size("4096") == parse_size(4096) == 4096
-    for bad in ("lots", "-5MB", "0", "12 parsecs"):
-        with pytest.raises(MemoptError):
-            parse_size(bad)
-
-
 def test_run_measured_refuses_without_a_child(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from memopt.measure import rss
+    from memopt.stream import run
     from memopt.stream.run import predict, run_measured
 
     def no_child(*_a: object, **_k: object) -> None:
         raise AssertionError("a child process was started")
 
-    monkeypatch.setattr(rss, "run_in_child", no_child)
+    monkeypatch.setattr(run, "run_in_child", no_child)  # the name run_measured calls
     with pytest.raises(MemoptError, match="smallest budget that works is"):
         run_measured(tiny, IDS[0], 4, "1kB")
     pred = predict(tiny, None, prompt_tokens=8, max_new_tokens=4)

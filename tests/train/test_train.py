@@ -12,9 +12,10 @@ from memopt.core.errors import MemoptError
 from memopt.measure.estimate import estimate
 from memopt.measure.profile import profile
 from memopt.models.toy import tiny_llama
+from memopt.step.checkpoint import checkpoint_blocks
 from memopt.step.step import StepSpec
 from memopt.step.trainer import Trainer
-from memopt.train.checkpoint import checkpoint_blocks, choose_checkpointing, select_blocks
+from memopt.train.checkpoint import choose_checkpointing
 
 SMALL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, vocab_size=512)
 
@@ -41,19 +42,6 @@ def _train(
         micro = [{"input_ids": m} for m in ids.chunk(spec.grad_accum)]
         losses.append(float(trainer.step(micro)))
     return trainer, losses
-
-
-def test_select_blocks_by_pattern_and_index() -> None:
-    model = tiny_llama(**SMALL).model
-    assert select_blocks(model, None) == [0, 1, 2, 3]
-    assert select_blocks(model, "model.layers.[13]") == [1, 3]
-    assert select_blocks(model, [2, "model.layers.0"]) == [0, 2]
-    with pytest.raises(MemoptError, match="matches no block"):
-        select_blocks(model, "encoder.*")
-    with pytest.raises(MemoptError, match="out of range"):
-        select_blocks(model, [4])
-    names = checkpoint_blocks(model, [0, 1])
-    assert names == ["model.layers.0", "model.layers.1"]
 
 
 def test_checkpointing_a_subset_gives_the_same_gradients_and_less_memory() -> None:

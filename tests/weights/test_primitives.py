@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memopt.quant import Int4Weight, Int8Weight, IntNWeight, sqnr
+from memopt.weights import Int4Weight, Int8Weight, IntNWeight
 from memopt.weights.kernels import int4_block_n
 from memopt.weights.primitives import (
     choose_qparams,
@@ -15,6 +15,7 @@ from memopt.weights.primitives import (
     pack,
     pack_int4_nblock,
     quantize,
+    sqnr,
     unpack,
     unpack_int4_nblock,
 )

@@ -1,4 +1,4 @@
-"""Sparse storage: exact bytes, exact decoding, outputs equal to the dense masked layer, io hooks."""
+"""Sparse storage: exact bytes, exact decoding, outputs equal to the dense masked layer, disk form."""
 
 from __future__ import annotations
 
@@ -7,17 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from memopt.core.errors import MemoptError
+from memopt.weights.modules import QLinear
 from memopt.weights.primitives import sqnr
-from memopt.weights.quantized import QLinear
+from memopt.weights.quantized import disk_tensors, empty_weight, fill_weight, weight_spec
 from memopt.weights.sparse import (
     INT4_GROUP,
     INT8_GROUP,
     SparseWeight,
     choose_layout,
-    io_disk_tensors,
-    io_empty_weight,
-    io_fill_weight,
-    io_weight_spec,
     sparse_nbytes,
 )
 
@@ -93,19 +90,19 @@ def test_sparse_linear_equals_dense_masked(layout):
 
 
 @pytest.mark.parametrize("values", ["float", "int8", "int4"])
-def test_io_hooks_round_trip(values):
+def test_disk_form_round_trips_through_the_registry(values):
     w = _pruned(32, 128, 0.5, seed=3)
     sw = SparseWeight(w, values=values)
-    spec = io_weight_spec(sw)
+    spec = weight_spec(sw)
     assert spec["format"] == f"sparse-bitmask-{values}" and spec["nnz"] == sw.nnz
-    twin = io_empty_weight(spec, "cpu")
-    io_fill_weight(twin, {k: v.clone() for k, v in io_disk_tensors(sw).items()})
+    twin = empty_weight(spec, "cpu")
+    fill_weight(twin, {k: v.clone() for k, v in disk_tensors(sw).items()})
     assert torch.equal(twin.dequantize(), sw.dequantize())
     assert twin.nbytes == sw.nbytes
-    bad = dict(io_disk_tensors(sw))
+    bad = dict(disk_tensors(sw))
     bad["values"] = bad["values"][:-1]
     with pytest.raises(MemoptError):
-        io_fill_weight(io_empty_weight(spec, "cpu"), bad)
+        fill_weight(empty_weight(spec, "cpu"), bad)
 
 
 def test_bad_format_refused():

@@ -46,7 +46,10 @@ _MODEL_HELP = (
 
 
 def _add_step_options(p: argparse.ArgumentParser, ranks: bool) -> None:
-    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    model_help = _MODEL_HELP + (
+        "; for estimate, a folder with config.json alone (no weights needed)" if ranks else ""
+    )
+    p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument(
         "--task",
         choices=("infer", "train", "generate"),
@@ -128,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate",
         help="predict the memory of a step without reading any weights",
         description="Predict peak memory of one inference or training step by running "
-        "the model on the meta device: no weight is read, no memory used.",
+        "the model on the meta device: no weight is read, no memory used. A Hugging Face "
+        "folder holding config.json alone is enough (will a 70B fit, before downloading it?).",
     )
     _add_step_options(p, ranks=True)
     p.set_defaults(func=_cmd_estimate)
@@ -733,16 +737,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from memopt.distill import distill_model
 
-    if args.lr is not None and not args.lr > 0:
-        raise MemoptError(f"--lr must be > 0, got {args.lr}")
-    out = Path(args.output)
-    ckpt = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".checkpoints")
-    if args.resume and not (ckpt / "checkpoint.json").is_file():
-        raise MemoptError(f"--resume: no checkpoint in {ckpt}")
     result = distill_model(
         args.model,
         student=args.student,
@@ -752,13 +748,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         lr=args.lr,
         temperature=args.temperature,
         hidden_weight=args.hidden_weight,
-        checkpoint_dir=ckpt,
+        checkpoint_dir=args.checkpoints,
         checkpoint_every=args.save_every,
-        resume=args.resume,
-        out_dir=out,
+        resume=args.resume,  # without --resume a run starts afresh
+        out_dir=args.output,
         progress=not args.json and sys.stderr.isatty(),
     )
-    result["checkpoint_dir"] = str(ckpt)
     if args.json:
         _print_json(result)
         return 0
@@ -784,6 +779,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             rows,
         )
     )
+    ckpt = result["checkpoint_dir"]
     console.print(f"[dim]quality: {result['quality_metric']}; checkpoints in {ckpt}[/]")
     return 0
 

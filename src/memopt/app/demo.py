@@ -27,7 +27,7 @@ from memopt.core.modules import model_bytes
 
 __all__ = ["DemoRow", "run_demo"]
 
-# Demo workload: small enough to finish in about a minute on 2 CPU cores.
+# Demo workload: small enough for the demo to finish quickly on a small CPU.
 _STEP_SEQ = 128
 _PPL_TOKENS = 512
 # Pruning row: SparseGPT meets the 50 % quality target (Wanda does not on smollm2; bench/prune.py)

@@ -53,8 +53,8 @@ def prune_row(
 ) -> dict[str, Any]:
     """The demo's pruning row: prune ``loaded`` (a LoadedModel; changed in place, pass a copy to
     keep the original) and return ``technique``, ``bytes_before``, ``bytes_after``, ``sparsity``,
-    ``seconds``. Calibrated methods use ``n_calib`` x 256 tokens (8: a few seconds per block on
-    2 cores, for a demo; ``prune_model`` uses 64). The caller measures quality with
+    ``seconds``. Calibrated methods use ``n_calib`` x 256 tokens (8: quick enough for a demo;
+    ``prune_model`` uses 64). The caller measures quality with
     memopt.evaluate on the returned model, as for its other rows."""
     config = config_for_method(method, sparsity)
     t = time.perf_counter()

@@ -36,7 +36,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     the extension a writer looks at (matplotlib chooses the format from it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent
+    )
     os.close(fd)
     tmp = Path(name)
     try:
@@ -88,10 +90,16 @@ def check_output(out_dir: str | Path, marker: str) -> Path:
 class staged_folder:  # noqa: N801 (a context manager used like a function)
     """``with staged_folder(out, marker) as tmp:`` write into ``tmp``; on success it becomes
     ``out`` (replacing an earlier memopt output there: one with ``marker``), on any failure it is
-    removed."""
+    removed. ``marker=None``: a cache folder, created where missing, never checked or replaced
+    (when another process made it first, its copy is kept and ours dropped)."""
 
-    def __init__(self, out_dir: str | Path, marker: str) -> None:
-        self.out = check_output(out_dir, marker)
+    def __init__(self, out_dir: str | Path, marker: str | None) -> None:
+        if marker is None:
+            self.out = Path(out_dir)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            self.out = check_output(out_dir, marker)
+        self.cache = marker is None
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
@@ -102,6 +110,12 @@ class staged_folder:  # noqa: N801 (a context manager used like a function)
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.cache:
+            try:
+                os.rename(self.tmp, self.out)
+            except OSError:  # another process got there first: its copy is as good as ours
+                shutil.rmtree(self.tmp, ignore_errors=True)
             return
         old = None
         if self.out.exists():  # an earlier output: move it aside, then swap

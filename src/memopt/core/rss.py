@@ -67,11 +67,13 @@ def current_rss_bytes() -> int:
 
 def import_baseline() -> int:
     """Import what any measured piece of work needs before it starts (torch, transformers' auto
-    classes and the Llama / Qwen2 modeling code, tokenizers, gguf, PyTorch's module tracker), then
-    return this process's peak RSS: the one baseline every child's work is measured from.
+    classes and the Llama / Qwen2 modeling code, tokenizers, gguf), then return this process's peak
+    RSS: the one baseline every child's work is measured from.
 
-    The work's own memopt modules are imported by :func:`run_in_child` before the call (the target
-    function's module and what it imports at its top), so they are in the baseline as well."""
+    The work's own modules are imported by :func:`run_in_child` before the call (the target
+    function's module and what it imports at its top), so they are in the baseline as well: a
+    measured step imports PyTorch's module tracker there, a streamed run does not (importing it,
+    and dynamo with it, adds to a run's own peak even when nothing of it runs)."""
     import importlib
 
     for name in (
@@ -83,7 +85,6 @@ def import_baseline() -> int:
         "transformers.models.auto.tokenization_auto",
         "transformers.models.llama.modeling_llama",
         "transformers.models.qwen2.modeling_qwen2",
-        "torch.distributed._tools.mod_tracker",
     ):
         importlib.import_module(name)
     return peak_rss_bytes()

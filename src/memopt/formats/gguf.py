@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from memopt.core.errors import MemoptError
+from memopt.core.atomic import staged_folder
+from memopt.core.errors import MemoptError, one_line
 
 __all__ = [
     "GGUFSource",
@@ -60,11 +60,11 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 def _reader_class() -> type:
     """``gguf.GGUFReader`` with its ``data`` kept as a plain ndarray view of the memmap.
 
-    The reader slices ``self.data`` once per header part (~100k parts: every token and merge string
-    of the vocabulary is two). On a ``np.memmap`` each slice runs memmap's Python-level
+    The reader slices ``self.data`` once per header part (every token and merge string of the
+    vocabulary is two). On a ``np.memmap`` each slice runs memmap's Python-level
     ``__array_finalize__``/``__getitem__``; on a plain ndarray view of the same mapping it does not,
-    which takes the parse of the bundled SmolLM2 file from 1.8 s to ~0.55 s with identical results
-    (~0.41 s with the leaner ``_get`` below).
+    which makes the parse of a large vocabulary several times faster with identical results (and
+    the leaner ``_get`` below faster still).
     Built lazily so that importing this module does not import ``gguf``.
     """
     global _READER_CLASS
@@ -89,8 +89,8 @@ def _reader_class() -> type:
                 override_order: str | None = None,
             ) -> np.ndarray:
                 # The parent's _get, with the byte-ordered dtype looked up once per (dtype,
-                # order) instead of rebuilt on each of ~250k calls: one view instead of three,
-                # the same arrays (dtype, shape, bytes); the parse takes 0.41 s instead of 0.54.
+                # order) instead of rebuilt on each call (several per header part): one view
+                # instead of three, the same arrays (dtype, shape, bytes).
                 order = self.byte_order if override_order is None else override_order
                 dt = _DTYPES.get((dtype, order))
                 if dt is None:
@@ -106,8 +106,8 @@ _READER_CLASS: type | None = None
 _DTYPES: dict[tuple[Any, str], np.dtype] = {}
 
 # One parsed reader handed from gguf_config() to the GGUFSource that load_model() opens right after
-# (both need the header; parsing it twice would cost ~0.5 s). GGUFSource *takes* it out of the
-# cache, so no mapping outlives the source that uses it. Keyed by (resolved path, size, mtime).
+# (both need the header; a vocabulary's header is too slow to parse twice). GGUFSource *takes* it
+# out of the cache, so no mapping outlives the source that uses it. Keyed by (resolved path, size, mtime).
 _HANDOFF: dict[tuple[str, int, int], Any] = {}
 _HANDOFF_LOCK = threading.Lock()
 
@@ -138,7 +138,7 @@ def _parse(path: Path) -> Any:
     except MemoryError:
         raise MemoptError(f"{path}: corrupt GGUF header (absurd sizes)") from None
     except Exception as exc:  # the parser reports a bad file with any of ValueError/IndexError/...
-        raise MemoptError(f"{path}: corrupt or truncated GGUF file ({_one_line(exc)})") from None
+        raise MemoptError(f"{path}: corrupt or truncated GGUF file ({one_line(exc)})") from None
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size or t.data.nbytes != t.n_bytes:
@@ -169,7 +169,7 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     try:
         return f.contents()
     except Exception as exc:
-        raise MemoptError(f"corrupt GGUF metadata field {key!r} ({_one_line(exc)})") from None
+        raise MemoptError(f"corrupt GGUF metadata field {key!r} ({one_line(exc)})") from None
 
 
 def _architecture(reader: Any, path: Path) -> str:
@@ -292,8 +292,7 @@ def hf_name(gguf_name: str) -> str | None:
 #
 # Each takes the raw bytes of a tensor as a (rows, bytes_per_row) uint8 torch tensor and returns
 # (rows, values_per_row) float32. Ours rather than gguf.quants.dequantize because it is faster:
-# on the bundled file, all 272 tensors took 0.40-0.56 s here against 0.87-1.5 s for gguf's numpy
-# code (which makes several float32 temporaries per block), both on one thread. The arithmetic is
+# gguf's numpy code makes several float32 temporaries per block. The arithmetic is
 # done in the same order as gguf's (q * d, then + m, in float32), so the values are bit-identical
 # to it (checked in tests/test_gguf_loader.py).
 
@@ -430,10 +429,10 @@ _CHUNK_BLOCKS = 1 << 18
 def _one_thread() -> Iterator[None]:
     """Run torch's ops on one thread for a while.
 
-    Dequantizing is a handful of cheap elementwise passes per tensor. With torch's two OpenMP threads
-    on this 2-core machine, every pass ends in a barrier that spins whenever the other core is busy
-    (other processes), and loading SmolLM2's tensors took 2.9-4.0 s instead of 0.3-0.5 s on one
-    thread; on an idle machine the second thread saves little (the passes are memory-bound).
+    Dequantizing is a handful of cheap elementwise passes per tensor. With several OpenMP threads,
+    every pass ends in a barrier that spins whenever another core is busy (other processes), which
+    makes loading a model's tensors several times slower than on one thread; on an idle machine the
+    extra threads save little (the passes are memory-bound).
     """
     n = torch.get_num_threads()
     if n == 1:
@@ -616,7 +615,7 @@ class GGUFSource:
                 raise MemoptError(
                     f"{name}: rows of a permuted llama q/k weight cannot be read alone"
                 )
-            # Rows are independent, so reorder their bytes (4-5x smaller) rather than the floats.
+            # Rows are independent, so reorder their (fewer) bytes rather than the floats.
             data = _unpermute_rows(data, e.heads)
         lead: tuple[int, ...] = e.shape[:1]
         if isinstance(rows, slice):
@@ -638,8 +637,8 @@ class GGUFSource:
         return int(data.ctypes.data), int(data.nbytes)
 
     def drop_metadata(self) -> None:
-        """Forget the parsed key-value metadata (every vocabulary string as a numpy view: ~30 MB
-        of Python objects for SmolLM2) once the config and tokenizer are made; tensors stay
+        """Forget the parsed key-value metadata (every vocabulary string as a numpy view, a Python
+        object each) once the config and tokenizer are made; tensors stay
         readable (they need only the mapping and the tensor table)."""
         self._reader.fields = {}
 
@@ -656,7 +655,7 @@ def _cache_root() -> Path:
 def gguf_tokenizer(path: Path) -> Any:
     """The file's tokenizer as a transformers fast tokenizer, converted once and cached on disk.
 
-    transformers' conversion of a GGUF vocabulary takes seconds and ~100 MB of transient memory; it
+    transformers' conversion of a GGUF vocabulary is slow and takes much transient memory; it
     runs once, in a child process (so that the caller's peak RSS, e.g. while quantizing, is not the
     converter's), and the result is saved under ``$XDG_CACHE_HOME/memopt/tokenizers/<key>/`` (key:
     resolved path, size and mtime of the file), written to a temporary folder and renamed into
@@ -703,21 +702,11 @@ def _convert(path: Path, cached: Path) -> Any:
         )
     except Exception as exc:
         raise MemoptError(
-            f"{path}: cannot build the tokenizer from GGUF ({_one_line(exc)})"
+            f"{path}: cannot build the tokenizer from GGUF ({one_line(exc)})"
         ) from None
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent))
-        tok.save_pretrained(str(tmp))
-        try:
-            os.rename(tmp, cached)
-        except OSError:  # another process got there first: its copy is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
+        with staged_folder(cached, None) as tmp:
+            tok.save_pretrained(str(tmp))
     except OSError:
         pass  # no writable cache: still return the tokenizer, just convert again next time
     return tok
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

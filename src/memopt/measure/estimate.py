@@ -28,9 +28,10 @@ before their reduce-scatter; a later micro-batch of gradient accumulation adds i
 are already sharded); in the optimizer phase FSDP2 has resharded everything and the optimizer's
 temporaries, being per parameter, are scaled by ``r`` too. AdamW8bit's lookup tables
 (``LOOKUP_BYTES``) are counted as buffers (constant tables), so they are not scaled. Checked against real 2-rank FSDP2
-runs (gloo, tiny Llama, tests/train/test_fsdp.py): exact to 0.01 % for float32 AdamW, AdamW8bit
-and gradient accumulation, +3.7 % with checkpointing (the recomputation's gathered block is
-counted while FSDP2 has freed part of it) and −6.7 % for checkpointing + AdamW8bit + bf16 masters.
+runs (gloo, tiny Llama, tests/train/test_fsdp.py holds the tolerance): practically exact for
+float32 AdamW, AdamW8bit and gradient accumulation; somewhat over with checkpointing (the
+recomputation's gathered block is counted while FSDP2 has freed part of it) and somewhat under
+for checkpointing + AdamW8bit + bf16 masters.
 Inference keeps the single-process peak plus ``G``.
 """
 
@@ -174,7 +175,7 @@ def estimate_in_child(model: str, spec: dict[str, Any] | None = None) -> dict[st
     Returns ``{"report": ..., "work_baseline_rss_bytes": ...}``; with the child's
     ``peak_rss_bytes`` this shows what estimating costs in memory (it reads no weights).
     """
-    from memopt.measure.profile import import_baseline
+    from memopt.core.rss import import_baseline
 
     baseline = import_baseline()
     report = estimate(model, StepSpec(**(spec or {})))

@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
-import memopt.measure.tracker  # noqa: F401 (in the child's import baseline)
+# in the child's import baseline (run_in_child imports this module first): the tracker's module
+# tracking imports torch.distributed and dynamo at its first use
+import torch.distributed._tools.mod_tracker  # noqa: F401
+
+import memopt.measure.tracker  # noqa: F401
 from memopt.core.rss import current_rss_bytes, import_baseline, peak_rss_bytes, run_in_child
 from memopt.measure.estimate import MemoryReport, fsdp_shard, report_from_result, tracked_step
 from memopt.models import LoadedModel, load_model, resolve

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -236,6 +237,8 @@ class MemoryTracker:
             self._mod_tracker.__exit__(*exc)
             self._mod_tracker.clear_user_hooks()
             self._mod_tracker = None
+            warnings.formatwarning = self._formatwarning
+            self._quiet.__exit__(*exc)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -511,9 +514,17 @@ class MemoryTracker:
     # ------------------------------------------------------------------ modules
 
     def _start_module_tracking(self) -> None:
-        # Imported here: torch.distributed and dynamo take about two seconds to import.
+        # Imported here: torch.distributed and dynamo are slow to import.
         from torch.distributed._tools.mod_tracker import ModTracker
 
+        # ModTracker warns "The module hierarchy tracking maybe be messed up" whenever a module is
+        # entered again before it returned (a shared rotary embedding, a tied head): harmless for
+        # our figures, and no warning of another library reaches the user's terminal. It also
+        # replaces warnings.formatwarning for the whole process: put back on exit.
+        self._quiet = warnings.catch_warnings()
+        self._quiet.__enter__()
+        warnings.filterwarnings("ignore", message="The module hierarchy tracking maybe")
+        self._formatwarning = warnings.formatwarning
         self._mod_tracker = ModTracker()
         self._mod_tracker.register_user_hooks(
             pre_fw_hook=self._pre_fw,

@@ -20,7 +20,7 @@ from torch import nn
 
 from memopt.core.errors import MemoptError, one_line
 from memopt.core.modules import numel
-from memopt.formats.safetensors import SafetensorsReader
+from memopt.formats.safetensors import DTYPES, SafetensorsReader, read_header
 
 __all__ = [
     "BUNDLED",
@@ -203,7 +203,9 @@ def architecture(config: Any, task: Task) -> nn.Module:
 def build_meta(spec: str | Path | ModelSource) -> LoadedModel:
     """The model's architecture on the meta device: shapes and dtypes, no storage, no weights read."""
     source = spec if isinstance(spec, ModelSource) else resolve(spec)
-    if source.kind == "memopt":  # quantized modules in place, from the manifest (memopt.models.saved)
+    if (
+        source.kind == "memopt"
+    ):  # quantized modules in place, from the manifest (memopt.models.saved)
         from memopt.models.saved import build_meta as build_saved_meta
 
         return build_saved_meta(source.path, source.name)
@@ -239,13 +241,11 @@ def stored_dtype(spec: str | Path | ModelSource, config: Any = None) -> torch.dt
                 if p.is_floating_point():
                     counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
         return max(counts, key=counts.get) if counts else torch.float32
-    if any(source.path.glob("*.safetensors")):
-        src = tensor_source(source)
-        for name in src.names():
-            if name.endswith("weight"):
-                dt = src.dtype(name)
-                if dt.is_floating_point:
-                    return dt
+    for file in sorted(source.path.glob("*.safetensors")):  # the headers only: nothing mapped
+        for name, info in read_header(file)[1].items():
+            dt = DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+            if name.endswith("weight") and dt is not None and dt.is_floating_point:
+                return dt
     config = config if config is not None else load_config(source)
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(named, str):

@@ -38,7 +38,12 @@ from memopt.models.load import (
     ModelSource,
     SafetensorsSource,
     Task,
+    architecture,
+    load_config,
     materialize_buffers,
+    resolve,
+    task_of,
+    tie_weights,
 )
 from memopt.weights import (
     MODULE_KINDS,
@@ -241,7 +246,7 @@ def write_folder(
     """Write weights (``fill(entry)`` gives each entry's tensor, in order), config, tokenizer and
     manifest into ``tmp``; returns the manifest. Entries for which ``late(entry)`` is true keep
     their place in the file but are filled after all the others."""
-    # config and tokenizer first: converting a GGUF tokenizer takes tens of MB for a moment, which
+    # config and tokenizer first: converting a GGUF tokenizer takes much memory for a moment, which
     # is then given back before the weights' own working memory is needed
     config_dict = config.to_dict()
     config.to_json_file(str(tmp / "config.json"))
@@ -312,12 +317,8 @@ def save(
     if config is None or not hasattr(config, "to_dict"):
         raise MemoptError("save: the model has no transformers config, so it could not be rebuilt")
     if isinstance(source, (str, Path)):
-        from memopt.models import resolve
-
         source = resolve(source)
     source = source if source is not None else getattr(loaded, "source", None)
-    from memopt.models import task_of
-
     task: Task = loaded.task if loaded is not None else task_of(config)
     if task == "module":
         task = task_of(config)
@@ -359,19 +360,12 @@ def save(
 
 
 def _float_meta(folder: Path, manifest: dict[str, Any], name: str) -> tuple[nn.Module, Any]:
-    from memopt.models import _architecture, _tie, load_config
-
     source = ModelSource("memopt", folder, name)
     config = load_config(source)
     with torch.device("meta"):
-        model = _architecture(config, manifest["task"])
-    _tie(model)
+        model = architecture(config, manifest["task"])
+    tie_weights(model)
     return model, config
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def quantized_meta(
@@ -474,10 +468,7 @@ def load(
             key, _, suffix = tname.rpartition(".")
             if key in suffixes and suffix in suffixes[key]:
                 want = manifest["weights"][key]["tensors"][suffix]
-                if (
-                    dtype_name(tensor.dtype) != want["dtype"]
-                    or list(tensor.shape) != want["shape"]
-                ):
+                if dtype_name(tensor.dtype) != want["dtype"] or list(tensor.shape) != want["shape"]:
                     raise MemoptError(
                         f"{folder / WEIGHTS}: tensor {tname!r} is {tensor.dtype} "
                         f"{tuple(tensor.shape)}, the manifest says {want['dtype']} {want['shape']}"

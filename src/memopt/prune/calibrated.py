@@ -131,10 +131,10 @@ def sequential_prune(
         names = [nm_ for nm_, m in blk.named_modules()
                  if isinstance(m, nn.Linear) and here + nm_ in chosen]  # fmt: skip
         if names:
-            stages = stages(blk, inputs[0], names)  # Linears grouped by the tensor they read
+            groups = stages(blk, inputs[0], names)  # Linears grouped by the tensor they read
             stats: dict[str, torch.Tensor] = {}
             handles = []
-            for stage in stages:
+            for stage in groups:
                 hook = _stat_hook(stats, stage[0], full=method == "sparsegpt")
                 handles.append(blk.get_submodule(stage[0]).register_forward_pre_hook(hook))
             try:
@@ -143,7 +143,7 @@ def sequential_prune(
             finally:
                 for h in handles:
                     h.remove()
-            for stage in stages:
+            for stage in groups:
                 st = stats.pop(stage[0], None)
                 for nm_ in stage:
                     w = blk.get_submodule(nm_).weight

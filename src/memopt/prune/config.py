@@ -63,9 +63,10 @@ class Magnitude(PruneConfig):
 class Wanda(PruneConfig):
     """Activation-aware (Wanda, Sun et al. 2023): score ``|W_ij| * ||X_j||_2`` with ``X_j`` input
     feature j over calibration tokens; each output row loses ``sparsity`` of its weights (the
-    paper's comparison group). Fast (one pass per block) but it only chooses a mask: on smollm2 at
-    50 % it measured 1.85x the float32 perplexity against SparseGPT's 1.39x (bench/prune.py), so
-    :class:`SparseGPT` is the one to use at 50 % on small models."""
+    paper's comparison group). Fast (one pass per block) but it only chooses a mask, with no
+    compensation of the remaining weights: at 50 % on a small LM its perplexity is clearly worse
+    than SparseGPT's (bench/prune.py; the README's pruning table), so :class:`SparseGPT` is the
+    one to use at 50 % on small models."""
 
     needs_calibration: ClassVar[bool] = True
     sparsity: float = 0.5

@@ -109,7 +109,9 @@ def quantize_(
     if not report.modules:
         looked_for = "a module with floating tensors" if isinstance(config, Cast) else COVERED
         raise MemoptError(
-            nothing_selected("quantize_", model, config, looked_for, include, exclude, report.skipped)
+            nothing_selected(
+                "quantize_", model, config, looked_for, include, exclude, report.skipped
+            )
         )
     return report
 
@@ -143,12 +145,15 @@ def covered_shape(m: nn.Module) -> tuple[tuple[int, int], bool] | None:
 
 def covered_weight(m: nn.Module) -> torch.Tensor | None:
     """The module's float weight as (N, K) rows x inputs, or None if the module is not covered
-    (or its weight is on the meta device)."""
+    (or its weight is on the meta device). A 2-D weight (Linear, Embedding) is the Parameter
+    itself, not a view: callers recognise a tied weight by identity (calibrate_'s head)."""
     found = covered_shape(m)
     if found is None or m.weight.device.type == "meta":
         return None
     (n, k), transposed = found
-    return m.weight.t() if transposed else m.weight.reshape(n, k)
+    if transposed:
+        return m.weight.t()
+    return m.weight if m.weight.dim() == 2 else m.weight.reshape(n, k)
 
 
 def swap_plan(

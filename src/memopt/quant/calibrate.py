@@ -1,13 +1,14 @@
 """Calibrated int4: GPTQ, block by block over a transformer, into the same ``Int4Weight`` as RTN.
 
-Why GPTQ (chosen by measurement, bench/calibrate.py): on SmolLM2-135M at group 64, perplexity on
-memopt.evaluate's text (float32 14.52) was 1.427x float32 with round-to-nearest, 1.222x with the
-paper's plain GPTQ, 1.132x with the variant below on the blocks' Linears (32 x 256 calibration
-tokens; 242 s) and 1.078x with the (tied) lm_head by GPTQ as well, the default (466 s on a loaded
-CPU). GPTQ (Frantar et al. 2022) quantizes one input column at a time and pushes each column's
-rounding error onto the columns not yet quantized, weighted by the inverse of the layer's input
-Hessian ``H = X^T X`` (X: the layer's calibration inputs), so the layer's *output* on real
-activations is what gets preserved, not the weight. We add two things the format allows:
+Why GPTQ (chosen by measurement: bench/calibrate.py compares the variants, the README's
+quantization table has the result): at the same group size it keeps a causal LM's perplexity far
+closer to float32's than round-to-nearest does, the variant below closer than the paper's plain
+GPTQ, and closer still with the (tied) lm_head by GPTQ as well, the default; the price is a
+quantization much slower than round-to-nearest. GPTQ (Frantar et al. 2022) quantizes one input
+column at a time and pushes each column's rounding error onto the columns not yet quantized,
+weighted by the inverse of the layer's input Hessian ``H = X^T X`` (X: the layer's calibration
+inputs), so the layer's *output* on real activations is what gets preserved, not the weight. We
+add two things the format allows:
 
 * act-order (columns in decreasing ``H_jj``: the most excited inputs are quantized first, while
   there are still many columns left to absorb their error). Groups stay contiguous in the original
@@ -30,10 +31,10 @@ Linear (an exception raised from a hook), so the rest of the block is not comput
 Memory bound while calibrating (whole model, :func:`calibrate_`): the model itself, plus the block
 inputs and outputs of the whole calibration set, ``N * T * hidden * 4`` bytes once each input is
 dropped as its output is made (``consume=True``, the streamed path; twice that otherwise: N
-sequences of T tokens, 18.9 MB for the default 32 x 256 on SmolLM2), plus one chunk's activations
-inside one block (:data:`CALIB_BATCH` sequences at a time), plus two (K, K) float32 matrices at a
-time per Linear being quantized (the Hessian, then its Cholesky factors; K = 1536 at most here:
-9.4 MB each), plus one float32 copy of that Linear's weight. The output projection's GPTQ reads its
+sequences of T tokens), plus one chunk's activations inside one block (:data:`CALIB_BATCH`
+sequences at a time), plus two (K, K) float32 matrices at a time per Linear being quantized (the
+Hessian, then its Cholesky factors: ``4 * K * K`` bytes each, K the Linear's input width), plus
+one float32 copy of that Linear's weight. The output projection's GPTQ reads its
 weight 2048 rows at a time (:func:`gptq_rows`) and packs each chunk into the preallocated result.
 """
 
@@ -78,8 +79,8 @@ __all__ = [
 ProgressFn = Callable[[int, int], None]  # (blocks done, blocks total)
 
 # Calibration sequences per forward. Each chunk's activations inside a block are the peak's
-# transient part (SmolLM2, 256 tokens: ~14 MB a sequence at the MLP), so 4 rather than 8 takes
-# ~56 MB off the streamed quantization's peak; the Hessians it accumulates are the same.
+# transient part (they grow with the sequences per chunk, widest at the MLP), so 4 rather than 8
+# halves that part of the streamed quantization's peak; the Hessians it accumulates are the same.
 CALIB_BATCH = 4
 
 
@@ -93,7 +94,8 @@ class GPTQSettings:
     search: bool = True  # per-group clipping search
     shrink: float = 0.25  # the search tries ranges down to (1 - shrink) x the min..max range
     steps: int = 11  # candidates in that search
-    # GPTQ for the output projection too (a tied embedding shares it): 1.132x -> 1.078x on SmolLM2
+    # GPTQ for the output projection too (a tied embedding shares it): a lower perplexity than RTN
+    # there, for a slower quantization (bench/calibrate.py)
     lm_head: bool = True
 
 
@@ -156,8 +158,8 @@ def _choose_group(
     off = torch.zeros_like(scale) if off is None else off.float().reshape(-1, n, 1)
     if scale.shape[0] == 1:
         return scale[0, :, 0], off[0, :, 0]
-    # One (P, N, G) temporary, updated in place (11.5 MB for a 4096-row chunk of the head; the
-    # expression form held four at once): codes, then their squared, weighted rounding error
+    # One (P, N, G) temporary, updated in place (the expression form held four at once): codes,
+    # then their squared, weighted rounding error
     c = (x - off).div_(scale).round_().clamp_(-8, 7)  # (P, N, G)
     err = c.mul_(scale).add_(off).sub_(x).pow_(2).mul_(weight).sum(-1)  # (P, N)
     del c
@@ -179,8 +181,8 @@ def gptq_quantize(
     in the convention ``w ~ (c - 8) * scale + zero`` (zero = 0 when symmetric).
 
     Runs on one thread: the per-column operations (a few thousand elements each) are too small to
-    split, and OpenMP's fork/join on each of them cost more than the work (a rank-1 update
-    measured 16 ms with 2 threads on a loaded machine, 0.1 ms with 1).
+    split, and OpenMP's fork/join on each of them costs more than the work (by orders of
+    magnitude when another core is busy).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -214,8 +216,8 @@ def gptq_rows(
 
     Rows are independent in GPTQ (a column's rounding error is fed back along its own row only,
     and each row's group ranges are its own), so chunks give the result of the whole weight while
-    the float32 working copies stay ``rows x K`` (9.4 MB for the 49152 x 576 SmolLM2 head instead
-    of 3 x 113 MB), and the streamed path (memopt.quant.stream) reads each chunk from the source
+    the float32 working copies stay ``rows x K`` (instead of three copies of the whole ``n x K``
+    weight), and the streamed path (memopt.quant.stream) reads each chunk from the source
     file: the float weight is never whole in memory. ``dtype``: the float weight's dtype.
     """
     k, g = h.shape[0], config.group_size
@@ -224,7 +226,7 @@ def gptq_rows(
         rows = max(block_n, rows // block_n * block_n)
     # Each chunk's codes are packed into the final buffers as they come (rows are packed
     # independently, in row blocks that a chunk of a multiple of block_n rows holds whole): no
-    # (N, K) codes tensor, no concatenation (for the SmolLM2 head 28 MB + 28 MB less at the peak)
+    # (N, K) codes tensor, no concatenation (two ``N * K``-byte tensors fewer at the peak)
     packed = torch.empty(n, k // 2, dtype=torch.uint8)  # (N, K/2)
     scale_zero = torch.empty(k // g, n, 2, dtype=torch.bfloat16)  # (K/G, N, 2)
     for a in range(0, n, rows):
@@ -250,10 +252,10 @@ def _gptq(
         raise MemoptError(f"group size {g} does not divide the input dimension {k}")
     s = settings
     # Working copies, one (K, K) or (K, N) allocation each; ``h`` is shared by the Linears of a
-    # stage and stays untouched. With K = 1536 (down_proj) a (K, K) float32 is 9.4 MB, and the
-    # chain H -> Cholesky -> inverse -> Cholesky holds two at a time, not five: what bounds the
-    # streamed quantization's peak inside a block.
-    h = h.detach().float()  # (K, K) float32 (float64 was 5x slower, same results)
+    # stage and stays untouched. A (K, K) float32 is ``4 * K * K`` bytes (the widest input, e.g.
+    # down_proj's, is the largest), and the chain H -> Cholesky -> inverse -> Cholesky holds two at
+    # a time, not five: what bounds the streamed quantization's peak inside a block.
+    h = h.detach().float()  # (K, K) float32 (float64 was much slower, same results)
     diag = h.diagonal().clone()  # (K,)
     dead = diag <= 0  # inputs never excited: any value is exact on the data, no feedback to give
     diag[dead] = 0.0
@@ -319,7 +321,7 @@ def _gptq(
             c = torch.round((x - zr) / sc).clamp_(-8, 7)
             Q[i1 + i] = (c + 8).to(torch.uint8)
             err = (x - (c * sc + zr)) / U1[i, i]  # (N,)
-            # rank-1 error feedback; addmm_, not addr_ (which measured 100x slower here)
+            # rank-1 error feedback; addmm_, not addr_ (which is far slower here)
             W1[i + 1 :].addmm_(U1[i, i + 1 :, None], err[None, :], alpha=-1.0)
             E1[i] = err
         Wt[i2:] -= U[i1:i2, i2:].t() @ E1  # (K - i2, B) @ (B, N): the lazy update
@@ -453,7 +455,7 @@ def quantize_block_(
     of each one. ``settings`` overrides the algorithm's knobs (benchmarks compare variants).
     ``consume``: each input's hidden states are dropped from ``inputs`` once its output is made
     (``next_inputs`` still finds the other arguments there), so the inputs and outputs of the
-    whole calibration set are not both held (2 x 18.9 MB on SmolLM2 at 32 x 256).
+    whole calibration set are not both held.
     """
     settings = _settings(config, settings)
     if not inputs:

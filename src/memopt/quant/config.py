@@ -108,11 +108,11 @@ class Int8WeightOnly(QuantConfig):
     of weights that only lookups read (an embedding not tied to a Linear; None: per channel too;
     an explicit ``group_size`` applies to every weight). Why a separate default of 128: a lookup
     dequantizes only the gathered rows, so groups cost it no speed, while a matmul weight keeps
-    per-channel scales for the fused kernel (grouped int8 measured 2-3x slower at batch 1, see
-    memopt.weights.kernels). Measured on all-MiniLM-L6-v2 (64 sentences, cosine vs float32):
-    per channel everywhere 0.2534x bytes, cosine_min 0.99900-0.99915; embeddings in groups of 128
-    0.2561x, 0.99920; groups of 128 everywhere 0.2589x, 0.99961 but 2x slower Linears. A group
-    that does not divide the embedding's width falls back to per channel.
+    per-channel scales for the fused kernel (grouped int8 runs slower at batch 1, see
+    memopt.weights.kernels). On an encoder's embeddings, grouping the embedding alone recovers
+    part of the cosine to float32 that per-channel int8 loses, for a few bytes and no speed;
+    grouping every weight recovers more but slows the Linears (bench/quantize.py measures the
+    default). A group that does not divide the embedding's width falls back to per channel.
     """
 
     fmt: ClassVar[str] = "int8"

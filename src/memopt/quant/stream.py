@@ -5,13 +5,14 @@ float model. The architecture is built on the meta device (no memory); the cover
 swapped for their quantized classes with empty weights, which fixes every output tensor's name,
 dtype and shape, so the safetensors header is written first and each tensor's bytes follow as they
 are made (:class:`memopt.models.saved.SafetensorsWriter`), in execution order. Each weight is read from the
-source in row chunks (about 8 MB of float32 at a time: safetensors through ``mmap``, GGUF blocks
-dequantized per chunk), quantized chunk by chunk by the same weight classes ``quantize_`` uses (rows
-are quantized independently, so the result is bit-identical to quantizing the whole tensor), and its
-pages of the source mapping are released after use (``madvise(MADV_DONTNEED)`` on the file-backed
-mapping: the page cache keeps them, the process's RSS does not). So the peak is about the imports,
-the tokenizer, one chunk's temporaries and one quantized tensor, far under the bound the issue sets
-(imports + output size + largest float32 tensor).
+source in row chunks (:data:`CHUNK_BYTES` of float32 at a time: safetensors through ``mmap``,
+GGUF blocks dequantized per chunk), quantized chunk by chunk by the same weight classes
+``quantize_`` uses (rows are quantized independently, so the result is bit-identical to
+quantizing the whole tensor), and its pages of the source mapping are released after use
+(``madvise(MADV_DONTNEED)`` on the file-backed mapping: the page cache keeps them, the process's
+RSS does not). So the peak is about the imports, the tokenizer, one chunk's temporaries and one
+quantized tensor, far under the bound streamed quantization keeps: imports + output size +
+largest float32 tensor.
 
 Calibrated int4 (``Int4WeightOnly(algo="gptq")``) goes block by block: the modules before the first
 transformer block are materialized to capture its calibration inputs and freed; then for each block,
@@ -23,9 +24,10 @@ their place at the start of the file and are written at the end (``SafetensorsWr
 The float embedding is never built: the capture gathers only the calibration tokens' rows into a
 small table, and the head's GPTQ reads its weight 2048 rows at a time from the source (its Hessian
 comes from the stored final hidden states, replayed through the final norm: the model call that
-carries them gets zero input embeddings, which the replay ignores). Peak (smollm2, 1 MB mmap threshold: :func:`memopt.core.heap.bound_heap`): the imports + the
-calibration activations + one float block + the quantized output, 524 MB against the issue's bound
-of 581 MB (imports 392 + output 76 + largest float32 tensor 113).
+carries them gets zero input embeddings, which the replay ignores). Peak (1 MB mmap threshold:
+:func:`memopt.core.heap.bound_heap`): the imports + the calibration activations + one float
+block + the quantized output, within the same bound (imports + output size + largest float32 tensor);
+bench/quantize.py reports both (the README's quantization table).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from torch import nn
 
 from memopt.core import heap
 from memopt.core.errors import MemoptError
-from memopt.core.modules import iter_chunks, model_bytes, numel, selector
+from memopt.core.modules import iter_chunks, model_bytes, numel, require_blocks, selector
 from memopt.core.pages import file_mappings, release
 from memopt.core.rss import peak_rss_bytes
 from memopt.formats.safetensors import SafetensorsReader
@@ -153,9 +155,9 @@ class _Rows:
 
     def owned(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The whole tensor as ``dtype``, owned by the caller, built chunk by chunk into one
-        preallocated tensor: the peak is the tensor and one chunk's temporaries (dequantizing the
-        49152 x 576 GGUF embedding whole, then cloning it, held 3 x 113 MB at once), and the
-        source's pages are given back after each chunk."""
+        preallocated tensor: the peak is the tensor and one chunk's temporaries (dequantizing a
+        GGUF tensor whole, then cloning it, held three float32 copies at once), and the source's
+        pages are given back after each chunk."""
         shape = self.shape(name)
         if self.gguf is None:  # a view of the mapping: one copy, in the asked dtype
             t = self.st.get(name)
@@ -179,7 +181,7 @@ class _Rows:
         """Drop every mapped page of the source from this process's RSS (the page cache keeps
         them; a later read refaults). The whole mapping, not just the tensor just read: the kernel
         maps neighbouring pages on each fault ("fault-around"), and over a few hundred tensors
-        those neighbours added up to 40 MB of RSS on SmolLM2 when only each tensor was dropped."""
+        those neighbours add up to RSS that dropping only each tensor's pages never gives back."""
         if self.gguf is not None:
             self._raw_key = None
             self._raw_val = None
@@ -296,7 +298,7 @@ class _Calibrated:
         self.cal = calibrate
         self.fmodel, self.rows, self.src_of = fmodel, rows, src_of
         self.config, self.select, self.progress = config, select, progress
-        self.prefix, self.blocks = calibrate.find_blocks(fmodel)
+        self.prefix, self.blocks = require_blocks(fmodel, "calibration")
         self.calib = calib
         self.current = -1
         self.inputs: list | None = None
@@ -341,9 +343,9 @@ class _Calibrated:
     def _outside(self) -> tuple[list[str], Callable[[str], bool]]:
         """The meta tensors outside the blocks that the capture and the head's Hessian need (the
         final norm, position tables...), and the predicate that leaves the rest on meta: the
-        blocks, the embedding and the output projection, the largest float32 tensors (113 MB
-        each for SmolLM2), which are never read whole: the capture gathers the calibration
-        tokens' rows, the head's GPTQ reads 4096 rows at a time."""
+        blocks, the embedding and the output projection, the largest float32 tensors of a small
+        LM, which are never read whole: the capture gathers the calibration tokens' rows, the
+        head's GPTQ reads a chunk of rows at a time."""
         big = {
             n
             for n, t in self.fmodel.named_parameters(remove_duplicate=False)
@@ -384,7 +386,7 @@ class _Calibrated:
         emb.weight = nn.Parameter(self.rows.gather(src, uniq, meta_weight.dtype), False)
         emb.padding_idx = None
         try:
-            self.inputs = self.cal._capture_inputs(
+            self.inputs = self.cal.capture_inputs(
                 self.fmodel, self.blocks[0], local, self.cal.CALIB_BATCH, emb
             )
         finally:
@@ -474,11 +476,10 @@ class _Calibrated:
             consume=True,
         )
         self.as_tuple = isinstance(outputs[0], (tuple, list))
-        self.inputs = self.cal._next_inputs(self.inputs, outputs)
+        self.inputs = self.cal.next_inputs(self.inputs, outputs)
         del outputs
-        # Hessians (up to 1536 x 1536 float32) and GPTQ's working copies freed: without the trim
-        # glibc kept them and RSS rose ~13 MB per block (658 -> 1041 MB over SmolLM2's 30 blocks;
-        # live tensors stayed at 21 MB; with the trim it stays flat)
+        # Hessians ((K, K) float32) and GPTQ's working copies freed: without the trim glibc keeps
+        # them and RSS grows with every block while the live tensors do not; with it, it stays flat
         heap.trim()
         if self.progress is not None:
             self.progress(b + 1, len(self.blocks))
@@ -563,11 +564,11 @@ def quantize_model(
     cal = None
     if gptq:
         # Block by block, glibc's rising mmap threshold left each stage's freed Hessians and
-        # copies in the heap: VmHWM 550-608 MB from run to run with the default, 524 MB with a
-        # 1 MB threshold (517 MB at 256 KB, 554 MB at 4 MB), for ~20% more time (page faults)
+        # copies in the heap, and the peak varied from run to run; a 1 MB threshold keeps it low
+        # and steady (a smaller one gains little more) for some extra time in page faults
         heap.bound_heap(1 << 20)
         # The float twin that calibration runs: a copy of the meta model (meta tensors cost
-        # nothing; a second build_meta would parse the GGUF's metadata again, ~45 MB kept)
+        # nothing; a second build_meta would parse the GGUF's metadata again, and keep it)
         fmodel = copy.deepcopy(model)
         cal = _Calibrated(fmodel, rows, key_to_src.get, config, select, calib, None)
 
@@ -593,7 +594,7 @@ def quantize_model(
     desc = describe(model)
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
-    def tokenizer() -> Any:  # called once, for the calibration ids; not kept (~30 MB)
+    def tokenizer() -> Any:  # called once, for the calibration ids; not kept (a large vocabulary)
         return LoadedModel(model, loaded.task, source.name, None, source).tokenizer()
 
     def fill(e: Entry) -> torch.Tensor | list[torch.Tensor]:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from memopt.core.atomic import atomic_path
+
 __all__ = ["DTYPE_CODES", "load", "run"]
 
 # Parameter / gradient storage types the kernel reads and writes (everything else: eager path).
@@ -149,10 +151,9 @@ def _build() -> ctypes.CDLL | None:
             )
             if done.returncode != 0:
                 return None
-            # rename within the cache folder: another process never sees a half-written library
-            part = target.with_suffix(f".{os.getpid()}.part")
-            shutil.copyfile(out, part)
-            os.replace(part, target)
+            # through a temporary name: another process never sees a half-written library
+            with atomic_path(target) as part:
+                shutil.copyfile(out, part)
     lib = ctypes.CDLL(str(target))
     fn = lib.adamw8bit_blocks
     vp, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int

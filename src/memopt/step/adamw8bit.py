@@ -12,8 +12,8 @@ precision is kept over seven decades instead of the two that a linear int8 map k
 moment is never negative and uses the unsigned variant (the sign bit becomes one more fraction bit).
 
 Two backends compute the same update. The fused C kernel (:mod:`memopt.step._kernel`, built on
-first use) makes one pass per block and allocates no tensor; on SmolLM2's 134.5 M parameters it
-steps ~4× faster than ``torch.optim.AdamW`` (bench/optim8bit.py). The eager torch path (no
+first use) makes one pass per block and allocates no tensor, and steps faster than
+``torch.optim.AdamW`` (bench/optim8bit.py; the README's 8-bit AdamW table). The eager torch path (no
 compiler, float16 or non-contiguous parameters, ``backend="torch"``) works on the flattened
 parameter in chunks of ``chunk_size`` elements (whole blocks), so its float32 temporaries stay
 bounded whatever the layer size; see :meth:`AdamW8bit.step`. The two agree to float rounding
@@ -90,12 +90,12 @@ def _midpoints(qmap: torch.Tensor) -> torch.Tensor:
 class _Lookup(NamedTuple):
     """Nearest-code lookup for one map, equal to ``bucketize(x, midpoints(qmap))`` for every finite x.
 
-    bucketize on 255 thresholds costs ~40 ns/element on this CPU (a binary search per element).
+    bucketize on 255 thresholds is a binary search per element, slow on a CPU.
     Instead, the top 17 bits of a float32 (sign, exponent, 8 mantissa bits) select one of 2^17
     buckets of width <= 2^-8 relative, narrower than the map's spacing (>= 0.9 / 2^7 relative),
     so a bucket holds at most one threshold: code = code of the bucket's lowest value, plus one
     above that threshold. Both tables are built with bucketize, and the construction asserts the
-    one-threshold property, so the result is exactly bucketize's (5-6× faster).
+    one-threshold property, so the result is exactly bucketize's, in a few gathers and a compare.
     """
 
     qmap: torch.Tensor  # (256,) float32 sorted
@@ -125,7 +125,7 @@ class _Lookup(NamedTuple):
         key = torch.bitwise_right_shift(x.view(torch.int32), 15).add_(1 << 16)  # (L,) int32
         torch.index_select(self.code, 0, key, out=out)
         above = x > self.thresh.index_select(0, key)  # (L,) bool
-        out.add_(above.view(torch.uint8))  # adds 0 or 1; a uint8 view adds 10× faster than bool
+        out.add_(above.view(torch.uint8))  # adds 0 or 1; a uint8 view adds faster than bool
 
 
 def _quantize_into(
@@ -140,7 +140,7 @@ def _quantize_into(
     full = n // block * block
     if full:
         blocks = x[:full].view(-1, block)  # (n_blocks, block)
-        # (n_blocks,): max(amax, -amin) needs no |x| temporary; 6× faster than aminmax here.
+        # (n_blocks,): max(amax, -amin) needs no |x| temporary; faster than aminmax here.
         amax = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_())
         absmax[: full // block] = amax
         blocks.div_(amax.clamp_min(_TINY)[:, None])  # into [-1, 1]; the absmax element is 1.0
@@ -174,7 +174,7 @@ def quantize_blockwise(
     flat = x.detach().reshape(-1).to(torch.float32, copy=True)  # (n,) overwritten below
     codes = torch.empty(flat.numel(), dtype=torch.uint8, device=x.device)
     absmax = torch.empty(-(-flat.numel() // block_size), dtype=torch.float32, device=x.device)
-    lookup = _Lookup.build(qmap.detach().to("cpu", torch.float32)).to(x.device)  # ~10 ms
+    lookup = _Lookup.build(qmap.detach().to("cpu", torch.float32)).to(x.device)  # built per call
     _quantize_into(flat, lookup, block_size, codes, absmax)
     return codes, absmax
 

@@ -12,7 +12,6 @@ a budget is memopt.train.checkpoint's.
 
 from __future__ import annotations
 
-import fnmatch
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from memopt.core.errors import MemoptError
-from memopt.core.modules import find_blocks
+from memopt.core.modules import find_blocks, matches
 
 __all__ = ["checkpoint_blocks", "enable_checkpointing", "select_blocks"]
 
@@ -43,7 +42,7 @@ def select_blocks(
     out: set[int] = set()
     for item in blocks:
         if isinstance(item, str):
-            hits = [i for i in range(n) if fnmatch.fnmatchcase(f"{prefix}.{i}", item)]
+            hits = [i for i in range(n) if matches(f"{prefix}.{i}", [item])]
             if not hits:
                 raise MemoptError(
                     f"checkpoint pattern {item!r} matches no block of {prefix}.0-{n - 1}"
@@ -91,7 +90,6 @@ def checkpoint_blocks(
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = False
     return names
-
 
 
 def enable_checkpointing(model: nn.Module) -> str:

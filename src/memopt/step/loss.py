@@ -43,7 +43,7 @@ IGNORE_INDEX = -100  # transformers' label for "no loss here"
 # Default chunk: the tokens whose float32 logits fill 32 MiB (170 tokens for SmolLM2's 49152-word
 # vocabulary). A chunk's backward holds ~4 logits-sized float32 tensors (logits, log-softmax,
 # their gradients), so ~130 MB at the head instead of ~1.6 GB for the whole batch 4 × seq 512;
-# a 576 × 49152 matmul over 170 rows still runs at full speed on this CPU.
+# a chunk of that many rows is still large enough for the head's matmul to run at full speed.
 LOSS_CHUNK_BYTES = 32 * 2**20
 
 # Config attributes a causal LM's forward applies to the logits before its loss; a model that

@@ -12,13 +12,13 @@ to float32, steps that master, copies it back into the 16-bit weight and drops b
 the next, so the float32 gradient temporary is one parameter's, never the model's.
 
 Why masters rather than stochastic rounding of the update into the 16-bit weights (which needs no
-master copy): with checkpointing and the chunked LM loss (:mod:`memopt.step.loss`), SmolLM2 at
-batch 4 × seq 512 with AdamW8bit and bfloat16 + masters peaks at 1.46 GB, 0.26× plain float32
-AdamW (5.58 GB), inside the 0.35× target. Without masters (the update rounded to nearest into
-bfloat16) the peak is 0.93 GB but small updates are lost: after 50 steps (batch 2 × seq 128, lr
-1e-4) the loss was 4.5 % above plain and the held-out loss 10.8 % (with masters: 0.0 % and 0.1 %).
-Stochastic rounding would make that update unbiased without a master copy; with the target met,
-the exact update was kept.
+master copy): with checkpointing and the chunked LM loss (:mod:`memopt.step.loss`), AdamW8bit
+with bfloat16 + masters already meets the training-memory target against plain float32 AdamW.
+Without masters (the update rounded to nearest into bfloat16) the peak is lower but small updates
+are lost: the training and, more so, the held-out loss fall behind plain AdamW's, where with
+masters they keep up (bench/train.py; the README's training-step table). Stochastic rounding
+would make that update unbiased without a master copy; with the target met, the exact update was
+kept.
 
 float16 has a narrow exponent range: small gradients underflow to zero. :class:`LossScaler` scales
 the loss before the backward (so the gradients are scaled too), unscales the float32 gradients in

@@ -327,7 +327,7 @@ def run_step(
     Python's cyclic garbage collector is paused during each step (and run between them), so that
     the figure does not depend on when it happens to run: transformers leaves a few activations
     (a hidden state or two) reachable only through reference cycles, and those count until the
-    step ends, an upper bound on what a run with the collector on holds (< 0.5 % of the peak).
+    step ends, an upper bound on what a run with the collector on holds (a small part of the peak).
     """
     model = loaded.model
     inputs = synthetic_inputs(loaded, spec, device)
@@ -395,9 +395,9 @@ def _cpu_attention() -> Iterator[None]:
     """``scaled_dot_product_attention`` on meta tensors runs the kernel the CPU would choose.
 
     On meta, PyTorch always takes the math path, which materialises the ``(B, H, T, S)`` attention
-    matrix; the CPU takes its fused flash kernel whenever it can, which never does (at batch 8 × seq
-    512 on MiniLM that is 2× the activation peak). The choice is made inside the C++ composite by a
-    dispatch stub that no mode sees, so the Python function ``torch.nn.functional.
+    matrix; the CPU takes its fused flash kernel whenever it can, which never does (at long
+    sequences that matrix can be most of the activation peak). The choice is made inside the C++
+    composite by a dispatch stub that no mode sees, so the Python function ``torch.nn.functional.
     scaled_dot_product_attention`` is replaced for the duration of the step (a function mode would
     not be active when checkpointing recomputes a block in backward): the CPU is asked for its
     choice on stand-ins of the same shapes and dtypes that hold one row of memory, and when it is

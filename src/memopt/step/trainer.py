@@ -11,18 +11,21 @@
 - the optimizer step: directly, or through :class:`~memopt.step.precision.MasterWeights` one
   parameter at a time when ``spec.master_weights`` and the model is 16-bit.
 
-Saved state (:meth:`Trainer.save` / :meth:`Trainer.load`): one safetensors file per rank with the
-parameters (``param.NAME``), float32 masters (``master.NAME``), every optimizer state tensor
-(``optim.NAME.KEY``) and the CPU RNG state, and a JSON file with the step count, the optimizer's
-hyperparameters, the loss scaler and the spec. Parameters are keyed by their names, not by position,
-and nothing is pickled. Under FSDP2 each rank saves and loads its own shards (same ``ranks`` to
-resume).
+Saved state, the one checkpoint format of memopt's training loops (:class:`TrainState`, which
+:meth:`Trainer.save` / :meth:`Trainer.load` and :class:`memopt.distill.Distiller` use): one
+safetensors file per rank, ``trainer-rank{R}.safetensors``, with the parameters (``param.NAME``),
+float32 masters (``master.NAME``), buffers training changes (``buffer.NAME``), every optimizer state
+tensor (``optim.NAME.KEY``) and the CPU RNG state, its metadata holding the step count; and
+``trainer.json`` with the step count, the optimizer's hyperparameters and non-tensor state, the
+loss scaler, the spec (None outside a :class:`Trainer`) and the caller's ``extra``. Parameters are
+keyed by their names, not by position, and nothing is pickled. Each file is written through a
+temporary name and a rename. Under FSDP2 each rank saves and loads its own shards (same ``ranks``
+to resume).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +33,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt.core.atomic import atomic_path, atomic_write_text
 from memopt.core.errors import MemoptError
 from memopt.models import LoadedModel
 from memopt.step.loss import causal_lm_hidden, chunked_causal_lm_loss, head_of
 from memopt.step.precision import LossScaler, MasterWeights, autocast_context
 from memopt.step.step import StepSpec, loss_of, make_optimizer, prepare
 
-__all__ = ["Trainer", "STATE_JSON"]
+__all__ = ["STATE_JSON", "TrainState", "Trainer", "has_state"]
 
 STATE_JSON = "trainer.json"
 _FORMAT = 1
@@ -172,16 +176,93 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
+    def train_state(self) -> TrainState:
+        """This trainer's parameters, masters, optimizer and loss scaler as a :class:`TrainState`."""
+        return TrainState(
+            self.names,
+            self.params,
+            self.optimizer,
+            masters=self.master.masters if self.master is not None else None,
+            scaler=self.master.scaler if self.master is not None else None,
+        )
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything a resume needs, as named CPU tensors (local shards under FSDP2)."""
+        return self.train_state().tensors()
+
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``trainer-rank{R}.safetensors`` and (rank 0) ``trainer.json`` into ``directory``
+        (:meth:`TrainState.save`); ``extra`` (JSON) is saved beside the state."""
+        return self.train_state().save(
+            directory, self.steps_done, spec=self.spec.to_dict(), extra=extra
+        )
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        """Restore what :meth:`save` wrote; returns the JSON (with ``extra``). Fails with
+        :class:`MemoptError` for a missing or mismatched checkpoint."""
+        meta = self.train_state().load(directory)
+        self.steps_done = int(meta["steps_done"])
+        return meta
+
+
+def has_state(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a saved training state for this rank (``trainer.json`` and
+    ``trainer-rank{R}.safetensors``)."""
+    directory = Path(directory)
+    return (directory / STATE_JSON).is_file() and (directory / _tensor_file(_rank())).is_file()
+
+
+class TrainState:
+    """The state of a training run, saved and loaded in the one checkpoint format (the module
+    docstring): any trainable ``params`` with their ``names``, the ``optimizer`` over them (or over
+    their float32 ``masters``, same order, and a float16 loss ``scaler``), and ``buffers`` that
+    training changes (by name; a batch norm's running statistics). :class:`Trainer` saves through
+    it, and so does :class:`memopt.distill.Distiller`, with its own loss and loop.
+
+    The optimizer has its parameters in the order of ``params`` (``masters`` when given): that is
+    how its state is keyed by parameter name.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        params: Sequence[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        *,
+        masters: Sequence[torch.Tensor] | None = None,
+        scaler: LossScaler | None = None,
+        buffers: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.names = list(names)
+        self.params = list(params)
+        self.optimizer = optimizer
+        self.masters = list(masters) if masters is not None else None
+        self.scaler = scaler
+        self.buffers = dict(buffers or {})
+        if len(self.names) != len(self.params) or (
+            self.masters is not None and len(self.masters) != len(self.params)
+        ):
+            raise MemoptError("a training state needs one name (and master) per parameter")
+        in_optimizer = [id(p) for g in optimizer.param_groups for p in g["params"]]
+        if in_optimizer != [id(p) for p in self.opt_params]:
+            raise MemoptError("the optimizer's parameters are not the state's, in the same order")
+
+    @property
+    def opt_params(self) -> list[torch.Tensor]:
+        """What the optimizer steps: the masters when there are any, else the parameters."""
+        return self.masters if self.masters is not None else self.params
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a resume needs, as named CPU tensors (local shards under FSDP2)."""
         out: dict[str, torch.Tensor] = {}
-        opt_params = self.master.masters if self.master is not None else self.params
         for name, p in zip(self.names, self.params, strict=True):
             out[f"param.{name}"] = _local(p).detach()
-        if self.master is not None:
-            for name, m in zip(self.names, self.master.masters, strict=True):
+        if self.masters is not None:
+            for name, m in zip(self.names, self.masters, strict=True):
                 out[f"master.{name}"] = _local(m).detach()
-        for name, p in zip(self.names, opt_params, strict=True):
+        for name, b in self.buffers.items():
+            out[f"buffer.{name}"] = _local(b).detach()
+        for name, p in zip(self.names, self.opt_params, strict=True):
             for key, value in self.optimizer.state.get(p, {}).items():
                 if torch.is_tensor(value):
                     out[f"optim.{name}.{key}"] = _local(value).detach()
@@ -196,50 +277,78 @@ class Trainer:
             seen.add(ptr)
         return out
 
-    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    def _optim_scalars(self) -> dict[str, dict[str, Any]]:
+        """The optimizer's per-parameter state that is not a tensor (kept in the JSON)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, p in zip(self.names, self.opt_params, strict=True):
+            rest = {
+                k: v for k, v in self.optimizer.state.get(p, {}).items() if not torch.is_tensor(v)
+            }
+            if rest:
+                out[name] = _jsonable(rest)
+        return out
+
+    def save(
+        self,
+        directory: str | Path,
+        steps_done: int,
+        *,
+        spec: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
         """Write ``trainer-rank{R}.safetensors`` and (rank 0) ``trainer.json`` into ``directory``,
-        each through a temporary name and a rename, so an interrupted save leaves the last one."""
+        each through a temporary name and a rename, so an interrupted save leaves whole files. The
+        tensors come first and carry ``steps_done`` too: :meth:`load` refuses a pair from two
+        different steps (a save interrupted between the files)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         rank = _rank()
-        path = directory / f"trainer-rank{rank}.safetensors"
-        tmp = path.with_suffix(".safetensors.tmp")
-        save_file(self.state_tensors(), str(tmp))
-        os.replace(tmp, path)
+        path = directory / _tensor_file(rank)
+        with atomic_path(path) as tmp:
+            save_file(self.tensors(), str(tmp), metadata={"steps_done": str(int(steps_done))})
         if rank == 0:
             groups = [
                 {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
             ]
             meta = {
                 "format": _FORMAT,
-                "steps_done": self.steps_done,
-                "spec": self.spec.to_dict(),
+                "steps_done": int(steps_done),
+                "spec": spec,
                 "optimizer": type(self.optimizer).__name__,
                 "param_groups": _jsonable(groups),
-                "loss_scaler": self.master.scaler.state()
-                if self.master and self.master.scaler
-                else None,
+                "optim_scalars": self._optim_scalars(),
+                "loss_scaler": self.scaler.state() if self.scaler is not None else None,
                 "ranks": _world(),
                 "extra": extra or {},
             }
-            tmp_json = directory / (STATE_JSON + ".tmp")
-            tmp_json.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp_json, directory / STATE_JSON)
+            atomic_write_text(directory / STATE_JSON, json.dumps(meta, indent=1))
         return path
 
     def load(self, directory: str | Path) -> dict[str, Any]:
-        """Restore what :meth:`save` wrote; returns the JSON (with ``extra``). Fails with
-        :class:`MemoptError` for a missing or mismatched checkpoint."""
-        from safetensors.torch import load_file
+        """Restore what :meth:`save` wrote into the parameters, masters, buffers, optimizer, loss
+        scaler and CPU RNG; returns the JSON (``steps_done``, ``extra``, ...). Fails with
+        :class:`MemoptError` for a missing, corrupt or mismatched checkpoint."""
+        from safetensors import SafetensorError, safe_open
 
         directory = Path(directory)
         meta_path = directory / STATE_JSON
-        path = directory / f"trainer-rank{_rank()}.safetensors"
+        path = directory / _tensor_file(_rank())
         if not meta_path.is_file() or not path.is_file():
             raise MemoptError(f"no training checkpoint in {directory}")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+            with safe_open(str(path), framework="pt") as f:
+                saved_step = (f.metadata() or {}).get("steps_done")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            steps_done = int(meta["steps_done"])
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise MemoptError(f"{directory}: corrupt training checkpoint ({exc})") from None
+        if saved_step is not None and int(saved_step) != steps_done:
+            raise MemoptError(
+                f"{directory}: {path.name} is from step {saved_step}, {STATE_JSON} from step "
+                f"{steps_done} (a save was interrupted)"
+            )
         if meta.get("ranks", 1) != _world():
             raise MemoptError(
                 f"{directory}: saved with {meta.get('ranks')} ranks, resuming with {_world()}"
@@ -249,40 +358,47 @@ class Trainer:
                 f"{directory}: saved with optimizer {meta.get('optimizer')}, "
                 f"resuming with {type(self.optimizer).__name__}"
             )
-        tensors = load_file(str(path))
         with torch.no_grad():
             for name, p in zip(self.names, self.params, strict=True):
                 _copy_into(p, tensors, f"param.{name}", directory)
-            if self.master is not None:
-                for name, m in zip(self.names, self.master.masters, strict=True):
+            if self.masters is not None:
+                for name, m in zip(self.names, self.masters, strict=True):
                     _copy_into(m, tensors, f"master.{name}", directory)
-        opt_params = self.master.masters if self.master is not None else self.params
+            for name, b in self.buffers.items():
+                _copy_into(b, tensors, f"buffer.{name}", directory)
         from memopt.step.adamw8bit import AdamW8bit
 
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for i, (name, p) in enumerate(zip(self.names, opt_params, strict=True)):
+        scalars = meta.get("optim_scalars", {})
+        state: dict[int, dict[str, Any]] = {}
+        for i, (name, p) in enumerate(zip(self.names, self.opt_params, strict=True)):
             prefix = f"optim.{name}."
-            entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if not entry:
-                continue
+            entry: dict[str, Any] = {
+                k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)
+            }
             if _is_dtensor(p) and not isinstance(self.optimizer, AdamW8bit):
                 entry = {k: _as_dtensor_like(v, p) if k != "step" else v for k, v in entry.items()}
-            state[i] = entry
+            entry.update(scalars.get(name, {}))
+            if entry:
+                state[i] = entry
         groups = []
         index = 0
         for saved, group in zip(meta["param_groups"], self.optimizer.param_groups, strict=True):
             ids = list(range(index, index + len(group["params"])))
             index += len(ids)
-            groups.append(
-                {**saved, "params": ids, "betas": tuple(saved.get("betas", (0.9, 0.999)))}
-            )
+            restored = {**saved, "params": ids}
+            if "betas" in saved:
+                restored["betas"] = tuple(saved["betas"])
+            groups.append(restored)
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        if self.master is not None and self.master.scaler is not None and meta.get("loss_scaler"):
-            self.master.scaler.load(meta["loss_scaler"])
+        if self.scaler is not None and meta.get("loss_scaler"):
+            self.scaler.load(meta["loss_scaler"])
         if "rng.cpu" in tensors:
             torch.set_rng_state(tensors["rng.cpu"])
-        self.steps_done = int(meta["steps_done"])
         return meta
+
+
+def _tensor_file(rank: int) -> str:
+    return f"trainer-rank{rank}.safetensors"
 
 
 def _copy_into(

@@ -3,7 +3,7 @@
 The architecture is built on the meta device. Its blocks are the modules of its largest
 ``nn.ModuleList`` (a transformer's layers); everything else is *the rest* (norms, rotary tables,
 position embeddings), loaded once and kept. Two parts of the rest get special care, because in a
-small LM they are the largest tensors of all (SmolLM2: 113 MB of 538 MB, the tied embedding):
+small LM with a large vocabulary they are the largest tensors of all (often one tied tensor):
 
 * the input embedding is read by rows under a budget: a lookup copies only the rows it needs out
   of the file (``pread``, which maps nothing) and, for GGUF or a memopt quantized folder,
@@ -31,9 +31,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,13 @@ __all__ = [
 ]
 
 # RSS a streamed run adds beyond the tensors the plan counts: the tokenizer, Python objects of the
-# model and its hooks, page tables, the allocator's slack and the mapped file headers. Measured on
-# SmolLM2 (bench/stream.py) and rounded up.
-RESERVE_BYTES = 24 << 20
-# A quantized model needs no more: its first forward brought ~20 MB more than a float model's while
-# the kernels timed their candidates at first use (oneDNN's initialization, see memopt.weights.kernels
-# _UNTIMED); under a budget they no longer do (SmolLM2 int4 at its smallest budget: 45 MB measured,
-# 50 MB predicted).
+# model and its hooks, page tables, the allocator's slack and the mapped file headers; set from
+# bench/stream.py's measurements, rounded up (and raised when the run's own overhead grew: the
+# layered package's first streamed run holds slightly more than the earlier one did).
+RESERVE_BYTES = 28 << 20
+# A quantized model needs no more: what its first forward would add is the kernels timing their
+# candidates at first use (oneDNN's initialization), which they do not do under a budget
+# (memopt.weights.kernels._UNTIMED).
 
 Payload = list[
     tuple[nn.Module, str, str, Any]
@@ -300,7 +301,7 @@ class _GGUFReader(_Reader):
         from memopt.formats.gguf import GGUFSource
 
         self.src = GGUFSource(path)
-        self.src.drop_metadata()  # the config and tensor table are read: ~30 MB of objects go
+        self.src.drop_metadata()  # the config and tensor table are read: their objects can go
         trim_heap()
 
     def names(self) -> list[str]:
@@ -310,9 +311,9 @@ class _GGUFReader(_Reader):
         return math.prod(self.src.shape(name)) * 4  # dequantized to float32
 
     def scratch_bytes(self, largest_tensor: int) -> int:
-        # Dequantizing a tensor makes ~3 float temporaries of its size (codes, scaled codes, the
-        # result), and the parsed header leaves ~12 MB of objects behind (measured on SmolLM2).
-        return 3 * largest_tensor + (12 << 20)
+        # Dequantizing a tensor makes 3 float temporaries of its size (codes, scaled codes, the
+        # result), and the parsed header leaves objects behind (bench/stream.py, rounded up).
+        return 3 * largest_tensor + _GGUF_HEADER_LEFTOVER
 
     def release_all(self) -> None:
         release([_span(*self.src.region())])
@@ -333,6 +334,9 @@ class _GGUFReader(_Reader):
         return out
 
 
+_GGUF_HEADER_LEFTOVER = 12 << 20  # what a parsed GGUF header leaves behind, rounded up
+
+
 def _span(address: int, length: int) -> Span:
     return Span(address, address + length)
 
@@ -343,6 +347,8 @@ def _span(address: int, length: int) -> Span:
 
 @dataclass
 class _Unit:
+    """One streamed piece of the model (a block, or a row chunk of the head)."""
+
     name: str
     nbytes: int
     fetch: Callable[[], tuple[Payload, list[Span]]]  # runs on the prefetch thread
@@ -374,6 +380,10 @@ class StreamStats:
 
 
 class _Streamer:
+    """Units in execution order, cyclically: :meth:`acquire` installs unit ``i`` (fetched ahead
+    when ``prefetch``) and submits unit ``i + 1``'s fetch; :meth:`release` puts ``i``'s meta tensors
+    back and gives its pages back."""
+
     def __init__(self, units: list[_Unit], prefetch: bool) -> None:
         self.units = units
         self.prefetch = prefetch and len(units) > 1
@@ -381,6 +391,17 @@ class _Streamer:
         self.pending: dict[int, Future] = {}
         self.stats = StreamStats()
         self.lock = threading.Lock()
+
+    def add(self, unit: _Unit) -> int:
+        """Append ``unit`` (units run in the order added); its index."""
+        self.units.append(unit)
+        return len(self.units) - 1
+
+    def attach(self, block: nn.Module, i: int) -> None:
+        """Hooks on ``block``: unit ``i`` installed before its forward, released after (both
+        return None: the hooks change no input and no output)."""
+        block.register_forward_pre_hook(lambda _m, _args: self.acquire(i))
+        block.register_forward_hook(lambda _m, _args, _out: self.release(i))
 
     def _fetch(self, i: int) -> tuple[Payload, list[Span]]:
         start = time.perf_counter()
@@ -450,7 +471,7 @@ class _RowEmbedding(nn.Module):
 class _QuantRowEmbedding(nn.Module):
     """A memopt quantized embedding whose rows are read from the file on lookup (by ``pread``)
     and dequantized: nothing of the table stays resident. int4 rows interleaved in blocks of
-    ``block_n`` on disk are read a whole block (64 rows, 18 KB at SmolLM2's width) at a time."""
+    ``block_n`` on disk are read a whole block at a time."""
 
     def __init__(self, reader: _Reader, spec: dict[str, Any], names: list[str]) -> None:
         super().__init__()
@@ -506,7 +527,7 @@ class _StreamedHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Building a streamed model
+# The streamed model
 
 
 @dataclass
@@ -536,31 +557,8 @@ class StreamedModel:
         self.close()
 
 
-def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str, str]:
-    owner_name, _, attr = key.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    kind = "param" if attr in owner._parameters else "buffer"
-    return owner, attr, kind
-
-
-def _match(name: str, targets: dict[str, Any]) -> str | None:
-    return match_key(name, targets)
-
-
-def _meta_model(source: ModelSource) -> tuple[LoadedModel, dict[str, Any] | None]:
-    manifest = None
-    if source.kind == "memopt":
-        manifest = read_manifest(source.path)
-    return build_meta(source), manifest
-
-
-def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
-    if module is None:
-        return None
-    for n, m in model.named_modules():
-        if m is module:
-            return n
-    return None
+# --------------------------------------------------------------------------------------------------
+# Entry points: plan from the headers; stream = plan, then fill the meta model
 
 
 def plan_budget(
@@ -578,11 +576,8 @@ def plan_budget(
     Raises :class:`MemoptError` naming the smallest budget that works when ``max_memory`` is
     below it; ``plan.predicted_peak_bytes`` is the predicted peak RSS over the import baseline.
     """
-    out = _build(
-        spec, max_memory, tokens, batch, prompt_tokens, True, reserve_bytes, kv_int8, dry=True
-    )
-    assert isinstance(out, StreamPlan)
-    return out
+    layout = _map_model(spec if isinstance(spec, ModelSource) else resolve(spec))
+    return _plan_layout(layout, max_memory, tokens, batch, prompt_tokens, reserve_bytes, kv_int8)
 
 
 def stream_model(
@@ -602,27 +597,121 @@ def stream_model(
     ``tokens``: positions the KV cache must hold (prompt + new tokens); ``prompt_tokens``: the
     longest single forward (the prefill), for the activation term (default ``tokens``). Raises
     :class:`MemoptError` before reading any weight when the budget is below the smallest that works.
-    ``kv_int8``: keep the KV cache as int8 (:mod:`memopt.weights.kvcache`; ~3.8× smaller, outputs no
-    longer bit-identical).
+    ``kv_int8``: keep the KV cache as int8 (:mod:`memopt.weights.kvcache`: int8 codes in place of
+    float32; outputs no longer bit-identical).
     """
-    out = _build(spec, max_memory, tokens, batch, prompt_tokens, prefetch, reserve_bytes, kv_int8)
-    assert isinstance(out, StreamedModel)
-    return out
+    layout = _map_model(spec if isinstance(spec, ModelSource) else resolve(spec))
+    plan = _plan_layout(layout, max_memory, tokens, batch, prompt_tokens, reserve_bytes, kv_int8)
+    return _StreamedBuilder(layout, plan, max_memory is not None, prefetch).build(kv_int8)
 
 
-def _build(
-    spec: str | Path | ModelSource,
-    max_memory: int | None,
-    tokens: int,
-    batch: int,
-    prompt_tokens: int | None,
-    prefetch: bool,
-    reserve_bytes: int,
-    kv_int8: bool = False,
-    dry: bool = False,
-) -> StreamPlan | StreamedModel:
-    source = spec if isinstance(spec, ModelSource) else resolve(spec)
-    loaded, manifest = _meta_model(source)
+# --------------------------------------------------------------------------------------------------
+# Where the model's tensors are: in the file, in a block, in the rest, in the head
+
+# A memopt quantized weight: (its weight module, its spec in the manifest, its tensors in the file).
+_QuantWeight = tuple[nn.Module, dict[str, Any], list[str]]
+
+
+@dataclass
+class _Layout:
+    """A meta model and where each of its tensors is, found from the file's headers only.
+
+    A *key* is a parameter or buffer name of the model (``model.layers.3.mlp.up_proj.weight``); a
+    *qkey* names a memopt quantized weight module (``model.layers.3.mlp.up_proj.qweight``), whose
+    buffers are filled at once from its tensors in the file. Every key of a block has
+    a tensor in the file (``file_of``).
+    """
+
+    source: ModelSource
+    loaded: LoadedModel  # its model on the meta device
+    reader: _Reader
+    list_name: str  # the nn.ModuleList whose modules are the blocks
+    blocks: nn.ModuleList
+    file_of: dict[str, str]  # key -> tensor name in the file (aliases and a tied head included)
+    qweights: dict[str, _QuantWeight]  # qkey -> its weight
+    block_keys: list[list[str]]  # the float keys of each block
+    block_q: list[list[str]]  # the qkeys of each block
+    rest_keys: list[str]  # the float keys outside the blocks, the streamable float head's excepted
+    resident_q: list[str]  # the qkeys outside the blocks, the row-wise head and embedding excepted
+    emb: nn.Module | None  # the input embedding
+    emb_name: str | None  # its name, when a float nn.Embedding
+    head: nn.Module | None  # the output embedding
+    head_name: str | None  # its name, when a float nn.Linear
+    head_float: bool  # that float head's weight has a tensor in the file: it streams by rows
+    qhead_name: str | None  # a quantized head that streams by rows (a QLinear of a _ROW_FORMATS)
+    qhead_key: str | None
+    qemb_name: str | None  # a quantized embedding read by rows (a QEmbedding of a _ROW_FORMATS)
+    qemb_key: str | None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def head_key(self) -> str | None:
+        return f"{self.head_name}.weight" if self.head_name else None
+
+    @property
+    def emb_key(self) -> str | None:
+        return f"{self.emb_name}.weight" if self.emb_name else None
+
+    @property
+    def row_embedding(self) -> bool:
+        """The float embedding's table is in the file: under a budget, read by rows on lookup."""
+        return self.emb_key is not None and self.emb_key in self.file_of
+
+    def block_of(self, key: str) -> int | None:
+        """The index of the block that holds ``key``; None outside the blocks."""
+        return _block_index(key, self.list_name)
+
+    def ram(self, key: str) -> int:
+        """Bytes of ``key``'s tensor as held in RAM (0: no tensor in the file)."""
+        return self.reader.ram_bytes(self.file_of[key]) if key in self.file_of else 0
+
+    def qram(self, qkey: str) -> int:
+        return sum(self.reader.ram_bytes(n) for n in self.qweights[qkey][2])
+
+    def rest_bytes(self) -> int:
+        """The resident bytes outside the blocks: a tied tensor once, a row-read embedding never."""
+        seen_files: set[str] = set()
+        total = 0
+        for key in self.rest_keys:
+            if key in self.file_of and self.file_of[key] in seen_files:
+                continue  # tied / aliased: one tensor
+            if self.row_embedding and key == self.emb_key:
+                continue  # read by rows: only the rows a lookup needs are ever touched
+            seen_files.add(self.file_of.get(key, key))
+            total += self.ram(key)
+        return total + sum(self.qram(q) for q in self.resident_q)
+
+    def block_bytes(self) -> list[int]:
+        return [
+            sum(self.ram(k) for k in keys) + sum(self.qram(q) for q in qkeys)
+            for keys, qkeys in zip(self.block_keys, self.block_q, strict=True)
+        ]
+
+    def head_bytes(self) -> int:
+        """The bytes of a head that streams by rows (0: no such head, it is part of the rest)."""
+        if self.head_float:
+            assert self.head_key is not None
+            return self.ram(self.head_key)
+        return self.qram(self.qhead_key) if self.qhead_key else 0
+
+    def largest_block_tensor(self) -> int:
+        return max(
+            [self.ram(k) for keys in self.block_keys for k in keys]
+            + [self.qram(q) for qkeys in self.block_q for q in qkeys],
+            default=0,
+        )
+
+
+def _map_model(source: ModelSource) -> _Layout:
+    """``source``'s architecture on the meta device, and where its tensors are (headers only).
+
+    Raises :class:`MemoptError` for a model that cannot stream: not a transformers model, no list
+    of blocks, or a block buffer that no file holds."""
+    manifest = read_manifest(source.path) if source.kind == "memopt" else None
+    loaded = build_meta(source)
     model = loaded.model
     if loaded.task != "causal-lm" and loaded.task != "encoder":
         raise MemoptError(f"{source.name}: streaming needs a transformers model")
@@ -636,79 +725,20 @@ def _build(
         raise MemoptError(f"{source.name}: no list of blocks to stream (no nn.ModuleList)")
     list_name, blocks = found
 
-    # tensors of the model -> names in the file
     targets: dict[str, Any] = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
-    file_of: dict[str, str] = {}
-    qweights: dict[
-        str, tuple[nn.Module, dict[str, Any], list[str]]
-    ] = {}  # key -> (qw, spec, names)
-    if manifest is not None:
-        for key, wspec in manifest["weights"].items():
-            qw = model.get_submodule(key)
-            qweights[key] = (qw, wspec, [f"{key}.{s}" for s in disk_layout(wspec)])
-        quant_files = {n for _, _, names in qweights.values() for n in names}
-        for n in manifest["tensors"]:
-            if n not in quant_files:
-                file_of[n] = n
-        for alias, first in manifest["aliases"].items():
-            file_of[alias] = first
-    else:
-        for n in reader.names():
-            key = _match(n, targets)
-            if key is not None:
-                file_of[key] = n
-    # a tied head that the file does not hold reads the input embedding's tensor
+    file_of, qweights = _file_names(model, targets, manifest, reader)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb_name = _module_name(model, emb) if isinstance(emb, nn.Embedding) else None
     head_name = _module_name(model, head) if type(head) is nn.Linear else None
-    tied = head_name and emb_name and f"{head_name}.weight" not in file_of
-    if tied and f"{emb_name}.weight" in file_of:
-        file_of[f"{head_name}.weight"] = file_of[f"{emb_name}.weight"]
-
-    def in_block(key: str) -> int | None:
-        if not key.startswith(list_name + "."):
-            return None
-        return int(key[len(list_name) + 1 :].split(".", 1)[0])
-
-    block_keys: list[list[str]] = [[] for _ in blocks]
-    block_q: list[list[str]] = [[] for _ in blocks]
-    rest_keys: list[str] = []
-    for key in targets:
-        if key.startswith(tuple(f"{q}." for q in qweights)):
-            continue  # quantized weights' buffers: filled through their weight
-        b = in_block(key)
-        if b is not None:
-            block_keys[b].append(key)
-        elif head_name and key == f"{head_name}.weight":
-            pass
-        else:
-            rest_keys.append(key)
-    rest_q: list[str] = []
-    for qkey in qweights:
-        b = in_block(qkey)
-        (rest_q if b is None else block_q[b]).append(qkey)
-    head_float = bool(head_name) and f"{head_name}.weight" in file_of
-    if head_name and not head_float:
-        rest_keys.append(f"{head_name}.weight")
-    # A memopt folder's quantized head and embedding (SmolLM2 int4: one tied 15.9 MB weight, 21 %
-    # of the model) are planned as the float ones are: under a budget the head streams in row
-    # chunks unless pinned, and the embedding is read by rows. Sparse (pruned) formats stay resident.
-    qhead_name = qhead_key = qemb_name = qemb_key = None
-    if manifest is not None:
-
-        def rowwise(module: nn.Module | None, cls: type) -> tuple[str | None, str | None]:
-            name = _module_name(model, module) if isinstance(module, cls) else None
-            key = manifest["modules"].get(name, {}).get("weight") if name else None
-            if key in rest_q and qweights[key][1]["format"] in _ROW_FORMATS:
-                return name, key
-            return None, None
-
-        qhead_name, qhead_key = rowwise(head, QLinear)
-        qemb_name, qemb_key = rowwise(emb, QEmbedding)
-    resident_q = [q for q in rest_q if q not in (qhead_key, qemb_key)]
-
+    head_key = f"{head_name}.weight" if head_name else None
+    if head_key and emb_name and head_key not in file_of and f"{emb_name}.weight" in file_of:
+        file_of[head_key] = file_of[f"{emb_name}.weight"]  # a tied head reads the embedding's
+    head_float = head_key is not None and head_key in file_of
+    block_keys, block_q, rest_keys, rest_q = _group_keys(
+        targets, qweights, list_name, len(blocks), head_key, head_float
+    )
     unfilled = [k for keys in block_keys for k in keys if k not in file_of]
     if unfilled:
         raise MemoptError(
@@ -716,84 +746,361 @@ def _build(
             "such buffers is not supported"
         )
 
-    def ram(key: str) -> int:
-        return reader.ram_bytes(file_of[key]) if key in file_of else 0
-
-    def qram(qkey: str) -> int:
-        return sum(reader.ram_bytes(n) for n in qweights[qkey][2])
-
-    emb_key = f"{emb_name}.weight" if emb_name else None
-    row_embedding = emb_key is not None and emb_key in file_of and emb_key not in block_keys
-    seen_files: set[str] = set()
-    rest_bytes = 0
-    for key in rest_keys:
-        if key in file_of and file_of[key] in seen_files:
-            continue  # tied / aliased: one tensor
-        if row_embedding and key == emb_key:
-            continue  # read by rows: only the rows a lookup needs are ever touched
-        seen_files.add(file_of.get(key, key))
-        rest_bytes += ram(key)
-    rest_bytes += sum(qram(q) for q in resident_q)
-    block_bytes = [sum(ram(k) for k in block_keys[i]) + sum(qram(q) for q in block_q[i])
-                   for i in range(len(blocks))]  # fmt: skip
-    head_bytes = ram(f"{head_name}.weight") if head_float else qram(qhead_key) if qhead_key else 0
-    config = loaded.config
-    itemsize = 4
-    largest_tensor = max(
-        [ram(k) for keys in block_keys for k in keys] + [qram(q) for qs in block_q for q in qs],
-        default=0,
-    )
-    kv_size = 1 if kv_int8 else itemsize
-    # the full cache plus one layer's K and V again (the cache grows by torch.cat: old and new
-    # live for a moment)
-    kv = kv_cache_bytes(config, tokens, batch, kv_size, 1) if loaded.task == "causal-lm" else 0
-    act = activation_bytes(config, prompt_tokens or tokens, batch, itemsize)
-    plan = _plan(
-        source.name, max_memory, rest_bytes, block_bytes, head_bytes, kv, act,
-        reserve_bytes if max_memory is not None else 0, tokens,
-        reader.scratch_bytes(largest_tensor) if max_memory is not None else 0,
+    # A memopt folder's quantized head and embedding are planned as the float ones are: under a
+    # budget the head streams in row chunks unless pinned, and the embedding is read by rows.
+    # Sparse (pruned) formats stay resident.
+    qhead_name = qhead_key = qemb_name = qemb_key = None
+    if manifest is not None:
+        qhead_name, qhead_key = _row_wise(model, manifest, qweights, rest_q, head, QLinear)
+        qemb_name, qemb_key = _row_wise(model, manifest, qweights, rest_q, emb, QEmbedding)
+    resident_q = [q for q in rest_q if q not in (qhead_key, qemb_key)]
+    return _Layout(
+        source, loaded, reader, list_name, blocks, file_of, qweights, block_keys, block_q,
+        rest_keys, resident_q, emb, emb_name, head, head_name, head_float,
+        qhead_name, qhead_key, qemb_name, qemb_key,
     )  # fmt: skip
-    if dry:
-        return plan
-    if max_memory is not None:
-        bound_heap()
 
-    # --- from here on, weights are read ------------------------------------------------------
-    def float_payload(keys: list[str], resident: bool = False) -> tuple[Payload, list[Span]]:
+
+def _file_names(
+    model: nn.Module,
+    targets: dict[str, Any],
+    manifest: dict[str, Any] | None,
+    reader: _Reader,
+) -> tuple[dict[str, str], dict[str, _QuantWeight]]:
+    """Each key's tensor name in the file, and (memopt folder) the quantized weights by qkey."""
+    file_of: dict[str, str] = {}
+    qweights: dict[str, _QuantWeight] = {}
+    if manifest is None:
+        for n in reader.names():
+            key = match_key(n, targets)
+            if key is not None:
+                file_of[key] = n
+        return file_of, qweights
+    for key, wspec in manifest["weights"].items():
+        names = [f"{key}.{suffix}" for suffix in disk_layout(wspec)]
+        qweights[key] = (model.get_submodule(key), wspec, names)
+    quant_files = {n for _, _, names in qweights.values() for n in names}
+    for n in manifest["tensors"]:
+        if n not in quant_files:
+            file_of[n] = n
+    for alias, first in manifest["aliases"].items():
+        file_of[alias] = first
+    return file_of, qweights
+
+
+def _group_keys(
+    targets: dict[str, Any],
+    qweights: dict[str, _QuantWeight],
+    list_name: str,
+    n_blocks: int,
+    head_key: str | None,
+    head_float: bool,
+) -> tuple[list[list[str]], list[list[str]], list[str], list[str]]:
+    """``(block_keys, block_q, rest_keys, rest_q)``: the keys and qkeys of each block, and those
+    outside the blocks. A float head's weight is left out of the rest when it streams by rows."""
+    block_keys: list[list[str]] = [[] for _ in range(n_blocks)]
+    block_q: list[list[str]] = [[] for _ in range(n_blocks)]
+    rest_keys: list[str] = []
+    quant_prefixes = tuple(f"{q}." for q in qweights)
+    for key in targets:
+        if key.startswith(quant_prefixes):
+            continue  # quantized weights' buffers: filled through their weight
+        b = _block_index(key, list_name)
+        if b is not None:
+            block_keys[b].append(key)
+        elif key != head_key:
+            rest_keys.append(key)
+    rest_q: list[str] = []
+    for qkey in qweights:
+        b = _block_index(qkey, list_name)
+        (rest_q if b is None else block_q[b]).append(qkey)
+    if head_key and not head_float:
+        rest_keys.append(head_key)  # no tensor of its own (or none in the file): with the rest
+    return block_keys, block_q, rest_keys, rest_q
+
+
+def _block_index(key: str, list_name: str) -> int | None:
+    """The index of the block of ``list_name`` that holds ``key``; None outside the blocks."""
+    if not key.startswith(list_name + "."):
+        return None
+    return int(key[len(list_name) + 1 :].split(".", 1)[0])
+
+
+def _row_wise(
+    model: nn.Module,
+    manifest: dict[str, Any],
+    qweights: dict[str, _QuantWeight],
+    rest_q: list[str],
+    module: nn.Module | None,
+    cls: type,
+) -> tuple[str | None, str | None]:
+    """``module``'s name and qkey when it is a ``cls`` outside the blocks whose quantized format
+    has one row per output row in every file tensor (streamable by rows); else (None, None)."""
+    name = _module_name(model, module) if isinstance(module, cls) else None
+    key = manifest["modules"].get(name, {}).get("weight") if name else None
+    if key in rest_q and qweights[key][1]["format"] in _ROW_FORMATS:
+        return name, key
+    return None, None
+
+
+def _plan_layout(
+    layout: _Layout,
+    max_memory: int | None,
+    tokens: int,
+    batch: int,
+    prompt_tokens: int | None,
+    reserve_bytes: int,
+    kv_int8: bool,
+) -> StreamPlan:
+    """The byte terms of ``layout`` under ``max_memory``, and what they allow (:func:`_plan`)."""
+    config = layout.loaded.config
+    itemsize = 4
+    kv_size = 1 if kv_int8 else itemsize
+    kv = 0
+    if layout.loaded.task == "causal-lm":
+        # the full cache plus one layer's K and V again (the cache grows by torch.cat: old and new
+        # live for a moment)
+        kv = kv_cache_bytes(config, tokens, batch, kv_size, 1)
+    act = activation_bytes(config, prompt_tokens or tokens, batch, itemsize)
+    budgeted = max_memory is not None
+    return _plan(
+        layout.source.name, max_memory, layout.rest_bytes(), layout.block_bytes(),
+        layout.head_bytes(), kv, act, reserve_bytes if budgeted else 0, tokens,
+        layout.reader.scratch_bytes(layout.largest_block_tensor()) if budgeted else 0,
+    )  # fmt: skip
+
+
+def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    for n, m in model.named_modules():
+        if m is module:
+            return n
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Filling the meta model as the plan says
+
+
+class _StreamedBuilder:
+    """Fills ``layout``'s meta model as ``plan`` says and returns it as a :class:`StreamedModel`:
+    the rest and the pinned blocks resident; the other blocks, then the head's row chunks, the
+    units of one :class:`_Streamer`, in execution order. Weights are read from here on. Build once.
+    """
+
+    def __init__(self, layout: _Layout, plan: StreamPlan, budgeted: bool, prefetch: bool) -> None:
+        self.layout = layout
+        self.plan = plan
+        self.budgeted = budgeted  # a max_memory was given
+        self.prefetch = prefetch
+        self.reader = layout.reader
+        self.model = layout.model
+        self.streamer = _Streamer([], prefetch)
+
+    def build(self, kv_int8: bool) -> StreamedModel:
+        if self.budgeted:
+            bound_heap()
+        with torch.no_grad():
+            self._install_rest()
+            self._install_float_embedding()
+            self._install_quant_embedding()
+            self._install_pinned_blocks()
+            self._materialize_computed_buffers()
+            self._add_streamed_blocks()
+            self._add_float_head()
+            self._add_quant_head()
+            self.streamer.prefetch = self.prefetch and len(self.streamer.units) > 1
+            # Loading touched pages that are not needed now (GGUF: quantized bytes already
+            # dequantized; mapped safetensors: headers, pinned blocks not yet run): give them back.
+            self.reader.release_all()
+            trim_heap()
+        self._check_all_filled()
+        return self._finish(kv_int8)
+
+    # --- resident parts ---------------------------------------------------------------------------
+
+    def _install_rest(self) -> None:
+        """Everything outside the blocks, the head and a row-read embedding, resident."""
+        lay = self.layout
+        keys = [k for k in lay.rest_keys if not (lay.row_embedding and k == lay.emb_key)]
+        _install(self._float_payload(keys, resident=True)[0])
+        if lay.resident_q:
+            _install(self._quant_payload(lay.resident_q))
+            self.reader.release_all()  # the quantized bytes are repacked: their pages can go
+
+    def _install_float_embedding(self) -> None:
+        """A float embedding's table: read by rows on lookup, or resident as a view of the file."""
+        lay = self.layout
+        if not lay.row_embedding:
+            return
+        assert lay.emb_key is not None and lay.emb_name is not None
+        assert isinstance(lay.emb, nn.Embedding)
+        tied_and_pinned = (
+            self.plan.head_pinned
+            and lay.head_key is not None
+            and lay.file_of.get(lay.head_key) == lay.file_of[lay.emb_key]
+        )
+        if self.reader.dequantizes or (self.budgeted and not tied_and_pinned):
+            # rows read on lookup (dequantized, or copied by pread: mapping them would map whole
+            # page-cache folios, see SafetensorsReader.read_rows)
+            row_embedding = _RowEmbedding(self.reader, lay.file_of[lay.emb_key], lay.emb)
+            _set_module(self.model, lay.emb_name, row_embedding)
+        else:  # resident anyway (no budget, or the pinned tied head's): a view of the mapping
+            _install(self._float_payload([lay.emb_key])[0])
+
+    def _install_quant_embedding(self) -> None:
+        """A row-wise quantized embedding: read by rows on lookup under a budget, else resident;
+        tied to a pinned head, it is filled with the head."""
+        lay = self.layout
+        if lay.qemb_key is None or (self.plan.head_pinned and lay.qemb_key == lay.qhead_key):
+            return
+        assert lay.qemb_name is not None
+        if not self.budgeted:
+            _install(self._quant_payload([lay.qemb_key]))
+        else:
+            _, wspec, names = lay.qweights[lay.qemb_key]
+            _set_module(self.model, lay.qemb_name, _QuantRowEmbedding(self.reader, wspec, names))
+
+    def _install_pinned_blocks(self) -> None:
+        for i in self.plan.pinned_blocks:
+            floats, _ = self._float_payload(self.layout.block_keys[i], resident=True)
+            _install(floats + self._quant_payload(self.layout.block_q[i]))
+
+    def _materialize_computed_buffers(self) -> None:
+        """Buffers no file holds (rotary tables), computed for the rest of the model only: the
+        blocks and a quantized head are detached meanwhile, as their meta weights (quantized ones
+        are buffers) would be zero-filled."""
+        lay = self.layout
+        detach = [lay.list_name] + ([lay.qhead_name] if lay.qhead_name else [])
+        kept = {name: self.model.get_submodule(name) for name in detach}
+        for name in detach:
+            _set_module(self.model, name, nn.Module())
+        try:
+            materialize_buffers(self.model)
+        finally:
+            for name, module in kept.items():
+                _set_module(self.model, name, module)
+
+    # --- streamed units ---------------------------------------------------------------------------
+
+    def _add_streamed_blocks(self) -> None:
+        """Each block not pinned: a unit, installed by hooks around the block's forward."""
+        lay = self.layout
+        for i, block in enumerate(lay.blocks):
+            if i in self.plan.pinned_blocks:
+                continue
+            keys, qkeys = lay.block_keys[i], lay.block_q[i]
+            fetch = partial(self._fetch_block, keys, qkeys)
+            unit = _Unit(f"{lay.list_name}.{i}", self.plan.block_bytes[i], fetch,
+                         self._meta_tensors(keys, qkeys))  # fmt: skip
+            self.streamer.attach(block, self.streamer.add(unit))
+
+    def _add_float_head(self) -> None:
+        """A float head: its weight resident when pinned, else row chunks of it as units."""
+        lay = self.layout
+        if not lay.head_float:
+            return
+        head = lay.head
+        assert lay.head_name is not None and lay.head_key is not None
+        assert isinstance(head, nn.Linear)
+        wname = lay.file_of[lay.head_key]
+        if self.plan.head_pinned:
+            _install([(head, "weight", "param", self.reader.tensor(wname)[0])])
+            return
+        streamed = _StreamedHead(self.streamer, head.bias)
+        step = math.ceil(head.out_features / self.plan.head_chunks)
+        for r0, r1 in _row_ranges(head.out_features, step):
+            chunk = _WeightChunk()
+            fetch = partial(self._fetch_float_rows, chunk, wname, r0, r1)
+            nbytes = (r1 - r0) * head.in_features * 4  # float32 rows
+            restore: Payload = [(chunk, "weight", "param", None)]
+            unit = _Unit(f"{lay.head_name}[{r0}:{r1}]", nbytes, fetch, restore)
+            streamed.add(chunk, self.streamer.add(unit))
+        _set_module(self.model, lay.head_name, streamed)
+
+    def _add_quant_head(self) -> None:
+        """A row-wise quantized head: resident when pinned (with a tied embedding, which shares its
+        weight), else row chunks of it as units, each a QLinear over those rows."""
+        lay = self.layout
+        if lay.qhead_key is None:
+            return
+        assert lay.qhead_name is not None
+        if self.plan.head_pinned:
+            _install(self._quant_payload([lay.qhead_key]))
+            return
+        qw, wspec, names = lay.qweights[lay.qhead_key]
+        streamed = _StreamedHead(self.streamer, self.model.get_submodule(lay.qhead_name).bias)
+        n_out, k = qw.shape
+        block = int(wspec.get("block_n") or 1)  # int4 rows interleave within blocks of block_n
+        step = math.ceil(math.ceil(n_out / self.plan.head_chunks) / block) * block
+        for r0, r1 in _row_ranges(n_out, step):
+            cspec = {**wspec, "shape": [r1 - r0, k]}
+            qchunk = QLinear(empty_weight(cspec), None)
+            fetch = partial(self._fetch_quant_rows, qchunk, cspec, names, r0, r1)
+            # every file tensor of the weight has one row per output row
+            nbytes = sum(self.reader.ram_bytes(n) * (r1 - r0) // n_out for n in names)
+            restore = [(qchunk.qweight, a, "buffer", b) for a, b in qchunk.qweight._buffers.items()]
+            unit = _Unit(f"{lay.qhead_name}[{r0}:{r1}]", nbytes, fetch, restore)
+            streamed.add(qchunk, self.streamer.add(unit))
+        _set_module(self.model, lay.qhead_name, streamed)
+
+    # --- fetches (on the prefetch thread) ---------------------------------------------------------
+
+    def _fetch_block(self, keys: list[str], qkeys: list[str]) -> tuple[Payload, list[Span]]:
+        floats, spans = self._float_payload(keys)
+        return floats + self._quant_payload(qkeys), _settle(self.reader, spans)
+
+    def _fetch_float_rows(
+        self, chunk: nn.Module, wname: str, r0: int, r1: int
+    ) -> tuple[Payload, list[Span]]:
+        t, spans = self.reader.rows(wname, r0, r1)  # (r1 - r0, H)
+        return [(chunk, "weight", "param", t)], _settle(self.reader, spans)
+
+    def _fetch_quant_rows(
+        self, qchunk: QLinear, cspec: dict[str, Any], names: list[str], r0: int, r1: int
+    ) -> tuple[Payload, list[Span]]:
+        return self._quant_rows(qchunk.qweight, cspec, names, (r0, r1)), []  # copies: no pages
+
+    # --- payloads: what to install where ---------------------------------------------------------
+
+    def _float_payload(self, keys: list[str], resident: bool = False) -> tuple[Payload, list[Span]]:
+        """``keys``' tensors read from the file (views of the mapping, or dequantized), and the
+        spans of the file that they hold; keys without a tensor in the file are skipped."""
         payload: Payload = []
         spans: list[Span] = []
         for key in keys:
-            if key not in file_of:
+            if key not in self.layout.file_of:
                 continue
-            t, s = reader.tensor(file_of[key])
-            if resident and max_memory is not None and t.nbytes < _COPY_BELOW:
-                # A resident view of a small tensor (a norm's 2.3 KB) maps its neighbours' pages
-                # when first read (fault-around, large page-cache folios), and nothing releases
-                # them: SmolLM2 int4 at 76 MB held 11 MB of its pinned blocks' codes mapped so.
+            t, s = self.reader.tensor(self.layout.file_of[key])
+            if resident and self.budgeted and t.nbytes < _COPY_BELOW:
+                # A resident view of a small tensor (a norm's weight) maps its neighbours' pages
+                # when first read (fault-around, large page-cache folios), and nothing would
+                # release them: a copy holds no page of the file.
                 t = t.clone()
                 release(s)
                 s = []
-            owner, attr, kind = _owner(model, key)
+            owner, attr, kind = _owner(self.model, key)
             payload.append((owner, attr, kind, t))
             spans += s
         return payload, spans
 
-    def quant_payload(qkeys: list[str]) -> tuple[Payload, list[Span]]:
+    def _quant_payload(self, qkeys: list[str]) -> Payload:
+        """The buffers that fill the quantized weights ``qkeys``: copies, holding no mapped page."""
         payload: Payload = []
         for qkey in qkeys:
-            qw, wspec, names = qweights[qkey]
-            payload += quant_rows(qw, wspec, names, None)
-        return payload, []  # the codes are copies: no mapped pages held
+            qw, wspec, names = self.layout.qweights[qkey]
+            payload += self._quant_rows(qw, wspec, names, None)
+        return payload
 
-    def quant_rows(
-        qw: nn.Module, wspec: dict[str, Any], names: list[str], rows: tuple[int, int] | None
+    def _quant_rows(
+        self, qw: nn.Module, wspec: dict[str, Any], names: list[str], rows: tuple[int, int] | None
     ) -> Payload:
         """The payload that fills ``qw`` with the weight's rows ``r0:r1`` (None: all of them)."""
-        # Own copies, read by pread: used in place, the mapped codes made a 2-thread decode 5x
-        # slower (SmolLM2 int4 at 80 MB: 0.6-0.8 tok/s against 3.9 with copies, measured; 1
-        # thread: no difference), and ATen's int8 kernel faults on codes that are not 64-byte
-        # aligned (folders written before memopt aligned its files).
-        tensors = {n.rsplit(".", 1)[1]: reader.copy(n, rows) for n in names}
+        # Own copies, read by pread: mapped codes used in place made a multi-threaded decode much
+        # slower, and ATen's int8 kernel faults on codes that are not 64-byte aligned (folders
+        # written before memopt aligned its files).
+        tensors = {n.rsplit(".", 1)[1]: self.reader.copy(n, rows) for n in names}
         tmp = empty_weight(wspec)
         _fill(tmp, wspec, tensors)
         out: Payload = [(qw, a, "buffer", b) for a, b in tmp._buffers.items()]
@@ -801,162 +1108,60 @@ def _build(
             out.append((qw, "block_n", "attr", tmp.block_n))
         return out
 
-    def snapshot(keys: list[str], qkeys: list[str]) -> Payload:
+    def _meta_tensors(self, keys: list[str], qkeys: list[str]) -> Payload:
+        """What is installed now (meta tensors) for ``keys`` and ``qkeys``: a unit's restore."""
         out: Payload = []
         for key in keys:
-            owner, attr, kind = _owner(model, key)
+            owner, attr, kind = _owner(self.model, key)
             value = owner._parameters[attr] if kind == "param" else owner._buffers[attr]
             out.append((owner, attr, kind, value))
         for qkey in qkeys:
-            qw = qweights[qkey][0]
+            qw = self.layout.qweights[qkey][0]
             out += [(qw, a, "buffer", b) for a, b in qw._buffers.items()]
         return out
 
-    with torch.no_grad():
-        # the rest, resident
-        rest_payload, _ = float_payload(
-            [k for k in rest_keys if not (row_embedding and k == emb_key)], resident=True
-        )
-        _install(rest_payload)
-        if resident_q:
-            _install(quant_payload(resident_q)[0])
-            reader.release_all()  # the quantized bytes are repacked: their pages can go
-        if row_embedding:
-            assert emb_key is not None and emb_name is not None and isinstance(emb, nn.Embedding)
-            tied_and_pinned = (
-                plan.head_pinned and file_of.get(f"{head_name}.weight") == (file_of[emb_key])
-            )
-            if reader.dequantizes or (max_memory is not None and not tied_and_pinned):
-                # rows read on lookup (dequantized, or copied by pread: mapping them would map
-                # whole page-cache folios, see SafetensorsReader.read_rows)
-                _set_module(model, emb_name, _RowEmbedding(reader, file_of[emb_key], emb))
-            else:  # resident anyway (no budget, or the pinned tied head's): a view of the mapping
-                _install(float_payload([emb_key])[0])
-        if qemb_key is not None and not (plan.head_pinned and qemb_key == qhead_key):
-            assert qemb_name is not None  # (tied to a pinned head: filled with the head)
-            if max_memory is None:
-                _install(quant_payload([qemb_key])[0])
-            else:
-                _, wspec, names = qweights[qemb_key]
-                _set_module(model, qemb_name, _QuantRowEmbedding(reader, wspec, names))
-        # pinned blocks, resident
-        for i in plan.pinned_blocks:
-            p1, _ = float_payload(block_keys[i], resident=True)
-            p2, _ = quant_payload(block_q[i])
-            _install(p1 + p2)
-        # Buffers no file holds (rotary tables) are computed for the rest of the model only, the
-        # blocks and a quantized head detached: their meta weights (quantized ones are buffers)
-        # would be zero-filled (SmolLM2 int4's head: 16 MB).
-        detach = [list_name] + ([qhead_name] if qhead_name else [])
-        kept = {name: model.get_submodule(name) for name in detach}
-        for name in detach:
-            _set_module(model, name, nn.Module())
-        try:
-            materialize_buffers(model)
-        finally:
-            for name, module in kept.items():
-                _set_module(model, name, module)
-        # streamed units: the other blocks, then the head's chunks
-        streamer = _Streamer([], prefetch)
-        units = streamer.units
-        for i in range(len(blocks)):
-            if i in plan.pinned_blocks:
-                continue
-            keys, qkeys = block_keys[i], block_q[i]
+    # --- the result -------------------------------------------------------------------------------
 
-            def fetch(
-                keys: list[str] = keys, qkeys: list[str] = qkeys
-            ) -> tuple[Payload, list[Span]]:
-                p1, s1 = float_payload(keys)
-                p2, s2 = quant_payload(qkeys)
-                return p1 + p2, _settle(reader, s1 + s2)
+    def _check_all_filled(self) -> None:
+        """Every tensor left on the meta device belongs to a streamed unit."""
+        lay = self.layout
+        model = self.model
+        left = [
+            n
+            for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t is not None
+            and t.is_meta
+            and not self._streamed(n)
+            and not (lay.qhead_name and n.startswith(f"{lay.qhead_name}.chunks."))
+        ]
+        if left:
+            raise MemoptError(f"{lay.source.name}: no weight in the file for {left[0]!r}")
 
-            units.append(_Unit(f"{list_name}.{i}", block_bytes[i], fetch, snapshot(keys, qkeys)))
-            _attach(blocks[i], streamer, len(units) - 1)
-        if head_float:
-            assert head_name is not None and isinstance(head, nn.Linear)
-            wname = file_of[f"{head_name}.weight"]
-            if plan.head_pinned:
-                _install([(head, "weight", "param", reader.tensor(wname)[0])])
-            else:
-                new = _StreamedHead(streamer, head.bias)
-                step = math.ceil(head.out_features / plan.head_chunks)
-                for r0 in range(0, head.out_features, step):
-                    r1 = min(head.out_features, r0 + step)
-                    chunk = _WeightChunk()
+    def _streamed(self, key: str) -> bool:
+        block = self.layout.block_of(key)
+        return block is not None and block not in self.plan.pinned_blocks
 
-                    def fetch_rows(
-                        r0: int = r0, r1: int = r1, chunk: nn.Module = chunk
-                    ) -> tuple[Payload, list[Span]]:
-                        t, spans = reader.rows(wname, r0, r1)  # (r1 - r0, H)
-                        return [(chunk, "weight", "param", t)], _settle(reader, spans)
+    def _finish(self, kv_int8: bool) -> StreamedModel:
+        lay = self.layout
+        config = lay.loaded.config
+        if kv_int8:
+            from memopt.weights.kvcache import use_int8_kv_cache
 
-                    nbytes = (r1 - r0) * head.in_features * 4
-                    restore: Payload = [(chunk, "weight", "param", None)]
-                    units.append(_Unit(f"{head_name}[{r0}:{r1}]", nbytes, fetch_rows, restore))
-                    new.add(chunk, len(units) - 1)
-                _set_module(model, head_name, new)
-        if qhead_key is not None:
-            assert qhead_name is not None
-            qw, wspec, names = qweights[qhead_key]
-            if plan.head_pinned:  # (a tied embedding shares the weight: filled at once)
-                _install(quant_payload([qhead_key])[0])
-            else:
-                new = _StreamedHead(streamer, model.get_submodule(qhead_name).bias)
-                n_out, k = qw.shape
-                block = int(wspec.get("block_n") or 1)  # int4 rows interleave within blocks
-                step = math.ceil(math.ceil(n_out / plan.head_chunks) / block) * block
-                for r0 in range(0, n_out, step):
-                    r1 = min(n_out, r0 + step)
-                    cspec = {**wspec, "shape": [r1 - r0, k]}
-                    qchunk = QLinear(empty_weight(cspec), None)
-
-                    def fetch_qrows(
-                        r0: int = r0, r1: int = r1, cspec: dict[str, Any] = cspec,
-                        qchunk: QLinear = qchunk,
-                    ) -> tuple[Payload, list[Span]]:  # fmt: skip
-                        return quant_rows(qchunk.qweight, cspec, names, (r0, r1)), []
-
-                    nbytes = sum(
-                        reader.ram_bytes(n) * (r1 - r0) // n_out for n in names
-                    )  # every disk tensor of the weight has one row per output row
-                    restore = [(qchunk.qweight, a, "buffer", b)
-                               for a, b in qchunk.qweight._buffers.items()]  # fmt: skip
-                    units.append(_Unit(f"{qhead_name}[{r0}:{r1}]", nbytes, fetch_qrows, restore))
-                    new.add(qchunk, len(units) - 1)
-                _set_module(model, qhead_name, new)
-        streamer.prefetch = prefetch and len(units) > 1
-        # Loading touched pages that are not needed now (GGUF: quantized bytes already dequantized;
-        # mapped safetensors: headers, pinned blocks not yet run): give them all back.
-        reader.release_all()
-        trim_heap()
-    left = [
-        n
-        for n, t in [*model.named_parameters(), *model.named_buffers()]
-        if t is not None
-        and t.is_meta
-        and not _is_streamed(n, list_name, plan, len(blocks))
-        and not (qhead_name and n.startswith(f"{qhead_name}.chunks."))
-    ]
-    if left:
-        raise MemoptError(f"{source.name}: no weight in the file for {left[0]!r}")
-    if kv_int8:
-        from memopt.weights.kvcache import use_int8_kv_cache
-
-        use_int8_kv_cache(model, config)
-    out = StreamedModel(LoadedModel(model.eval(), loaded.task, source.name, config, source), plan)
-    out._streamer = streamer if units else None
-    if max_memory is not None:  # kernels' first calls: no timing of candidates (kernels._UNTIMED)
-        out._untimed_before = set_untimed(True)
-    if not units:
-        streamer.close()
-    return out
+            use_int8_kv_cache(self.model, config)
+        model = self.model.eval()
+        out = StreamedModel(LoadedModel(model, lay.loaded.task, lay.source.name, config, lay.source),
+                            self.plan)  # fmt: skip
+        units = self.streamer.units
+        out._streamer = self.streamer if units else None
+        if self.budgeted:  # kernels' first calls: no timing of candidates (kernels._UNTIMED)
+            out._untimed_before = set_untimed(True)
+        if not units:
+            self.streamer.close()
+        return out
 
 
-def _is_streamed(name: str, list_name: str, plan: StreamPlan, n_blocks: int) -> bool:
-    if not name.startswith(list_name + "."):
-        return False
-    return int(name[len(list_name) + 1 :].split(".", 1)[0]) not in plan.pinned_blocks
+# --------------------------------------------------------------------------------------------------
+# Helpers
 
 
 _COPY_BELOW = 1 << 20  # resident float tensors smaller than this are copied out of the mapping
@@ -966,12 +1171,12 @@ _FILL_ROWS = 4096  # int4 rows repacked at a time: a multiple of every kernel ro
 
 
 def _fill(qw: nn.Module, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """``memopt.models.saved.fill_weight``, in row chunks for a large int4 weight.
+    """``memopt.weights.quantized.fill_weight``, in row chunks for a large int4 weight.
 
     Repacking int4 codes into the CPU kernel's row-interleaved layout unpacks all codes first: for
-    SmolLM2's 49152 × 576 embedding a ~70 MB transient, more than the weight itself. The layout
-    interleaves rows only within blocks of 32 or 64, so chunks of 4096 rows give the same bytes
-    (``tests/stream`` compares with the whole-tensor fill)."""
+    a large embedding a transient larger than the weight itself. The layout interleaves rows only
+    within blocks of 32 or 64, so chunks of ``_FILL_ROWS`` rows give the same bytes (``tests/stream``
+    compares with the whole-tensor fill)."""
     n = int(spec["shape"][0])
     if not isinstance(qw, Int4Weight) or n <= _FILL_ROWS:
         fill_weight(qw, tensors)
@@ -981,8 +1186,7 @@ def _fill(qw: nn.Module, spec: dict[str, Any], tensors: dict[str, torch.Tensor])
     packed = torch.empty(n, k // 2, dtype=torch.uint8)  # filled chunk by chunk: no concatenation
     scale_zero = torch.empty(k // g, n, 2, dtype=torch.bfloat16)
     block_n = None
-    for r0 in range(0, n, _FILL_ROWS):
-        r1 = min(n, r0 + _FILL_ROWS)
+    for r0, r1 in _row_ranges(n, _FILL_ROWS):
         part = empty_weight({**spec, "shape": [r1 - r0, k]})
         fill_weight(part, {name: v[r0:r1] for name, v in tensors.items()})
         packed[r0:r1] = part._buffers["packed"]  # (rows, K/2)
@@ -991,6 +1195,12 @@ def _fill(qw: nn.Module, spec: dict[str, Any], tensors: dict[str, torch.Tensor])
     qw._buffers["packed"] = packed
     qw._buffers["scale_zero"] = scale_zero
     qw.block_n = block_n
+
+
+def _row_ranges(n: int, step: int) -> Iterator[tuple[int, int]]:
+    """``(r0, r1)`` over ``range(n)`` in steps of ``step`` rows, the last one possibly shorter."""
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
 
 
 def _settle(reader: _Reader, spans: list[Span]) -> list[Span]:
@@ -1003,17 +1213,12 @@ def _settle(reader: _Reader, spans: list[Span]) -> list[Span]:
     return spans
 
 
-def _attach(block: nn.Module, streamer: _Streamer, unit: int) -> None:
-    """Install the unit's weights before the block runs and give them back after."""
-
-    def pre(_m: nn.Module, _args: Any) -> None:
-        streamer.acquire(unit)
-
-    def post(_m: nn.Module, _args: Any, _out: Any) -> None:
-        streamer.release(unit)
-
-    block.register_forward_pre_hook(pre)
-    block.register_forward_hook(post)
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str, str]:
+    """The module that holds ``key``, its attribute and whether a parameter or a buffer."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    kind = "param" if attr in owner._parameters else "buffer"
+    return owner, attr, kind
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

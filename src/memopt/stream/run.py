@@ -32,6 +32,7 @@ __all__ = [
     "run_measured",
 ]
 
+
 def prompt_token_count(model: str | Path, prompt: str | list[int], chat: bool = False) -> int:
     """Tokens of ``prompt`` for ``model``, reading its tokenizer only (no weights)."""
     if not isinstance(prompt, str):
@@ -100,8 +101,8 @@ def run(
     """
     budget = None if max_memory is None else parse_size(max_memory)
     # The tokenizer is needed before (encode) and after (decode), not while the model runs; a
-    # fast tokenizer of a 49k vocabulary holds ~30 MB (peak ~60 MB while loading), a fifth of a
-    # 135 MB budget. So: encode, free it, run on ids, decode with a fresh one.
+    # fast tokenizer of a large vocabulary holds a sizeable share of a small model's budget (more
+    # while loading). So: encode, free it, run on ids, decode with a fresh one.
     meta = build_meta(model)
     ids = prompt_ids(meta, prompt, chat)[0].tolist()  # (T,)
     eos = getattr(meta.tokenizer(), "eos_token_id", None) if isinstance(prompt, str) else None
@@ -176,8 +177,8 @@ def run_measured(
     """
     budget = None if max_memory is None else parse_size(max_memory)
     # The tokenizer runs here, in the calling process: the child gets token ids and returns token
-    # ids, so that its peak RSS is the model's run alone (a 49k-vocabulary fast tokenizer holds
-    # ~30 MB and peaks at ~60 MB while loading: more than a small model's whole budget).
+    # ids, so that its peak RSS is the model's run alone (a large vocabulary's fast tokenizer,
+    # while loading, can take more than a small model's whole budget).
     meta = build_meta(model)  # a missing or bad model fails here in one line
     ids = prompt_ids(meta, prompt, chat)[0].tolist()  # (T,)
     tok = meta.tokenizer() if isinstance(prompt, str) else None

@@ -1,41 +1,32 @@
 """Matmul kernels for quantized weights on CPU, chosen by measurement on the machine that runs them.
 
 Why several kernels and a chooser: the fastest path depends on the CPU's instruction set and the
-batch, not only on the format. Measured here (the development machine reports AVX-512 with BF16,
-VNNI and AMX, although DESIGN.md says AVX2 only: its "bf16 matmul 13.7 ms" is not what this one
-does), torch 2.13, 4096x4096 weight, batch 1, 2 threads, median of 50 after warm-up, quiet machine:
+batch, not only on the format; bench/matmul_kernels.py prints the timings of every candidate.
 
-    float32 F.linear                                   1.21 ms
-    torch._weight_int8pack_mm, float32 activations     5.06 ms   (the issue's "4x slower")
-    torch._weight_int8pack_mm, bfloat16 activations    0.44 ms   2.7x faster than float32
-    torch._int_mm int8 x int8 -> int32, M = 1          0.60 ms   (+ quantizing the activations)
-    bfloat16 F.linear / float16 F.linear               1.06 / 0.93 ms
-    _weight_int4pack_mm_for_cpu, bf16 / fp32 / fp16    0.46 / 13.4 / 23.1 ms
-
-So the int8 weight-only winner at batch 1 is the very ATen kernel that was 4x slower than float32:
-``torch._weight_int8pack_mm`` is only vectorised for reduced-precision activations, so we round the
-activations to bfloat16 (relative error 2^-9 per element, far below int8's own weight error: output
-cosine vs the float32 reference of the dequantized weight > 0.99999) and the per-channel scale is
-fused. At batch 128 that kernel loses (0.15-0.7x float32); a blocked int8 -> bfloat16 dequantize
-(exact: |q| <= 127 fits bf16's significand) + bf16 matmul, scale applied to the output, wins there
-(1.9-2.4x with 1 thread). bench/matmul_kernels.py prints the whole table. On a CPU without native bf16
-(AVX2 only) the ratios differ, which is why :func:`autotune` times the candidates once per (kernel
-family, shape, batch bucket, dtype, threads) and keeps the fastest. All candidates of a family
-compute the same function up to bf16 rounding of the activations; ``Int8Dynamic`` (per-token int8
-activations through ``torch._int_mm``) is a separate config because it changes the numerics.
+int8 weight-only at batch 1 (decode): ``torch._weight_int8pack_mm`` is only vectorised for
+reduced-precision activations (with float32 ones it is slower than a float32 ``F.linear``), so we
+round the activations to bfloat16 (relative error 2^-9 per element, far below int8's own weight
+error) and the per-channel scale is fused. Over many rows that kernel loses to a blocked int8 ->
+bfloat16 dequantize (exact: |q| <= 127 fits bf16's significand) + bf16 matmul, scale applied to
+the output. On a CPU without native bf16 (AVX2 only) the ratios differ, which is why
+:func:`autotune` times the candidates once per (kernel family, shape, batch bucket, dtype,
+threads) and keeps the fastest. All candidates of a family compute the same function up to bf16
+rounding of the activations; ``Int8Dynamic`` (per-token int8 activations through
+``torch._int_mm``) is a separate config because it changes the numerics.
 
 int4: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` takes bfloat16 activations (float32 and
-float16 run 30-50x slower: table above), scales and zeros as one bfloat16 ``(K/G, N, 2)`` tensor
+float16 ones take a slow path), scales and zeros as one bfloat16 ``(K/G, N, 2)`` tensor
 and the weight in its own row-interleaved layout (:func:`int4_block_n`). We keep the weight in that
 layout only (one copy, ``N * K / 2`` bytes); the canonical layout for disk is a cheap reshuffle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +38,7 @@ __all__ = [
     "INT8_KERNELS",
     "autotune",
     "chosen_kernels",
+    "default_kernels",
     "dequant_linear",
     "int4_block_n",
     "int8_dynamic_linear",
@@ -64,9 +56,9 @@ _CHOSEN: dict[tuple, str] = {}
 _FORCED_ENV = "MEMOPT_KERNEL"
 # Untimed (set under a streaming memory budget): a shape's first call takes the family's default
 # instead of timing every candidate. Timing costs memory, not only time: a bfloat16 matmul
-# candidate initializes oneDNN, +13 MB of RSS at its first call, never given back (measured on a
-# 1536x576 int4 weight), which is what a streamed SmolLM2 int4 run at an 80 MB budget peaked above
-# the plan by; and timing the 49152-row head's candidates took ~20 s of a 27 s run.
+# candidate initializes oneDNN, RSS at its first call that is never given back and that no streaming
+# plan counts, enough to push a small model's run over its budget; and timing the candidates of a
+# large vocabulary's output head takes a large share of a short run.
 _UNTIMED = False
 
 
@@ -85,6 +77,20 @@ def set_untimed(on: bool) -> bool:
     global _UNTIMED
     before, _UNTIMED = _UNTIMED, on
     return before
+
+
+@contextlib.contextmanager
+def default_kernels() -> Iterator[None]:
+    """Inside, every shape runs its family's default kernel, whatever was chosen before (by
+    timing, which may pick another valid kernel that rounds differently): reproducible outputs."""
+    before, saved = set_untimed(True), dict(_CHOSEN)
+    _CHOSEN.clear()
+    try:
+        yield
+    finally:
+        _CHOSEN.clear()
+        _CHOSEN.update(saved)
+        set_untimed(before)
 
 
 def autotune(
@@ -224,11 +230,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     if name is not None and _FORCED_ENV not in os.environ:  # the decode path: no closures
         return INT8_KERNELS[name](x, q, scale)
     # bfloat16 activations only for one row at a time (decode): over many rows (prefill, an
-    # encoder's tokens) their rounding compounds through the layers (minilm cosine_min 0.9933 with
-    # them vs 0.9992 without), and which kernel the timing picks must not change the model's quality
+    # encoder's tokens) their rounding compounds through the layers (an encoder's embedding cosine
+    # drops visibly), and which kernel the timing picks must not change the model's quality
     kernels = INT8_KERNELS if x.shape[0] == 1 else {_EXACT_INT8: INT8_KERNELS[_EXACT_INT8]}
     cands = {name: (lambda f=f: f(x, q, scale)) for name, f in kernels.items()}
-    return autotune(key, cands, default="int8pack_bf16")  # 2.7x float32 at decode (table above)
+    return autotune(key, cands, default="int8pack_bf16")  # the decode winner with native bf16
 
 
 def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

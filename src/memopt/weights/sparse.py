@@ -23,14 +23,13 @@ At 50 % unstructured sparsity a float32 weight takes ``1/8 + 2 = 2.125`` bytes a
 
 Inference reconstructs the dense weight of one layer at a time into a scratch buffer shared by all
 sparse layers (so RAM holds the sparse forms plus one layer's dense weight) and runs the ordinary
-float matmul. Measured on this machine (one thread; bench/prune.py prints it again), one 1536 x 576
-layer at 50 %, batch 1: dense matmul 0.12 ms, reconstruct (``np.unpackbits`` + ``np.flatnonzero`` +
-``scatter_``) + matmul 1.2 ms, torch's CSR matmul 0.66 ms. CSR is the faster kernel, but it needs
-its int64 column and row indices resident: 5.3 MB for this layer against 3.5 MB dense float32 and
-1.9 MB here, so it cannot be the form that is kept; building it from the bitmask at each call needs
-the same nonzero positions the reconstruction computes, and then some. Reconstruction is therefore
-the fastest way that keeps the bytes saved; it costs about 10x a batch-1 matmul (a whole model's
-one-token forward: 4-11x on this loaded machine), amortised over the tokens of longer inputs.
+float matmul (reconstruction is ``np.unpackbits`` + ``np.flatnonzero`` + ``scatter_``;
+bench/prune.py times it against the dense and CSR matmuls). torch's CSR matmul is the faster
+kernel, but it needs its int64 column and row indices resident: at 50 % its ``8 + 4`` bytes a
+nonzero come to more than the dense float32 weight, so it cannot be the form that is kept; building
+it from the bitmask at each call needs the same nonzero positions the reconstruction computes, and
+then some. Reconstruction is therefore the fastest way that keeps the bytes saved; it costs several
+batch-1 matmuls, amortised over the tokens of longer inputs.
 Unstructured pruning buys bytes here, not speed; structured pruning (memopt.prune.structured)
 buys both.
 
@@ -238,7 +237,7 @@ class SparseWeight(QuantizedWeight):
             return torch.empty(self.nnz, dtype=torch.long, device="meta")
         if self.layout == "bitmask":
             if self.mask.device.type == "cpu":
-                # numpy's unpack + flatnonzero: ~15x faster here than torch's nonzero on a bool
+                # numpy's unpack + flatnonzero: much faster than torch's nonzero on a bool
                 bits = np.unpackbits(self.mask.numpy(), count=n * k, bitorder="little")
                 return torch.from_numpy(np.flatnonzero(bits.view(bool)))
             shifts = torch.arange(8, device=self.mask.device, dtype=torch.uint8)
