@@ -238,7 +238,7 @@ def measure_job(model: str, variant: str, out: str, threads: int, rounds: int) -
 
 
 def bound_job() -> dict[str, Any]:
-    """In a child: only the imports that streamed quantization needs (the issue's baseline)."""
+    """In a child: the one import baseline (memopt.core.rss.import_baseline), nothing else."""
     from memopt.core.rss import import_baseline
 
     import_baseline()

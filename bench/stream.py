@@ -4,7 +4,7 @@ Three parts, each child-process measured (``memopt.core.rss.run_in_child``: peak
 child's import baseline):
 
 1. **load**: the same SmolLM2 float32 weights (538 MB) loaded by memopt's mapping
-   (``MappedSafetensors``), ``safetensors.torch.load_file``, and ``torch.load`` of a ``torch.save``
+   (``SafetensorsReader``), ``safetensors.torch.load_file``, and ``torch.load`` of a ``torch.save``
    file of the same tensors (bench only: memopt itself never unpickles), plain and ``mmap=True``.
    Load time, then RSS (anonymous = a copy; file = the page cache's pages, mapped) after the load
    and after reading every byte.

@@ -119,6 +119,21 @@ TINY_ARCHS = tuple(_tiny_configs())
 
 
 @pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A safetensors file of 4 × 8 MB float32 tensors and two small odd-sized ones (later offsets
+    are not 8-aligned), and the tensors it holds."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    tensors = {f"layers.{i}.weight": torch.randn(1024, 2048) for i in range(4)}  # 4 × 8 MB
+    tensors["norm.weight"] = torch.randn(7)
+    tensors["ids"] = torch.arange(5, dtype=torch.int64)
+    folder = tmp_path_factory.mktemp("weights")
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder, tensors
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """``tiny_folder("gpt2")`` → a Hugging Face folder (config.json + model.safetensors)."""
     from transformers import AutoModelForCausalLM

@@ -7,24 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import proc_status
 from memopt.core.pages import populate, release, span_of
 from memopt.formats.safetensors import SafetensorsReader
 
 MB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    torch.manual_seed(0)
-    tensors = {f"layers.{i}.weight": torch.randn(1024, 2048) for i in range(4)}  # 4 × 8 MB
-    tensors["norm.weight"] = torch.randn(7)  # odd sizes: later offsets are not 8-aligned
-    tensors["ids"] = torch.arange(5, dtype=torch.int64)
-    folder = tmp_path_factory.mktemp("pages")
-    save_file(tensors, str(folder / "model.safetensors"))
-    return folder, tensors
 
 
 def test_span_of_is_the_tensors_bytes() -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import proc_status
 from memopt.core.pages import span_of
@@ -16,17 +15,6 @@ from memopt.formats.safetensors import SafetensorsReader, SafetensorsWriter
 from memopt.models import SafetensorsSource
 
 MB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    torch.manual_seed(0)
-    tensors = {f"layers.{i}.weight": torch.randn(1024, 2048) for i in range(4)}  # 4 × 8 MB
-    tensors["norm.weight"] = torch.randn(7)  # odd sizes: later offsets are not 8-aligned
-    tensors["ids"] = torch.arange(5, dtype=torch.int64)
-    folder = tmp_path_factory.mktemp("mapped")
-    save_file(tensors, str(folder / "model.safetensors"))
-    return folder, tensors
 
 
 def test_values_and_metadata(weights: tuple[Path, dict[str, torch.Tensor]]) -> None:

@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
-        default="float32",
-        help="weight dtype; 16-bit keeps float32 master weights",
+        default=None,
+        help="weight dtype (default: the checkpoint's own); 16-bit keeps float32 master weights",
     )
     p.add_argument(
         "--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step"

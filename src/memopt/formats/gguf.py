@@ -42,6 +42,7 @@ from memopt.core.errors import MemoptError, one_line
 
 __all__ = [
     "GGUFSource",
+    "PRE_TOKENIZER_SPLITS",
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_TYPES",
     "convert_tokenizer",
@@ -294,7 +295,7 @@ def hf_name(gguf_name: str) -> str | None:
 # (rows, values_per_row) float32. Ours rather than gguf.quants.dequantize because it is faster:
 # gguf's numpy code makes several float32 temporaries per block. The arithmetic is
 # done in the same order as gguf's (q * d, then + m, in float32), so the values are bit-identical
-# to it (checked in tests/test_gguf_loader.py).
+# to it (checked in tests/formats/test_gguf.py).
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -685,10 +686,46 @@ def convert_tokenizer(path: str) -> dict[str, Any]:
     return {}
 
 
+# Bumped whenever the conversion changes what it writes: older cache entries are then not read.
+_TOKENIZER_CACHE_VERSION = 2
+
+# llama.cpp's pre-tokenizers (``tokenizer.ggml.pre``) as regex splits applied in order before the
+# byte-level BPE, as llama.cpp's llama-vocab.cpp lists them. transformers' GGUF conversion keeps
+# only the GPT-2 split, so the ids differ wherever the others split (SmolLM2: every digit alone).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
+    "gpt2": (_GPT2_SPLIT,),
+    "smollm": (r"\p{N}", _GPT2_SPLIT),
+    "starcoder": (r"\p{N}", _GPT2_SPLIT),
+    "refact": (r"\p{N}", _GPT2_SPLIT),
+}
+
+
 def _tokenizer_cache(path: Path) -> Path:
     real, size, mtime = _file_key(path)
-    key = hashlib.sha256(f"{real}\0{size}\0{mtime}".encode()).hexdigest()[:24]
-    return _cache_root() / key
+    key = f"{real}\0{size}\0{mtime}\0{_TOKENIZER_CACHE_VERSION}"
+    return _cache_root() / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _apply_pre_tokenizer(tok: Any, reader: Any, path: Path) -> None:
+    """Give the converted tokenizer the file's own pre-tokenizer (``tokenizer.ggml.pre``), so that
+    its ids are llama.cpp's. A byte-level BPE vocabulary only; others are left as converted."""
+    pre = _field(reader, "tokenizer.ggml.pre")
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2" or pre is None:
+        return
+    splits = PRE_TOKENIZER_SPLITS.get(str(pre))
+    if splits is None:
+        raise MemoptError(
+            f"{path}: pre-tokenizer {pre!r} is not supported (supported: "
+            f"{', '.join(PRE_TOKENIZER_SPLITS)})"
+        )
+    from tokenizers import Regex, pre_tokenizers
+
+    steps = [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits[:-1]]
+    # the last split is GPT-2's own: ByteLevel applies exactly that regex, then maps bytes
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
 
 
 def _convert(path: Path, cached: Path) -> Any:
@@ -704,6 +741,7 @@ def _convert(path: Path, cached: Path) -> Any:
         raise MemoptError(
             f"{path}: cannot build the tokenizer from GGUF ({one_line(exc)})"
         ) from None
+    _apply_pre_tokenizer(tok, reader, path)
     try:
         with staged_folder(cached, None) as tmp:
             tok.save_pretrained(str(tmp))

@@ -72,9 +72,8 @@ __all__ = [
 
 # RSS a streamed run adds beyond the tensors the plan counts: the tokenizer, Python objects of the
 # model and its hooks, page tables, the allocator's slack and the mapped file headers; set from
-# bench/stream.py's measurements, rounded up (and raised when the run's own overhead grew: the
-# layered package's first streamed run holds slightly more than the earlier one did).
-RESERVE_BYTES = 28 << 20
+# bench/stream.py's measurements, rounded up.
+RESERVE_BYTES = 24 << 20
 # A quantized model needs no more: what its first forward would add is the kernels timing their
 # candidates at first use (oneDNN's initialization), which they do not do under a budget
 # (memopt.weights.kernels._UNTIMED).

@@ -14,11 +14,10 @@ from memopt.step.checkpoint import checkpoint_blocks, select_blocks
 from memopt.step.precision import LossScaler, MasterWeights, autocast_context
 from memopt.step.trainer import Trainer
 from memopt.train.checkpoint import CheckpointChoice, choose_checkpointing
-from memopt.train.finetune import FINETUNE_ARGS, finetune
+from memopt.train.finetune import finetune
 from memopt.train.fsdp import check_against_single, launch, shard_model
 
 __all__ = [
-    "FINETUNE_ARGS",
     "LOOKUP_BYTES",
     "OPTIMIZER_KINDS",
     "AdamW8bit",

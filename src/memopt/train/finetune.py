@@ -26,24 +26,7 @@ import torch
 from memopt.core.atomic import atomic_write_text, save_figure
 from memopt.core.errors import MemoptError
 
-__all__ = ["FINETUNE_ARGS", "finetune", "loss_plot", "windows"]
-
-# The command line the lead's CLI exposes: flag -> (type, default, help).
-FINETUNE_ARGS: dict[str, tuple[type, Any, str]] = {
-    "--data": (str, None, "text file to fine-tune on (UTF-8)"),
-    "--out": (str, "finetune-out", "folder for checkpoints, loss.jsonl and loss.png"),
-    "--steps": (int, 50, "optimizer steps"),
-    "--batch": (int, 1, "sequences per micro-batch (per rank)"),
-    "--seq": (int, 128, "tokens per sequence"),
-    "--lr": (float, 1e-4, "learning rate"),
-    "--optimizer": (str, "adamw", "adamw, adamw8bit or sgd"),
-    "--checkpointing": (bool, False, "activation checkpointing of every block"),
-    "--dtype": (str, "float32", "float32, bfloat16 or float16 (16-bit: float32 master weights)"),
-    "--grad-accum": (int, 1, "micro-batches per optimizer step"),
-    "--ranks": (int, 1, "processes (FSDP2 sharding); launched by memopt itself"),
-    "--save-every": (int, 25, "checkpoint every N steps (and at the end)"),
-    "--resume": (bool, False, "continue from the checkpoint in --out"),
-}
+__all__ = ["finetune", "loss_plot", "windows"]
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -88,7 +71,7 @@ def finetune(
     lr: float = 1e-4,
     optimizer: str = "adamw",
     checkpointing: bool = False,
-    dtype: str = "float32",
+    dtype: str | None = None,
     grad_accum: int = 1,
     ranks: int = 1,
     save_every: int = 25,
@@ -103,11 +86,15 @@ def finetune(
     "checkpoint", "loss_log", "loss_plot", "spec"}``. ``resume=True`` continues from
     ``out_dir/checkpoint`` (same options; a missing checkpoint starts from step 0). ``stop_after``
     ends the run after that many steps of this call, as an interruption would (for tests), after
-    saving a checkpoint. Bad input raises :class:`MemoptError` with a one-line message.
+    saving a checkpoint. ``dtype`` None: the checkpoint's own (16-bit keeps float32 master
+    weights). Bad input raises :class:`MemoptError` with a one-line message.
     """
+    from memopt.formats.safetensors import dtype_name
+    from memopt.models import stored_dtype
     from memopt.step.step import StepSpec
 
     text = _check(data, steps, batch, seq, grad_accum, ranks)
+    dtype = dtype or dtype_name(stored_dtype(model))
     spec = StepSpec(
         task="train",
         batch=batch,
