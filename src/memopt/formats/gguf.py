@@ -42,7 +42,9 @@ from memopt.core.errors import MemoptError, one_line
 
 __all__ = [
     "GGUFSource",
+    "block_layout",
     "PRE_TOKENIZER_SPLITS",
+    "QUANTIZED_TYPES",
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_TYPES",
     "convert_tokenizer",
@@ -421,6 +423,17 @@ _KINDS: dict[str, _Kind] = {
 }
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 SUPPORTED_TYPES = tuple(_KINDS)
+QUANTIZED_TYPES = tuple(k for k in _KINDS if k not in _FLOATS)
+
+
+def block_layout(ggml_type: str) -> tuple[int, int]:
+    """``(values, bytes)`` of one block of a GGML type (a float type: one value a block)."""
+    kind = _KINDS.get(ggml_type)
+    if kind is None:
+        raise MemoptError(
+            f"GGML type {ggml_type} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
+        )
+    return kind.block_values, kind.block_bytes
 
 # Above this many blocks a tensor is dequantized in slices, to bound the temporaries.
 _CHUNK_BLOCKS = 1 << 18

@@ -1,8 +1,9 @@
-"""memopt.weights: every stored weight kind (int8, int4, int2/int3, sparse, cast), the modules that
+"""memopt.weights: every stored weight kind (int8, int4, int2/int3, sparse, cast, GGML blocks), the modules that
 run them, the kernels and the quantization primitives. Importing the package registers every kind,
 so that :func:`kind_of` finds any format a manifest names."""
 
 from memopt.weights.cast import boundary_of, cast_modules_, set_boundary
+from memopt.weights.ggml import GGMLWeight
 from memopt.weights.modules import MODULE_KINDS, QConv, QEmbedding, QLinear, QModule
 from memopt.weights.quantized import (
     Int4Weight,
@@ -20,6 +21,7 @@ from memopt.weights.sparse import SparseWeight
 
 __all__ = [
     "MODULE_KINDS",
+    "GGMLWeight",
     "Int4Weight",
     "Int8Weight",
     "IntNWeight",

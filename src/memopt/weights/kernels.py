@@ -40,6 +40,7 @@ __all__ = [
     "chosen_kernels",
     "default_kernels",
     "dequant_linear",
+    "ggml_linear",
     "int4_block_n",
     "int8_dynamic_linear",
     "int8_linear",
@@ -316,3 +317,19 @@ def int4_linear(
     if block_n is not None and x.device.type == "cpu":
         cands["int4_aten_bf16"] = lambda: _int4_aten(x, packed, group, sz)
     return autotune(key, cands, default="int4_aten_bf16")
+
+
+# ---- GGML blocks (GGUF's Q8_0, Q4_0, Q4_1, ...): (N, row_bytes) uint8 ----
+
+
+def ggml_linear(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    ggml_type: str,
+    n: int,
+    k: int,
+    dequant_rows: Callable[[int, int, torch.dtype], torch.Tensor],
+) -> torch.Tensor:
+    """``x (M, K) @ W.T`` for a weight held as GGML blocks: blocked dequantize + float32 matmul
+    (the dequantized rows are exactly llama.cpp's values)."""
+    return dequant_linear(x, dequant_rows, n, k, torch.float32, multiple=1)
