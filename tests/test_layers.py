@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("step",),
     ("measure",),
+    ("engine",),
     ("evaluate", "generate"),
     ("quant",),
     ("prune",),

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from memopt.core.errors import MemoptError
+from memopt.engine import engine_for
 from memopt.models import LoadedModel
 
 __all__ = ["generate", "prompt_ids"]
@@ -89,6 +90,7 @@ def generate(
     seed: int = 0,
     stop_at_eos: bool = True,
     warmup: bool = True,
+    engine: bool | None = None,
 ) -> dict[str, Any]:
     """Generate up to ``max_new_tokens`` after ``prompt`` (text, or token ids).
 
@@ -101,6 +103,11 @@ def generate(
     ``warmup``: first run the prompt and one decode step untimed, so that one-time costs (kernel
     autotuning per shape, allocator growth, lazy initialisation) stay out of ``prefill_s`` and
     ``tokens_per_s``; the tokens are the same either way.
+
+    ``engine``: run the tokens through memopt's decode engine (memopt.engine: one C call a token
+    over the model's own tensors) when it can run this model (None, the default), always (True: a
+    model it cannot run is an error) or never (False: transformers' forward). ``engine`` in the
+    result says which ran.
     """
     if loaded.task != "causal-lm":
         raise MemoptError(f"{loaded.name}: generation needs a causal language model")
@@ -119,6 +126,13 @@ def generate(
         probs = torch.softmax(logits.float() / temperature, -1)
         return int(torch.multinomial(probs, 1, generator=gen))
 
+    eng = None
+    if engine is not False:
+        eng = engine_for(model, loaded.config, int(ids.shape[1]) + max_new_tokens)
+        if eng is None and engine:
+            raise MemoptError(f"{loaded.name}: memopt's decode engine cannot run this model")
+    if eng is not None:
+        return _generate_engine(loaded, eng, ids[0].tolist(), max_new_tokens, pick, eos, warmup)
     cache_arg = _cache_arg(model)
     if warmup:
         out = model(input_ids=ids, use_cache=True)
@@ -137,6 +151,44 @@ def generate(
         cache = _cache_of(out)
         tokens.append(pick(out.logits[:, -1]))
     decode_s = time.perf_counter() - start
+    return _result(loaded, tokens, int(ids.shape[1]), prefill_s, decode_s, "transformers")
+
+
+def _generate_engine(
+    loaded: LoadedModel,
+    eng: Any,
+    ids: list[int],
+    max_new_tokens: int,
+    pick: Any,
+    eos: set[int],
+    warmup: bool,
+) -> dict[str, Any]:
+    """:func:`generate` through memopt's decode engine: the prompt one position at a time (each a
+    matrix-vector product per weight, as a decode step is), then the new tokens."""
+    if warmup:  # the library's first load and the weights' first page faults
+        for pos, tok in enumerate(ids[:2]):
+            eng.forward(tok, pos)
+    start = time.perf_counter()
+    for pos, tok in enumerate(ids):
+        logits = eng.forward(tok, pos)  # (V,)
+    tokens = [pick(logits[None])]
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+        logits = eng.forward(tokens[-1], len(ids) + len(tokens) - 1)
+        tokens.append(pick(logits[None]))
+    decode_s = time.perf_counter() - start
+    return _result(loaded, tokens, len(ids), prefill_s, decode_s, "memopt")
+
+
+def _result(
+    loaded: LoadedModel,
+    tokens: list[int],
+    prompt: int,
+    prefill_s: float,
+    decode_s: float,
+    engine: str,
+) -> dict[str, Any]:
     try:
         text = loaded.tokenizer().decode(tokens, skip_special_tokens=True)
     except MemoptError:
@@ -144,8 +196,9 @@ def generate(
     return {
         "text": text,
         "tokens": tokens,
-        "prompt_tokens": int(ids.shape[1]),
+        "prompt_tokens": prompt,
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "tokens_per_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else None,
+        "engine": engine,
     }

@@ -10,10 +10,8 @@ own 16 read / 12 written. The math is the eager path's, element for element; the
 lookup uses the same 2^17-entry tables (:class:`memopt.step.adamw8bit._Lookup`), so codes are
 exactly the nearest map values.
 
-The source is compiled once per machine into a shared library cached under
-``$XDG_CACHE_HOME/memopt`` (``~/.cache/memopt``), keyed by a hash of the source and the flags, and
-loaded with :mod:`ctypes`; no PyTorch headers, so the build takes well under a second. When no
-compiler works, :func:`load` returns None and AdamW8bit keeps its eager path (set
+The source is compiled once per machine (memopt.core.cbuild) and loaded with :mod:`ctypes`. When
+no compiler works, :func:`load` returns None and AdamW8bit keeps its eager path (set
 ``MEMOPT_KERNELS=0`` to force that). ctypes releases the GIL during a call, so the blocks of a
 large parameter are split over ``torch.get_num_threads()`` Python threads.
 """
@@ -21,19 +19,12 @@ large parameter are split over ``torch.get_num_threads()`` Python threads.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from memopt.core.atomic import atomic_path
+from memopt.core.cbuild import compile_library, kernels_enabled
 
 __all__ = ["DTYPE_CODES", "load", "run"]
 
@@ -124,37 +115,10 @@ _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 _pool: ThreadPoolExecutor | None = None
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "memopt"
-
-
 def _build() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
+    lib = compile_library("adamw8bit", _SOURCE, _FLAGS, ["-lm"])
+    if lib is None:
         return None
-    # -march=native code only runs on this kind of CPU: the key includes the host's CPU flags.
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln for ln in f if ln.startswith("flags")), "")
-    key = hashlib.sha256("\0".join([_SOURCE, cc, *_FLAGS, cpu, sys.platform]).encode()).hexdigest()
-    target = _cache_dir() / f"adamw8bit-{key[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "adamw8bit.c"
-            src.write_text(_SOURCE)
-            out = Path(tmp) / "adamw8bit.so"
-            done = subprocess.run(
-                [cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True
-            )
-            if done.returncode != 0:
-                return None
-            # through a temporary name: another process never sees a half-written library
-            with atomic_path(target) as part:
-                shutil.copyfile(out, part)
-    lib = ctypes.CDLL(str(target))
     fn = lib.adamw8bit_blocks
     vp, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     fn.argtypes = [vp, i32, vp, i32, vp, vp, vp, vp, i64, i64, i64, i64]
@@ -166,14 +130,11 @@ def _build() -> ctypes.CDLL | None:
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (no compiler, a failed build, ``MEMOPT_KERNELS=0``)."""
     global _lib
-    if os.environ.get("MEMOPT_KERNELS", "1") == "0":
+    if not kernels_enabled():
         return None
     with _lock:
         if _lib is False:
-            try:
-                _lib = _build()
-            except OSError:  # a cache folder that cannot be written, a library that cannot load
-                _lib = None
+            _lib = _build()
         return _lib or None
 
 

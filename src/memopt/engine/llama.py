@@ -1,0 +1,255 @@
+"""The decode engine for Llama-family models: memopt's weights as they are, one C call a token.
+
+:func:`engine_for` looks at a loaded causal LM and, when the engine can run it (a Llama, Mistral
+or Qwen2 architecture from transformers; every projection float32, GGUF blocks Q4_0/Q4_1/Q8_0,
+memopt int8 or memopt int4 in the CPU kernel's layout), returns an :class:`Engine` that points at
+the model's own tensors: no weight is copied or converted. Anything else returns None, and the
+caller keeps transformers' forward. The KV cache is the engine's own: two float32 tensors
+``(layers, positions, kv_heads * head_dim)``, allocated for the positions asked for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt.core.cbuild import compile_library
+from memopt.core.errors import MemoptError
+from memopt.engine.source import SOURCE
+from memopt.weights.ggml import GGMLWeight
+from memopt.weights.modules import QEmbedding, QLinear
+from memopt.weights.quantized import Int4Weight, Int8Weight
+
+__all__ = ["ARCHITECTURES", "Engine", "engine_for", "library"]
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
+_KIND = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "I8": 100, "I4": 101}
+
+_lock = threading.Lock()
+_lib: Any = False  # False: not built yet; None: cannot be built here
+
+
+class _QMat(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("group", ctypes.c_int32),
+        ("block_n", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("data", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(n, _QMat) for n in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")] + [
+        ("attn_norm", ctypes.c_void_p),
+        ("ffn_norm", ctypes.c_void_p),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("dim", ctypes.c_int32),
+        ("hidden", ctypes.c_int32),
+        ("n_layers", ctypes.c_int32),
+        ("n_heads", ctypes.c_int32),
+        ("n_kv_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("vocab", ctypes.c_int32),
+        ("max_seq", ctypes.c_int32),
+        ("eps", ctypes.c_float),
+        ("attn_scale", ctypes.c_float),
+        ("inv_freq", ctypes.c_void_p),
+        ("rope_scale", ctypes.c_float),
+        ("pad", ctypes.c_int32),
+        ("layers", ctypes.POINTER(_Layer)),
+        ("embed", _QMat),
+        ("final_norm", ctypes.c_void_p),
+        ("head", _QMat),
+    ]
+
+
+def library() -> Any:
+    """The compiled engine (ctypes), or None where it cannot be built (no C compiler, no OpenMP,
+    ``MEMOPT_KERNELS=0``)."""
+    global _lib
+    with _lock:
+        if _lib is False:
+            lib = compile_library("engine", SOURCE, _FLAGS, ["-lm"])
+            if lib is not None:
+                lib.memopt_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_int32,
+                                               ctypes.c_int32] + [ctypes.c_void_p] * 4 + [
+                                               ctypes.c_int32]  # fmt: skip
+                lib.memopt_forward.restype = ctypes.c_int
+                lib.memopt_scratch_floats.argtypes = [ctypes.POINTER(_Model)]
+                lib.memopt_scratch_floats.restype = ctypes.c_int64
+            _lib = lib
+        return _lib
+
+
+class _Unsupported(Exception):
+    """The model has a part the engine cannot run (the caller falls back to transformers)."""
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` when the engine can point at it: real memory on the CPU, contiguous."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise _Unsupported(f"a tensor on {t.device} or not contiguous")
+    return t
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype != torch.float32:
+        raise _Unsupported(f"a {t.dtype} tensor")
+    return _cpu(t)
+
+
+def _qmat(module: nn.Module, keep: list[torch.Tensor]) -> _QMat:
+    """The engine's view of one projection (or embedding), without copying its weight."""
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        keep.append(_f32(bias.detach()))
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        w = _f32(module.weight.detach())
+        keep.append(w)
+        return _QMat(_KIND["F32"], 0, 0, 0, w.shape[0], w.shape[1], w.data_ptr(), None, _ptr(bias))
+    if not isinstance(module, (QLinear, QEmbedding)):
+        raise _Unsupported(type(module).__name__)
+    if isinstance(module, QLinear) and module.dynamic:
+        raise _Unsupported("int8 dynamic activations")
+    qw = module.qweight
+    n, k = qw.shape
+    if isinstance(qw, GGMLWeight) and qw.ggml_type in ("Q4_0", "Q4_1", "Q8_0"):
+        keep.append(_cpu(qw.blocks))
+        return _QMat(_KIND[qw.ggml_type], 32, 0, 0, n, k, qw.blocks.data_ptr(), None, _ptr(bias))
+    if isinstance(qw, Int8Weight):
+        g = qw.group_size or 0
+        scale = _f32(qw.scale)
+        keep += [_cpu(qw.qdata), scale]
+        return _QMat(_KIND["I8"], g, 0, 0, n, k, qw.qdata.data_ptr(), scale.data_ptr(), _ptr(bias))
+    if isinstance(qw, Int4Weight):
+        if qw.block_n and (qw.block_n > 128 or n % qw.block_n):
+            raise _Unsupported(f"int4 rows in blocks of {qw.block_n}")
+        keep += [_cpu(qw.packed), _cpu(qw.scale_zero)]
+        return _QMat(_KIND["I4"], qw.group_size, qw.block_n or 0, 0, n, k, qw.packed.data_ptr(),
+                     qw.scale_zero.data_ptr(), _ptr(bias))  # fmt: skip
+    raise _Unsupported(f"{type(qw).__name__} weights")
+
+
+@dataclass
+class Engine:
+    """A model ready for the C decode engine, its KV cache sized for ``max_seq`` positions."""
+
+    model: _Model
+    layers: Any  # the ctypes array the model points to (kept alive)
+    keep: list[torch.Tensor]  # every tensor the model points to (kept alive)
+    vocab: int
+    max_seq: int
+    kv_dim: int
+    n_layers: int
+
+    def __post_init__(self) -> None:
+        lib = library()
+        shape = (self.n_layers, self.max_seq, self.kv_dim)
+        self.k_cache = torch.zeros(shape)  # (L, T, kv_heads * head_dim)
+        self.v_cache = torch.zeros(shape)
+        self.scratch = torch.empty(lib.memopt_scratch_floats(ctypes.byref(self.model)))
+        self.logits = torch.empty(self.vocab)
+        self._lib = lib
+
+    @property
+    def cache_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * 4
+
+    def forward(self, token: int, pos: int, threads: int | None = None) -> torch.Tensor:
+        """Logits ``(vocab,)`` of ``token`` at position ``pos`` (positions ``< pos`` are in the
+        cache). The returned tensor is overwritten by the next call."""
+        nt = threads or torch.get_num_threads()
+        rc = self._lib.memopt_forward(
+            ctypes.byref(self.model), int(token), int(pos), self.logits.data_ptr(),
+            self.k_cache.data_ptr(), self.v_cache.data_ptr(), self.scratch.data_ptr(), nt,
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoptError(f"engine: token {token} at position {pos} is out of range")
+        return self.logits
+
+
+def engine_for(model: nn.Module, config: Any, max_seq: int) -> Engine | None:
+    """An :class:`Engine` over ``model``'s own tensors for ``max_seq`` positions, or None when
+    the engine cannot run this model (then use transformers' forward)."""
+    if library() is None:
+        return None
+    try:
+        return _build(model, config, max_seq)
+    except _Unsupported:
+        return None
+
+
+def _build(model: nn.Module, config: Any, max_seq: int) -> Engine:
+    archs = getattr(config, "architectures", None) or []
+    if not any(a in ARCHITECTURES for a in archs) or getattr(config, "model_type", "") not in (
+        "llama", "mistral", "qwen2",
+    ):  # fmt: skip
+        raise _Unsupported(f"architecture {archs}")
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
+        raise _Unsupported("MLP")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", False):
+        raise _Unsupported("sliding window attention")
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if base is None or layers is None:
+        raise _Unsupported("layout")
+    keep: list[torch.Tensor] = []
+    arr = (_Layer * len(layers))()
+    for i, layer in enumerate(layers):
+        att, mlp = layer.self_attn, layer.mlp
+        if (
+            getattr(att, "o_proj", None) is not None
+            and getattr(att.o_proj, "bias", None) is not None
+        ):
+            raise _Unsupported("o_proj bias")
+        arr[i] = _Layer(
+            _qmat(att.q_proj, keep), _qmat(att.k_proj, keep), _qmat(att.v_proj, keep),
+            _qmat(att.o_proj, keep), _qmat(mlp.gate_proj, keep), _qmat(mlp.up_proj, keep),
+            _qmat(mlp.down_proj, keep),
+            _f32(layer.input_layernorm.weight.detach()).data_ptr(),
+            _f32(layer.post_attention_layernorm.weight.detach()).data_ptr(),
+        )  # fmt: skip
+        keep += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    rotary = getattr(base, "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None or inv_freq.numel() != head_dim // 2:
+        raise _Unsupported("rotary embedding")
+    inv_freq = _f32(inv_freq.detach().float().contiguous())
+    keep.append(inv_freq)
+    head = model.get_output_embeddings()
+    embed = base.embed_tokens
+    if isinstance(embed, nn.Embedding) and embed.padding_idx is not None:
+        pass  # the padding row is a row like any other at inference
+    eps = float(getattr(layers[0].input_layernorm, "variance_epsilon", None) or config.rms_norm_eps)
+    m = _Model(
+        int(config.hidden_size), int(config.intermediate_size), len(layers), heads, kv_heads,
+        head_dim, int(config.vocab_size), int(max_seq), eps, head_dim**-0.5,
+        inv_freq.data_ptr(), float(getattr(rotary, "attention_scaling", 1.0)), 0, arr,
+        _qmat(embed, keep), _f32(base.norm.weight.detach()).data_ptr(), _qmat(head, keep),
+    )  # fmt: skip
+    keep.append(base.norm.weight)
+    return Engine(m, arr, keep, int(config.vocab_size), int(max_seq), kv_heads * head_dim,
+                  len(layers))  # fmt: skip

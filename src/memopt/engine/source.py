@@ -1,0 +1,491 @@
+"""The C source of memopt's decode engine (compiled on first use by memopt.core.cbuild).
+
+One call computes one token of a Llama-family decoder (Llama, Mistral, Qwen2: RMSNorm, rotary
+attention with grouped KV heads, SiLU-gated MLP) from its weights as they are held in memory:
+float32, GGUF blocks (Q4_0, Q4_1, Q8_0), memopt int8 (per channel or grouped) and memopt int4 (the
+CPU kernel's row-interleaved layout). The whole token runs inside one OpenMP parallel region:
+matrix-vector products split their rows over the threads, attention its heads, and the small
+elementwise steps run on one thread between barriers. Why C: at batch 1 a small model's token is
+hundreds of short operations, and the time between them (Python, dispatch, allocation) is as long
+as their work; here there is none.
+
+Matrix-vector products compute in float32 from the stored codes: the values multiplied are exactly
+the dequantized weights (memopt.formats.gguf / memopt.weights), only the order of the sums differs
+from a float matmul.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SOURCE"]
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MEMOPT_AVX512 1
+#endif
+
+enum { W_F32 = 0, W_Q4_0 = 2, W_Q4_1 = 3, W_Q8_0 = 8, W_I8 = 100, W_I4 = 101 };
+
+typedef struct {
+    int32_t kind;
+    int32_t group;    /* int8: inputs per scale (0: per channel); int4: group size */
+    int32_t block_n;  /* int4: rows per interleaved block (0: codes along K) */
+    int32_t pad;
+    int64_t n, k;
+    const void *data;   /* f32 (N, K) | GGML blocks (N, row_bytes) | int8 (N, K) | int4 packed */
+    const void *scale;  /* int8: float (N, K / group) | int4: bf16 (K / G, N, 2) scale, zero */
+    const float *bias;  /* (N,) or NULL */
+} qmat;
+
+typedef struct {
+    qmat wq, wk, wv, wo, wg, wu, wd;
+    const float *attn_norm, *ffn_norm;  /* (dim,) */
+} layer_t;
+
+typedef struct {
+    int32_t dim, hidden, n_layers, n_heads, n_kv_heads, head_dim, vocab, max_seq;
+    float eps, attn_scale;
+    const float *inv_freq;  /* (head_dim / 2,) rotary frequencies, scaling already applied */
+    float rope_scale;       /* multiplies cos and sin (transformers' attention_scaling) */
+    int32_t pad;
+    const layer_t *layers;
+    qmat embed;             /* rows are looked up */
+    const float *final_norm;
+    qmat head;
+} model_t;
+
+/* ---- helpers ---- */
+
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else {  /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            man &= 0x3FF;
+            bits = sign | (exp << 23) | (man << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7F800000 | (man << 13);
+    else bits = sign | ((exp - 15 + 127) << 23) | (man << 13);
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16; float f; memcpy(&f, &bits, 4); return f;
+}
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+#ifdef MEMOPT_AVX512
+static inline __m512 cvt_u8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+static inline __m512 cvt_i8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+#endif
+
+/* ---- one row of each kind: dot(W[row], x) ---- */
+
+static float dot_f32(const float *w, const float *x, int64_t k) {
+    int64_t i = 0; float s = 0.f;
+#ifdef MEMOPT_AVX512
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= k; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+    for (; i < k; i++) s += w[i] * x[i];
+    return s;
+}
+
+/* Q4_0 block (18 bytes): d f16 | 16 bytes; value (q - 8) * d. xs[b]: sum of x over block b. */
+static float dot_q4_0(const uint8_t *row, const float *x, const float *xs, int64_t nb) {
+    float tail = 0.f;
+#ifdef MEMOPT_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 18;
+        float d = f16_to_f32(rd16(blk));
+        __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
+        __m512 t = _mm512_mul_ps(cvt_u8x16(_mm_and_si128(raw, m4)), _mm512_loadu_ps(x + b * 32));
+        t = _mm512_fmadd_ps(cvt_u8x16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4)),
+                            _mm512_loadu_ps(x + b * 32 + 16), t);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), t, acc);
+        tail -= 8.f * d * xs[b];
+    }
+    return _mm512_reduce_add_ps(acc) + tail;
+#else
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 18; float d = f16_to_f32(rd16(blk)), s = 0.f;
+        for (int j = 0; j < 16; j++)
+            s += (blk[2 + j] & 0x0F) * x[b * 32 + j] + (blk[2 + j] >> 4) * x[b * 32 + 16 + j];
+        tail += d * (s - 8.f * xs[b]);
+    }
+    return tail;
+#endif
+}
+
+/* Q4_1 block (20 bytes): d f16 | m f16 | 16 bytes; value q * d + m. */
+static float dot_q4_1(const uint8_t *row, const float *x, const float *xs, int64_t nb) {
+    float tail = 0.f;
+#ifdef MEMOPT_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 20;
+        float d = f16_to_f32(rd16(blk)), m = f16_to_f32(rd16(blk + 2));
+        __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 4));
+        __m512 t = _mm512_mul_ps(cvt_u8x16(_mm_and_si128(raw, m4)), _mm512_loadu_ps(x + b * 32));
+        t = _mm512_fmadd_ps(cvt_u8x16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4)),
+                            _mm512_loadu_ps(x + b * 32 + 16), t);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), t, acc);
+        tail += m * xs[b];
+    }
+    return _mm512_reduce_add_ps(acc) + tail;
+#else
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 20;
+        float d = f16_to_f32(rd16(blk)), m = f16_to_f32(rd16(blk + 2)), s = 0.f;
+        for (int j = 0; j < 16; j++)
+            s += (blk[4 + j] & 0x0F) * x[b * 32 + j] + (blk[4 + j] >> 4) * x[b * 32 + 16 + j];
+        tail += d * s + m * xs[b];
+    }
+    return tail;
+#endif
+}
+
+/* Q8_0 block (34 bytes): d f16 | 32 x int8; value q * d. */
+static float dot_q8_0(const uint8_t *row, const float *x, int64_t nb) {
+#ifdef MEMOPT_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 34;
+        float d = f16_to_f32(rd16(blk));
+        __m512 t = _mm512_mul_ps(cvt_i8x16(_mm_loadu_si128((const __m128i *)(blk + 2))),
+                                 _mm512_loadu_ps(x + b * 32));
+        t = _mm512_fmadd_ps(cvt_i8x16(_mm_loadu_si128((const __m128i *)(blk + 18))),
+                            _mm512_loadu_ps(x + b * 32 + 16), t);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), t, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float out = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 34; float d = f16_to_f32(rd16(blk)), s = 0.f;
+        for (int j = 0; j < 32; j++) s += (float)(int8_t)blk[2 + j] * x[b * 32 + j];
+        out += d * s;
+    }
+    return out;
+#endif
+}
+
+/* memopt int8: q (K,) int8 of one row, scales (K / g,) float (g = K: one per channel). */
+static float dot_i8(const int8_t *q, const float *scale, const float *x, int64_t k, int64_t g) {
+    float out = 0.f;
+    for (int64_t g0 = 0; g0 < k; g0 += g) {
+        int64_t i = g0, end = g0 + g; float s = 0.f;
+#ifdef MEMOPT_AVX512
+        __m512 a = _mm512_setzero_ps();
+        for (; i + 16 <= end; i += 16)
+            a = _mm512_fmadd_ps(cvt_i8x16(_mm_loadu_si128((const __m128i *)(q + i))),
+                                _mm512_loadu_ps(x + i), a);
+        s = _mm512_reduce_add_ps(a);
+#endif
+        for (; i < end; i++) s += (float)q[i] * x[i];
+        out += s * scale[g0 / g];
+    }
+    return out;
+}
+
+/* ---- matrix-vector products, rows split over the team of the enclosing parallel region ---- */
+
+static void block_sums(const float *x, int64_t k, float *xs) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        float s = 0.f;
+        for (int j = 0; j < 32; j++) s += x[b * 32 + j];
+        xs[b] = s;
+    }
+}
+
+/* memopt int4, interleaved: packed (N / B, K, B / 2) bytes, byte i of (rb, k) holds row rb*B + i
+   (low nibble) and row rb*B + i + B/2 (high nibble); value (c - 8) * scale + zero per group of
+   G inputs; scale_zero (K / G, N, 2) bf16. Rows rb*B .. rb*B + B - 1 are computed together. */
+static void rows_i4(const qmat *w, const float *x, float *y, int64_t rb) {
+    const int64_t k = w->k, n = w->n, B = w->block_n, G = w->group, h = B / 2;
+    const uint8_t *p = (const uint8_t *)w->data + rb * k * h;
+    const uint16_t *sz = (const uint16_t *)w->scale;
+    float acc[128], gacc[128];
+    for (int64_t i = 0; i < B; i++) acc[i] = 0.f;
+    for (int64_t g0 = 0; g0 < k; g0 += G) {
+        float sx = 0.f;
+        for (int64_t i = 0; i < B; i++) gacc[i] = 0.f;
+        for (int64_t kk = g0; kk < g0 + G; kk++) {
+            const uint8_t *bytes = p + kk * h;
+            float xk = x[kk];
+            sx += xk;
+            int64_t i = 0;
+#ifdef MEMOPT_AVX512
+            __m512 vx = _mm512_set1_ps(xk);
+            const __m128i m4 = _mm_set1_epi8(0x0F);
+            for (; i + 16 <= h; i += 16) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)(bytes + i));
+                __m512 lo = cvt_u8x16(_mm_and_si128(raw, m4));
+                __m512 hi = cvt_u8x16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
+                _mm512_storeu_ps(gacc + i, _mm512_fmadd_ps(lo, vx, _mm512_loadu_ps(gacc + i)));
+                _mm512_storeu_ps(gacc + h + i,
+                                 _mm512_fmadd_ps(hi, vx, _mm512_loadu_ps(gacc + h + i)));
+            }
+#endif
+            for (; i < h; i++) {
+                gacc[i] += (bytes[i] & 0x0F) * xk;
+                gacc[h + i] += (bytes[i] >> 4) * xk;
+            }
+        }
+        const uint16_t *gs = sz + (g0 / G) * n * 2;
+        for (int64_t i = 0; i < B; i++) {
+            int64_t r = rb * B + i;
+            float s = bf16_to_f32(gs[r * 2]), z = bf16_to_f32(gs[r * 2 + 1]);
+            acc[i] += s * (gacc[i] - 8.f * sx) + z * sx;
+        }
+    }
+    for (int64_t i = 0; i < B; i++) y[rb * B + i] = acc[i];
+}
+
+/* memopt int4 along K (block_n 0): packed (N, K / 2), code 2j low nibble, 2j+1 high nibble. */
+static float dot_i4k(const qmat *w, const float *x, int64_t r) {
+    const int64_t k = w->k, n = w->n, G = w->group;
+    const uint8_t *p = (const uint8_t *)w->data + r * (k / 2);
+    const uint16_t *sz = (const uint16_t *)w->scale;
+    float out = 0.f;
+    for (int64_t g0 = 0; g0 < k; g0 += G) {
+        float s = 0.f, sx = 0.f;
+        for (int64_t kk = g0; kk < g0 + G; kk += 2) {
+            uint8_t byte = p[kk / 2];
+            s += (byte & 0x0F) * x[kk] + (byte >> 4) * x[kk + 1];
+            sx += x[kk] + x[kk + 1];
+        }
+        const uint16_t *gs = sz + ((g0 / G) * n + r) * 2;
+        out += bf16_to_f32(gs[0]) * (s - 8.f * sx) + bf16_to_f32(gs[1]) * sx;
+    }
+    return out;
+}
+
+/* y = W x (+ bias). Call from inside a parallel region (all threads): rows are shared out. xs:
+   scratch for block sums (K / 32 floats), filled here by one thread. */
+static void matvec(const qmat *w, const float *x, float *y, float *xs) {
+    const int64_t n = w->n, k = w->k;
+    if (w->kind == W_Q4_0 || w->kind == W_Q4_1) {
+#pragma omp single
+        block_sums(x, k, xs);
+    }
+    switch (w->kind) {
+    case W_F32: {
+        const float *d = (const float *)w->data;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] = dot_f32(d + r * k, x, k);
+        break;
+    }
+    case W_Q4_0: {
+        const uint8_t *d = (const uint8_t *)w->data; const int64_t rb = k / 32 * 18;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] = dot_q4_0(d + r * rb, x, xs, k / 32);
+        break;
+    }
+    case W_Q4_1: {
+        const uint8_t *d = (const uint8_t *)w->data; const int64_t rb = k / 32 * 20;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] = dot_q4_1(d + r * rb, x, xs, k / 32);
+        break;
+    }
+    case W_Q8_0: {
+        const uint8_t *d = (const uint8_t *)w->data; const int64_t rb = k / 32 * 34;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] = dot_q8_0(d + r * rb, x, k / 32);
+        break;
+    }
+    case W_I8: {
+        const int8_t *q = (const int8_t *)w->data; const float *s = (const float *)w->scale;
+        const int64_t g = w->group ? w->group : k;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] = dot_i8(q + r * k, s + r * (k / g), x, k, g);
+        break;
+    }
+    case W_I4: {
+        if (w->block_n) {
+#pragma omp for schedule(static)
+            for (int64_t rb = 0; rb < n / w->block_n; rb++) rows_i4(w, x, y, rb);
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < n; r++) y[r] = dot_i4k(w, x, r);
+        }
+        break;
+    }
+    }
+    if (w->bias) {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] += w->bias[r];
+    }
+}
+
+/* one row of an embedding, dequantized into out (K,) */
+static void embed_row(const qmat *w, int64_t r, float *out) {
+    const int64_t k = w->k;
+    switch (w->kind) {
+    case W_F32: memcpy(out, (const float *)w->data + r * k, k * 4); break;
+    case W_Q8_0: {
+        const uint8_t *row = (const uint8_t *)w->data + r * (k / 32 * 34);
+        for (int64_t b = 0; b < k / 32; b++) {
+            float d = f16_to_f32(rd16(row + b * 34));
+            for (int j = 0; j < 32; j++) out[b * 32 + j] = (float)(int8_t)row[b * 34 + 2 + j] * d;
+        }
+        break;
+    }
+    case W_Q4_0: case W_Q4_1: {
+        int q41 = w->kind == W_Q4_1; int64_t bb = q41 ? 20 : 18;
+        const uint8_t *row = (const uint8_t *)w->data + r * (k / 32 * bb);
+        for (int64_t b = 0; b < k / 32; b++) {
+            const uint8_t *blk = row + b * bb;
+            float d = f16_to_f32(rd16(blk)), m = q41 ? f16_to_f32(rd16(blk + 2)) : 0.f;
+            const uint8_t *qs = blk + (q41 ? 4 : 2);
+            for (int j = 0; j < 16; j++) {
+                out[b * 32 + j] = q41 ? (qs[j] & 0x0F) * d + m : ((qs[j] & 0x0F) - 8) * d;
+                out[b * 32 + 16 + j] = q41 ? (qs[j] >> 4) * d + m : ((qs[j] >> 4) - 8) * d;
+            }
+        }
+        break;
+    }
+    case W_I8: {
+        const int8_t *q = (const int8_t *)w->data + r * k; const int64_t g = w->group ? w->group : k;
+        const float *s = (const float *)w->scale + r * (k / g);
+        for (int64_t i = 0; i < k; i++) out[i] = (float)q[i] * s[i / g];
+        break;
+    }
+    case W_I4: {  /* interleaved (rows_i4) or along K (dot_i4k) */
+        const int64_t B = w->block_n, h = B / 2, i = B ? r % B : 0, G = w->group, n = w->n;
+        const uint8_t *p = B ? (const uint8_t *)w->data + (r / B) * k * h + (i % h)
+                             : (const uint8_t *)w->data + r * (k / 2);
+        const uint16_t *sz = (const uint16_t *)w->scale;
+        for (int64_t kk = 0; kk < k; kk++) {
+            uint8_t byte = B ? p[kk * h] : p[kk / 2];
+            int c = B ? (i >= h ? byte >> 4 : byte & 0x0F) : (kk & 1 ? byte >> 4 : byte & 0x0F);
+            const uint16_t *gs = sz + ((kk / G) * n + r) * 2;
+            out[kk] = (c - 8) * bf16_to_f32(gs[0]) + bf16_to_f32(gs[1]);
+        }
+        break;
+    }
+    }
+}
+
+static void rmsnorm(const float *x, const float *w, float *out, int64_t n, float eps) {
+    double ss = 0.0;  /* float32 in transformers; a double sum only changes the last bits */
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+/* rotate-half rotary embedding (Hugging Face row order) of n_heads heads of head_dim */
+static void rope(float *v, int n_heads, int head_dim, const float *cs, const float *sn) {
+    int half = head_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *q = v + h * head_dim;
+        for (int i = 0; i < half; i++) {
+            float a = q[i], b = q[i + half];
+            q[i] = a * cs[i] - b * sn[i];
+            q[i + half] = b * cs[i] + a * sn[i];
+        }
+    }
+}
+
+/* Scratch (floats): x dim | xb dim | q n_heads*hd | k,v kvd | att n_heads*max_seq | hb, hb2
+   hidden | xs max(dim, hidden)/32 + 1 | cos, sin head_dim/2 | ab n_heads*hd */
+int64_t memopt_scratch_floats(const model_t *m) {
+    int64_t kvd = (int64_t)m->n_kv_heads * m->head_dim, qd = (int64_t)m->n_heads * m->head_dim;
+    int64_t big = m->dim > m->hidden ? m->dim : m->hidden;
+    return 2 * m->dim + qd + 2 * kvd + (int64_t)m->n_heads * m->max_seq + 2 * m->hidden +
+           big / 32 + 1 + m->head_dim + qd + (qd > m->dim ? qd : m->dim);
+}
+
+/* One token at position pos: logits (vocab,) from the caches of positions < pos, which it
+   extends with this token's K and V. kc, vc: (n_layers, max_seq, n_kv_heads * head_dim). */
+int memopt_forward(const model_t *m, int32_t token, int32_t pos, float *logits, float *kc,
+                   float *vc, float *scratch, int32_t threads) {
+    if (pos < 0 || pos >= m->max_seq || token < 0 || token >= m->vocab) return 1;
+    const int dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads;
+    const int64_t kvd = (int64_t)nkv * hd, qd = (int64_t)nh * hd;
+    const int big = m->dim > m->hidden ? m->dim : m->hidden;
+    float *x = scratch, *xb = x + dim, *q = xb + dim, *k = q + qd, *v = k + kvd;
+    float *att = v + kvd, *hb = att + (int64_t)nh * m->max_seq, *hb2 = hb + m->hidden;
+    float *xs = hb2 + m->hidden, *cs = xs + big / 32 + 1, *sn = cs + hd / 2, *ab = sn + hd / 2;
+    float *tmp = ab + qd;
+    const int group = nh / nkv;
+    embed_row(&m->embed, token, x);
+    for (int i = 0; i < hd / 2; i++) {
+        float f = pos * m->inv_freq[i];
+        cs[i] = cosf(f) * m->rope_scale; sn[i] = sinf(f) * m->rope_scale;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        for (int l = 0; l < m->n_layers; l++) {
+            const layer_t *L = &m->layers[l];
+            float *kl = kc + (int64_t)l * m->max_seq * kvd, *vl = vc + (int64_t)l * m->max_seq * kvd;
+#pragma omp single
+            rmsnorm(x, L->attn_norm, xb, dim, m->eps);
+            matvec(&L->wq, xb, q, xs);
+            matvec(&L->wk, xb, kl + (int64_t)pos * kvd, xs);
+            matvec(&L->wv, xb, vl + (int64_t)pos * kvd, xs);
+#pragma omp single
+            {
+                rope(q, nh, hd, cs, sn);
+                rope(kl + (int64_t)pos * kvd, nkv, hd, cs, sn);
+            }
+#pragma omp for schedule(static)
+            for (int h = 0; h < nh; h++) {
+                const float *qh = q + h * hd;
+                float *a = att + (int64_t)h * m->max_seq, mx = -INFINITY, sum = 0.f;
+                const int kvh = h / group;
+                for (int t = 0; t <= pos; t++) {
+                    float s = dot_f32(qh, kl + (int64_t)t * kvd + kvh * hd, hd) * m->attn_scale;
+                    a[t] = s; if (s > mx) mx = s;
+                }
+                for (int t = 0; t <= pos; t++) { a[t] = expf(a[t] - mx); sum += a[t]; }
+                float *o = ab + h * hd;
+                for (int i = 0; i < hd; i++) o[i] = 0.f;
+                for (int t = 0; t <= pos; t++) {
+                    const float *vt = vl + (int64_t)t * kvd + kvh * hd; float p = a[t] / sum;
+                    for (int i = 0; i < hd; i++) o[i] += p * vt[i];
+                }
+            }
+            matvec(&L->wo, ab, tmp, xs);
+#pragma omp single
+            {
+                for (int i = 0; i < dim; i++) x[i] += tmp[i];
+                rmsnorm(x, L->ffn_norm, xb, dim, m->eps);
+            }
+            matvec(&L->wg, xb, hb, xs);
+            matvec(&L->wu, xb, hb2, xs);
+#pragma omp for schedule(static)
+            for (int i = 0; i < m->hidden; i++) {
+                float g = hb[i];
+                hb[i] = g / (1.f + expf(-g)) * hb2[i];
+            }
+            matvec(&L->wd, hb, tmp, xs);
+#pragma omp single
+            for (int i = 0; i < dim; i++) x[i] += tmp[i];
+        }
+#pragma omp single
+        rmsnorm(x, m->final_norm, xb, dim, m->eps);
+        matvec(&m->head, xb, logits, xs);
+    }
+    return 0;
+}
+"""

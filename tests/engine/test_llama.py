@@ -1,0 +1,105 @@
+"""memopt.engine: the C decode engine gives transformers' logits for every weight kind it runs,
+the same greedy tokens through generate(), and declines what it cannot run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+from torch import nn
+
+from memopt.core.modules import set_module
+from memopt.engine import engine_for
+from memopt.generate import generate
+from memopt.models.toy import tiny_llama
+from memopt.quant import Int4WeightOnly, Int8WeightOnly, IntNWeightOnly, quantize_
+from memopt.weights import GGMLWeight, QEmbedding, QLinear, kernels
+
+IDS = [5, 77, 301, 12, 9, 411, 250, 3, 64, 128, 7, 499]
+
+
+def _ggml_(model: nn.Module, ggml_type: str) -> None:
+    """Every Linear and the embedding as GGML blocks of ``ggml_type`` (a tied head shares them)."""
+    qtype = GGMLQuantizationType[ggml_type]
+    shared: dict[int, GGMLWeight] = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            key = id(m.weight)  # the Parameter: one object for a tied embedding and head
+            if key not in shared:
+                w = m.weight.detach().numpy().astype(np.float32)
+                blocks = torch.from_numpy(quants.quantize(w, qtype))
+                shared[key] = GGMLWeight(blocks, ggml_type, tuple(w.shape))
+            qw = shared[key]
+            new = QEmbedding(qw) if isinstance(m, nn.Embedding) else QLinear(qw, m.bias)
+            set_module(model, name, new)
+
+
+def _make(kind: str):
+    if kind == "qwen2":  # q/k/v biases, untied head
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        from memopt.models import LoadedModel
+
+        cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=128, tie_word_embeddings=False,
+                          architectures=["Qwen2ForCausalLM"])  # fmt: skip
+        torch.manual_seed(0)
+        return LoadedModel(Qwen2ForCausalLM(cfg).eval(), "causal-lm", "tiny-qwen2", cfg)
+    loaded = tiny_llama(seed=1)
+    configs = {
+        "int8": Int8WeightOnly(),
+        "int8-g32": Int8WeightOnly(group_size=32),
+        "int4": Int4WeightOnly(group_size=32),
+    }
+    if kind in configs:
+        quantize_(loaded.model, configs[kind])
+    elif kind in ("Q4_0", "Q4_1", "Q8_0"):
+        _ggml_(loaded.model, kind)
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "kind", ["float32", "qwen2", "int8", "int8-g32", "int4", "Q4_0", "Q4_1", "Q8_0"]
+)
+def test_engine_logits_are_transformers(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = _make(kind)
+    if kind == "int4":  # the float32 path of the int4 kernels: the engine computes in float32 too
+        monkeypatch.setenv("MEMOPT_KERNEL", "int4_dequant_fp32")
+    with torch.no_grad(), kernels.default_kernels():
+        ref = loaded.model(input_ids=torch.tensor([IDS])).logits[0].float()  # (T, V)
+    eng = engine_for(loaded.model, loaded.config, 32)
+    assert eng is not None, f"the engine declined {kind}"
+    got = torch.stack([eng.forward(t, p).clone() for p, t in enumerate(IDS)])  # (T, V)
+    # only the order of float32 sums differs
+    assert (got - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), kind
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_generate_uses_the_engine_and_gives_transformers_tokens() -> None:
+    loaded = _make("Q4_1")
+    fast = generate(loaded, IDS, 16, stop_at_eos=False)
+    slow = generate(loaded, IDS, 16, stop_at_eos=False, engine=False)
+    assert fast["engine"] == "memopt" and slow["engine"] == "transformers"
+    assert fast["tokens"] == slow["tokens"]
+
+
+def test_what_the_engine_cannot_run_falls_back() -> None:
+    loaded = tiny_llama(seed=1)
+    quantize_(loaded.model, IntNWeightOnly(bits=3, group_size=32))  # int3: no engine kernel
+    assert engine_for(loaded.model, loaded.config, 32) is None
+    out = generate(loaded, IDS, 4, stop_at_eos=False)
+    assert out["engine"] == "transformers"
+    with pytest.raises(Exception, match="cannot run this model"):
+        generate(loaded, IDS, 4, engine=True)
+    meta = tiny_llama(seed=1)
+    meta.model.to("meta")  # weights not in memory (a streamed model's blocks)
+    assert engine_for(meta.model, meta.config, 32) is None
+
+
+def test_positions_beyond_the_cache_are_refused() -> None:
+    loaded = _make("float32")
+    eng = engine_for(loaded.model, loaded.config, 4)
+    with pytest.raises(Exception, match="out of range"):
+        eng.forward(1, 4)
