@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +24,19 @@ from memopt.core.errors import MemoptError
 from memopt.engine.source import SOURCE
 from memopt.weights.ggml import GGMLWeight
 from memopt.weights.modules import QEmbedding, QLinear
-from memopt.weights.quantized import Int4Weight, Int8Weight
+from memopt.weights.quantized import Int4Weight, Int8Weight, QuantizedWeight
 
-__all__ = ["ARCHITECTURES", "Engine", "engine_for", "library"]
+__all__ = [
+    "ARCHITECTURES",
+    "PROJECTIONS",
+    "Arch",
+    "Engine",
+    "arch_of",
+    "build",
+    "default_inv_freq",
+    "engine_for",
+    "library",
+]
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -118,20 +129,19 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return _cpu(t)
 
 
-def _qmat(module: nn.Module, keep: list[torch.Tensor]) -> _QMat:
+Weight = torch.Tensor | QuantizedWeight  # a float weight (N, K), or a quantized one
+
+
+def _qmat(weight: Weight, bias: torch.Tensor | None, keep: list[torch.Tensor]) -> _QMat:
     """The engine's view of one projection (or embedding), without copying its weight."""
-    bias = getattr(module, "bias", None)
     if bias is not None:
-        keep.append(_f32(bias.detach()))
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        w = _f32(module.weight.detach())
+        bias = _f32(bias.detach())
+        keep.append(bias)
+    if isinstance(weight, torch.Tensor):
+        w = _f32(weight.detach())
         keep.append(w)
         return _QMat(_KIND["F32"], 0, 0, 0, w.shape[0], w.shape[1], w.data_ptr(), None, _ptr(bias))
-    if not isinstance(module, (QLinear, QEmbedding)):
-        raise _Unsupported(type(module).__name__)
-    if isinstance(module, QLinear) and module.dynamic:
-        raise _Unsupported("int8 dynamic activations")
-    qw = module.qweight
+    qw = weight
     n, k = qw.shape
     if isinstance(qw, GGMLWeight) and qw.ggml_type in ("Q4_0", "Q4_1", "Q8_0"):
         keep.append(_cpu(qw.blocks))
@@ -148,6 +158,83 @@ def _qmat(module: nn.Module, keep: list[torch.Tensor]) -> _QMat:
         return _QMat(_KIND["I4"], qw.group_size, qw.block_n or 0, 0, n, k, qw.packed.data_ptr(),
                      qw.scale_zero.data_ptr(), _ptr(bias))  # fmt: skip
     raise _Unsupported(f"{type(qw).__name__} weights")
+
+
+def _of_module(module: nn.Module) -> tuple[Weight, torch.Tensor | None]:
+    """(weight, bias) of a Linear / Embedding or its memopt twin."""
+    bias = getattr(module, "bias", None)
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        return module.weight, bias
+    if isinstance(module, QLinear) and not module.dynamic:
+        return module.qweight, bias
+    if isinstance(module, QEmbedding):
+        return module.qweight, None
+    raise _Unsupported(type(module).__name__)
+
+
+@dataclass
+class Arch:
+    """What the engine needs of a model's config (a Llama-family decoder)."""
+
+    dim: int
+    hidden: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    inv_freq: torch.Tensor  # (head_dim / 2,) float32
+    rope_scale: float = 1.0
+
+
+def default_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
+    """Rotary frequencies without scaling, computed as transformers computes them."""
+    steps = torch.arange(0, head_dim, 2, dtype=torch.int64).float()
+    return 1.0 / (theta ** (steps / head_dim))
+
+
+# the Hugging Face names of one layer's projections, in the engine's order
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+Provider = Callable[[str], tuple[Weight, torch.Tensor | None]]  # module name -> (weight, bias)
+
+
+def build(arch: Arch, get: Provider, norm: Callable[[str], torch.Tensor], max_seq: int) -> Engine:
+    """An engine over the weights ``get(module name)`` and norms ``norm(name)`` return, named as
+    in Hugging Face's Llama (``model.layers.3.self_attn.q_proj``, ``model.norm``, ``lm_head``)."""
+    keep: list[torch.Tensor] = []
+    arr = (_Layer * arch.n_layers)()
+    for i in range(arch.n_layers):
+        pre = f"model.layers.{i}."
+        mats = []
+        for proj in PROJECTIONS:
+            weight, bias = get(pre + proj)
+            if proj.endswith(("o_proj", "gate_proj", "up_proj", "down_proj")) and bias is not None:
+                raise _Unsupported(f"{proj} bias")
+            mats.append(_qmat(weight, bias, keep))
+        norms = [
+            _f32(norm(pre + n).detach()) for n in ("input_layernorm", "post_attention_layernorm")
+        ]
+        keep += norms
+        arr[i] = _Layer(*mats, norms[0].data_ptr(), norms[1].data_ptr())
+    inv_freq = _f32(arch.inv_freq.detach().float().contiguous())
+    if inv_freq.numel() != arch.head_dim // 2:
+        raise _Unsupported("rotary embedding")
+    final = _f32(norm("model.norm").detach())
+    keep += [inv_freq, final]
+    embed, _ = get("model.embed_tokens")
+    head, head_bias = get("lm_head")
+    if head_bias is not None:
+        raise _Unsupported("lm_head bias")
+    m = _Model(
+        arch.dim, arch.hidden, arch.n_layers, arch.n_heads, arch.n_kv_heads, arch.head_dim,
+        arch.vocab, int(max_seq), arch.eps, arch.head_dim**-0.5, inv_freq.data_ptr(),
+        float(arch.rope_scale), 0, arr, _qmat(embed, None, keep), final.data_ptr(),
+        _qmat(head, None, keep),
+    )  # fmt: skip
+    return Engine(m, arr, keep, arch.vocab, int(max_seq), arch.n_kv_heads * arch.head_dim,
+                  arch.n_layers)  # fmt: skip
 
 
 @dataclass
@@ -194,12 +281,16 @@ def engine_for(model: nn.Module, config: Any, max_seq: int) -> Engine | None:
     if library() is None:
         return None
     try:
-        return _build(model, config, max_seq)
-    except _Unsupported:
+        arch = arch_of(config, model)
+        return build(arch, lambda name: _of_module(model.get_submodule(name)),
+                     lambda name: model.get_submodule(name).weight, max_seq)  # fmt: skip
+    except (_Unsupported, AttributeError):
         return None
 
 
-def _build(model: nn.Module, config: Any, max_seq: int) -> Engine:
+def arch_of(config: Any, model: nn.Module | None = None) -> Arch:
+    """The engine's :class:`Arch` of a transformers config (the rotary frequencies from the
+    model's own rotary module when given, else computed for an unscaled rotary embedding)."""
     archs = getattr(config, "architectures", None) or []
     if not any(a in ARCHITECTURES for a in archs) or getattr(config, "model_type", "") not in (
         "llama", "mistral", "qwen2",
@@ -209,47 +300,21 @@ def _build(model: nn.Module, config: Any, max_seq: int) -> Engine:
         raise _Unsupported("MLP")
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", False):
         raise _Unsupported("sliding window attention")
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if base is None or layers is None:
-        raise _Unsupported("layout")
-    keep: list[torch.Tensor] = []
-    arr = (_Layer * len(layers))()
-    for i, layer in enumerate(layers):
-        att, mlp = layer.self_attn, layer.mlp
-        if (
-            getattr(att, "o_proj", None) is not None
-            and getattr(att.o_proj, "bias", None) is not None
-        ):
-            raise _Unsupported("o_proj bias")
-        arr[i] = _Layer(
-            _qmat(att.q_proj, keep), _qmat(att.k_proj, keep), _qmat(att.v_proj, keep),
-            _qmat(att.o_proj, keep), _qmat(mlp.gate_proj, keep), _qmat(mlp.up_proj, keep),
-            _qmat(mlp.down_proj, keep),
-            _f32(layer.input_layernorm.weight.detach()).data_ptr(),
-            _f32(layer.post_attention_layernorm.weight.detach()).data_ptr(),
-        )  # fmt: skip
-        keep += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
     heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    rotary = getattr(base, "rotary_emb", None)
-    inv_freq = getattr(rotary, "inv_freq", None)
-    if inv_freq is None or inv_freq.numel() != head_dim // 2:
-        raise _Unsupported("rotary embedding")
-    inv_freq = _f32(inv_freq.detach().float().contiguous())
-    keep.append(inv_freq)
-    head = model.get_output_embeddings()
-    embed = base.embed_tokens
-    if isinstance(embed, nn.Embedding) and embed.padding_idx is not None:
-        pass  # the padding row is a row like any other at inference
-    eps = float(getattr(layers[0].input_layernorm, "variance_epsilon", None) or config.rms_norm_eps)
-    m = _Model(
-        int(config.hidden_size), int(config.intermediate_size), len(layers), heads, kv_heads,
-        head_dim, int(config.vocab_size), int(max_seq), eps, head_dim**-0.5,
-        inv_freq.data_ptr(), float(getattr(rotary, "attention_scaling", 1.0)), 0, arr,
-        _qmat(embed, keep), _f32(base.norm.weight.detach()).data_ptr(), _qmat(head, keep),
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is not None:
+        inv_freq, scale = rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
+    else:
+        scaling = getattr(config, "rope_scaling", None) or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type != "default":
+            raise _Unsupported(f"rope scaling {rope_type!r}")
+        theta = getattr(config, "rope_theta", None) or (
+            getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)  # fmt: skip
+        inv_freq, scale = default_inv_freq(float(theta), head_dim), 1.0
+    return Arch(
+        int(config.hidden_size), int(config.intermediate_size), int(config.num_hidden_layers),
+        heads, int(getattr(config, "num_key_value_heads", None) or heads), head_dim,
+        int(config.vocab_size), float(config.rms_norm_eps), inv_freq, scale,
     )  # fmt: skip
-    keep.append(base.norm.weight)
-    return Engine(m, arr, keep, int(config.vocab_size), int(max_seq), kv_heads * head_dim,
-                  len(layers))  # fmt: skip
