@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memopt.quant import Int4WeightOnly, Int8Dynamic, Int8WeightOnly, quantize_
-from memopt.weights.kernels import INT8_KERNELS, SLOW_KERNELS, chosen_kernels
+from memopt.weights.kernels import INT8_KERNELS, SLOW_KERNELS, chosen_kernels, decisions
 
 SHAPES = [(4096, 4096), (576, 1536)]  # (in, out): a 4096 square and SmolLM2's gate/up projection
 BATCHES = [1, 8, 128]
@@ -103,6 +103,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "chosen": chosen_kernels(),
+        "decisions": decisions(),  # how each was chosen: rule, minima, timed or from the disk cache
     }
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}))
@@ -125,7 +126,8 @@ def main() -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     print("autotuner choices:")
     for key, name in meta["chosen"].items():
-        print(f"  {key}: {name}")
+        how = meta["decisions"].get(key)
+        print(f"  {key}: {name}" + (f" ({how['rule']}, {how['source']})" if how else ""))
 
 
 if __name__ == "__main__":

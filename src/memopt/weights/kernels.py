@@ -9,10 +9,34 @@ round the activations to bfloat16 (relative error 2^-9 per element, far below in
 error) and the per-channel scale is fused. Over many rows that kernel loses to a blocked int8 ->
 bfloat16 dequantize (exact: |q| <= 127 fits bf16's significand) + bf16 matmul, scale applied to
 the output. On a CPU without native bf16 (AVX2 only) the ratios differ, which is why
-:func:`autotune` times the candidates once per (kernel family, shape, batch bucket, dtype,
-threads) and keeps the fastest. All candidates of a family compute the same function up to bf16
-rounding of the activations; ``Int8Dynamic`` (per-token int8 activations through
-``torch._int_mm``) is a separate config because it changes the numerics.
+:func:`autotune` times the candidates per (kernel family, shape, batch bucket, dtype, threads).
+All candidates of a family compute the same function up to rounding (bf16 or float32 activations,
+the order of the sums); ``Int8Dynamic`` (per-token int8 activations through ``torch._int_mm``) is
+a separate config because it changes the numerics.
+
+The choice survives a busy machine and is the same from run to run:
+
+* timing: interleaved rounds (each round runs every candidate once, in a rotating order), and each
+  candidate's *minimum*: load from other processes only ever adds time, so the minimum of many
+  rounds is the candidate's own cost, where a median is whatever the load was (measured on the
+  project's 2-core machine, busy loops on both cores, int8pack_bf16 at 576x1536, batch 1: median
+  13 ms, minimum 36 us);
+* a fixed rule: the family's default (the kernel measured fastest on this CPU class) is kept unless
+  another candidate is faster by more than ``_MARGIN`` in *both* halves of the rounds; a gain
+  within noise, or halves that disagree, keep the default; so does a machine so busy that
+  OpenMP's parallel regions stall (a probe timed in each round, see ``_PROBE_NUMEL``), where
+  even minima measure the wait for a worker thread, not the kernel;
+* a cache on disk, per machine: ``$XDG_CACHE_HOME/memopt/kernels-<hash>.json`` (``~/.cache``),
+  the hash of the CPU's identity (model name and flags from /proc/cpuinfo, torch version and CPU
+  capability); the thread count is part of every key. A later process (a short ``memopt run``, a
+  GPTQ calibration) reuses a choice measured once instead of timing under whatever load it meets,
+  and computes with the same kernel (the same rounding) as the run before. Every decision is kept,
+  the fixed rule's too (each entry says which rule made it, with the minima it saw).
+  ``MEMOPT_KERNEL_CACHE=0`` neither reads nor writes it; :func:`clear_cache` deletes it (to
+  measure again, e.g. after a choice made on a busy machine).
+
+``MEMOPT_KERNEL=name`` forces a candidate wherever it exists; :func:`set_untimed` and
+:func:`default_kernels` take each family's default without timing and without the disk cache.
 
 int4: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` takes bfloat16 activations (float32 and
 float16 ones take a slow path), scales and zeros as one bfloat16 ``(K/G, N, 2)`` tensor
@@ -23,21 +47,29 @@ layout only (one copy, ``N * K / 2`` bytes); the canonical layout for disk is a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
-import statistics
+import platform
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from memopt.core.atomic import atomic_write_text
+from memopt.core.cbuild import cache_dir
 from memopt.weights.primitives import pack_int4_nblock
 
 __all__ = [
     "INT4_KERNELS",
     "INT8_KERNELS",
     "autotune",
+    "cache_path",
     "chosen_kernels",
+    "clear_cache",
+    "decisions",
     "default_kernels",
     "dequant_linear",
     "ggml_linear",
@@ -51,16 +83,37 @@ __all__ = [
 
 Kernel = Callable[..., torch.Tensor]
 
-# (family, N, K, batch bucket, dtype, threads) -> name of the fastest candidate
+# (family, N, K, batch bucket, dtype, threads) -> name of the chosen candidate
 _CHOSEN: dict[tuple, str] = {}
+# how each choice of this process was made (timed / from the disk cache), for reports
+_DECISIONS: dict[tuple, dict] = {}
 # MEMOPT_KERNEL=name forces a candidate wherever it exists (benchmarks and tests use it)
 _FORCED_ENV = "MEMOPT_KERNEL"
+# MEMOPT_KERNEL_CACHE=0: the choices on disk are neither read nor written (each process times)
+_CACHE_ENV = "MEMOPT_KERNEL_CACHE"
 # Untimed (set under a streaming memory budget): a shape's first call takes the family's default
-# instead of timing every candidate. Timing costs memory, not only time: a bfloat16 matmul
-# candidate initializes oneDNN, RSS at its first call that is never given back and that no streaming
-# plan counts, enough to push a small model's run over its budget; and timing the candidates of a
-# large vocabulary's output head takes a large share of a short run.
+# instead of timing every candidate (or reading a choice from disk, which may name a candidate the
+# plan did not count). Timing costs memory, not only time: a bfloat16 matmul candidate initializes
+# oneDNN, RSS at its first call that is never given back and that no streaming plan counts,
+# enough to push a small model's run over its budget; and timing the candidates of a large
+# vocabulary's output head takes a large share of a short run.
 _UNTIMED = False
+
+# Timing: at least _ROUNDS_MIN interleaved rounds, then more while under _BUDGET_S seconds, at
+# most _ROUNDS_MAX. Another candidate replaces the default only if its minimum is below the
+# default's by more than _MARGIN in both halves of the rounds.
+_ROUNDS_MIN, _ROUNDS_MAX, _BUDGET_S = 8, 32, 0.25
+_MARGIN = 0.15
+# The stall probe: a 1 MiB fill, one OpenMP parallel region (about 10 us on the project's machine).
+# Each round times it too. With other processes on the cores, a parallel region can wait for a
+# sleeping worker thread to be scheduled: measured on the 2-core machine, whole stretches where
+# *every* region took 4-8 ms (probe and int8 kernel alike, minima included), so the candidates'
+# minima counted their parallel regions, not their work. When the probe took over _STALL_S in two
+# rounds or more and in a quarter of them or more, the timings are void: the default is kept
+# ("default (busy)"), and the timing stops there (stalled, a blocked dequantize candidate of a
+# 1B model's MLP took 20-200 ms a call).
+_PROBE_NUMEL, _STALL_S = 1 << 18, 1e-3
+_CACHE_VERSION = 1
 
 
 def row_block(n: int, k: int, multiple: int = 64, temp_bytes: int = 1 << 20) -> int:
@@ -83,7 +136,8 @@ def set_untimed(on: bool) -> bool:
 @contextlib.contextmanager
 def default_kernels() -> Iterator[None]:
     """Inside, every shape runs its family's default kernel, whatever was chosen before (by
-    timing, which may pick another valid kernel that rounds differently): reproducible outputs."""
+    timing or read from disk, which may pick another valid kernel that rounds differently):
+    outputs that do not depend on the machine's measurements."""
     before, saved = set_untimed(True), dict(_CHOSEN)
     _CHOSEN.clear()
     try:
@@ -94,14 +148,202 @@ def default_kernels() -> Iterator[None]:
         set_untimed(before)
 
 
+# ---- the choices on disk, per machine ----
+
+_IDENTITY: dict[str, str] | None = None
+# the parsed cache file of this process: (path, {key string: decision}); reloaded when the path
+# changes (another XDG_CACHE_HOME)
+_DISK: tuple[Path, dict[str, dict]] | None = None
+
+
+def _cpu_identity() -> dict[str, str]:
+    """What a timing depends on besides the key: the CPU (model name and flags), torch."""
+    global _IDENTITY
+    if _IDENTITY is None:
+        model, flags = "", ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:  # the first processor's block
+                    if not line.strip():
+                        break
+                    field, _, value = line.partition(":")
+                    if field.strip() == "model name":
+                        model = value.strip()
+                    elif field.strip() in ("flags", "Features"):  # x86, arm
+                        flags = " ".join(sorted(value.split()))
+        except OSError:  # not Linux: platform.processor() is what we have
+            pass
+        _IDENTITY = {
+            "cpu": model or platform.processor(),
+            "flags": flags,
+            "machine": platform.machine(),
+            "system": platform.system(),
+            "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability(),
+        }
+    return _IDENTITY
+
+
+def cache_path() -> Path | None:
+    """This machine's file of kernel choices, or None when ``MEMOPT_KERNEL_CACHE=0``."""
+    if os.environ.get(_CACHE_ENV, "1").lower() in ("0", "off", "false", "no"):
+        return None
+    ident = json.dumps(_cpu_identity(), sort_keys=True)
+    return cache_dir() / f"kernels-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+
+
+def _read(path: Path) -> dict[str, dict]:
+    """The decisions in ``path``; {} when it is missing, unreadable or for another machine."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = (
+        isinstance(data, dict)
+        and data.get("version") == _CACHE_VERSION
+        and data.get("machine") == _cpu_identity()
+        and isinstance(data.get("choices"), dict)
+    )
+    return data["choices"] if ok else {}
+
+
+def _disk() -> tuple[Path, dict[str, dict]] | None:
+    global _DISK
+    path = cache_path()
+    if path is None:
+        return None
+    if _DISK is None or _DISK[0] != path:
+        _DISK = (path, _read(path))
+    return _DISK
+
+
+def _key_str(key: tuple) -> str:
+    return " ".join(map(str, key))
+
+
+def _cached(key: tuple, candidates: dict, default: str | None) -> dict | None:
+    """The decision on disk for ``key``, if it was made among these very candidates."""
+    disk = _disk()
+    if disk is None:
+        return None
+    if _key_str(key) not in disk[1]:  # another process may have decided it since we read
+        disk[1].update(_read(disk[0]))
+    entry = disk[1].get(_key_str(key))
+    if not isinstance(entry, dict):
+        return None
+    same = entry.get("candidates") == sorted(candidates) and entry.get("default") == default
+    return entry if same and entry.get("name") in candidates else None
+
+
+def _store(key: tuple, decision: dict) -> None:
+    """Add one decision to this machine's file: merged with what other processes wrote since we
+    read it, written through a temporary name (a reader never sees half a file; two processes
+    writing at once may drop one's entry, which is then timed again). A cache that cannot be
+    written leaves the choice to this process."""
+    disk = _disk()
+    if disk is None:
+        return
+    path, choices = disk
+    choices.update(_read(path))
+    choices[_key_str(key)] = decision
+    data = {"version": _CACHE_VERSION, "machine": _cpu_identity(), "choices": choices}
+    with contextlib.suppress(OSError):
+        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def clear_cache() -> None:
+    """Forget every choice: this process's and this machine's file (the next call of each shape
+    times its candidates again)."""
+    global _DISK
+    _CHOSEN.clear()
+    _DECISIONS.clear()
+    _DISK = None
+    path = cache_path()
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+# ---- the chooser ----
+
+
+def _busy(probe: list[float]) -> bool:
+    stalls = sum(t > _STALL_S for t in probe)
+    return stalls >= 2 and 4 * stalls >= len(probe)
+
+
+def _decide(
+    times: dict[str, list[float]], fixed: str, probe: list[float] | None = None
+) -> tuple[str, str]:
+    """(name, rule) from interleaved timings, ``times[c][r]``: candidate c in round r.
+
+    ``probe``: the stall probe's time in each round (None with one thread: no parallel regions).
+    If two or more of its calls and a quarter of them or more stalled (:func:`_busy`), the
+    machine is too busy to measure anything:
+    ``fixed`` (the family's default). Else each candidate's minimum over the rounds, and over each
+    half of them: another candidate replaces ``fixed`` only if it is faster than ``fixed`` by more
+    than ``_MARGIN`` in both halves; a gain within the noise, or halves that disagree (the load
+    changed while timing), keep the default."""
+    if len(times) == 1:
+        return fixed, "only"
+    if probe and _busy(probe):
+        return fixed, "default (busy)"
+    rounds = len(times[fixed])
+    half = max(1, rounds // 2)
+    halves = [
+        {c: min(t[:half]) for c, t in times.items()},
+        {c: min(t[half:] or t) for c, t in times.items()},
+    ]
+    whole = {c: min(t) for c, t in times.items()}
+    best = min((c for c in times if c != fixed), key=lambda c: whole[c])
+    wins = [m[best] * (1 + _MARGIN) < m[fixed] for m in halves]
+    if all(wins):
+        return best, "faster"
+    return fixed, "default (halves disagree)" if any(wins) else "default"
+
+
+def _time(
+    candidates: dict[str, Callable[[], torch.Tensor]], names: list[str]
+) -> tuple[dict[str, list[float]], list[float] | None]:
+    """Interleaved rounds: each runs every candidate once, the order rotating from round to round
+    (no candidate always first, or always after the same one): a burst of load hits all alike.
+    With more than one thread the stall probe (see ``_PROBE_NUMEL``) runs in each round too, and
+    the rounds stop as soon as it says the machine is busy. Returns the candidates' times and the
+    probe's (None with one thread)."""
+    threads = torch.get_num_threads() > 1
+    buf = torch.empty(_PROBE_NUMEL) if threads else None
+    paths = dict(candidates)
+    order = list(names)
+    if buf is not None:
+        paths[" probe"] = lambda: buf.fill_(1.0)
+        order.append(" probe")
+    times: dict[str, list[float]] = {c: [] for c in order}
+    start = time.perf_counter()
+    r = 0
+    while r < _ROUNDS_MAX and (r < _ROUNDS_MIN or time.perf_counter() - start < _BUDGET_S):
+        shift = r % len(order)
+        for cand in order[shift:] + order[:shift]:
+            t0 = time.perf_counter()
+            paths[cand]()
+            times[cand].append(time.perf_counter() - t0)
+        r += 1
+        if buf is not None and _busy(times[" probe"]):
+            break  # void whatever follows: _decide keeps the default
+    probe = times.pop(" probe", None)
+    return times, probe
+
+
 def autotune(
     key: tuple, candidates: dict[str, Callable[[], torch.Tensor]], default: str | None = None
 ) -> torch.Tensor:
-    """Run the fastest candidate for ``key``; the first call times each (warm-up, median of 5).
+    """Run the chosen candidate for ``key``, choosing on its first call.
 
-    A candidate that raises (an unsupported shape or dtype) is dropped. Untimed
-    (:func:`set_untimed`), the first call runs ``default`` (else the candidates in order) and keeps
-    the first that runs.
+    The first call of a key takes this machine's decision on disk if there is one (made among the
+    same candidates), else times them (interleaved rounds, minimum per candidate; see
+    :func:`_decide` for the rule) and writes the decision to disk. ``default`` is the family's
+    default: kept unless another candidate is clearly faster (if it cannot run here, the first
+    candidate that can takes its place). A candidate that raises (an unsupported shape or dtype) is
+    dropped. Untimed (:func:`set_untimed`), the first call runs ``default`` (else the candidates in
+    order) and keeps the first that runs, without the disk.
     """
     forced = os.environ.get(_FORCED_ENV)
     if forced in candidates:
@@ -125,6 +367,16 @@ def autotune(
             _CHOSEN[key] = cand
             return result
         raise RuntimeError(f"no kernel ran for {key}: {'; '.join(errors)}")
+    cached = _cached(key, candidates, default)
+    if cached is not None:
+        try:
+            result = candidates[cached["name"]]()
+        except (RuntimeError, NotImplementedError):
+            pass  # it no longer runs here (torch changed under the same version?): time again
+        else:
+            _CHOSEN[key] = cached["name"]
+            _DECISIONS[key] = {**cached, "source": "disk"}
+            return result
     results: dict[str, torch.Tensor] = {}
     for cand, fn in candidates.items():  # warm-up, and drop candidates that cannot run
         try:
@@ -133,25 +385,41 @@ def autotune(
             errors.append(f"{cand}: {e}")
     if not results:
         raise RuntimeError(f"no kernel ran for {key}: {'; '.join(errors)}")
-    times: dict[str, list[float]] = {c: [] for c in results}
-    for _ in range(5):  # rounds interleave the candidates: a burst of load hits them all alike
-        for cand in results:
-            t0 = time.perf_counter()
-            candidates[cand]()
-            times[cand].append(time.perf_counter() - t0)
-    best = min(times, key=lambda c: statistics.median(times[c]))
-    result = results[best]
-    _CHOSEN[key] = best
-    return result
+    names = list(results)
+    fixed = default if default in results else names[0]
+    times, probe = _time(candidates, names)
+    name, rule = _decide(times, fixed, probe)
+    decision = {
+        "name": name,
+        "rule": rule,
+        "default": default,
+        "candidates": sorted(candidates),
+        "min_us": {c: round(min(t) * 1e6, 2) for c, t in times.items()},
+        "rounds": len(times[fixed]),
+        "failed": sorted(results.keys() ^ candidates.keys()),
+    }
+    if probe:
+        decision["probe_stalls"] = sum(t > _STALL_S for t in probe)
+        decision["probe_min_us"] = round(min(probe) * 1e6, 2)
+    _CHOSEN[key] = name
+    _DECISIONS[key] = {**decision, "source": "timed"}
+    _store(key, decision)
+    return results[name]
 
 
 def chosen_kernels() -> dict[str, str]:
     """What :func:`autotune` picked so far, for reports: ``"family N K batch dtype threads" -> name``."""
-    return {" ".join(map(str, k)): v for k, v in _CHOSEN.items()}
+    return {_key_str(k): v for k, v in _CHOSEN.items()}
+
+
+def decisions() -> dict[str, dict]:
+    """How this process's choices were made: per key (as :func:`chosen_kernels`), the name, the
+    rule, each candidate's minimum time in microseconds and ``source`` ("timed" or "disk")."""
+    return {_key_str(k): dict(v) for k, v in _DECISIONS.items()}
 
 
 def _key(family: str, x: torch.Tensor, n: int, k: int) -> tuple:
-    return (
+    key = (
         family,
         n,
         k,
@@ -159,6 +427,8 @@ def _key(family: str, x: torch.Tensor, n: int, k: int) -> tuple:
         str(x.dtype).removeprefix("torch."),
         torch.get_num_threads(),
     )
+    # another device's timings never stand for the CPU's (in this process or on disk)
+    return key if x.device.type == "cpu" else (*key, x.device.type)
 
 
 # ---- blocked dequantize + matmul: works for every format, bounded temporary ----
@@ -211,6 +481,11 @@ def _int8_dequant(dtype: torch.dtype) -> Kernel:
     return run
 
 
+# The candidates do not round alike: int8pack_bf16 rounds the activations, the scale and the output
+# to bfloat16; int8_dequant_bf16 the activations and the output (scale in float32);
+# int8_dequant_fp32 rounds nothing beyond float32 sums. Which one runs changes the digits of the
+# outputs (not their quality at one row, see int8_linear), so the choice is made once per machine
+# and kept on disk (module doc), and default_kernels() pins the default.
 INT8_KERNELS: dict[str, Kernel] = {
     "int8pack_bf16": _int8pack_bf16,
     "int8_dequant_bf16": _int8_dequant(torch.bfloat16),
@@ -309,6 +584,9 @@ def int4_linear(
     if fast and _CHOSEN.get(key) == "int4_aten_bf16":
         return _int4_aten(x, packed, group, sz)  # the decode path: no closures, no timing
     mult = block_n or 64
+    # Numerics differ: int4_dequant_fp32 computes in float32; int4_dequant_bf16 and int4_aten_bf16
+    # round the activations (and the output) to bfloat16. The default (ATen's kernel, else the
+    # first: float32) is kept unless another is clearly faster, and the choice is kept on disk.
     cands: dict[str, Callable[[], torch.Tensor]] = {
         "int4_dequant_fp32": lambda: dequant_linear(x, dequant_rows, n, k, torch.float32, mult),
         # large batches: bf16 weights blocks (AMX / AVX-512 BF16 matmul where the CPU has it)
