@@ -55,7 +55,7 @@ def run_variant(variant: str, group: int, n: int, seq: int) -> dict[str, Any]:
     from memopt.quant.calibrate import GPTQSettings, calibrate_, calibration_ids
 
     torch.manual_seed(0)
-    loaded = load_model("smollm2")
+    loaded = load_model("smollm2", dequantize=True)  # the float32 model: the GGUF dequantized
     spec = VARIANTS[variant]
     t0 = time.perf_counter()
     if spec == "fp32":

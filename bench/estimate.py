@@ -51,9 +51,11 @@ def _cases(gpt2: Path, quick: bool) -> list[tuple[str, str, Any]]:
     cases: list[tuple[str, str, Any]] = []
     shapes = [(1, 128), (8, 128)] if quick else [(1, 128), (1, 512), (8, 128), (8, 512)]
     for label, model in (("minilm", "minilm"), ("smollm2", "smollm2")):
-        for batch, seq in shapes:
-            cases.append((label, model, StepSpec(batch=batch, seq=seq)))
+        for batch, seq in shapes:  # smollm2: its float32 model (the GGUF dequantized)
+            cases.append((label, model, StepSpec(batch=batch, seq=seq, dequantize=True)))
         cases.append((label, model, StepSpec(task="train", batch=1, seq=128)))
+    # smollm2 as shipped: inference in the GGUF's own Q4_1 / Q8_0 blocks (memopt's default)
+    cases.append(("smollm2 GGUF blocks", "smollm2", StepSpec(batch=1, seq=128)))
     for batch, seq in [(1, 128), (8, 512)]:
         cases.append(("gpt2-small", str(gpt2), StepSpec(batch=batch, seq=seq)))
     cases.append(("gpt2-small", str(gpt2), StepSpec(task="train", batch=8, seq=128)))

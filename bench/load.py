@@ -44,7 +44,7 @@ path = mm.resolve("smollm2").path
 ids = torch.tensor([[PROMPT_IDS]])
 w0, c0 = time.perf_counter(), time.process_time()
 if loader == "memopt":
-    model = mm.load_model("smollm2").model
+    model = mm.load_model("smollm2", dtype=torch.float32).model  # dequantized, as transformers
     method = "load_model"
 elif importlib.util.find_spec("accelerate") is not None:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -81,7 +81,7 @@ def main() -> None:
                 x = torch.randn(64, 1, 8, 8)
                 rows.append(bench_one("cnn b64", cnn, {"x": x}, 0, args.repeat))
             elif name in ("minilm", "smollm2"):
-                loaded = load_model(name)
+                loaded = load_model(name, dequantize=True)  # smollm2: float32, as `memopt plan`
                 for seq in (128,) if name == "minilm" else (128, 512):
                     rows.append(bench_one(f"{name} s{seq}", loaded, None, seq, args.repeat))
                 del loaded

@@ -111,7 +111,7 @@ def bench_smollm2(tokens: int, log) -> tuple[list[dict[str, Any]], dict[str, Any
     from memopt.prune import NM, Magnitude, SparseGPT, Structured, Wanda, calibration_ids, prune_
     from memopt.quant.api import model_bytes
 
-    base = load_model("smollm2")
+    base = load_model("smollm2", dequantize=True)  # float32: the GGUF dequantized
     ids = calibration_ids(base, 64, 256)  # 16,384 calibration tokens (32 x 256: sparsegpt 1.48x)
 
     def decode_ratio(lm) -> float:

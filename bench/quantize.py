@@ -148,7 +148,7 @@ def quantize_job(model: str, variant: str, out: str) -> dict[str, Any]:
     from memopt.models import saved as io
 
     if variant == "float32":
-        loaded = load_model(model)
+        loaded = load_model(model, dequantize=True)  # smollm2: the GGUF dequantized to float32
         return {"ram_bytes": ram_bytes(loaded.model), "quant_seconds": None, "disk_bytes": None}
     if variant.startswith("memopt"):
         from memopt.quant.stream import quantize_model
@@ -159,7 +159,7 @@ def quantize_job(model: str, variant: str, out: str) -> dict[str, Any]:
             "disk_bytes": io.disk_bytes(out),
             "quant_seconds": r["seconds"],
         }
-    loaded = load_model(model)
+    loaded = load_model(model, dequantize=True)
     t0 = time.perf_counter()
     _peer_quantize(loaded, variant)
     seconds = time.perf_counter() - t0
@@ -193,13 +193,13 @@ def measure_job(model: str, variant: str, out: str, threads: int, rounds: int) -
     from memopt.models import load_model
 
     torch.set_num_threads(threads)
-    ref = load_model(model)
+    ref = load_model(model, dequantize=True)  # float32 (smollm2: the GGUF dequantized)
     if variant == "float32":
         q = ref
     elif variant.startswith("memopt"):
         q = load_model(out)
     else:
-        q = load_model(model)
+        q = load_model(model, dequantize=True)
         _peer_quantize(q, variant)
     res: dict[str, Any] = {}
     if ref.task == "causal-lm":

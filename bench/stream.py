@@ -96,7 +96,7 @@ def inmem_job(model: str, ids: list[int], n: int, threads: int) -> dict[str, Any
     from memopt.models import load_model
 
     torch.set_num_threads(threads)
-    loaded = load_model(model)
+    loaded = load_model(model, dequantize=True)  # the float model the streamed runs hold
     out = generate(loaded, ids, n, stop_at_eos=False)
     return {k: out[k] for k in ("tokens", "tokens_per_s", "prefill_s")}
 
@@ -207,7 +207,7 @@ def prepare(work: Path) -> dict[str, Path]:
         from memopt.models import load_model
         from memopt.stream.layout import save_float_folder
 
-        loaded = load_model("smollm2")
+        loaded = load_model("smollm2", dequantize=True)
         save_float_folder(loaded, f32)
         seen, state = set(), {}
         for name, t in loaded.model.state_dict(keep_vars=True).items():

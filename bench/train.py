@@ -89,7 +89,7 @@ def _trainer(opts: dict[str, Any], batch: int, seq: int) -> Any:
 
     accum = opts.get("grad_accum", 1)
     spec = StepSpec(task="train", batch=batch // accum, seq=seq, **opts)
-    trainer = Trainer(load_model("smollm2"), spec, lr=LR)
+    trainer = Trainer(load_model("smollm2", dequantize=True), spec, lr=LR)
     trainer.loaded.model.train()
     return trainer
 

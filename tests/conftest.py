@@ -161,9 +161,120 @@ def minilm():
 
 @pytest.fixture(scope="session")
 def smollm2():
+    """The bundled SmolLM2 GGUF dequantized to float32 (the float model: training, streaming,
+    pruning and the float folders start from it)."""
+    from memopt.models import load_model
+
+    return load_model("smollm2", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_blocks():
+    """The bundled SmolLM2 GGUF as shipped: its Q4_1 / Q8_0 blocks kept (``load_model`` default)."""
     from memopt.models import load_model
 
     return load_model("smollm2")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny GGUF files, written with the gguf package as llama.cpp's converter writes them
+
+HF_TO_GGUF_STEMS = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_llama(tied: bool, arch: str = "llama", bias: bool = False) -> torch.nn.Module:
+    """A tiny random Llama (or Qwen2) for a GGUF file, norms and biases away from 1 and 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
+    extra = {"attention_bias": True} if bias else {}
+    cfg = config_class(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        tie_word_embeddings=tied,
+        **extra,
+    )
+    model = model_class(cfg).eval()
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so that they matter
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def write_llama_gguf(
+    path: Path, model: torch.nn.Module, qtype: object, arch: str = "llama", float_stems=()
+) -> None:
+    """``model`` as a GGUF file: 2-D weights in ``qtype`` (a ``gguf.GGMLQuantizationType``)
+    except those whose GGUF stem (``token_embd``, ``ffn_up``...) is in ``float_stems`` (F32)."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    to_gguf = HF_TO_GGUF_STEMS
+    for name, w in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        stem, _, kind = name.rpartition(".")
+        parts = stem.split(".")
+        if parts[:2] == ["model", "layers"]:
+            gname = f"blk.{parts[2]}.{to_gguf['.'.join(parts[3:])]}.{kind}"
+        else:
+            gname = f"{to_gguf[stem]}.{kind}"
+        a = w.numpy()
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+        gstem = gname.split(".")[-2]
+        h = heads.get(gstem if gname.startswith("blk.") else "", 0)
+        if (
+            h and arch == "llama"
+        ):  # llama.cpp's converter: (n_head, 2, head_dim/2, in) -> (n_head, head_dim/2, 2, in)
+            a = a.reshape(h, 2, a.shape[0] // h // 2, -1).swapaxes(1, 2).reshape(a.shape)
+        if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32 and gstem not in float_stems:
+            writer.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gname, np.ascontiguousarray(a))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 @pytest.fixture(autouse=True)

@@ -48,6 +48,7 @@ _HOME = {
     # save / load, generation
     "save": "memopt.models.saved",
     "load": "memopt.models.saved",
+    "export": "memopt.models.export",
     "generate": "memopt.generate",
     # training
     "AdamW8bit": "memopt.train",
@@ -78,6 +79,7 @@ __all__ = [
     "build_meta",
     "embedding_cosine",
     "estimate",
+    "export",
     "generate",
     "load",
     "load_model",
@@ -97,6 +99,7 @@ if TYPE_CHECKING:
     from memopt.measure.profile import profile
     from memopt.measure.tracker import MemoryTracker
     from memopt.models import LoadedModel, build_meta, load_model
+    from memopt.models.export import export
     from memopt.models.saved import load, save
     from memopt.plan import plan_model
     from memopt.prune import NM, Magnitude, SparseGPT, Structured, Wanda, prune_

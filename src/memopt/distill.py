@@ -580,7 +580,8 @@ def distill_model(
                   schedule=schedule, warmup=steps // 20 if warmup is None else warmup,
                   checkpoint_every=checkpoint_every or max(1, steps // 4))  # fmt: skip
     DistillConfig(lr=lr or 1e-3, **common)  # refuse a bad option before loading anything
-    t = teacher if isinstance(teacher, LoadedModel) else load_model(teacher)
+    # the student is built from the teacher's weights and trained: a GGUF's float weights
+    t = teacher if isinstance(teacher, LoadedModel) else load_model(teacher, dequantize=True)
     if t.task not in ("encoder", "causal-lm"):
         raise MemoptError(f"{t.name}: distill needs a transformers encoder or causal LM")
     student_model = make_student(t, student)

@@ -9,6 +9,7 @@ grows with the prompt and would blur a per-token speed; ``prefill_s`` is reporte
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from memopt.core.errors import MemoptError
 from memopt.engine import engine_for
 from memopt.models import LoadedModel
 
-__all__ = ["generate", "prompt_ids"]
+__all__ = ["generate", "prompt_ids", "run_model"]
 
 
 def prompt_ids(loaded: LoadedModel, prompt: str | list[int], chat: bool = False) -> torch.Tensor:
@@ -202,3 +203,39 @@ def _result(
         "tokens_per_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else None,
         "engine": engine,
     }
+
+
+def run_model(
+    model: str | Path,
+    prompt: str,
+    max_new_tokens: int = 32,
+    *,
+    greedy: bool = True,
+    chat: bool = False,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """What ``memopt run MODEL`` does without a memory budget: greedy text straight from the files
+    through the decode engine when it can (memopt.engine.lean: no transformers, no module built),
+    else the full load and :func:`generate`. The result is :func:`generate`'s, tokens identical."""
+    from memopt.models import load_model, resolve
+
+    if max_new_tokens < 1:
+        raise MemoptError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    source = resolve(model)
+    if greedy and not chat:
+        from memopt.engine.lean import open_model
+
+        lean = open_model(source.path, _lean_positions(prompt, max_new_tokens))
+        if lean is not None:
+            ids = lean.encode(prompt)
+            if len(ids) + max_new_tokens <= lean.engine.max_seq:
+                return lean.generate(ids, max_new_tokens)
+    loaded = load_model(source, progress=progress)
+    if loaded.task != "causal-lm":
+        raise MemoptError(f"{source.name} is not a causal language model: nothing to generate")
+    return generate(loaded, prompt, max_new_tokens, greedy=greedy, chat=chat)
+
+
+def _lean_positions(prompt: str, max_new_tokens: int) -> int:
+    # a token is at least one byte of a byte-level vocabulary: the prompt's bytes bound its ids
+    return len(prompt.encode()) + 2 + max_new_tokens

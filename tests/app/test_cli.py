@@ -190,7 +190,28 @@ def test_run_json_contract(capsys) -> None:
     result = json.loads(out)
     assert isinstance(result["text"], str) and len(result["tokens"]) == 4
     assert result["tokens_per_s"] > 0
-    assert result["peak_rss_bytes"] > 500e6  # the float32 weights alone are 538 MB
+    # the GGUF runs in its own blocks (96.6 MB, read from the file's mapping), not 538 MB of float32
+    assert result["peak_rss_bytes"] > 96e6
+
+
+def test_quantize_of_a_gguf_says_it_requantizes(capsys, tmp_path: Path) -> None:
+    import json
+
+    from gguf import GGMLQuantizationType
+
+    from conftest import gguf_llama, write_llama_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, gguf_llama(tied=True), GGMLQuantizationType.Q4_1)
+    code, out, _ = _run(
+        capsys, "quantize", str(path), "--method", "int8", "-o", str(tmp_path / "a")
+    )
+    assert code == 0 and "note: requantized from the dequantized Q4_1 weights of the GGUF" in out
+    code, out, _ = _run(
+        capsys, "quantize", str(path), "--method", "int8", "-o", str(tmp_path / "b"), "--json"
+    )
+    assert code == 0
+    assert json.loads(out)["note"] == "requantized from the dequantized Q4_1 weights of the GGUF"
 
 
 def test_finetune_missing_data(capsys, tmp_path: Path) -> None:
@@ -267,3 +288,64 @@ def test_prune_bad_options(capsys, tiny_folder, tmp_path: Path, options, needle)
     )
     _assert_one_line_error(code, err, needle)
     assert not (tmp_path / "p").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+
+
+@pytest.fixture(scope="module")
+def int8_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama quantized to int8 (per channel), with a BPE tokenizer: a memopt folder."""
+    import memopt
+    from memopt.models import saved
+    from memopt.models.toy import tiny_llama, tiny_tokenizer
+
+    loaded = tiny_llama()
+    memopt.quantize_(loaded.model, memopt.Int8WeightOnly())
+    path = tmp_path_factory.mktemp("export") / "int8"
+    saved.save(loaded, path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt, name", [("gguf", "m.gguf"), ("safetensors", "hf")])
+def test_export_json_contract(capsys, int8_folder: Path, tmp_path: Path, fmt, name) -> None:
+    import json
+
+    target = tmp_path / name
+    code, out, _ = _run(
+        capsys, "export", str(int8_folder), "--format", fmt, "-o", str(target), "--json"
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert (result["format"], result["path"]) == (fmt, str(target))
+    size = (
+        target.stat().st_size if fmt == "gguf" else sum(f.stat().st_size for f in target.iterdir())
+    )
+    assert result["bytes"] == size > 0
+    if fmt == "gguf":  # int8 per channel, K a multiple of 32: every tensor written exactly
+        assert result["all_exact"] and result["requantized"] == {}
+    # the output is a MODEL for the other commands
+    code, out, _ = _run(capsys, "estimate", str(target), "--json")
+    assert code == 0 and json.loads(out)["peak_bytes"] > 0
+
+
+def test_export_table(capsys, int8_folder: Path, tmp_path: Path) -> None:
+    code, out, _ = _run(
+        capsys, "export", str(int8_folder), "--format", "gguf", "-o", str(tmp_path / "m.gguf")
+    )
+    assert code == 0 and "exact (bit for bit)" in out and "38 of 38" in out
+
+
+def test_export_bad_inputs(capsys, int8_folder: Path, tiny_folder, tmp_path: Path) -> None:
+    code, _, err = _run(capsys, "export", str(int8_folder), "--format", "gguf", "-o", str(tmp_path))
+    _assert_one_line_error(code, err, "is a folder")
+    target = tmp_path / "gpt2.gguf"
+    code, _, err = _run(
+        capsys, "export", str(tiny_folder("gpt2")), "--format", "gguf", "-o", str(target)
+    )
+    _assert_one_line_error(code, err, "architectures")
+    code, _, err = _run(capsys, "export", str(int8_folder), "--format", "onnx", "-o", str(target))
+    _assert_one_line_error(code, err, "--format")
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary left behind

@@ -49,8 +49,15 @@ def test_rows_are_measured_savings(demo) -> None:
     assert rows["int8"]["ram_bytes"] / base["ram_bytes"] <= 0.27
     assert rows["int8"]["perplexity"] / base["perplexity"] < 1.02
     assert rows["int4"]["ram_bytes"] / base["ram_bytes"] <= 0.16
+    # the GGUF as shipped: its Q4_1 / Q8_0 blocks in RAM (96.6 MB), the very values of the float32
+    # model (only the order of the sums differs), its disk the file itself
+    shipped = rows["GGUF"]
+    assert shipped["technique"] == "GGUF as shipped (Q4_1 + Q8_0)"
+    assert shipped["ram_bytes"] == pytest.approx(96_577_024, rel=1e-3)
+    assert shipped["perplexity"] == pytest.approx(base["perplexity"], rel=1e-4)
     for r in summary["rows"]:
-        # disk = safetensors + manifest + tokenizer files (a few MB) over the bytes in RAM
+        # disk = safetensors + manifest + tokenizer files (a few MB) over the bytes in RAM; the
+        # GGUF: its header (the vocabulary) over its tensors
         assert 0 <= r["disk_bytes"] - r["ram_bytes"] < 8e6
 
 

@@ -35,7 +35,7 @@ def config_only(tiny_folder, tmp_path_factory) -> Path:
 def test_the_checkpoint_dtype_is_the_default(bf16_folder, tiny_folder) -> None:
     assert stored_dtype(bf16_folder) == torch.bfloat16
     assert stored_dtype(tiny_folder("llama")) == torch.float32
-    assert stored_dtype("smollm2") == torch.float32  # GGUF: dequantized
+    assert stored_dtype("smollm2") == torch.float32  # GGUF: its float tensors, or dequantized
     assert step_spec(bf16_folder).dtype == "bfloat16"
     assert step_spec(bf16_folder, dtype="float32").dtype == "float32"
     # a 16-bit training step keeps float32 master weights; a float32 one needs none

@@ -14,6 +14,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from conftest import gguf_llama as _tiny_llama
+from conftest import write_llama_gguf as _write_llama_gguf
 from memopt import models
 from memopt.core.errors import MemoptError
 from memopt.formats.gguf import (
@@ -189,7 +191,7 @@ def test_hf_name() -> None:
 
 @pytest.fixture(scope="module")
 def memopt_logits() -> torch.Tensor:
-    loaded = models.load_model("smollm2")
+    loaded = models.load_model("smollm2", dtype=torch.float32)  # dequantized, as transformers does
     with torch.no_grad():
         return loaded.model(PROMPT_IDS).logits
 
@@ -220,125 +222,52 @@ def test_logits_equal_transformers_gguf_load(memopt_logits: torch.Tensor) -> Non
 # A tiny llama written here: the un-permutation gives back the original model's logits
 
 
-def _write_llama_gguf(path: Path, model: torch.nn.Module, qtype: QT, arch: str = "llama") -> None:
-    cfg = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    to_gguf = _HF_TO_GGUF_STEMS
-    for name, w in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        stem, _, kind = name.rpartition(".")
-        parts = stem.split(".")
-        if parts[:2] == ["model", "layers"]:
-            gname = f"blk.{parts[2]}.{to_gguf['.'.join(parts[3:])]}.{kind}"
-        else:
-            gname = f"{to_gguf[stem]}.{kind}"
-        a = w.numpy()
-        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
-        h = heads.get(gname.split(".")[-2] if gname.startswith("blk.") else "", 0)
-        if (
-            h and arch == "llama"
-        ):  # llama.cpp's converter: (n_head, 2, head_dim/2, in) -> (n_head, head_dim/2, 2, in)
-            a = a.reshape(h, 2, a.shape[0] // h // 2, -1).swapaxes(1, 2).reshape(a.shape)
-        if a.ndim == 2 and qtype != QT.F32:
-            writer.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(gname, np.ascontiguousarray(a))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-_HF_TO_GGUF_STEMS = {
-    "model.embed_tokens": "token_embd",
-    "model.norm": "output_norm",
-    "lm_head": "output",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def _tiny_llama(tied: bool, arch: str = "llama", bias: bool = False) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config_class, model_class = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[arch]
-    extra = {"attention_bias": True} if bias else {}
-    cfg = config_class(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-        tie_word_embeddings=tied,
-        **extra,
-    )
-    model = model_class(cfg).eval()
-    with torch.no_grad():  # norms away from 1 and biases away from 0, so that they matter
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_(0.0, 0.5)
-    return model
-
-
 @pytest.mark.parametrize(
-    ("qtype", "tied", "arch", "bias"),
+    ("qtype", "tied", "arch", "bias", "float_stems"),
     [
-        (QT.F32, True, "llama", False),
-        (QT.F32, False, "llama", False),
-        (QT.Q8_0, True, "llama", False),
-        (QT.F32, True, "llama", True),  # q/k biases are un-permuted like their rows
-        (QT.F32, False, "qwen2", False),  # qwen2: q/k/v biases, rows not permuted by llama.cpp
+        (QT.F32, True, "llama", False, ()),
+        (QT.F32, False, "llama", False, ()),
+        (QT.Q8_0, True, "llama", False, ()),
+        (QT.Q4_1, False, "llama", True, ()),  # quantized q/k rows un-permuted, biases too
+        (QT.Q4_0, True, "llama", False, ("token_embd",)),  # float tied embedding, Q4_0 blocks
+        (QT.F32, True, "llama", True, ()),  # q/k biases are un-permuted like their rows
+        (QT.F32, False, "qwen2", False, ()),  # qwen2: q/k/v biases, rows not permuted by llama.cpp
     ],
-    ids=["f32-tied", "f32-untied", "q8_0-tied", "f32-qk-bias", "qwen2"],
-)
+    ids=["f32-tied", "f32-untied", "q8_0-tied", "q4_1-untied-bias", "q4_0-float-tied-embedding",
+         "f32-qk-bias", "qwen2"],
+)  # fmt: skip
 def test_tiny_model_round_trip_logits(
-    tmp_path: Path, qtype: QT, tied: bool, arch: str, bias: bool
+    tmp_path: Path, qtype: QT, tied: bool, arch: str, bias: bool, float_stems: tuple[str, ...]
 ) -> None:
+    """Loaded as shipped (quantized tensors kept in their blocks) and dequantized to float32, a
+    GGUF gives the original model's logits with its weights as stored."""
+    from memopt.weights import GGMLWeight, QuantizedWeight
+
     model = _tiny_llama(tied, arch, bias)
     path = tmp_path / "tiny.gguf"
-    _write_llama_gguf(path, model, qtype, arch)
+    _write_llama_gguf(path, model, qtype, arch, float_stems)
     if qtype != QT.F32:  # the reference is the original model with its weights as stored
         with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 2:
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and not (float_stems and "embed_tokens" in name):
                     q = gguf.quants.quantize(p.numpy(), qtype)
                     p.copy_(torch.from_numpy(gguf.quants.dequantize(q, qtype)))
-    loaded = models.load_model(path)
-    assert loaded.config.tie_word_embeddings is tied
-    assert type(loaded.model) is type(model)
     ids = torch.tensor([[1, 5, 17, 42, 88, 3, 60]])
     with torch.no_grad():
-        diff = (loaded.model(ids).logits - model(ids).logits).abs().max().item()
-    assert diff < 1e-4, diff
+        want = model(ids).logits
+    for kwargs in ({}, {"dtype": torch.float32}):
+        loaded = models.load_model(path, **kwargs)
+        assert loaded.config.tie_word_embeddings is tied
+        assert type(loaded.model) is type(model)
+        kinds = {type(m) for m in loaded.model.modules() if isinstance(m, QuantizedWeight)}
+        assert kinds == ({GGMLWeight} if qtype != QT.F32 and not kwargs else set())
+        if tied:  # one weight, whether float or blocks
+            held = [getattr(m, "qweight", None) or m.weight for m in (
+                loaded.model.lm_head, loaded.model.model.embed_tokens)]  # fmt: skip
+            assert held[0] is held[1]
+        with torch.no_grad():
+            diff = (loaded.model(ids).logits - want).abs().max().item()
+        assert diff < 1e-4, (kwargs, diff)
 
 
 # --------------------------------------------------------------------------------------------------

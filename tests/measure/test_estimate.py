@@ -113,7 +113,7 @@ def test_llama_shaped_estimate_matches_profile(tiny_folder, task: str) -> None:
 
 
 def test_smollm2_estimate_matches_profile_in_child() -> None:
-    spec = StepSpec(batch=1, seq=128)
+    spec = StepSpec(batch=1, seq=128, dequantize=True)
     est = estimate("smollm2", spec)
     measured = profile("smollm2", spec)  # a fresh child: load the GGUF, dequantize, run
     _close(est.peak_bytes, measured.peak_bytes)
@@ -123,12 +123,28 @@ def test_smollm2_estimate_matches_profile_in_child() -> None:
     assert measured.peak_rss_bytes - measured.baseline_rss_bytes > est.breakdown["params"]
 
 
+def test_smollm2_as_shipped_estimate_equals_profile_to_the_byte() -> None:
+    """The GGUF's Q4_1 / Q8_0 blocks kept (inference's default): estimated on meta blocks, measured
+    on the file's, the same allocations (the blocks' dequantization included)."""
+    spec = StepSpec(batch=1, seq=128)  # dequantize=False: the blocks as stored
+    est = estimate("smollm2", spec)
+    measured = profile("smollm2", spec)  # a fresh child: load the GGUF's blocks, run
+    assert est.peak_bytes == measured.peak_bytes
+    assert est.breakdown == measured.breakdown
+    # weights: 96.6 MB of blocks (buffers) + the float32 norms, not 538 MB of float32
+    weights = est.breakdown["params"] + est.breakdown["buffers"]
+    assert 90 * MB < weights < 95 * MB, weights
+    assert (
+        est.peak_bytes < 0.25 * estimate("smollm2", StepSpec(seq=128, dequantize=True)).peak_bytes
+    )
+
+
 @pytest.mark.skipif(
     not os.environ.get("MEMOPT_SLOW"),
     reason="~25 s with the load: set MEMOPT_SLOW=1 (bench covers it)",
 )
 def test_smollm2_large_batch_estimate_matches_profile(smollm2: LoadedModel) -> None:
-    spec = StepSpec(batch=8, seq=512)  # 768 MiB of float32 logits; ~15 s
+    spec = StepSpec(batch=8, seq=512, dequantize=True)  # 768 MiB of float32 logits; ~15 s
     _close(estimate("smollm2", spec).peak_bytes, profile(smollm2, spec).peak_bytes)
 
 
@@ -244,7 +260,7 @@ def test_estimating_smollm2_reads_no_weights() -> None:
     What it does cost: parsing the GGUF header (the 49k-token vocabulary, ~80 MB of Python objects)
     and importing the Llama modelling code (~45 MB).
     """
-    out = run_in_child(estimate_in_child, "smollm2", {"batch": 1, "seq": 128})
+    out = run_in_child(estimate_in_child, "smollm2", {"batch": 1, "seq": 128, "dequantize": True})
     report = out["report"]
     assert report["breakdown"]["params"] > 500 * MB  # the estimate knows the weights are 538 MB
     grown = out["peak_rss_bytes"] - out["work_baseline_rss_bytes"]

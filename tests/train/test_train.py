@@ -138,7 +138,7 @@ def test_adamw8bit_state_is_a_quarter_of_adamw_on_smollm2() -> None:
     from memopt.models import build_meta
     from memopt.step.step import make_optimizer
 
-    model = build_meta("smollm2").model  # meta: the real shapes, no weights
+    model = build_meta("smollm2", dequantize=True).model  # meta: the float shapes, no weights
     sizes = {}
     for name in ("adamw", "adamw8bit"):
         params = [p for p in model.parameters()]

@@ -65,7 +65,8 @@ def _add_step_options(p: argparse.ArgumentParser, ranks: bool) -> None:
         choices=("float32", "float16", "bfloat16"),
         default=None,
         help="dtype of weights and activations (default: the checkpoint's own, e.g. bfloat16 for "
-        "a bfloat16 checkpoint; float32 for a GGUF file, whose blocks are dequantized)",
+        "a bfloat16 checkpoint; a GGUF file runs inference in its quantized blocks, float32 "
+        "activations, and trains dequantized to float32); given, a GGUF is dequantized to it",
     )
     p.add_argument(
         "--optimizer",
@@ -209,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="generate text (greedy by default)",
-        description="Generate text with MODEL (float, or a memopt folder) and report "
+        description="Generate text with MODEL (float, a memopt folder, or a GGUF file in its "
+        "own quantized blocks) and report "
         "decode speed (tokens/s, prefill excluded) and peak RSS.",
     )
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
@@ -373,6 +375,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser(
+        "export",
+        help="write MODEL as a GGUF file (llama.cpp) or a plain Hugging Face folder",
+        description="Write MODEL for another tool. --format gguf: one .gguf file that "
+        "llama.cpp loads and runs (llama, mistral, qwen2): int8 as Q8_0, int4 as Q4_0 / Q4_1 "
+        "from their own codes and scales (exact where the block holds them; requantized with "
+        "the error reported where it cannot), float tensors as stored, architecture keys and "
+        "tokenizer carried. --format safetensors: a folder (config.json, model.safetensors "
+        "with float weights, quantized ones dequantized; tokenizer files) that transformers' "
+        "from_pretrained loads.",
+    )
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--format", required=True, choices=("gguf", "safetensors"), help="what to write")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="PATH",
+        help="the file to write (gguf, e.g. model.gguf) or the folder (safetensors)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
         "demo",
         help="the main job on the bundled default model (smollm2)",
         description="Estimate, profile, optimize and verify the bundled smollm2, print "
@@ -497,6 +522,7 @@ def _memory_title(kind: str, args: argparse.Namespace, report: dict) -> str:
     return (
         f"{kind}: {args.model}, {args.task}, batch {args.batch} × seq {args.seq}, "
         f"{spec.get('dtype', args.dtype)}"
+        + (f" activations, {report['weights']}" if report.get("weights") else "")
         + (f", {args.optimizer}" if args.task == "train" else "")
         + (", checkpointing" if args.checkpointing else "")
         + (f", per rank of {args.ranks}" if getattr(args, "ranks", 1) > 1 else "")
@@ -607,23 +633,20 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             f"{len(result['skipped'])} modules kept as they were: "
             + ", ".join(f"{k} ({v})" for k, v in list(result["skipped"].items())[:3])
         )
+    if result.get("note"):
+        console.print(f"note: {result['note']}")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from memopt.core.rss import peak_rss_bytes
-    from memopt.generate import generate
-    from memopt.models import load_model
+    from memopt.generate import run_model
 
     if args.max_memory is not None:
         return _run_streamed(args)
-    with _progress("loading", quiet=args.json) as cb:
-        loaded = load_model(args.model, progress=cb)
-    if loaded.task != "causal-lm":
-        raise MemoptError(f"{args.model} is not a causal language model: nothing to generate")
     with _status("generating"):
-        result = generate(
-            loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat
+        result = run_model(
+            args.model, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat
         )
     result["peak_rss_bytes"] = peak_rss_bytes()
     return _print_generation(
@@ -785,11 +808,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from memopt.models import load_model
-    from memopt.plan import plan_model, verify_plan, write_plan_png
+    from memopt.plan import load_planned, plan_model, verify_plan, write_plan_png
 
     with _progress("loading", quiet=args.json) as cb:
-        loaded = load_model(args.model, progress=cb)
+        loaded = load_planned(args.model, progress=cb)
     with _status("capturing the graph and planning the arena"):
         plan = plan_model(loaded, batch=args.batch, seq=args.seq)
     result = plan.to_dict()
@@ -830,8 +852,49 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             f"(eager: {result['eager_allocations']}), max |output − eager| "
             f"{result['max_abs_diff']:.2e}, latency {result['latency_vs_eager']:.2f}× eager"
         )
+    if result.get("note"):
+        console.print(f"note: {result['note']}")
     if args.plot:
         console.print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from memopt.models.export import export
+
+    with _progress(f"exporting to {args.format}", quiet=args.json) as cb:
+        result = export(args.model, args.format, args.output, progress=cb)
+    if args.json:
+        _print_json(result)
+        return 0
+    from memopt.report import format_bytes, rich_table
+
+    rows = [("written", result["path"]), ("bytes", format_bytes(result["bytes"]))]
+    if args.format == "gguf":
+        types = ", ".join(f"{n} {t}" for t, n in sorted(result["types"].items()))
+        n_exact = len(result["exact"])
+        rows += [
+            ("architecture", result["architecture"]),
+            ("tensors", f"{result['tensors']} ({types})"),
+            ("exact (bit for bit)", f"{n_exact} of {result['tensors']}"),
+            ("tokenizer", result["tokenizer"]),
+        ]
+    else:
+        rows += [
+            ("tensors", f"{result['tensors']} ({result['dtype']})"),
+            ("dequantized", str(len(result["dequantized"]))),
+            ("files", ", ".join(result["files"])),
+        ]
+    console = _console()
+    console.print(rich_table(f"export: {args.model} → {args.format}", ("", ""), rows))
+    requantized = result.get("requantized") or {}
+    if requantized:
+        worst = min(requantized.items(), key=lambda kv: kv[1]["sqnr_db"])
+        console.print(
+            f"{len(requantized)} tensors not exact (worst: {worst[0]}, SQNR "
+            f"{worst[1]['sqnr_db']:.1f} dB, max |error| {worst[1]['max_abs_error']:.3g}: "
+            f"{worst[1]['why']}); --json lists each"
+        )
     return 0
 
 

@@ -1,6 +1,7 @@
 """``memopt demo``: the main job on the bundled default model, end to end.
 
-load → estimate (no weights read) → profile (the real step, measured in a child process) → each
+load → estimate (no weights read) → profile (the real step, measured in a child process) → the
+float32 baseline (a GGUF dequantized), the model as shipped (a GGUF's own quantized blocks) and each
 optimization that memopt has → verify (bytes in RAM and on disk, peak of an inference step, latency,
 perplexity) → a before/after table on the terminal and a report folder (report.json, PNGs,
 report.html). Every figure in it is measured in this run; nothing is carried over from elsewhere.
@@ -80,7 +81,11 @@ def _step_peak(model: nn.Module, ids: torch.Tensor) -> int:
     return tracker.peak_bytes
 
 
-def _measure_row(technique: str, loaded: Any, ids: torch.Tensor, note: str = "") -> DemoRow:
+def _measure_row(
+    technique: str, loaded: Any, ids: torch.Tensor, note: str = "", disk: int | None = None
+) -> DemoRow:
+    """``disk``: the bytes on disk when they are a file already there (the GGUF as shipped);
+    otherwise the model is saved as a memopt folder and that is measured."""
     from memopt.evaluate import perplexity
 
     model = loaded.model
@@ -88,12 +93,30 @@ def _measure_row(technique: str, loaded: Any, ids: torch.Tensor, note: str = "")
     return DemoRow(
         technique=technique,
         ram_bytes=model_bytes(model),
-        disk_bytes=_disk_bytes(loaded),
+        disk_bytes=_disk_bytes(loaded) if disk is None else disk,
         step_peak_bytes=_step_peak(model, ids),
         latency_s=_latency(model, ids),
         perplexity=ppl.perplexity,
         note=note,
     )
+
+
+def _shipped_row(model_name: str, loaded: Any, ids: torch.Tensor) -> DemoRow | None:
+    """The model as shipped, for a GGUF file with quantized weights: loaded in its own blocks
+    (memopt.weights.GGMLWeight), its disk the file itself. None for any other source."""
+    from memopt.models import load_model
+    from memopt.weights import GGMLWeight
+
+    source = loaded.source
+    if source is None or source.kind != "gguf":
+        return None
+    shipped = load_model(model_name)  # no dtype: the blocks as they are in the file
+    types = sorted({m.ggml_type for m in shipped.model.modules() if isinstance(m, GGMLWeight)})
+    if not types:
+        return None
+    label = f"GGUF as shipped ({' + '.join(types)})"
+    note = "the file's blocks, zero-copy; dequantized rows exactly llama.cpp's"
+    return _measure_row(label, shipped, ids, note, disk=source.path.stat().st_size)
 
 
 def _techniques() -> list[tuple[str, Callable[[nn.Module], Any], str]]:
@@ -142,8 +165,9 @@ def run_demo(
     say = console.print if console is not None else (lambda *a, **k: None)
     t_start = time.perf_counter()
 
-    # 1. Will it fit? Predict without reading a weight.
-    infer = StepSpec(task="infer", batch=1, seq=512)
+    # 1. Will it fit? Predict without reading a weight. The float32 model (a GGUF dequantized),
+    # the baseline of every row below.
+    infer = StepSpec(task="infer", batch=1, seq=512, dequantize=True)
     train = StepSpec(task="train", batch=1, seq=_STEP_SEQ, optimizer="adamw")
     say(f"[bold]1. estimate[/] {model_name} (meta device, no weights read)")
     est_infer, est_train = estimate(model_name, infer), estimate(model_name, train)
@@ -155,7 +179,7 @@ def run_demo(
 
     # 3. Optimize and verify: every row is measured on the model after the transform.
     say("[bold]3. optimize and verify[/] (bytes, step peak, latency, perplexity)")
-    loaded = load_model(model_name)
+    loaded = load_model(model_name, dtype=torch.float32)  # the baseline: float32, explicitly
     if loaded.task != "causal-lm":
         raise MemoptError(f"{model_name}: the demo needs a causal language model")
     gen = torch.Generator().manual_seed(0)
@@ -167,6 +191,10 @@ def run_demo(
     )
     rows = [_measure_row("float32 (baseline)", loaded, ids, source_note)]
     say(f"  {rows[-1].technique}: measured")
+    shipped = _shipped_row(model_name, loaded, ids)
+    if shipped is not None:
+        rows.append(shipped)
+        say(f"  {rows[-1].technique}: measured")
     for name, transform, note in _techniques():
         variant = copy.copy(loaded)
         variant.model = copy.deepcopy(loaded.model)

@@ -82,8 +82,8 @@ def stream_row(
 ) -> dict[str, Any]:
     """Streamed vs in-memory generation of ``model`` at ``share`` of its float32 bytes.
 
-    ``loaded``: the model already in memory (the demo has it), used to write the float folder of a
-    GGUF without loading it again. Returns ``budget_bytes``, ``float32_bytes``,
+    ``loaded``: the float model already in memory (the demo has it), used to write the float
+    folder of a GGUF without loading it again. Returns ``budget_bytes``, ``float32_bytes``,
     ``peak_over_baseline_bytes`` (streamed), ``within_budget``, ``in_memory_peak_over_baseline_bytes``,
     ``tokens_per_s`` and ``in_memory_tokens_per_s``, ``tokens_per_s_ratio``, ``same_tokens``,
     ``source`` (what was streamed) and ``seconds``. Raises :class:`~memopt.core.errors.MemoptError` if
@@ -128,7 +128,7 @@ def _float_folder(model: str | Path, folder: Path, loaded: LoadedModel | None) -
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
         return folder
     if loaded is None:
-        loaded = load_model(model)
+        loaded = load_model(model, dequantize=True)  # the float32 weights, dequantized
     with staged_folder(folder, "model.safetensors") as tmp:  # never a half-written folder
         save_float_folder(loaded, tmp)
     return folder
@@ -173,7 +173,7 @@ def train_row(
     """
     if steps < 3:
         raise MemoptError(f"the demo training row needs at least 3 steps, got {steps}")
-    base = model if isinstance(model, LoadedModel) else load_model(model)
+    base = model if isinstance(model, LoadedModel) else load_model(model, dequantize=True)
     if base.task != "causal-lm":
         raise MemoptError(f"{base.name}: the training row needs a causal language model")
     options = {"plain": {}, "optimized": TRAIN_OPTIMIZED}

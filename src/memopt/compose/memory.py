@@ -6,6 +6,9 @@ streamed under ``--max-memory``. :func:`step_spec` holds the policy that turns t
 :class:`~memopt.step.step.StepSpec`:
 
 * the dtype is the checkpoint's own unless one is asked for (:func:`memopt.models.stored_dtype`);
+* a checkpoint stored quantized (a GGUF file's Q4_1 / Q8_0 ... blocks) runs inference in those
+  blocks, counted as they are; an explicit dtype means dequantized to it, and a training step
+  dequantizes (to float32 unless a dtype is asked for): blocks have no gradients;
 * a 16-bit training step keeps float32 master weights (without them round-to-nearest loses the
   small updates: memopt.step.precision);
 * ``generate`` sizes its step as the prefill over the ``seq``-token prompt.
@@ -21,7 +24,7 @@ from memopt.formats.safetensors import dtype_name
 from memopt.measure.estimate import estimate
 from memopt.measure.generation import estimate_generation, profile_generation
 from memopt.measure.profile import profile
-from memopt.models import stored_dtype
+from memopt.models import keeps_blocks, stored_dtype
 from memopt.step.step import StepSpec
 from memopt.stream.memory import estimate_streamed, profile_streamed
 
@@ -45,6 +48,7 @@ def step_spec(
     """The step that ``memopt estimate`` / ``profile`` run for these options (the policy above)."""
     if task not in TASKS:
         raise MemoptError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+    dequantize = task == "train" or dtype is not None
     dtype = dtype or dtype_name(stored_dtype(model))
     return StepSpec(
         task="infer" if task == "generate" else task,  # generate: the prefill-sized step
@@ -56,6 +60,7 @@ def step_spec(
         ranks=ranks,
         grad_accum=grad_accum,
         master_weights=task == "train" and dtype != "float32",
+        dequantize=dequantize,
     )
 
 
@@ -78,7 +83,8 @@ def memory_report(
     """The memory of the run these options describe, as ``memopt estimate`` (``measured=False``:
     the meta device, no weight read) or ``memopt profile`` (``measured=True``: the real run in a
     fresh child process) report it: ``peak_bytes``, ``breakdown``, ``spec`` and, measured,
-    ``peak_rss_bytes`` and ``baseline_rss_bytes``."""
+    ``peak_rss_bytes`` and ``baseline_rss_bytes``; ``weights`` says when a GGUF's quantized blocks
+    were kept as stored (not under ``max_memory``: the streamed run dequantizes)."""
     stored = dtype_name(stored_dtype(model))
     if max_memory is not None and dtype not in (None, stored):
         raise MemoptError(
@@ -97,5 +103,9 @@ def memory_report(
         )  # fmt: skip
     if generate:
         of_generation = profile_generation if measured else estimate_generation
-        return of_generation(model, spec, max_new_tokens, kv_int8)
-    return (profile(model, spec) if measured else estimate(model, spec)).to_dict()
+        report = of_generation(model, spec, max_new_tokens, kv_int8)
+    else:
+        report = (profile(model, spec) if measured else estimate(model, spec)).to_dict()
+    if keeps_blocks(model, dequantize=spec.dequantize):
+        report["weights"] = "GGUF blocks as stored"
+    return report

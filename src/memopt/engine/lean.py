@@ -92,16 +92,20 @@ def _clean_up(text: str) -> str:
 
 
 def open_model(path: str | Path, max_seq: int) -> LeanModel | None:
-    """The engine over a memopt folder or a Hugging Face folder of float32 weights, for
-    ``max_seq`` positions; None when this path cannot run it (use the full one)."""
-    folder = Path(path)
-    if library() is None or not folder.is_dir() or not (folder / "tokenizer.json").is_file():
+    """The engine over a GGUF file, a memopt folder or a Hugging Face folder of float32 weights,
+    for ``max_seq`` positions; None when this path cannot run it (use the full one)."""
+    path = Path(path)
+    if library() is None:
         return None
     try:
-        if (folder / MANIFEST).is_file():
-            return _memopt_folder(folder, max_seq)
-        if (folder / "config.json").is_file():
-            return _hf_folder(folder, max_seq)
+        if path.is_file() and path.suffix == ".gguf":
+            return _gguf_file(path, max_seq)
+        if not path.is_dir() or not (path / "tokenizer.json").is_file():
+            return None
+        if (path / MANIFEST).is_file():
+            return _memopt_folder(path, max_seq)
+        if (path / "config.json").is_file():
+            return _hf_folder(path, max_seq)
     except _Unsupported:
         return None
     return None
@@ -213,3 +217,80 @@ def _hf_folder(folder: Path, max_seq: int) -> LeanModel:
     eng = build(arch_of(config), get, lambda name: tensor(f"{name}.weight"), max_seq)
     tok, eos, cleanup = _tokenizer(folder)
     return LeanModel(str(folder), eng, tok, eos, cleanup, [reader])
+
+
+def _gguf_file(path: Path, max_seq: int) -> LeanModel:
+    """The GGUF's blocks as they are stored (Hugging Face row order: llama q/k rows un-permuted,
+    as a load does), its metadata for the config, its converted tokenizer (memopt's cache)."""
+    from tokenizers import Tokenizer
+
+    from memopt.formats.gguf import GGUFSource, gguf_metadata, gguf_tokenizer_file
+    from memopt.weights.ggml import GGMLWeight
+
+    meta = gguf_metadata(path)
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2") or meta.get(f"{arch}.rope.scaling.type", "none") != "none":
+        raise _Unsupported(f"GGUF architecture {arch!r}")
+    src = GGUFSource(path)
+    heads = int(meta[f"{arch}.attention.head_count"])
+    dim = int(meta[f"{arch}.embedding_length"])
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or dim // heads)
+    config = SimpleNamespace(
+        architectures=["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        model_type=arch, hidden_size=dim, num_attention_heads=heads, head_dim=head_dim,
+        intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
+        num_hidden_layers=int(meta[f"{arch}.block_count"]),
+        num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads),
+        vocab_size=int(src.shape("model.embed_tokens.weight")[0]),
+        rms_norm_eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
+        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+    )  # fmt: skip
+    names = set(src.names())
+    made: dict[str, Any] = {}
+
+    def weight(name: str) -> Weight:
+        if name not in made:
+            ggml_type, raw = src.raw(name)
+            blocks = torch.from_numpy(raw) if raw.flags.writeable else _view(raw)
+            if ggml_type in ("F32",):
+                made[name] = blocks.view(torch.float32).reshape(src.shape(name))
+            else:
+                made[name] = GGMLWeight(blocks, ggml_type, src.shape(name))
+        return made[name]
+
+    def get(module: str) -> tuple[Weight, torch.Tensor | None]:
+        name = f"{module}.weight"
+        if name not in names and module == "lm_head":
+            name = "model.embed_tokens.weight"  # tied: stored once
+        if name not in names:
+            raise _Unsupported(f"no tensor {name}")
+        bias = f"{module}.bias"
+        return weight(name), (weight(bias) if bias in names else None)
+
+    def norm(module: str) -> torch.Tensor:
+        w = weight(f"{module}.weight")
+        if not isinstance(w, torch.Tensor):
+            raise _Unsupported(f"a quantized norm {module}")
+        return w
+
+    eng = build(arch_of(config), get, norm, max_seq)
+    tok_file = gguf_tokenizer_file(path)
+    tok = Tokenizer.from_file(str(tok_file))
+    eos = (
+        {int(meta["tokenizer.ggml.eos_token_id"])}
+        if "tokenizer.ggml.eos_token_id" in meta
+        else set()
+    )
+    tc = _json(tok_file.parent / "tokenizer_config.json")
+    return LeanModel(str(path), eng, tok, eos, bool(tc.get("clean_up_tokenization_spaces", False)),
+                     [src])  # fmt: skip
+
+
+def _view(raw: Any) -> torch.Tensor:
+    """A read-only numpy view of the file's mapping as a tensor: never written (the weights are
+    only read), so torch's warning about non-writable memory does not apply."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -257,6 +258,7 @@ class Engine:
         self.scratch = torch.empty(lib.memopt_scratch_floats(ctypes.byref(self.model)))
         self.logits = torch.empty(self.vocab)
         self._lib = lib
+        self._threads = _Threads()
 
     @property
     def cache_bytes(self) -> int:
@@ -264,15 +266,64 @@ class Engine:
 
     def forward(self, token: int, pos: int, threads: int | None = None) -> torch.Tensor:
         """Logits ``(vocab,)`` of ``token`` at position ``pos`` (positions ``< pos`` are in the
-        cache). The returned tensor is overwritten by the next call."""
-        nt = threads or torch.get_num_threads()
+        cache). The returned tensor is overwritten by the next call.
+
+        ``threads`` None: torch's thread count or one thread, whichever has been faster lately
+        (see :class:`_Threads`)."""
+        nt = threads or self._threads.pick()
+        start = time.perf_counter()
         rc = self._lib.memopt_forward(
             ctypes.byref(self.model), int(token), int(pos), self.logits.data_ptr(),
             self.k_cache.data_ptr(), self.v_cache.data_ptr(), self.scratch.data_ptr(), nt,
         )  # fmt: skip
+        if threads is None:
+            self._threads.record(nt, time.perf_counter() - start)
         if rc != 0:
             raise MemoptError(f"engine: token {token} at position {pos} is out of range")
         return self.logits
+
+
+class _Threads:
+    """How many threads a token runs on: torch's thread count, or one where that is faster.
+
+    Why: a token's threads meet at a barrier after every matrix-vector product, hundreds of times;
+    when another process is busy on one of the cores, every barrier waits for a thread that is not
+    running, and two threads run many times slower than one (measured here under load, both for
+    PyTorch's own parallel sections and this engine's). The choice is made by measurement, as the
+    run goes: each count is tried on the first tokens, then the faster recent one is used, and the
+    other is tried again now and then, so that a load that comes or goes changes the choice.
+    """
+
+    EXPLORE_EVERY = 32  # tokens before the count not in use is tried again (doubles while it loses)
+    MAX_EVERY = 4096
+
+    def __init__(self) -> None:
+        self.counts = sorted({max(1, torch.get_num_threads()), 1}, reverse=True)
+        self.seconds: dict[int, float] = {}  # count -> recent seconds a token (moving average)
+        self.every = self.EXPLORE_EVERY
+        self.calls = 0
+        self.next_try = 0
+
+    def pick(self) -> int:
+        self.calls += 1
+        untried = [c for c in self.counts if c not in self.seconds]
+        if untried:
+            return untried[0]
+        best = min(self.counts, key=self.seconds.__getitem__)
+        if len(self.counts) > 1 and self.calls >= self.next_try:
+            # a try of the other count: a slow one costs a token, so a count that keeps losing
+            # is tried ever more rarely (under a lasting load, two threads can be 40x slower)
+            self.next_try = self.calls + self.every
+            self.every = min(self.every * 2, self.MAX_EVERY)
+            return next(c for c in self.counts if c != best)
+        return best
+
+    def record(self, count: int, seconds: float) -> None:
+        old = self.seconds.get(count)
+        best = min(self.seconds.values()) if self.seconds else None
+        if best is not None and old is not None and seconds < best:
+            self.every = self.EXPLORE_EVERY  # the tried count won: watch closely again
+        self.seconds[count] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
 
 def engine_for(model: nn.Module, config: Any, max_seq: int) -> Engine | None:

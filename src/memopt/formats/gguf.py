@@ -50,7 +50,10 @@ __all__ = [
     "convert_tokenizer",
     "dequantize",
     "gguf_config",
+    "gguf_metadata",
+    "gguf_tensor_types",
     "gguf_tokenizer",
+    "gguf_tokenizer_file",
     "hf_name",
 ]
 
@@ -198,6 +201,32 @@ def gguf_config(path: Path) -> Any:
     return _config(reader, path)
 
 
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The file's scalar metadata (numbers, strings, booleans) by key; arrays (the vocabulary)
+    are left out. The parsed header stays parked for the GGUFSource that follows."""
+    reader = _reader(Path(path), take=False)
+    out: dict[str, Any] = {}
+    for key in reader.fields:
+        value = _field(reader, key)
+        if isinstance(value, (int, float, str, bool)):
+            out[key] = value
+    return out
+
+
+def gguf_tensor_types(path: Path) -> dict[str, str]:
+    """Each tensor's GGML type by its Hugging Face name (``"Q4_1"``, ``"F32"``...), from the tensor
+    table alone: no tensor read (the parsed header stays parked for the GGUFSource that follows)."""
+    path = Path(path)
+    reader = _reader(path, take=False)
+    types: dict[str, str] = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            raise MemoptError(f"{path}: GGUF tensor {t.name!r} has no known Hugging Face name")
+        types[name] = t.tensor_type.name
+    return types
+
+
 def _config(reader: Any, path: Path) -> Any:
     arch = _architecture(reader, path)
 
@@ -297,7 +326,8 @@ def hf_name(gguf_name: str) -> str | None:
 # (rows, values_per_row) float32. Ours rather than gguf.quants.dequantize because it is faster:
 # gguf's numpy code makes several float32 temporaries per block. The arithmetic is
 # done in the same order as gguf's (q * d, then + m, in float32), so the values are bit-identical
-# to it (checked in tests/formats/test_gguf.py).
+# to it (checked in tests/formats/test_gguf.py). Every temporary is made on the blocks' device, so
+# that the same code runs on the meta device (estimating a model that keeps its blocks).
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -307,7 +337,7 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """Unpack (n, 16) bytes into (n, 32) uint8 values: low nibbles are values 0-15, high ones 16-31."""
-    q = torch.empty(qs.shape[0], 32, dtype=torch.uint8)
+    q = torch.empty(qs.shape[0], 32, dtype=torch.uint8, device=qs.device)
     torch.bitwise_and(qs, 0x0F, out=q[:, :16])
     torch.bitwise_right_shift(qs, 4, out=q[:, 16:])
     return q
@@ -339,7 +369,8 @@ def _dq_q4_1(blocks: torch.Tensor) -> torch.Tensor:
 
 def _high_bits(qh: torch.Tensor) -> torch.Tensor:
     """Bit i of each block's 32-bit ``qh`` word, shifted to bit 4: (n, 4) bytes -> (n, 32) uint8."""
-    bits = qh.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)  # (n, 4, 8): byte j, bit i
+    shift = torch.arange(8, dtype=torch.uint8, device=qh.device)
+    bits = qh.unsqueeze(-1) >> shift  # (n, 4, 8): byte j, bit i
     return ((bits & 1) << 4).reshape(qh.shape[0], 32)  # value 8j+i, little-endian word
 
 
@@ -396,7 +427,7 @@ def _dq_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     scales = blocks[:, 192:208].view(torch.int8).float()  # (n, 16)
     d = _f16(blocks, 208)
     low = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32)  # (n, half, quarter, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).reshape(1, 1, 4, 1)
     high = (qh >> shifts) & 0x03  # (n, half, quarter, 32)
     q = (low | (high << 4)).view(torch.int8).float().sub_(32).reshape(n, 16, 16)
     return (q * (d * scales).unsqueeze(-1)).reshape(n, 256)
@@ -434,6 +465,7 @@ def block_layout(ggml_type: str) -> tuple[int, int]:
             f"GGML type {ggml_type} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
         )
     return kind.block_values, kind.block_bytes
+
 
 # Above this many blocks a tensor is dequantized in slices, to bound the temporaries.
 _CHUNK_BLOCKS = 1 << 18
@@ -476,7 +508,7 @@ def dequantize(
     n = blocks.shape[0]
     if n <= _CHUNK_BLOCKS:
         return kind.fn(blocks).reshape(shape)
-    out = torch.empty(n, kind.block_values)
+    out = torch.empty(n, kind.block_values, device=blocks.device)
     for i in range(0, n, _CHUNK_BLOCKS):
         out[i : i + _CHUNK_BLOCKS] = kind.fn(blocks[i : i + _CHUNK_BLOCKS])
     return out.reshape(shape)
@@ -708,10 +740,23 @@ _TOKENIZER_CACHE_VERSION = 2
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     "gpt2": (_GPT2_SPLIT,),
+    "gpt-2": (_GPT2_SPLIT,),  # llama.cpp's own name for it (convert_hf_to_gguf writes this one)
     "smollm": (r"\p{N}", _GPT2_SPLIT),
     "starcoder": (r"\p{N}", _GPT2_SPLIT),
     "refact": (r"\p{N}", _GPT2_SPLIT),
 }
+
+
+def gguf_tokenizer_file(path: Path) -> Path:
+    """The ``tokenizer.json`` of the file's converted tokenizer (converted once, cached: see
+    :func:`gguf_tokenizer`), for a reader that needs only the ``tokenizers`` library."""
+    path = Path(path)
+    cached = _tokenizer_cache(path) / "tokenizer.json"
+    if not cached.is_file():
+        gguf_tokenizer(path)  # converts (in a child process) and fills the cache
+    if not cached.is_file():
+        raise MemoptError(f"{path}: its converted tokenizer could not be cached")
+    return cached
 
 
 def _tokenizer_cache(path: Path) -> Path:

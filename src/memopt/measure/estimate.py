@@ -144,7 +144,8 @@ def estimate(model: str | Path | LoadedModel, spec: StepSpec | None = None) -> M
     """Predict the memory of one step of ``spec`` on ``model``, reading no weights.
 
     ``model`` is a bundled name, a path, or a :class:`LoadedModel` (copied to the meta device without
-    copying its data; the original is not changed). Fails with :class:`MemoptError` for bad input or
+    copying its data; the original is not changed). A GGUF file is built with its quantized blocks
+    kept, or dequantized, as ``spec.dequantize`` says: the model that ``profile`` loads. Fails with :class:`MemoptError` for bad input or
     for an architecture with a data-dependent op.
     """
     spec = spec or StepSpec()
@@ -159,7 +160,7 @@ def estimate(model: str | Path | LoadedModel, spec: StepSpec | None = None) -> M
             example_inputs=model.example_inputs,
         )
     else:
-        loaded = build_meta(model)
+        loaded = build_meta(model, dequantize=spec.dequantize)
     spec.check_model(loaded)
     result = tracked_step(loaded, spec, device="meta")
     report = report_from_result(loaded, spec, result, kind="estimate")

@@ -149,7 +149,7 @@ def _generation_in_child(
 
     baseline = import_baseline()
     step = StepSpec(**spec)
-    loaded = load_model(model, dtype=step.torch_dtype)
+    loaded = load_model(model, **step.load_kwargs())
     if loaded.task != "causal-lm":
         raise MemoptError(f"{loaded.name} is not a causal language model: nothing to generate")
     report = profile_loaded(loaded, step).to_dict()

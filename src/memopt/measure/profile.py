@@ -58,7 +58,7 @@ def profile(
         report.baseline_rss_bytes = int(out["work_baseline_rss_bytes"])
         report.rss_scope = "child"
     else:
-        report = profile_loaded(load_model(model, dtype=spec.torch_dtype), spec, device=device)
+        report = profile_loaded(load_model(model, **spec.load_kwargs()), spec, device=device)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -94,6 +94,6 @@ def _profile_in_child(model: str, spec: dict[str, Any], device: str = "cpu") -> 
     step = StepSpec(**spec)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    loaded = load_model(model, dtype=step.torch_dtype)
+    loaded = load_model(model, **step.load_kwargs())
     report = profile_loaded(loaded, step, device=device)
     return {"report": report.to_dict(), "work_baseline_rss_bytes": baseline}

@@ -3,7 +3,9 @@
 Every source is read the same way: the architecture is built on the meta device from its config (no
 memory, no initialisation), then each weight is read from a :class:`TensorSource` one tensor at a time
 and assigned in place, so loading never holds more than the model plus one tensor. ``build_meta``
-stops before the weights: estimation runs on it without reading a byte of them.
+stops before the weights: estimation runs on it without reading a byte of them. A GGUF file's
+quantized weights stay in their blocks (memopt.weights.GGMLWeight, views of the file's mapping)
+unless a dtype is asked for.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "architecture",
     "assign_tensor",
     "build_meta",
+    "keeps_blocks",
     "load_config",
     "load_model",
     "match_key",
@@ -200,31 +203,104 @@ def architecture(config: Any, task: Task) -> nn.Module:
         ) from None
 
 
-def build_meta(spec: str | Path | ModelSource) -> LoadedModel:
-    """The model's architecture on the meta device: shapes and dtypes, no storage, no weights read."""
+def build_meta(
+    spec: str | Path | ModelSource,
+    dtype: torch.dtype | None = None,
+    *,
+    dequantize: bool | None = None,
+) -> LoadedModel:
+    """The model's architecture on the meta device: shapes and dtypes, no storage, no weights read.
+
+    ``dtype``: the float dtype of its weights (default: the checkpoint's own, :func:`stored_dtype`;
+    a memopt folder's float modules are cast to it as :func:`load_model` casts them). A GGUF file's
+    Linear and Embedding weights stored in a quantized GGML type (Q4_1, Q8_0, Q4_K...) stay as they
+    are, a :class:`~memopt.weights.QLinear` / :class:`~memopt.weights.QEmbedding` around a
+    :class:`~memopt.weights.GGMLWeight` (tied modules share one), unless the weights are to be
+    dequantized: ``dequantize=True``, or ``dtype`` given with ``dequantize`` left None (the float
+    architecture, as every tensor dequantized). ``dequantize=False`` keeps the blocks whatever the
+    dtype (its float tensors, the norms, in ``dtype``). Other sources ignore ``dequantize``.
+    """
     source = spec if isinstance(spec, ModelSource) else resolve(spec)
     if (
         source.kind == "memopt"
     ):  # quantized modules in place, from the manifest (memopt.models.saved)
         from memopt.models.saved import build_meta as build_saved_meta
 
-        return build_saved_meta(source.path, source.name)
+        loaded = build_saved_meta(source.path, source.name)
+        if dtype is not None:
+            _cast_saved(loaded.model, dtype)
+        return loaded
     config = load_config(source)
     task = task_of(config)
     with torch.device("meta"):
         model = architecture(config, task)
-    model.to(stored_dtype(source, config))
+    model.to(dtype or stored_dtype(source, config))
     tie_weights(model)
+    if keeps_blocks(source, dtype, dequantize):
+        from memopt.formats.gguf import gguf_tensor_types
+
+        _swap_ggml_modules(model, gguf_tensor_types(source.path))
     return LoadedModel(model.eval(), task, source.name, config, source)
+
+
+def keeps_blocks(
+    spec: str | Path | ModelSource, dtype: torch.dtype | None = None, dequantize: bool | None = None
+) -> bool:
+    """Whether :func:`build_meta` / :func:`load_model` with these arguments keep a source's
+    quantized blocks as they are (a GGUF file, not asked to dequantize; see :func:`build_meta`)."""
+    source = spec if isinstance(spec, ModelSource) else resolve(spec)
+    if source.kind != "gguf":
+        return False
+    return dequantize is False or (dequantize is None and dtype is None)
+
+
+def _swap_ggml_modules(model: nn.Module, types: dict[str, str]) -> None:
+    """Put a QLinear / QEmbedding around an empty (meta) GGMLWeight in place of every Linear and
+    Embedding whose weight the file stores in a quantized GGML type; modules sharing one weight (a
+    tied head) share one GGMLWeight. ``types``: GGML type by the file's (Hugging Face) names."""
+    from memopt.core.modules import set_module
+    from memopt.formats.gguf import QUANTIZED_TYPES, block_layout
+    from memopt.weights import GGMLWeight, QEmbedding, QLinear
+
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    file_of = {key: name for name in types if (key := match_key(name, targets)) is not None}
+    owners: dict[int, list[str]] = {}  # id(weight) -> every "<module>.weight" holding it
+    for key, p in targets.items():
+        owners.setdefault(id(p), []).append(key)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for keys in owners.values():
+        held = {file_of[k] for k in keys if k in file_of}
+        if len(held) != 1:
+            continue  # not in the file, or (a config that does not describe the file) in two
+        ggml_type = types[held.pop()]
+        names = [k.rpartition(".")[0] for k in keys]
+        if ggml_type not in QUANTIZED_TYPES or not all(
+            key.endswith(".weight") and isinstance(modules.get(m), (nn.Linear, nn.Embedding))
+            for key, m in zip(keys, names, strict=True)
+        ):
+            continue
+        rows, cols = (int(d) for d in targets[keys[0]].shape)
+        values, nbytes = block_layout(ggml_type)
+        blocks = torch.empty((rows, cols // values * nbytes), dtype=torch.uint8, device="meta")
+        qw = GGMLWeight(blocks, ggml_type, (rows, cols))
+        for name in names:
+            old = modules[name]
+            new: nn.Module = (
+                QEmbedding(qw, old.padding_idx)
+                if isinstance(old, nn.Embedding)
+                else QLinear(qw, old.bias)
+            )
+            set_module(model, name, new)
 
 
 def stored_dtype(spec: str | Path | ModelSource, config: Any = None) -> torch.dtype:
     """The float dtype a model's weights run in unless told otherwise: the checkpoint's own.
 
     A Hugging Face folder: its first floating weight tensor's dtype (config.json's ``torch_dtype``
-    when the folder holds no weights, float32 when it says nothing); GGUF: float32 (its blocks are
-    dequantized); a memopt folder: the dtype holding most floating parameter elements of the saved
-    model (quantized weights count as the dtype they were quantized from).
+    when the folder holds no weights, float32 when it says nothing); GGUF: float32 (its float
+    tensors, and its quantized blocks where they are dequantized); a memopt folder: the dtype
+    holding most floating parameter elements of the saved model (quantized weights count as the
+    dtype they were quantized from).
     """
     source = spec if isinstance(spec, ModelSource) else resolve(spec)
     if source.kind == "gguf":
@@ -313,8 +389,16 @@ def load_model(
     spec: str | Path | ModelSource | nn.Module,
     dtype: torch.dtype | None = None,
     progress: ProgressFn | None = None,
+    *,
+    dequantize: bool | None = None,
 ) -> LoadedModel:
-    """Load a model with its weights, reading one tensor at a time into a meta-built architecture."""
+    """Load a model with its weights, reading one tensor at a time into a meta-built architecture.
+
+    ``dtype`` None: the checkpoint's own. A GGUF file's quantized Linear / Embedding weights stay in
+    their GGML blocks (:func:`build_meta` says when): zero-copy views of the file's mapping (llama's
+    q/k rows, which llama.cpp reorders, are copies in Hugging Face order), so the model holds about
+    the file's bytes; an explicit ``dtype`` (or ``dequantize=True``) dequantizes every tensor.
+    """
     if isinstance(spec, nn.Module):
         raise MemoptError("a plain nn.Module needs example inputs: use LoadedModel.from_module")
     source = spec if isinstance(spec, ModelSource) else resolve(spec)
@@ -325,37 +409,45 @@ def load_model(
             f"{source.name}: the folder has config.json but no *.safetensors weights; this "
             "command needs the weights (`memopt estimate` works from config.json alone)"
         )
-    loaded = build_meta(source)
+    loaded = build_meta(source, dtype, dequantize=dequantize)
     model, source = loaded.model, loaded.source
     assert source is not None
     src = tensor_source(source)
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    blocks_of = _ggml_weights(model)  # "<module>.weight" -> its GGMLWeight (tied: one, twice)
     total = sum(src.nbytes(n) for n in src.names())
     done = 0
-    loaded_keys: set[str] = set()
     unexpected: list[str] = []
     for name in src.names():
-        key = match_key(name, targets)
         done += src.nbytes(name)
-        if key is None:
-            unexpected.append(name)
-            continue
-        target = targets[key]
-        tensor = src.get(name, dtype or (target.dtype if target.is_floating_point() else None))
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise MemoptError(
-                f"{source.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"the architecture expects {tuple(target.shape)}"
-            )
-        assign_tensor(model, key, tensor)
-        loaded_keys.add(key)
+        qkey = match_key(name, blocks_of) if blocks_of else None
+        if qkey is not None:
+            _fill_blocks(source.name, src, name, blocks_of[qkey])
+        else:
+            key = match_key(name, targets)
+            if key is None:
+                unexpected.append(name)
+                continue
+            target = targets[key]
+            tensor = src.get(name, dtype or (target.dtype if target.is_floating_point() else None))
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise MemoptError(
+                    f"{source.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the architecture expects {tuple(target.shape)}"
+                )
+            assign_tensor(model, key, tensor)
         if progress is not None:
             progress(done, total)
     _refuse_unused_weights(source.name, unexpected, model)
-    tie_weights(model)
+    if blocks_of:
+        _tie_float_weights(model)
+        model.memopt_quantization = [_gguf_record(blocks_of)]  # what a saved folder records
+    else:
+        tie_weights(model)
+    missing = [n for n, q in blocks_of.items() if q.blocks.is_meta]
     materialize_buffers(model)
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing += [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise MemoptError(f"{source.name}: weights missing for {', '.join(missing[:3])}{more}")
@@ -363,6 +455,59 @@ def load_model(
         model.to(dtype)
     loaded.model = model.eval()
     return loaded
+
+
+def _ggml_weights(model: nn.Module) -> dict[str, Any]:
+    """``"<module>.weight"`` -> the GGMLWeight of each QLinear / QEmbedding holding one."""
+    from memopt.weights import GGMLWeight, QModule
+
+    return {
+        f"{name}.weight": m.qweight
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, QModule) and isinstance(m.qweight, GGMLWeight)
+    }
+
+
+def _fill_blocks(model_name: str, src: Any, name: str, qw: Any) -> None:
+    """Give ``qw`` the stored blocks of the file's tensor ``name``: a view of the file's mapping
+    (read-only, never written: the module only reads them) or llama's q/k rows reordered."""
+    import warnings
+
+    ggml_type, data = src.raw(name)
+    with warnings.catch_warnings():  # torch warns about a read-only array; nothing writes it
+        warnings.simplefilter("ignore", UserWarning)
+        blocks = torch.from_numpy(data)
+    if ggml_type != qw.ggml_type or tuple(blocks.shape) != tuple(qw.blocks.shape):
+        raise MemoptError(
+            f"{model_name}: tensor {name!r} is {ggml_type} {tuple(blocks.shape)} bytes, the "
+            f"architecture expects {qw.ggml_type} {tuple(qw.blocks.shape)}"
+        )
+    qw.blocks = blocks
+
+
+def _tie_float_weights(model: nn.Module) -> None:
+    """Tie float weights that the config ties, where :func:`build_meta` kept GGML blocks in other
+    modules (transformers' own ``tie_weights`` looks for a ``.weight`` a QLinear does not have):
+    a tied parameter still on the meta device takes the loaded one it was tied to."""
+    tie = getattr(model, "get_expanded_tied_weights_keys", None)
+    if not callable(tie):
+        return
+    for target, source in tie(all_submodels=True).items():
+        try:
+            src, dst = model.get_parameter(source), model.get_parameter(target)
+        except AttributeError:
+            continue  # a quantized side: tied at build, sharing one GGMLWeight
+        if dst.is_meta and not src.is_meta:
+            owner, _, attr = target.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, src)
+
+
+def _gguf_record(blocks_of: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's account of weights kept in a GGUF's blocks."""
+    types: dict[str, int] = {}
+    for qw in {id(q): q for q in blocks_of.values()}.values():
+        types[qw.ggml_type] = types.get(qw.ggml_type, 0) + 1
+    return {"config": {"source": "gguf", "ggml_types": dict(sorted(types.items()))}}
 
 
 def _load_saved(
@@ -375,11 +520,16 @@ def _load_saved(
 
     loaded = load(source.path, name=source.name, progress=progress)
     if dtype is not None:
-        from memopt.weights.cast import cast_modules_
-
-        with torch.no_grad():
-            cast_modules_(loaded.model, str(dtype).removeprefix("torch."), (), lambda n, m: True)
+        _cast_saved(loaded.model, dtype)
     return loaded
+
+
+def _cast_saved(model: nn.Module, dtype: torch.dtype) -> None:
+    """A memopt folder's float modules in ``dtype`` (quantized weights keep their formats)."""
+    from memopt.weights.cast import cast_modules_
+
+    with torch.no_grad():
+        cast_modules_(model, str(dtype).removeprefix("torch."), (), lambda n, m: True)
 
 
 def match_key(name: str, targets: dict[str, Any]) -> str | None:

@@ -38,6 +38,7 @@ __all__ = [
     "ArenaExecutor",
     "ArenaPlan",
     "BufferPool",
+    "GGUF_NOTE",
     "CudaPreallocation",
     "Lifetimes",
     "ModelPlan",
@@ -46,6 +47,7 @@ __all__ = [
     "count_allocations",
     "example_inputs",
     "lifetimes",
+    "load_planned",
     "plan_arena",
     "plan_model",
     "preallocate_cuda",
@@ -65,6 +67,7 @@ class ModelPlan:
     inputs: dict[str, torch.Tensor]  # the example inputs it was planned with (shapes are fixed)
     capture_seconds: float
     plan_seconds: float
+    note: str | None = None  # what was planned when it is not the model as given (a GGUF)
 
     @property
     def arena_bytes(self) -> int:
@@ -103,7 +106,23 @@ class ModelPlan:
             "alignment_bytes": ALIGNMENT,
             "capture_seconds": round(self.capture_seconds, 3),
             "plan_seconds": round(self.plan_seconds, 3),
+            **({"note": self.note} if self.note else {}),
         }
+
+
+GGUF_NOTE = (
+    "planned with the GGUF's quantized weights dequantized to float32: captured, each block's "
+    "dequantization would be folded into a float32 constant (the float weights again)"
+)
+
+
+def load_planned(model: str | Path, progress: Any = None) -> Any:
+    """``model`` loaded as :func:`plan_model` plans it: with float weights. A GGUF file's
+    quantized blocks are dequantized to float32 (:data:`GGUF_NOTE` says why; the plan's ``note``
+    says so); other sources load as they are stored."""
+    from memopt.models import load_model
+
+    return load_model(model, progress=progress, dequantize=True)
 
 
 def plan_model(
@@ -115,15 +134,13 @@ def plan_model(
 ) -> ModelPlan:
     """Capture ``model`` and plan its activations in one arena.
 
-    ``model``: a bundled name or path (loaded with :func:`memopt.models.load_model`), a
-    ``LoadedModel``, or an ``nn.Module`` with ``inputs`` (its forward's keyword tensors).
-    Transformers models are planned for ``input_ids`` of shape (batch, seq), no attention mask.
-    Raises :class:`MemoptError` (naming the op) when the model cannot be captured.
+    ``model``: a bundled name or path (loaded with :func:`load_planned`: a GGUF file dequantized
+    to float32), a ``LoadedModel``, or an ``nn.Module`` with ``inputs`` (its forward's keyword
+    tensors). Transformers models are planned for ``input_ids`` of shape (batch, seq), no attention
+    mask. Raises :class:`MemoptError` (naming the op) when the model cannot be captured.
     """
     if isinstance(model, (str, Path)):
-        from memopt.models import load_model
-
-        model = load_model(model)
+        model = load_planned(model)
     if isinstance(model, nn.Module):
         if inputs is None:
             raise MemoptError("plan_model(nn.Module) needs inputs= (its forward's keyword tensors)")
@@ -137,7 +154,18 @@ def plan_model(
     lives = lifetimes(program.graph, varying=set(program.graph_signature.user_inputs))
     arena = plan_arena(lives.tensors, lives.n_steps)
     t2 = time.perf_counter()
-    return ModelPlan(getattr(model, "name", "model"), program, lives, arena, feed, t1 - t0, t2 - t1)
+    source = getattr(model, "source", None)
+    note = GGUF_NOTE if source is not None and source.kind == "gguf" and _all_float(model) else None
+    return ModelPlan(
+        getattr(model, "name", "model"), program, lives, arena, feed, t1 - t0, t2 - t1, note
+    )
+
+
+def _all_float(loaded: Any) -> bool:
+    """Whether a loaded model holds no quantized weight (a GGUF loaded dequantized)."""
+    from memopt.weights import QuantizedWeight
+
+    return not any(isinstance(m, QuantizedWeight) for m in loaded.model.modules())
 
 
 def write_plan_png(plan: ModelPlan | ArenaPlan, path: str | Path, title: str | None = None) -> Path:

@@ -32,7 +32,7 @@ def prune_model(
     config = config_for_method(method, sparsity)
     if out_dir is not None:
         check_output(out_dir)
-    loaded = load_model(model)
+    loaded = load_model(model, dequantize=True)  # float weights: a GGUF's blocks dequantized
     report = prune_(loaded, config, values=values)
     out: dict[str, Any] = {
         "method": method,

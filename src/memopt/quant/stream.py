@@ -85,7 +85,7 @@ from memopt.weights.quantized import (
     int4_relayout,
 )
 
-__all__ = ["quantize_model", "quantize_model_job"]
+__all__ = ["quantize_model", "quantize_model_job", "requantized_note"]
 
 ProgressFn = Callable[[int, int], None]
 CHUNK_BYTES = 4 << 20  # float32 bytes of one row chunk: temporaries stay a few times this
@@ -531,11 +531,14 @@ def quantize_model(
     ``calib``: calibration text (default: memopt.quant.calibrate's pydoc excerpt) or ``(N, T)`` token
     ids, for calibrated configs. ``progress(bytes written, bytes total)``.
 
+    A GGUF file is requantized from its dequantized weights (the float32 architecture, built with
+    ``dequantize=True``): its own Q4_1 / Q8_0 ... blocks are not carried over, and ``note`` says so.
+
     Returns ``bytes_before`` (the float model as memopt loads it: float32 for GGUF), ``bytes_after``
     (the quantized model in RAM once loaded, exact), ``disk_bytes`` (sum of the written files),
     ``peak_rss_bytes`` (this process's peak resident set so far: run it in a fresh process for a
     figure that belongs to it alone, see :func:`memopt.core.rss.run_in_child`), ``seconds``,
-    ``modules`` (names quantized), ``formats`` and ``skipped``.
+    ``modules`` (names quantized), ``formats``, ``skipped`` and, for a GGUF source, ``note``.
     """
     start = time.perf_counter()
     config = _as_config(config)
@@ -553,9 +556,10 @@ def quantize_model(
         except ImportError:
             return _in_memory(source, config, out_dir, include, exclude, calib, progress, start)
 
-    loaded = build_meta(source)
+    loaded = build_meta(source, dequantize=True)  # the float architecture, a GGUF's too
     model = loaded.model
     bytes_before = _meta_bytes(model)
+    note = requantized_note(source)  # before _Rows takes the parsed header
     rows = _Rows(source)
     key_to_src = _source_names(model, rows.names())
     select = selector(include, exclude)
@@ -650,13 +654,28 @@ def quantize_model(
         "skipped": dict(plan.skipped),
         "config": config.to_dict(),
         "streamed": True,
+        **({"note": note} if note else {}),
     }
+
+
+def requantized_note(source: ModelSource) -> str | None:
+    """The note a quantization of a GGUF file carries: its weights are requantized from their
+    dequantized values (the file's own quantized types named); None for other sources."""
+    if source.kind != "gguf":
+        return None
+    from memopt.formats.gguf import QUANTIZED_TYPES, gguf_tensor_types
+
+    types = sorted({t for t in gguf_tensor_types(source.path).values() if t in QUANTIZED_TYPES})
+    if not types:
+        return None
+    return f"requantized from the dequantized {'/'.join(types)} weights of the GGUF"
 
 
 def _in_memory(source, config, out_dir, include, exclude, calib, progress, start) -> dict:
     """Load the whole model, quantize it in RAM, save: for sources and configs that the
     streamed path does not cover (a memopt folder, a config type registered elsewhere)."""
-    loaded = load_model(source)
+    note = requantized_note(source)
+    loaded = load_model(source, dequantize=True)  # a GGUF's float weights, to requantize
     before = model_bytes(loaded.model)
     if isinstance(config, Int4WeightOnly) and getattr(config, "algo", "rtn") != "rtn":
         from memopt.quant.calibrate import calibrate_
@@ -679,6 +698,7 @@ def _in_memory(source, config, out_dir, include, exclude, calib, progress, start
         "skipped": dict(report.skipped),
         "config": config.to_dict(),
         "streamed": False,
+        **({"note": note} if note else {}),
     }
 
 

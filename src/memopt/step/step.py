@@ -99,11 +99,20 @@ class StepSpec:
     # (memopt.step.loss). None: on with checkpointing (the head is then the largest activation
     # left), at the default chunk; 0: off (the model's own loss); n: on, n tokens per chunk.
     loss_chunk: int | None = None
+    # A checkpoint stored quantized (a GGUF file's blocks): dequantized to ``dtype`` (True), or run
+    # in its stored blocks with its float tensors in ``dtype`` (False). None: dequantized for a
+    # training step only (blocks have no gradients). Estimate (meta build) and profile (load)
+    # honour it alike (:meth:`load_kwargs`); other checkpoints ignore it.
+    dequantize: bool | None = None
 
     def __post_init__(self) -> None:
         self.dtype = _DTYPE_ALIASES.get(str(self.dtype), str(self.dtype))
         if self.task not in TASKS:
             raise MemoptError(f"unknown task {self.task!r} (choose from {', '.join(TASKS)})")
+        if self.dequantize is None:
+            self.dequantize = self.task == "train"
+        if not isinstance(self.dequantize, bool):
+            raise MemoptError(f"dequantize must be true or false, got {self.dequantize!r}")
         if self.checkpoint_blocks is not None:
             blocks = list(self.checkpoint_blocks)
             if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
@@ -136,6 +145,12 @@ class StepSpec:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`memopt.models.load_model` (``dtype``, ``dequantize``)
+        that give the model this step runs; :func:`memopt.models.build_meta` takes ``dequantize``
+        alone (``prepare`` casts its float tensors to ``dtype``, as a load does)."""
+        return {"dtype": self.torch_dtype, "dequantize": self.dequantize}
+
     def check_model(self, loaded: LoadedModel) -> None:
         """Checks that need the model: trainable weights for a training step, ``seq`` within its
         maximum positions when it has one."""
@@ -145,7 +160,8 @@ class StepSpec:
             if any(isinstance(m, QuantizedWeight) for m in loaded.model.modules()):
                 raise MemoptError(
                     f"{loaded.name} has quantized weights, which have no gradients: train the "
-                    "float model (quantize after), or estimate --task infer"
+                    "float model (quantize after; a GGUF file: dequantize=True), or estimate "
+                    "--task infer"
                 )
         if loaded.task == "module":
             return

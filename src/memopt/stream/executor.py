@@ -710,7 +710,7 @@ def _map_model(source: ModelSource) -> _Layout:
     Raises :class:`MemoptError` for a model that cannot stream: not a transformers model, no list
     of blocks, or a block buffer that no file holds."""
     manifest = read_manifest(source.path) if source.kind == "memopt" else None
-    loaded = build_meta(source)
+    loaded = build_meta(source, dequantize=True)  # a GGUF streams as its float32 architecture
     model = loaded.model
     if loaded.task != "causal-lm" and loaded.task != "encoder":
         raise MemoptError(f"{source.name}: streaming needs a transformers model")

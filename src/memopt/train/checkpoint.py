@@ -66,7 +66,7 @@ def choose_checkpointing(
         raise MemoptError("choosing blocks to checkpoint needs a training step (task='train')")
     if budget_bytes <= 0:
         raise MemoptError(f"the memory budget must be positive, got {budget_bytes}")
-    meta = model if isinstance(model, LoadedModel) else build_meta(model)
+    meta = model if isinstance(model, LoadedModel) else build_meta(model, dequantize=True)
     found = find_blocks(meta.model)
     if found is None:
         raise MemoptError(f"{meta.name}: no nn.ModuleList of blocks to checkpoint")

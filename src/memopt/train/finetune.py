@@ -143,7 +143,7 @@ def _worker(
     from memopt.train.fsdp import shard_model
 
     spec = StepSpec(**cfg["spec"])
-    loaded = load_model(cfg["model"])
+    loaded = load_model(cfg["model"], dequantize=spec.dequantize)  # a GGUF: its float weights
     if loaded.task != "causal-lm":
         raise MemoptError(f"{cfg['model']}: finetune needs a causal language model")
     spec.check_model(loaded)

@@ -238,7 +238,7 @@ def _build(cfg: dict[str, Any]) -> Any:
     if cfg.get("model"):
         from memopt.models import load_model
 
-        return load_model(cfg["model"])
+        return load_model(cfg["model"], dequantize=True)  # trained: a GGUF's float weights
     from memopt.models.toy import tiny_llama
 
     return tiny_llama(seed=cfg.get("seed", 0), **cfg.get("overrides", {}))

@@ -108,7 +108,7 @@ class GGMLWeight(QuantizedWeight):
 
     @classmethod
     def empty(cls, spec: dict[str, Any], device: str | torch.device = "meta") -> QuantizedWeight:
-        (dt, shape), = cls.disk_layout(spec).values()
+        ((dt, shape),) = cls.disk_layout(spec).values()
         n, k = (int(s) for s in spec["shape"])
         blocks = torch.empty(shape, dtype=dt, device=device)
         return cls(blocks, _type_of(spec["format"]), (n, k))
