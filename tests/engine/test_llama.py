@@ -65,14 +65,20 @@ def _make(kind: str):
 )
 def test_engine_logits_are_transformers(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = _make(kind)
-    if kind == "int4":  # the float32 path of the int4 kernels: the engine computes in float32 too
+    if kind == "int4":  # the float32 path of the int4 kernels, the exact reference
         monkeypatch.setenv("MEMOPT_KERNEL", "int4_dequant_fp32")
     with torch.no_grad(), kernels.default_kernels():
         ref = loaded.model(input_ids=torch.tensor([IDS])).logits[0].float()  # (T, V)
     eng = engine_for(loaded.model, loaded.config, 32)
     assert eng is not None, f"the engine declined {kind}"
     got = torch.stack([eng.forward(t, p).clone() for p, t in enumerate(IDS)])  # (T, V)
-    # only the order of float32 sums differs
+    if kind == "int4":
+        # memopt int4 runs on int8 activations (a block of 32 per scale, as llama.cpp's Q4 dot
+        # products do): an error of the activations' rounding, measured as SQNR
+        sqnr = 20 * torch.log10(ref.norm() / (got - ref).norm()).item()
+        assert sqnr > 30.0, f"int4: SQNR {sqnr:.1f} dB"
+        return
+    # float32 activations: only the order of float32 sums differs
     assert (got - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), kind
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 

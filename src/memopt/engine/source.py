@@ -11,7 +11,11 @@ as their work; here there is none.
 
 Matrix-vector products compute in float32 from the stored codes: the values multiplied are exactly
 the dequantized weights (memopt.formats.gguf / memopt.weights), only the order of the sums differs
-from a float matmul.
+from a float matmul. One exception, by measurement: memopt int4 in the 64-row interleaved layout
+runs on int8 activations (per block of 32, llama.cpp's Q8_0 form) with VNNI integer dot products
+where the CPU has them, since converting each 4-bit code to float cost more than the whole token of
+llama.cpp's Q4_0 (which rounds its activations the same way); the activations' rounding is the
+error it adds (tests/engine states it as SQNR).
 """
 
 from __future__ import annotations
@@ -226,6 +230,44 @@ static void rows_i4(const qmat *w, const float *x, float *y, int64_t rb) {
     const uint16_t *sz = (const uint16_t *)w->scale;
     float acc[128], gacc[128];
     for (int64_t i = 0; i < B; i++) acc[i] = 0.f;
+#ifdef MEMOPT_AVX512
+    if (B == 64) {  /* the AVX-512 layout: 64 rows, four registers of accumulators per group */
+        const __m128i m4 = _mm_set1_epi8(0x0F);
+        __m512 r0 = _mm512_setzero_ps(), r1 = r0, r2 = r0, r3 = r0;
+        for (int64_t g0 = 0; g0 < k; g0 += G) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            float sx = 0.f;
+            for (int64_t kk = g0; kk < g0 + G; kk++) {
+                const uint8_t *bytes = p + kk * 32;
+                __m512 vx = _mm512_set1_ps(x[kk]);
+                __m128i b0 = _mm_loadu_si128((const __m128i *)bytes);
+                __m128i b1 = _mm_loadu_si128((const __m128i *)(bytes + 16));
+                a0 = _mm512_fmadd_ps(cvt_u8x16(_mm_and_si128(b0, m4)), vx, a0);
+                a1 = _mm512_fmadd_ps(cvt_u8x16(_mm_and_si128(b1, m4)), vx, a1);
+                a2 = _mm512_fmadd_ps(cvt_u8x16(_mm_and_si128(_mm_srli_epi16(b0, 4), m4)), vx, a2);
+                a3 = _mm512_fmadd_ps(cvt_u8x16(_mm_and_si128(_mm_srli_epi16(b1, 4), m4)), vx, a3);
+                sx += x[kk];
+            }
+            /* scale and zero of the 64 rows: (s, z) bf16 pairs -> two float vectors per 16 rows */
+            const uint16_t *gs = sz + ((g0 / G) * n + rb * 64) * 2;
+            __m512 vsx = _mm512_set1_ps(sx), v8sx = _mm512_set1_ps(8.f * sx);
+            __m512 *accs[4] = {&r0, &r1, &r2, &r3};
+            __m512 ga[4] = {a0, a1, a2, a3};
+            for (int q = 0; q < 4; q++) {
+                __m512i pairs = _mm512_loadu_si512((const void *)(gs + q * 32));  /* 16 (s, z) */
+                __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+                __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(0xFFFF0000)));
+                __m512 t = _mm512_mul_ps(s, _mm512_sub_ps(ga[q], v8sx));
+                *accs[q] = _mm512_add_ps(*accs[q], _mm512_fmadd_ps(z, vsx, t));
+            }
+        }
+        _mm512_storeu_ps(y + rb * 64, r0);
+        _mm512_storeu_ps(y + rb * 64 + 16, r1);
+        _mm512_storeu_ps(y + rb * 64 + 32, r2);
+        _mm512_storeu_ps(y + rb * 64 + 48, r3);
+        return;
+    }
+#endif
     for (int64_t g0 = 0; g0 < k; g0 += G) {
         float sx = 0.f;
         for (int64_t i = 0; i < B; i++) gacc[i] = 0.f;
@@ -233,20 +275,7 @@ static void rows_i4(const qmat *w, const float *x, float *y, int64_t rb) {
             const uint8_t *bytes = p + kk * h;
             float xk = x[kk];
             sx += xk;
-            int64_t i = 0;
-#ifdef MEMOPT_AVX512
-            __m512 vx = _mm512_set1_ps(xk);
-            const __m128i m4 = _mm_set1_epi8(0x0F);
-            for (; i + 16 <= h; i += 16) {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(bytes + i));
-                __m512 lo = cvt_u8x16(_mm_and_si128(raw, m4));
-                __m512 hi = cvt_u8x16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
-                _mm512_storeu_ps(gacc + i, _mm512_fmadd_ps(lo, vx, _mm512_loadu_ps(gacc + i)));
-                _mm512_storeu_ps(gacc + h + i,
-                                 _mm512_fmadd_ps(hi, vx, _mm512_loadu_ps(gacc + h + i)));
-            }
-#endif
-            for (; i < h; i++) {
+            for (int64_t i = 0; i < h; i++) {
                 gacc[i] += (bytes[i] & 0x0F) * xk;
                 gacc[h + i] += (bytes[i] >> 4) * xk;
             }
@@ -280,13 +309,106 @@ static float dot_i4k(const qmat *w, const float *x, int64_t r) {
     return out;
 }
 
+/* x as int8 per block of 32 (llama.cpp's Q8_0 form of the activations): xq = round(x / dx),
+   dx = max |x| / 127 of the block. */
+static void quantize_x(const float *x, int64_t k, int8_t *xq, float *dx) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        dx[b] = d;
+        for (int j = 0; j < 32; j++) xq[b * 32 + j] = (int8_t)lrintf(x[b * 32 + j] * inv);
+    }
+}
+
+#if defined(MEMOPT_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MEMOPT_VNNI 1
+/* memopt int4 in the 64-row interleaved layout with int8 activations: 4 K positions of a row
+   gathered into one 32-bit lane (a byte transpose of 4 x 32 bytes), then VNNI dot products of
+   codes (u8) and activations (s8), 4 a lane. Rows land in the lanes as
+   [r0-3, r16-19], [r4-7, r20-23], [r8-11, r24-27], [r12-15, r28-31] (low nibbles; +32 high). */
+static void rows_i4_vnni(const qmat *w, const float *xs, const int8_t *xq, const float *dx,
+                         float *y, int64_t rb) {
+    const int64_t k = w->k, n = w->n, G = w->group;
+    const uint8_t *p = (const uint8_t *)w->data + rb * k * 32;
+    const uint16_t *sz = (const uint16_t *)w->scale;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 out[8];
+    for (int i = 0; i < 8; i++) out[i] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < k; g0 += G) {
+        __m256 gf[8];  /* the group's sum of codes x activations, float */
+        float sx = 0.f;
+        for (int i = 0; i < 8; i++) gf[i] = _mm256_setzero_ps();
+        for (int64_t b0 = g0; b0 < g0 + G; b0 += 32) {
+            __m256i acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();
+            for (int64_t kk = b0; kk < b0 + 32; kk += 4) {
+                const uint8_t *bytes = p + kk * 32;
+                __m256i a0 = _mm256_loadu_si256((const __m256i *)bytes);
+                __m256i a1 = _mm256_loadu_si256((const __m256i *)(bytes + 32));
+                __m256i a2 = _mm256_loadu_si256((const __m256i *)(bytes + 64));
+                __m256i a3 = _mm256_loadu_si256((const __m256i *)(bytes + 96));
+                __m256i t0 = _mm256_unpacklo_epi8(a0, a1), t1 = _mm256_unpackhi_epi8(a0, a1);
+                __m256i t2 = _mm256_unpacklo_epi8(a2, a3), t3 = _mm256_unpackhi_epi8(a2, a3);
+                __m256i u[4] = {_mm256_unpacklo_epi16(t0, t2), _mm256_unpackhi_epi16(t0, t2),
+                                _mm256_unpacklo_epi16(t1, t3), _mm256_unpackhi_epi16(t1, t3)};
+                int32_t x4;
+                memcpy(&x4, xq + kk, 4);
+                __m256i vx = _mm256_set1_epi32(x4);
+                for (int i = 0; i < 4; i++) {
+                    acc[i] = _mm256_dpbusd_epi32(acc[i], _mm256_and_si256(u[i], m4), vx);
+                    acc[4 + i] = _mm256_dpbusd_epi32(
+                        acc[4 + i], _mm256_and_si256(_mm256_srli_epi16(u[i], 4), m4), vx);
+                }
+            }
+            __m256 d = _mm256_set1_ps(dx[b0 / 32]);
+            for (int i = 0; i < 8; i++) gf[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), d, gf[i]);
+            sx += xs[b0 / 32];
+        }
+        /* value (c - 8) * s + z: s * (sum c x - 8 sum x) + z sum x, per row */
+        const uint16_t *gs = sz + ((g0 / G) * n + rb * 64) * 2;
+        __m256 vsx = _mm256_set1_ps(sx), v8sx = _mm256_set1_ps(8.f * sx);
+        for (int i = 0; i < 8; i++) {
+            int row = (i & 3) * 4 + (i >> 2) * 32;  /* lanes 0-3: rows row..row+3; 4-7: +16 */
+            __m256i pairs = _mm256_set_m128i(
+                _mm_loadu_si128((const __m128i *)(gs + (row + 16) * 2)),
+                _mm_loadu_si128((const __m128i *)(gs + row * 2)));
+            __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+            __m256 z = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(0xFFFF0000)));
+            out[i] = _mm256_add_ps(out[i], _mm256_fmadd_ps(z, vsx,
+                                   _mm256_mul_ps(s, _mm256_sub_ps(gf[i], v8sx))));
+        }
+    }
+    for (int i = 0; i < 8; i++) {
+        int row = (i & 3) * 4 + (i >> 2) * 32;
+        float v[8];
+        _mm256_storeu_ps(v, out[i]);
+        for (int j = 0; j < 4; j++) {
+            y[rb * 64 + row + j] = v[j];
+            y[rb * 64 + row + 16 + j] = v[4 + j];
+        }
+    }
+}
+#endif
+
 /* y = W x (+ bias). Call from inside a parallel region (all threads): rows are shared out. xs:
-   scratch for block sums (K / 32 floats), filled here by one thread. */
+   scratch for the activations' forms, filled here by one thread: block sums (K / 32 + 1 floats),
+   then their int8 scales (K / 32 + 1 floats), then their int8 values (K bytes). */
 static void matvec(const qmat *w, const float *x, float *y, float *xs) {
     const int64_t n = w->n, k = w->k;
-    if (w->kind == W_Q4_0 || w->kind == W_Q4_1) {
+    float *dx = xs + k / 32 + 1;
+    int8_t *xq = (int8_t *)(dx + k / 32 + 1);
+#ifdef MEMOPT_VNNI
+    const int vnni = w->kind == W_I4 && w->block_n == 64 && w->group % 32 == 0;
+#else
+    const int vnni = 0;
+#endif
+    if (w->kind == W_Q4_0 || w->kind == W_Q4_1 || vnni) {
 #pragma omp single
-        block_sums(x, k, xs);
+        {
+            block_sums(x, k, xs);
+            if (vnni) quantize_x(x, k, xq, dx);
+        }
     }
     switch (w->kind) {
     case W_F32: {
@@ -321,6 +443,13 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
         break;
     }
     case W_I4: {
+#ifdef MEMOPT_VNNI
+        if (vnni) {
+#pragma omp for schedule(static)
+            for (int64_t rb = 0; rb < n / 64; rb++) rows_i4_vnni(w, xs, xq, dx, y, rb);
+            break;
+        }
+#endif
         if (w->block_n) {
 #pragma omp for schedule(static)
             for (int64_t rb = 0; rb < n / w->block_n; rb++) rows_i4(w, x, y, rb);
@@ -406,13 +535,16 @@ static void rope(float *v, int n_heads, int head_dim, const float *cs, const flo
     }
 }
 
+/* the activations' forms of matvec for K inputs: sums, int8 scales, int8 values (+ padding) */
+#define XS_FLOATS(K) (2 * ((K) / 32 + 1) + (K) / 4 + 16)
+
 /* Scratch (floats): x dim | xb dim | q n_heads*hd | k,v kvd | att n_heads*max_seq | hb, hb2
-   hidden | xs max(dim, hidden)/32 + 1 | cos, sin head_dim/2 | ab n_heads*hd */
+   hidden | xs XS_FLOATS(max(dim, hidden)) | cos, sin head_dim/2 | ab n_heads*hd | tmp */
 int64_t memopt_scratch_floats(const model_t *m) {
     int64_t kvd = (int64_t)m->n_kv_heads * m->head_dim, qd = (int64_t)m->n_heads * m->head_dim;
     int64_t big = m->dim > m->hidden ? m->dim : m->hidden;
     return 2 * m->dim + qd + 2 * kvd + (int64_t)m->n_heads * m->max_seq + 2 * m->hidden +
-           big / 32 + 1 + m->head_dim + qd + (qd > m->dim ? qd : m->dim);
+           XS_FLOATS(big) + m->head_dim + qd + (qd > m->dim ? qd : m->dim);
 }
 
 /* One token at position pos: logits (vocab,) from the caches of positions < pos, which it
@@ -425,7 +557,7 @@ int memopt_forward(const model_t *m, int32_t token, int32_t pos, float *logits, 
     const int big = m->dim > m->hidden ? m->dim : m->hidden;
     float *x = scratch, *xb = x + dim, *q = xb + dim, *k = q + qd, *v = k + kvd;
     float *att = v + kvd, *hb = att + (int64_t)nh * m->max_seq, *hb2 = hb + m->hidden;
-    float *xs = hb2 + m->hidden, *cs = xs + big / 32 + 1, *sn = cs + hd / 2, *ab = sn + hd / 2;
+    float *xs = hb2 + m->hidden, *cs = xs + XS_FLOATS(big), *sn = cs + hd / 2, *ab = sn + hd / 2;
     float *tmp = ab + qd;
     const int group = nh / nkv;
     embed_row(&m->embed, token, x);
