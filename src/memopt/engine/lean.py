@@ -224,9 +224,17 @@ def _gguf_file(path: Path, max_seq: int) -> LeanModel:
     as a load does), its metadata for the config, its converted tokenizer (memopt's cache)."""
     from tokenizers import Tokenizer
 
-    from memopt.formats.gguf import GGUFSource, gguf_metadata, gguf_tokenizer_file
+    from memopt.formats.gguf import (
+        GGUFSource,
+        gguf_metadata,
+        gguf_tensor_types,
+        gguf_tokenizer_file,
+    )
     from memopt.weights.ggml import GGMLWeight
 
+    types = set(gguf_tensor_types(path).values())
+    if not types <= {"F32", "Q4_0", "Q4_1", "Q8_0"}:  # the engine's kernels
+        raise _Unsupported(f"GGML types {sorted(types)}")
     meta = gguf_metadata(path)
     arch = meta.get("general.architecture")
     if arch not in ("llama", "qwen2") or meta.get(f"{arch}.rope.scaling.type", "none") != "none":
