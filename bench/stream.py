@@ -9,9 +9,12 @@ child's import baseline):
    Load time, then RSS (anonymous = a copy; file = the page cache's pages, mapped) after the load
    and after reading every byte.
 2. **stream**: greedy generation of SmolLM2 float32 (an HF folder in execution order, written once
-   from the GGUF: its float weights are dequantized Q4_1) and int4 (a memopt folder, group 64) at
-   budgets of 100 %, 50 % and 25 % of the model's bytes, page cache warm, cold and evicted after
-   every use, against the unbudgeted in-memory run (``load_model`` + ``generate``). Cold =
+   from the GGUF: its float weights are dequantized Q4_1), int4 (a memopt folder, group 64) and
+   the bundled GGUF in its stored form (``gguf``: Q4_1 / Q8_0 blocks, 96.6 MB) at budgets of
+   100 %, 50 % and 25 % of the model's bytes (for the GGUF: of its float32 bytes, 538 MB, and at
+   ``--gguf-stored-shares`` of its stored bytes, below which blocks stream), page cache warm, cold
+   and evicted after every use, against the unbudgeted in-memory run of the same file
+   (``load_model`` + ``generate``: the GGUF's blocks through the decode engine). Cold =
    ``posix_fadvise(DONTNEED)`` on the weight file before the child starts (the table says how much
    of the file was still cached: ``mincore``); evict = the same, and each streamed unit's file range
    again after each use (every pass reads the disk). Same tokens is checked, not assumed.
@@ -89,16 +92,20 @@ def load_job(kind: str, path: str) -> dict[str, Any]:
     }
 
 
-def inmem_job(model: str, ids: list[int], n: int, threads: int) -> dict[str, Any]:
+def inmem_job(
+    model: str, ids: list[int], n: int, threads: int, stored: bool = False
+) -> dict[str, Any]:
+    """``stored``: a GGUF as shipped (its blocks, the form the streamed GGUF runs hold); else
+    dequantized (the float model the streamed float32 folder holds; folders ignore it)."""
     import torch
 
     from memopt.generate import generate
     from memopt.models import load_model
 
     torch.set_num_threads(threads)
-    loaded = load_model(model, dequantize=True)  # the float model the streamed runs hold
+    loaded = load_model(model) if stored else load_model(model, dequantize=True)
     out = generate(loaded, ids, n, stop_at_eos=False)
-    return {k: out[k] for k in ("tokens", "tokens_per_s", "prefill_s")}
+    return {k: out[k] for k in ("tokens", "tokens_per_s", "prefill_s", "engine")}
 
 
 def stream_job(
@@ -122,7 +129,7 @@ def stream_job(
     if evict:
         _evict_after_use()
     out = run(model, ids, n, budget, eos_token_id=-1, warmup=warmup)
-    keep = ("tokens", "tokens_per_s", "prefill_s", "plan", "stream")
+    keep = ("tokens", "tokens_per_s", "prefill_s", "plan", "stream", "engine")
     return {k: out[k] for k in keep}
 
 
@@ -146,6 +153,14 @@ def _evict_after_use() -> None:
             maps.append((base, len(mm), os.open(file, os.O_RDONLY)))
 
     st_format.SafetensorsReader.__init__ = patched_init  # type: ignore[method-assign]
+    gguf_init = ex._GGUFReader.__init__
+
+    def patched_gguf_init(self: Any, path: Any) -> None:
+        gguf_init(self, path)
+        base, size = self.src.region()  # the whole file's mapping
+        maps.append((base, size, os.open(path, os.O_RDONLY)))
+
+    ex._GGUFReader.__init__ = patched_gguf_init  # type: ignore[method-assign]
     release = ex.release
 
     def release_and_evict(spans: list[Any]) -> None:
@@ -253,29 +268,52 @@ def bench_load(paths: dict[str, Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def _sources(paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Each model streamed: its source, the file read, the bytes its shares are of, and whether the
+    in-memory reference loads it as stored (a GGUF's blocks) or dequantized."""
+    from memopt.models import resolve
+    from memopt.stream import plan_budget
+
+    gguf = resolve("smollm2").path
+    return {
+        "float32": {"source": paths["f32"], "file": paths["f32"] / "model.safetensors",
+                    "stored": False},
+        "int4": {"source": paths["int4"], "file": paths["int4"] / "model.safetensors",
+                 "stored": False},
+        # shares of its float32 bytes (the f32 folder's: the same weights, dequantized)
+        "gguf": {"source": gguf, "file": gguf, "stored": True,
+                 "share_of": plan_budget(paths["f32"], None).model_bytes},
+    }  # fmt: skip
+
+
 def bench_stream(
     paths: dict[str, Path],
     tokens: int,
     threads: int,
     repeats: int = 3,
     caches: tuple[str, ...] = ("warm", "cold", "evict"),
-    models: tuple[str, ...] = ("float32", "int4"),
+    models: tuple[str, ...] = ("float32", "int4", "gguf"),
     shares: tuple[float, ...] = (1.0, 0.5, 0.25),
+    gguf_stored_shares: tuple[float, ...] = (0.75, 0.55),
 ) -> dict[str, Any]:
     """Rows of (model, budget, cache). ``warm``: the file read once before; ``cold``: evicted
     before the child starts (the first pass reads the disk, later passes find the pages cached);
     ``evict``: evicted before, and every streamed unit evicted again after use (every pass reads
-    the disk: a page cache that cannot hold the model). ``evict`` runs once (it is slow)."""
+    the disk: a page cache that cannot hold the model). ``evict`` runs once (it is slow).
+
+    Budgets are ``shares`` of the model's bytes (the GGUF: of its float32 bytes), and for the GGUF
+    also ``gguf_stored_shares`` of its stored bytes (below them, blocks stream)."""
     from memopt.core.errors import MemoptError
     from memopt.stream import plan_budget
 
     rows: list[dict[str, Any]] = []
     how_cold = None
-    for label, folder in (("float32", paths["f32"]), ("int4", paths["int4"])):
+    for label, src in _sources(paths).items():
         if label not in models:
             continue
-        weights = folder / "model.safetensors"
-        ref = [_child("inmem_job", str(folder), IDS, tokens, threads) for _ in range(repeats)]
+        folder, weights = src["source"], src["file"]
+        ref = [_child("inmem_job", str(folder), IDS, tokens, threads, src["stored"])
+               for _ in range(repeats)]  # fmt: skip
         ref_tps = statistics.median(r["tokens_per_s"] for r in ref)
         model_bytes = plan_budget(folder, None, tokens=len(IDS) + tokens).model_bytes
         rows.append({
@@ -283,15 +321,20 @@ def bench_stream(
             "over_baseline": max(r["over_baseline"] for r in ref),
             "tokens_per_s": ref_tps, "ratio": 1.0, "same_tokens": True,
             "prefill_s": statistics.median(r["prefill_s"] for r in ref),
-            "pinned": None, "streamed": None,
+            "pinned": None, "streamed": None, "engine": ref[0]["engine"],
+            "model_bytes": model_bytes,
         })  # fmt: skip
-        for share in shares:
-            budget = int(model_bytes * share)
+        budgets = [(f"{share:.0%}", int(src.get("share_of", model_bytes) * share))
+                   for share in shares]  # fmt: skip
+        if label == "gguf":
+            budgets += [(f"{share:.0%} stored", int(model_bytes * share))
+                        for share in gguf_stored_shares]  # fmt: skip
+        for name, budget in budgets:
             try:
                 plan = plan_budget(folder, budget, tokens=len(IDS) + tokens, prompt_tokens=len(IDS))
             except MemoptError as exc:
                 rows.append({
-                    "model": label, "budget": f"{share:.0%}", "cache": "-", "budget_bytes": budget,
+                    "model": label, "budget": name, "cache": "-", "budget_bytes": budget,
                     "refused": str(exc),
                 })  # fmt: skip
                 continue
@@ -301,7 +344,7 @@ def bench_stream(
                     how_cold = make_cold(weights)
                     cached = cached_fraction(weights)
                 else:
-                    _child("load_job", "memopt-mmap", str(weights))  # read once: warm
+                    _warm(weights)  # read once: its pages in the page cache
                 runs = []
                 for _ in range(1 if cache == "evict" else repeats):
                     if cache != "warm" and runs:
@@ -314,7 +357,7 @@ def bench_stream(
                 out = runs[len(runs) // 2]  # the median run (by speed)
                 out["over_baseline"] = max(r["over_baseline"] for r in runs)  # the worst peak
                 rows.append({
-                    "model": label, "budget": f"{share:.0%}", "cache": cache,
+                    "model": label, "budget": name, "cache": cache,
                     "budget_bytes": budget, "over_baseline": out["over_baseline"],
                     "predicted": plan.predicted_peak_bytes,
                     "tokens_per_s": out["tokens_per_s"],
@@ -323,6 +366,7 @@ def bench_stream(
                     "same_tokens": out["tokens"] == ref[0]["tokens"],
                     "pinned": len(out["plan"]["pinned_blocks"]),
                     "streamed": out["plan"]["streamed_units"],
+                    "engine": out["engine"],
                     "prefetch_hits": out["stream"]["prefetch_hits"],
                     "prefetch_waits": out["stream"]["prefetch_waits"],
                     "cached_before": cached,
@@ -332,24 +376,39 @@ def bench_stream(
     return {"rows": rows, "cold_method": how_cold, "threads": threads, "tokens": tokens}
 
 
+def _warm(path: Path) -> None:
+    """Read a file once, so that its pages are in the page cache."""
+    with open(path, "rb") as fh:
+        while fh.read(1 << 24):
+            pass
+
+
 def bench_pairs(
-    paths: dict[str, Path], tokens: int, threads: int, pairs: int = 5, share: float = 0.25
+    paths: dict[str, Path],
+    tokens: int,
+    threads: int,
+    pairs: int = 5,
+    share: float = 0.25,
+    model: str = "float32",
 ) -> dict[str, Any]:
     """The speed target, measured the way a noisy shared machine allows: in-memory and streamed
-    (float32 folder, ``share`` of its bytes, warm cache) child runs *alternated* ``pairs`` times,
-    so that load from other processes hits both alike. Reports each pair's ratio, their median,
-    and the ratio of the fastest runs."""
+    (``model`` at ``share`` of its float32 bytes, warm cache) child runs *alternated* ``pairs``
+    times, so that load from other processes hits both alike. Reports each pair's ratio, their
+    median, and the ratio of the fastest runs."""
     from memopt.stream import plan_budget
 
-    folder = paths["f32"]
-    budget = int(plan_budget(folder, None).model_bytes * share)
-    _child("load_job", "memopt-mmap", str(folder / "model.safetensors"))  # warm
+    src = _sources(paths)[model]
+    folder = src["source"]
+    float_bytes = src.get("share_of") or plan_budget(folder, None).model_bytes
+    budget = int(float_bytes * share)
+    _warm(src["file"])
     mem, streamed = [], []
     for _ in range(pairs):
-        mem.append(_child("inmem_job", str(folder), IDS, tokens, threads))
+        mem.append(_child("inmem_job", str(folder), IDS, tokens, threads, src["stored"]))
         streamed.append(_child("stream_job", str(folder), IDS, tokens, budget, threads))
     ratios = [s["tokens_per_s"] / m["tokens_per_s"] for m, s in zip(mem, streamed, strict=True)]
     return {
+        "model": model,
         "budget_bytes": budget,
         "pairs": [
             {"in_memory": m["tokens_per_s"], "streamed": s["tokens_per_s"], "ratio": r}
@@ -360,6 +419,7 @@ def bench_pairs(
         / max(m["tokens_per_s"] for m in mem),
         "same_tokens": all(s["tokens"] == mem[0]["tokens"] for s in streamed),
         "peak_over_baseline": max(s["over_baseline"] for s in streamed),
+        "engine": sorted({s["engine"] for s in streamed}),
     }
 
 
@@ -445,27 +505,28 @@ def print_tables(result: dict[str, Any]) -> None:
     s = result["stream"]
     print(f"\n2. Streamed generation ({s['tokens']} tokens, {s['threads']} torch thread(s), "
           f"cold = {s['cold_method']})")  # fmt: skip
-    print(f"{'model':8} {'budget':>9} {'cache':5} {'peak-base':>10} {'predicted':>10} "
+    print(f"{'model':8} {'budget':>18} {'cache':5} {'peak-base':>10} {'predicted':>10} "
           f"{'tok/s':>6} {'vs mem':>6} {'prefill':>8} {'same':>5} {'pinned':>6} "
-          f"{'cached':>6}")  # fmt: skip
+          f"{'streamed':>8} {'engine':>12} {'cached':>6}")  # fmt: skip
     for r in s["rows"]:
+        budget = r["budget"] + (f" {_fmt_mb(r['budget_bytes'])}" if r["budget_bytes"] else "")
         if "refused" in r:
-            print(f"{r['model']:8} {r['budget']:>9} refused: {r['refused']}")
+            print(f"{r['model']:8} {budget:>18} refused: {r['refused']}")
             continue
         cached = "-" if r.get("cached_before") is None else f"{r['cached_before']:.0%}"
-        budget = r["budget"] + (f" {_fmt_mb(r['budget_bytes'])}" if r["budget_bytes"] else "")
         print(
-            f"{r['model']:8} {budget:>9} {r['cache']:5} {_fmt_mb(r['over_baseline']):>10} "
+            f"{r['model']:8} {budget:>18} {r['cache']:5} {_fmt_mb(r['over_baseline']):>10} "
             f"{_fmt_mb(r.get('predicted')):>10} {r['tokens_per_s']:6.2f} {r['ratio']:5.2f}x "
             f"{r['prefill_s'] * 1e3:6.0f}ms {'yes' if r['same_tokens'] else 'NO':>5} "
-            f"{str(r['pinned']):>6} {cached:>6}"
+            f"{str(r['pinned']):>6} {str(r['streamed']):>8} {str(r.get('engine')):>12} "
+            f"{cached:>6}"
         )
-    pr = result.get("pairs")
-    if pr:
-        print(f"\n   float32 at {_fmt_mb(pr['budget_bytes'])}, warm, alternated with in-memory: "
-              f"ratios {', '.join(format(p['ratio'], '.2f') for p in pr['pairs'])}; median "
-              f"{pr['median_ratio']:.2f}x, fastest/fastest {pr['best_ratio']:.2f}x, same tokens "
-              f"{pr['same_tokens']}, peak {_fmt_mb(pr['peak_over_baseline'])} over baseline")  # fmt: skip
+    for pr in result.get("pairs") or []:
+        print(f"\n   {pr['model']} at {_fmt_mb(pr['budget_bytes'])}, warm, alternated with "
+              f"in-memory: ratios {', '.join(format(p['ratio'], '.2f') for p in pr['pairs'])}; "
+              f"median {pr['median_ratio']:.2f}x, fastest/fastest {pr['best_ratio']:.2f}x, same "
+              f"tokens {pr['same_tokens']}, peak {_fmt_mb(pr['peak_over_baseline'])} over "
+              f"baseline, engine {pr['engine']}")  # fmt: skip
     lay = result["layout"]
     print(
         "\n3. Layout: case-1 CNN (Conv 3x3 32, ReLU, MaxPool, Linear), fastest of 20 interleaved, ms"
@@ -499,7 +560,22 @@ def main() -> None:
     ap.add_argument(
         "--caches", nargs="*", default=["warm", "cold", "evict"], help="page-cache states"
     )
-    ap.add_argument("--models", nargs="*", default=["float32", "int4"], help="weights streamed")
+    ap.add_argument(
+        "--models", nargs="*", default=["float32", "int4", "gguf"], help="weights streamed"
+    )
+    ap.add_argument(
+        "--gguf-stored-shares",
+        nargs="*",
+        type=float,
+        default=[0.75, 0.55],
+        help="GGUF budgets as shares of its stored bytes (below them, blocks stream)",
+    )
+    ap.add_argument(
+        "--pair-models",
+        nargs="*",
+        default=["float32", "gguf"],
+        help="models of the alternated speed pairs at 25 %% of their float32 bytes",
+    )
     ap.add_argument(
         "--shares",
         nargs="*",
@@ -528,11 +604,13 @@ def main() -> None:
             tuple(args.caches),
             tuple(args.models),
             tuple(args.shares),
+            tuple(args.gguf_stored_shares),
         )  # fmt: skip
     )
-    result["pairs"] = (
-        bench_pairs(paths, args.tokens, args.threads, args.pairs) if args.pairs else None
-    )
+    result["pairs"] = [
+        bench_pairs(paths, args.tokens, args.threads, args.pairs, model=m)
+        for m in (args.pair_models if args.pairs else [])
+    ]
     result["layout"] = {"cnn": [], "files": {}} if "layout" in args.skip else bench_layout(paths)
     if args.json:
         print(json.dumps(result, default=str))

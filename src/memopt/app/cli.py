@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -178,14 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
         "whole. The saved folder is a MODEL for every other command.",
     )
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-    p.add_argument(
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument(
         "--method",
-        required=True,
         choices=("float32", "float16", "bfloat16", "int8", "int8-dynamic", "int4", "int3", "int2"),
         help="float16/bfloat16/float32: cast (norms kept in float32); int8: weights "
         "per output channel (embeddings: groups of 128); int8-dynamic: int8 weights and "
         "activations; int4: "
         "calibrated (GPTQ) 4-bit weights, group 64; int3/int2: group 32",
+    )
+    how.add_argument(
+        "--config",
+        metavar="FILE",
+        help="instead of --method: a quantization config as a JSON file, any of memopt.quant's "
+        '(e.g. {"type": "Int4WeightOnly", "group_size": 32}; a "Mixed" config gives each '
+        "module its own format)",
     )
     p.add_argument(
         "--group-size",
@@ -398,6 +406,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
+        "fit",
+        help="the best model that fits a memory budget, applied and measured",
+        description="Plan the model that fits SIZE (each transformer block, the embedding and "
+        "the head get a weight format: float32, int8, int4 in groups of 32/64/128; the "
+        "least quality loss measured per unit on calibration text, chosen by a knapsack "
+        "over exact bytes), apply it from the file without the float model (GPTQ where "
+        "int4), and measure the run you asked for in a fresh process: peak memory against "
+        "the budget, perplexity on held-out text against float32, tokens/s. A run over the "
+        "budget is planned again with the excess; a budget too small is refused, naming the "
+        "smallest that fits. --task train searches the training options instead.",
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help=_MODEL_HELP + "; config.json alone with --plan-only"
+    )
+    p.add_argument(
+        "--budget",
+        required=True,
+        metavar="SIZE",
+        help="peak memory the run may add over the runtime's own baseline (measured and "
+        "printed): bytes or a number with a unit (150MB, 1.5GiB)",
+    )
+    p.add_argument(
+        "--budget-total",
+        action="store_true",
+        help="SIZE is the whole process's peak; the measured baseline is subtracted",
+    )
+    p.add_argument(
+        "--task",
+        choices=("generate", "train"),
+        default="generate",
+        help="greedy generation with a KV cache of --seq + --max-new-tokens positions "
+        "(generate, default), or one training step of --batch × --seq (train)",
+    )
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--seq", type=_positive_int, default=128, help="prompt / sequence length (128)")
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=128, help="tokens generated (default 128)"
+    )
+    p.add_argument(
+        "--quality",
+        metavar="METRIC<=X",
+        help="refuse a plan whose measured quality misses: ppl_ratio<=1.05 (perplexity "
+        "over float32's), or ppl<=20",
+    )
+    p.add_argument("--speed", metavar=">=X", help="refuse a plan decoding under X tokens/s")
+    p.add_argument("-o", "--output", metavar="DIR", help="the memopt folder to write")
+    p.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="print the plan (per unit: format, bytes, predicted cost) without applying it",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser(
         "demo",
         help="the main job on the bundled default model (smollm2)",
         description="Estimate, profile, optimize and verify the bundled smollm2, print "
@@ -447,6 +510,28 @@ def _progress(description: str, quiet: bool = False) -> Iterator[Callable[[int, 
     ) as bar:
         task = bar.add_task(description, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@contextlib.contextmanager
+def _stages(quiet: bool = False) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr whose description follows the stage: ``callback(stage, i, n)``."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    if quiet or not sys.stderr.isatty():
+        yield lambda stage, done, total: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("", total=None)
+        yield lambda stage, done, total: bar.update(
+            task, description=stage, completed=done, total=total if total > 1 else None
+        )
 
 
 @contextlib.contextmanager
@@ -601,12 +686,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from memopt.core.texts import read_text
-    from memopt.quant.config import method_config
+    from memopt.quant.config import method_config, read_config
     from memopt.quant.stream import quantize_model
 
-    config = method_config(args.method, args.group_size, args.algo)
+    if args.config is not None:
+        if args.group_size is not None or args.algo is not None:
+            raise MemoptError("--group-size and --algo go with --method; --config says it all")
+        config = read_config(args.config)
+    else:
+        config = method_config(args.method, args.group_size, args.algo)
+    label = args.method or config.fmt
     calib = read_text(args.calib) if args.calib else None
-    with _progress(f"quantizing to {args.method}", quiet=args.json) as cb:
+    with _progress(f"quantizing to {label}", quiet=args.json) as cb:
         result = quantize_model(args.model, config, args.output, calib=calib, progress=cb)
     if args.json:
         _print_json(result)
@@ -623,7 +714,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     console = _console()
     console.print(
         rich_table(
-            f"quantize: {args.model} → {args.output} ({args.method})",
+            f"quantize: {args.model} → {args.output} ({label})",
             ("", "bytes", "vs before"),
             rows,
         )
@@ -896,6 +987,107 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"{worst[1]['why']}); --json lists each"
         )
     return 0
+
+
+def _bound(text: str | None, flag: str, metrics: tuple[str, ...], op: str) -> tuple[str, float]:
+    """``"ppl_ratio<=1.05"`` -> ("ppl_ratio", 1.05); one line and exit 2 on anything else."""
+    if text is None:
+        return "", 0.0
+    metric, sep, value = text.replace(" ", "").partition(op)
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or (metrics and metric not in metrics) or not math.isfinite(number):
+        want = " or ".join(f"{m}{op}X" for m in metrics) if metrics else f"{op}X"
+        raise MemoptError(f"{flag} {text!r}: expected {want}")
+    return metric, number
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from memopt.compose.fit import Budget, fit
+
+    metric, bound = _bound(args.quality, "--quality", ("ppl_ratio", "ppl"), "<=")
+    _, speed = _bound(args.speed, "--speed", (), ">=")
+    budget = Budget.parse(args.budget, total=args.budget_total)
+    if not args.plan_only and args.output is None:
+        raise MemoptError("fit: give an output folder (-o DIR), or --plan-only")
+    with _stages(quiet=args.json) as cb:
+        result = fit(
+            args.model,
+            budget,
+            args.output,
+            task=args.task,
+            seq=args.seq,
+            max_new_tokens=args.max_new_tokens,
+            batch=args.batch,
+            plan_only=args.plan_only,
+            max_ppl_ratio=bound if metric == "ppl_ratio" else None,
+            max_ppl=bound if metric == "ppl" else None,
+            min_tokens_per_s=speed if args.speed else None,
+            progress=cb,
+        )
+    if args.json:
+        _print_json(result)
+        return 0
+    console = _console()
+    for table in _fit_tables(result):
+        console.print(table)
+    return 0
+
+
+def _fit_tables(result: dict) -> list[Any]:
+    """The plan (consecutive units of one format on one row) and the budget against the run."""
+    from memopt.report import format_bytes, rich_table
+
+    tables = []
+    plan = result["plan"]
+    if result["task"] == "generate":
+        groups: list[list[dict]] = []
+        for u in plan["units"]:
+            if groups and groups[-1][-1]["format"] == u["format"] and "layers" in u["unit"]:
+                groups[-1].append(u)
+            else:
+                groups.append([u])
+        rows = []
+        for g in groups:
+            name = g[0]["unit"] if len(g) == 1 else f"{g[0]['unit']} … {g[-1]['unit']}"
+            rows.append((name, g[0]["format"], format_bytes(sum(u["bytes"] for u in g)),
+                         f"{sum(u['cost'] for u in g):.2e}"))  # fmt: skip
+        for label, key in (("other weights (norms, float)", "fixed_bytes"),
+                           (f"KV cache, {result['seq'] + result['max_new_tokens']} positions",
+                            "kv_bytes"), ("engine scratch", "scratch_bytes"),
+                           ("runtime (tokenizer, allocator)", "runtime_bytes")):  # fmt: skip
+            rows.append((label, "", format_bytes(plan[key]), ""))
+        title = f"fit plan: {result['model']} (quality cost: {result['quality_costs']}, nats/token)"
+        tables.append(rich_table(title, ("unit", "format", "bytes", "predicted KL"), rows))
+    else:
+        o = plan["options"]
+        rows = [(k, str(o[k])) for k in ("checkpointing", "optimizer", "dtype", "master_weights",
+                                          "grad_accum", "batch", "step_factor")]  # fmt: skip
+        tables.append(rich_table(f"fit plan: {result['model']}, training", ("option", ""), rows))
+    limit = result["limit_bytes"]
+    rows = [("runtime baseline (measured, not counted)", format_bytes(result["baseline_rss_bytes"]), ""),
+            ("budget over the baseline", format_bytes(limit), "1.000×"),
+            ("predicted peak", format_bytes(result["predicted_peak_bytes"]),
+             f"{result['predicted_peak_bytes'] / limit:.3f}×")]  # fmt: skip
+    if result.get("measured_peak_bytes") is not None:
+        m = result["measured_peak_bytes"]
+        verdict = "within budget" if result["within_budget"] else "OVER BUDGET"
+        rows.append((f"measured peak ({verdict})", format_bytes(m), f"{m / limit:.3f}×"))
+    q = result.get("quality")
+    if q:
+        rows.append(("perplexity, held out (float32's)", f"{q['fitted']:.3f} ({q['float32']:.3f})",
+                     f"{q['ratio']:.4f}×"))  # fmt: skip
+    if result.get("tokens_per_s"):
+        rows.append(("decode speed", f"{result['tokens_per_s']:.1f} tokens/s", ""))
+    if result.get("step_s"):
+        rows.append(("step time (plain's)", f"{result['step_s']:.3f} s", ""))
+    title = f"fit: {result['model']} in {format_bytes(result['budget_bytes'])}"
+    if result.get("output"):
+        title += f" → {result['output']}"
+    tables.append(rich_table(title, ("", "", "vs budget"), rows))
+    return tables
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -3,7 +3,9 @@
 ``quantize_(model, Int4WeightOnly(group_size=64))`` replaces covered modules (Linear, Embedding,
 Conv1d/2d, transformers' Conv1D) in place and returns a :class:`QuantReport` of measured bytes;
 ``quantize_model`` (memopt.quant.stream) does the same from a file to a folder without holding the
-float model. The weight kinds themselves live in memopt.weights.
+float model. ``Mixed(((pattern, config), ...), default)`` gives each module the format of the first
+rule that matches its name (a per-layer precision plan), in both. The weight kinds themselves live
+in memopt.weights.
 """
 
 from memopt.quant.api import QuantReport, quantize_
@@ -13,6 +15,7 @@ from memopt.quant.config import (
     Int8Dynamic,
     Int8WeightOnly,
     IntNWeightOnly,
+    Mixed,
     QuantConfig,
     register,
 )
@@ -23,6 +26,7 @@ __all__ = [
     "Int8Dynamic",
     "Int8WeightOnly",
     "IntNWeightOnly",
+    "Mixed",
     "QuantConfig",
     "QuantReport",
     "quantize_",

@@ -18,7 +18,9 @@ from memopt.quant.config import (
     Int8Dynamic,
     Int8WeightOnly,
     IntNWeightOnly,
+    Mixed,
     QuantConfig,
+    is_calibrated,
     register,
 )
 from memopt.weights.cast import cast_modules_
@@ -31,6 +33,7 @@ __all__ = [
     "count_format",
     "covered_shape",
     "covered_weight",
+    "first_of_tie",
     "is_hf_conv1d",
     "lookup_only_weights",
     "quantize_",
@@ -38,6 +41,9 @@ __all__ = [
     "swap_module",
     "swap_plan",
 ]
+
+# What a weight maker gives replace_weights: the weight, (the weight, dynamic), or why not
+Made = QuantizedWeight | tuple[QuantizedWeight, bool] | str
 
 # What quantize_ looks for, as its error says when it finds none of them
 COVERED = "nn.Linear, nn.Embedding, nn.Conv1d/Conv2d or transformers' Conv1D with a float weight"
@@ -82,17 +88,24 @@ def quantize_(
     """Quantize (or cast) ``model`` in place and report the measured bytes.
 
     Modules are selected by fnmatch patterns over fully qualified names (``include`` default: all;
-    ``exclude`` wins) and ``filter_fn(name, module)``. Dispatch is on ``type(config)``.
-    Calibrated int4 (``Int4WeightOnly(algo="gptq")``) takes ``calib``, token ids ``(N, T)``
+    ``exclude`` wins) and ``filter_fn(name, module)``. Dispatch is on ``type(config)``; a
+    :class:`~memopt.quant.config.Mixed` config gives each selected module its rule's format.
+    Calibrated int4 (``Int4WeightOnly(algo="gptq")``, alone or as rules of a Mixed config) takes
+    ``calib``, token ids ``(N, T)``
     (``memopt.quant.calibrate.calibration_ids``); ``calibrate_`` also accepts a LoadedModel and
     makes them from its tokenizer.
     """
-    if isinstance(config, Int4WeightOnly) and config.algo != "rtn":
+    if is_calibrated(config):
         from memopt.quant.calibrate import calibrate_
 
         if calib is None:
+            what = (
+                "a Mixed config with calibrated int4 rules"
+                if isinstance(config, Mixed)
+                else f"int4 algo {config.algo!r}"  # type: ignore[attr-defined]
+            )
             raise MemoptError(
-                f"int4 algo {config.algo!r} needs calibration token ids: pass calib= (N, T) ids "
+                f"{what} needs calibration token ids: pass calib= (N, T) ids "
                 "or call memopt.quant.calibrate.calibrate_(loaded_model, config)"
             )
         return calibrate_(
@@ -182,6 +195,9 @@ def swap_plan(
             skipped[name] = f"weight tied to unselected {[g for g in group if g not in chosen]}"
         elif isinstance(m, nn.Embedding) and m.max_norm is not None:
             skipped[name] = "embedding with max_norm (renormalises its weight in place)"
+        elif isinstance(m, nn.Embedding) and type(m).forward is not nn.Embedding.forward:
+            # OPT's learned positions: a subclass whose forward takes other arguments than ids
+            skipped[name] = f"an embedding with a forward of its own ({type(m).__name__})"
         else:
             out.append((name, m, key_of[name]))
     return out
@@ -211,27 +227,43 @@ def replace_weights(
     model: nn.Module,
     select: Callable[[str, nn.Module], bool],
     report: QuantReport,
-    make: Callable[[torch.Tensor, nn.Module], QuantizedWeight | str],
+    make: Callable[[torch.Tensor, nn.Module, str], Made],
     dynamic: bool = False,
 ) -> None:
     """Swap every module of :func:`swap_plan` for its quantized twin, one module at a time.
 
-    ``make(w2d, module)`` returns the quantized weight or a reason to skip."""
-    done: dict[int, QuantizedWeight] = {}
+    ``make(w2d, module, name)`` returns the quantized weight, ``(weight, dynamic)`` (whether a
+    Linear quantizes its activations too: per module, a Mixed config's rules may differ; else
+    ``dynamic``), or a reason to skip. It is called once per weight, with the first module of a
+    tie group (modules sharing the weight, in ``named_modules`` order): that module's name decides
+    the format of the whole group, or that the whole group stays as it is."""
+    done: dict[int, tuple[QuantizedWeight, bool] | str] = {}
     for name, m, key in swap_plan(model, select, report.skipped):
-        qw = done.get(key)
-        if qw is None:
-            made = make(covered_weight(m), m)
-            if isinstance(made, str):
-                report.skipped[name] = made
-                continue
-            qw = done[key] = made
-        new = swap_module(model, name, m, qw, dynamic)
+        made = done.get(key)
+        if made is None:
+            got = make(covered_weight(m), m, name)
+            made = done[key] = got if isinstance(got, (str, tuple)) else (got, dynamic)
+        if isinstance(made, str):  # the whole tie group stays as it is
+            report.skipped[name] = made
+            continue
+        new = swap_module(model, name, m, *made)
         if not isinstance(new, QConv):  # QConv already dropped it; a tie partner may still hold it
             m.register_parameter("weight", None)  # release the float weight now, not at the end
         report.modules.append(name)
         count_format(report.formats, new)
     del done
+
+
+def first_of_tie(model: nn.Module, name: str) -> str:
+    """The first module (``named_modules`` order) holding the weight of module ``name``: the one
+    whose rule decides a tie group's format (``name`` itself when its weight is not shared)."""
+    w = getattr(model.get_submodule(name), "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return name
+    for nm, m in model.named_modules(remove_duplicate=False):
+        if nm and getattr(m, "weight", None) is w:
+            return nm
+    return name
 
 
 def lookup_only_weights(model: nn.Module) -> set[int]:
@@ -248,15 +280,17 @@ def lookup_only_weights(model: nn.Module) -> set[int]:
 @register(Int8Dynamic)
 @register(Int4WeightOnly)
 @register(IntNWeightOnly)
+@register(Mixed)
 def _weight_only(model, config: QuantConfig, select, report) -> None:
-    """Every config with a :meth:`~memopt.quant.config.QuantConfig.plan_weight`."""
+    """Every config with a weight plan: each module's from
+    :meth:`~memopt.quant.config.QuantConfig.plan_module` (a Mixed config: its rule's)."""
     lookup = lookup_only_weights(model)
 
-    def make(w: torch.Tensor, m: nn.Module) -> QuantizedWeight | str:
-        plan = config.plan_weight(w.shape[0], w.shape[1], w.dtype, id(m.weight) in lookup)
-        return plan if isinstance(plan, str) else plan.make(w)
+    def make(w: torch.Tensor, m: nn.Module, name: str) -> Made:
+        plan = config.plan_module(name, w.shape[0], w.shape[1], w.dtype, id(m.weight) in lookup)
+        return plan if isinstance(plan, str) else (plan.make(w), plan.dynamic)
 
-    replace_weights(model, select, report, make, dynamic=isinstance(config, Int8Dynamic))
+    replace_weights(model, select, report, make)
 
 
 # ---- Cast ----

@@ -36,12 +36,23 @@ sequences at a time), plus two (K, K) float32 matrices at a time per Linear bein
 Hessian, then its Cholesky factors: ``4 * K * K`` bytes each, K the Linear's input width), plus
 one float32 copy of that Linear's weight. The output projection's GPTQ reads its
 weight 2048 rows at a time (:func:`gptq_rows`) and packs each chunk into the preallocated result.
+
+A :class:`~memopt.quant.config.Mixed` config (a format per module) keeps that order for the mixed
+model: each block's inputs come from the earlier blocks as the mix quantized them; inside a block,
+the modules whose rule is not calibrated (round-to-nearest int4/int3/int2, int8) are quantized
+first, since a format chosen without data does not depend on when it is applied but changes what
+the modules after it see, then the Linears whose rule is ``Int4WeightOnly(algo="gptq")`` by GPTQ,
+stage by stage, each with its rule's group size; modules whose rule keeps them float stay float.
+Outside the blocks, the embedding is quantized at the end, as for a uniform config (block 0 is
+calibrated on float embeddings), and the output projection gets GPTQ when the rule of its tie
+group (its first module's) is calibrated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -53,15 +64,27 @@ from memopt.core import heap
 from memopt.core.errors import MemoptError
 from memopt.core.modules import model_bytes, require_blocks, selector
 from memopt.core.texts import default_calib_text
-from memopt.quant.config import Int4WeightOnly
+from memopt.quant.api import (
+    QuantReport,
+    count_format,
+    covered_shape,
+    covered_weight,
+    first_of_tie,
+    lookup_only_weights,
+    replace_weights,
+    swap_module,
+    swap_plan,
+)
+from memopt.quant.config import Int4WeightOnly, Mixed, gptq_config, is_calibrated
 from memopt.weights import kernels
-from memopt.weights.modules import QLinear
+from memopt.weights.modules import QConv, QLinear
 from memopt.weights.primitives import choose_qparams, pack, pack_int4_nblock
 from memopt.weights.quantized import Int4Weight, QuantizedWeight
 
 __all__ = [
     "CALIB_BATCH",
     "GPTQSettings",
+    "Replay",
     "calibrate_",
     "calibration_ids",
     "capture_inputs",
@@ -102,14 +125,27 @@ class GPTQSettings:
 DEFAULT_SETTINGS = GPTQSettings()
 
 
-def _settings(config: Int4WeightOnly, settings: GPTQSettings | None) -> GPTQSettings:
+def _settings(config: Int4WeightOnly | Mixed, settings: GPTQSettings | None) -> GPTQSettings:
+    if isinstance(config, Mixed):
+        if not is_calibrated(config):
+            raise MemoptError("calibration: this Mixed config has no calibrated (gptq) rule")
+        return settings or DEFAULT_SETTINGS
     if not isinstance(config, Int4WeightOnly):
         raise MemoptError(
-            f"calibration takes an Int4WeightOnly config, not {type(config).__name__}"
+            f"calibration takes an Int4WeightOnly or Mixed config, not {type(config).__name__}"
         )
     if config.algo != "gptq":
         raise MemoptError(f"calibration: algo {config.algo!r} is not a calibrated algorithm")
     return settings or DEFAULT_SETTINGS
+
+
+def single_weights(model: nn.Module, select: Callable[[str, nn.Module], bool]) -> set[str]:
+    """The modules that ``quantize_`` would swap (:func:`memopt.quant.api.swap_plan`) whose weight
+    no other module shares: those a Mixed config's block pass may quantize inside their block. A
+    tie group waits for the end, where its first module's rule gives the group one format."""
+    swaps = swap_plan(model, select, {})
+    shared = Counter(key for _, _, key in swaps)
+    return {name for name, _, key in swaps if shared[key] == 1}
 
 
 # ---- calibration data ----
@@ -434,16 +470,45 @@ def _hessian(
     return H
 
 
+def _uncalibrated_first(
+    block: nn.Module,
+    config: Mixed,
+    full: Callable[[str], str],
+    select: Callable[[str, nn.Module], bool] | None,
+    on_linear: Callable[[str, Any], None] | None,
+) -> None:
+    """A Mixed config's block: every selected covered module whose rule is not calibrated gets its
+    rule's format now, before the block's GPTQ stages (modules that its rule keeps float, or whose
+    weight the rule cannot take, stay as they are; the model-level pass reports them)."""
+    lookup = lookup_only_weights(block)
+    for nm, m in list(block.named_modules()):
+        if not nm or covered_shape(m) is None or (select is not None and not select(nm, m)):
+            continue
+        rule = config.config_for(full(nm))
+        if rule is None or gptq_config(config, full(nm)) is not None:
+            continue  # float, or GPTQ's (a non-Linear under a gptq rule: rounded at the end)
+        w = covered_weight(m)
+        plan = config.plan_module(full(nm), w.shape[0], w.shape[1], w.dtype, id(m.weight) in lookup)
+        if isinstance(plan, str):
+            continue
+        qw = plan.make(w)
+        if not isinstance(swap_module(block, nm, m, qw, plan.dynamic), QConv):
+            m.register_parameter("weight", None)  # the float weight goes now (QConv dropped it)
+        if on_linear is not None:
+            on_linear(nm, qw)
+
+
 @torch.no_grad()
 def quantize_block_(
     block: nn.Module,
     inputs: list[tuple[tuple, dict]],
-    config: Int4WeightOnly,
+    config: Int4WeightOnly | Mixed,
     *,
     select: Callable[[str, nn.Module], bool] | None = None,
-    on_linear: Callable[[str, Int4Weight | str], None] | None = None,
+    on_linear: Callable[[str, QuantizedWeight | str], None] | None = None,
     settings: GPTQSettings | None = None,
     consume: bool = False,
+    name: str = "",
 ) -> list[Any]:
     """Quantize every ``nn.Linear`` of one transformer block in place with calibrated int4.
 
@@ -456,22 +521,35 @@ def quantize_block_(
     ``consume``: each input's hidden states are dropped from ``inputs`` once its output is made
     (``next_inputs`` still finds the other arguments there), so the inputs and outputs of the
     whole calibration set are not both held.
+
+    A :class:`~memopt.quant.config.Mixed` config (``name``: the block's fully qualified name, which
+    its patterns see): each Linear whose rule is calibrated int4 gets GPTQ with that rule's group
+    size; every other selected covered module gets its own rule's format *first*, so that the GPTQ
+    stages' Hessians and the block's outputs are those of the mixed model (a module quantized
+    without data is the same whenever it is quantized; what it changes is what the modules after it
+    see). ``on_linear`` is told of those too.
     """
     settings = _settings(config, settings)
     if not inputs:
         raise MemoptError("quantize_block_: no calibration inputs")
-    names = [
-        nm
-        for nm, m in block.named_modules()
-        if isinstance(m, nn.Linear) and (select is None or select(nm, m))
-    ]
-    g = config.group_size
+
+    def full(nm: str) -> str:
+        return f"{name}.{nm}" if name else nm
+
+    if isinstance(config, Mixed):
+        _uncalibrated_first(block, config, full, select, on_linear)
+    rule: dict[str, Int4WeightOnly] = {}
+    for nm, m in block.named_modules():
+        if isinstance(m, nn.Linear) and (select is None or select(nm, m)):
+            c = gptq_config(config, full(nm))
+            if c is not None:
+                rule[nm] = c
     todo = []
-    for nm in names:
+    for nm, c in rule.items():
         k = block.get_submodule(nm).in_features
-        if k % g:
+        if k % c.group_size:
             if on_linear is not None:
-                on_linear(nm, f"group size {g} does not divide {k} inputs")
+                on_linear(nm, f"group size {c.group_size} does not divide {k} inputs")
         else:
             todo.append(nm)
     if todo:
@@ -479,10 +557,12 @@ def quantize_block_(
             lin0 = block.get_submodule(stage[0])
             H = _hessian(block, lin0, inputs, lin0.in_features)  # shared by the stage
             for nm in stage:
-                lin = block.get_submodule(nm)
-                codes, scale, zero = gptq_quantize(lin.weight, H, g, config.symmetric, settings)
+                lin, c = block.get_submodule(nm), rule[nm]
+                codes, scale, zero = gptq_quantize(
+                    lin.weight, H, c.group_size, c.symmetric, settings
+                )
                 qw = int4_weight_from_codes(
-                    codes, scale, zero, g, config.symmetric, lin.weight.dtype
+                    codes, scale, zero, c.group_size, c.symmetric, lin.weight.dtype
                 )
                 del codes
                 _set_child(block, nm, QLinear(qw, lin.bias))
@@ -561,7 +641,7 @@ def next_inputs(
     return nxt
 
 
-class _Replay(nn.Module):
+class Replay(nn.Module):
     """Stands in for a block: the first returns the stored final hidden states, the rest pass on."""
 
     def __init__(self, stored: list[torch.Tensor] | None, as_tuple: bool) -> None:
@@ -597,7 +677,7 @@ def _head_hessian(
 
     saved = list(blocks)
     for i in range(len(blocks)):
-        blocks[i] = _Replay(stored if i == 0 else None, as_tuple)
+        blocks[i] = Replay(stored if i == 0 else None, as_tuple)
     handle = head.register_forward_pre_hook(pre)
     try:
         for i in range(0, ids.shape[0], batch):
@@ -657,7 +737,7 @@ def gptq_head(
 @torch.no_grad()
 def calibrate_(
     model: Any,
-    config: Int4WeightOnly,
+    config: Int4WeightOnly | Mixed,
     calib_ids: torch.Tensor | None = None,
     *,
     tokenizer: Any = None,
@@ -678,9 +758,16 @@ def calibrate_(
     calib_text, n, seq)``, the text defaulting to :func:`default_calib_text`. Linears inside the
     transformer blocks get GPTQ; every other covered module selected (the embedding and a tied
     lm_head) gets round-to-nearest int4, as ``algo="rtn"`` would.
+
+    A :class:`~memopt.quant.config.Mixed` config: the Linears in the blocks whose rule is
+    calibrated int4 get GPTQ with their rule's group size; the other modules of a block get their
+    rule's format before its GPTQ stages (:func:`quantize_block_`), so each block calibrates on the
+    mixed model's outputs; the output projection gets GPTQ when the rule of its tie group (its
+    first module's: the embedding of a tied LM) is calibrated; the rest (the embedding, anything
+    outside the blocks, a weight shared by several modules) gets its rule's format at the end, a
+    calibrated rule's as round-to-nearest int4.
     """
     from memopt.models import LoadedModel
-    from memopt.quant.api import QuantReport, replace_weights
 
     settings = _settings(config, settings)
     if isinstance(model, LoadedModel):
@@ -696,27 +783,37 @@ def calibrate_(
     select = selector(include, exclude, filter_fn)
     report = QuantReport(config.to_dict(), model_bytes(model), 0)
     prefix, blocks = require_blocks(model, "calibration")
+    if isinstance(config, Mixed):  # only modules with a weight of their own, inside a block
+        single = single_weights(model, select)
+        in_block: Callable[[str, nn.Module], bool] = lambda full, m: full in single  # noqa: E731
+    else:
+        in_block = select
+    head = output_projection(model)
+    head_name = next((nm for nm, m in model.named_modules() if m is head), None)
+    # the rule of the head's tie group: its first module's (a tied LM: the embedding's)
+    head_config = gptq_config(config, first_of_tie(model, head_name)) if head_name else None
     was_training = model.training
     model.eval()
     inputs = capture_inputs(model, blocks[0], calib_ids, batch)
     for b, block in enumerate(blocks):
         here = f"{prefix}.{b}"
 
-        def on_linear(nm: str, qw: Int4Weight | str, here: str = here) -> None:
+        def on_linear(nm: str, qw: QuantizedWeight | str, here: str = here, block=block) -> None:
             if isinstance(qw, str):
                 report.skipped[f"{here}.{nm}"] = qw
             else:
                 report.modules.append(f"{here}.{nm}")
-                report.formats["int4"] = report.formats.get("int4", 0) + 1
+                count_format(report.formats, block.get_submodule(nm))
 
         outputs = quantize_block_(
             block,
             inputs,
             config,
-            select=lambda nm, m, here=here: select(f"{here}.{nm}", m),
+            select=lambda nm, m, here=here: in_block(f"{here}.{nm}", m),
             on_linear=on_linear,
             settings=settings,
             consume=True,
+            name=here,
         )
         tuple_out = isinstance(outputs[0], (tuple, list))
         inputs = next_inputs(inputs, outputs)
@@ -724,20 +821,22 @@ def calibrate_(
         if progress is not None:
             progress(b + 1, len(blocks))
 
-    head = output_projection(model)
-    head_name = next((nm for nm, m in model.named_modules() if m is head), None)
     head_q = None
-    if head_name is not None and select(head_name, head):  # not excluded: worth calibrating
-        head_q = gptq_head(model, blocks, calib_ids, inputs, tuple_out, config, batch, settings)
+    if head_config is not None and select(head_name, head):  # not excluded: worth calibrating
+        head_q = gptq_head(
+            model, blocks, calib_ids, inputs, tuple_out, head_config, batch, settings
+        )
     del inputs
 
-    # The rest (embedding, lm_head, anything outside the blocks): round to nearest, as RTN does.
-    def make(w: torch.Tensor, m: nn.Module) -> QuantizedWeight | str:
-        if w.shape[1] % config.group_size:
-            return f"group size {config.group_size} does not divide {w.shape[1]} inputs"
+    # The rest (embedding, lm_head, anything outside the blocks): its rule's format, a calibrated
+    # int4 rule's by round to nearest, as RTN does.
+    lookup = lookup_only_weights(model)
+
+    def make(w: torch.Tensor, m: nn.Module, name: str) -> Any:
         if head_q is not None and head is not None and w is head.weight:
             return head_q
-        return Int4Weight(w, config.group_size, config.symmetric)
+        plan = config.plan_module(name, w.shape[0], w.shape[1], w.dtype, id(m.weight) in lookup)
+        return plan if isinstance(plan, str) else (plan.make(w), plan.dynamic)
 
     replace_weights(model, select, report, make)
     model.train(was_training)

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -15,6 +17,7 @@ import torch
 from memopt.core.config import Config, Registry
 from memopt.core.config import check as _check
 from memopt.core.errors import MemoptError
+from memopt.core.modules import matches
 from memopt.formats.safetensors import dtype_name
 from memopt.weights import kernels
 from memopt.weights.quantized import Int4Weight, Int8Weight, IntNWeight, QuantizedWeight
@@ -28,9 +31,13 @@ __all__ = [
     "Int8Dynamic",
     "Int8WeightOnly",
     "IntNWeightOnly",
+    "Mixed",
     "QuantConfig",
     "WeightPlan",
+    "gptq_config",
+    "is_calibrated",
     "method_config",
+    "read_config",
     "register",
 ]
 
@@ -64,6 +71,20 @@ class QuantConfig(Config, family="quantization"):
         """The plan for an ``(N, K)`` weight of ``dtype``, or why it stays as it is.
         ``lookup_only``: only embeddings read it (no matmul)."""
         raise MemoptError(f"{type(self).__name__} does not store weights in a quantized kind")
+
+    def plan_module(
+        self, name: str, n: int, k: int, dtype: torch.dtype, lookup_only: bool = False
+    ) -> WeightPlan | str:
+        """The plan for the ``(N, K)`` weight of module ``name`` (fully qualified), or why it stays
+        as it is: :meth:`plan_weight` for a config that treats every module alike; a
+        :class:`Mixed` config asks the rule that matches ``name``. ``quantize_`` and the streamed
+        ``quantize_model`` both plan each weight through this."""
+        return self.plan_weight(n, k, dtype, lookup_only)
+
+    def config_for(self, name: str) -> QuantConfig | None:
+        """The config that decides module ``name``'s format (None: it stays float): the config
+        itself, or a :class:`Mixed` config's matching rule."""
+        return self
 
 
 def _undivided(g: int | None, k: int) -> str | None:
@@ -238,6 +259,136 @@ class IntNWeightOnly(QuantConfig):
         return WeightPlan(spec, lambda w: IntNWeight(w, bits, g, sym))
 
 
+# What a Mixed rule may hold: a config with a weight plan of its own, neither a cast nor a mix
+def _nestable(config: Any) -> bool:
+    return (
+        isinstance(config, QuantConfig)
+        and not isinstance(config, (Cast, Mixed))
+        and type(config).plan_weight is not QuantConfig.plan_weight
+    )
+
+
+def _nested(config: Any, where: str) -> QuantConfig | None:
+    """A rule's (or the default's) config from a config, its dict, or None (float)."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        try:
+            config = QuantConfig.from_dict(config)
+        except MemoptError as e:
+            raise MemoptError(f"Mixed: {where}: {e}") from None
+    got = type(config).__name__ if isinstance(config, QuantConfig) else repr(config)
+    _check(
+        _nestable(config),
+        f"Mixed: {where} must be null (float) or a weight config (Int8WeightOnly, Int8Dynamic, "
+        f"Int4WeightOnly, IntNWeightOnly), got {got}",
+    )
+    return config
+
+
+@dataclass(frozen=True)
+class Mixed(QuantConfig):
+    """A format per module: the plan of ``memopt fit``, a precision chosen for each layer.
+
+    ``rules``: ``(pattern, config)`` pairs, in order; ``pattern`` is an fnmatch pattern over fully
+    qualified module names (case-sensitive, as ``include`` / ``exclude``), and the first rule whose
+    pattern matches a module gives its format. ``config`` is any weight config (Int8WeightOnly,
+    Int8Dynamic, Int4WeightOnly with algo rtn or gptq, IntNWeightOnly), or None: the module stays
+    float. ``default``: the config of modules that no rule matches (None: they stay float).
+
+    Tied weights (a tied embedding and lm_head) are one weight and get one format: the rule of the
+    *first* module of the tie group in the model's module order (``named_modules``), e.g.
+    ``model.embed_tokens`` in a tied Llama, whatever a rule matching ``lm_head`` says. A tied
+    output projection whose rule is ``Int4WeightOnly(algo="gptq")`` is calibrated as a uniform
+    calibrated config calibrates it (memopt.quant.calibrate.gptq_head), with that rule's group size.
+
+    Calibrated rules (``algo="gptq"``) need calibration data, as a uniform one does: the
+    transformer's blocks are quantized in order, each block's GPTQ Linears from inputs that the
+    already-quantized earlier blocks produce; inside a block, the modules whose rule is not
+    calibrated are quantized first, so that both the block's GPTQ stages and the next blocks see
+    the mixed model (memopt.quant.calibrate). Modules outside the blocks (the embedding, a head not
+    calibrated) are quantized last, as the uniform path does.
+
+    JSON form: ``{"type": "Mixed", "rules": [[pattern, config dict or null], ...], "default":
+    config dict or null}``.
+    """
+
+    fmt: ClassVar[str] = "mixed"
+    rules: tuple[tuple[str, QuantConfig | None], ...] = ()
+    default: QuantConfig | None = None
+
+    def __post_init__(self) -> None:
+        rules = self.rules
+        _check(
+            isinstance(rules, (list, tuple)),
+            f"Mixed: rules must be a list of [pattern, config] pairs, got {rules!r}",
+        )
+        out = []
+        for i, rule in enumerate(rules):
+            _check(
+                isinstance(rule, (list, tuple)) and len(rule) == 2,
+                f"Mixed: rule {i} must be a [pattern, config] pair, got {rule!r}",
+            )
+            pattern, config = rule
+            _check(
+                isinstance(pattern, str) and pattern != "",
+                f"Mixed: rule {i}'s pattern must be a non-empty string, got {pattern!r}",
+            )
+            out.append((pattern, _nested(config, f"rule {i} ({pattern!r})")))
+        object.__setattr__(self, "rules", tuple(out))
+        object.__setattr__(self, "default", _nested(self.default, "default"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "Mixed",
+            "rules": [[p, None if c is None else c.to_dict()] for p, c in self.rules],
+            "default": None if self.default is None else self.default.to_dict(),
+        }
+
+    def match(self, name: str) -> int | None:
+        """The index of the first rule whose pattern matches module ``name``, None if none does."""
+        return next((i for i, (p, _) in enumerate(self.rules) if matches(name, (p,))), None)
+
+    def config_for(self, name: str) -> QuantConfig | None:
+        i = self.match(name)
+        return self.default if i is None else self.rules[i][1]
+
+    def configs(self) -> list[QuantConfig]:
+        """Every config the mix may give a module (rules and default, floats left out)."""
+        return [c for c in (*(c for _, c in self.rules), self.default) if c is not None]
+
+    def plan_module(
+        self, name: str, n: int, k: int, dtype: torch.dtype, lookup_only: bool = False
+    ) -> WeightPlan | str:
+        i = self.match(name)
+        config = self.default if i is None else self.rules[i][1]
+        if config is None:
+            if i is None:
+                return "no rule of the Mixed config matches (no default: kept float)"
+            return f"Mixed rule {i} ({self.rules[i][0]!r}) keeps it float"
+        return config.plan_module(name, n, k, dtype, lookup_only)
+
+    def plan_weight(
+        self, n: int, k: int, dtype: torch.dtype, lookup_only: bool = False
+    ) -> WeightPlan | str:
+        raise MemoptError("Mixed plans each module by its name: call plan_module(name, ...)")
+
+
+def gptq_config(config: QuantConfig, name: str) -> Int4WeightOnly | None:
+    """The calibrated int4 config of module ``name`` under ``config`` (a uniform
+    ``Int4WeightOnly(algo="gptq")`` or a Mixed config's matching rule), None where its format is
+    not calibrated."""
+    c = config.config_for(name)
+    return c if isinstance(c, Int4WeightOnly) and c.algo != "rtn" else None
+
+
+def is_calibrated(config: QuantConfig) -> bool:
+    """Whether ``config`` needs calibration data: calibrated int4, or a Mixed config with such a
+    rule (or default)."""
+    configs = config.configs() if isinstance(config, Mixed) else [config]
+    return any(isinstance(c, Int4WeightOnly) and c.algo != "rtn" for c in configs)
+
+
 # ``memopt quantize --method M [--group-size G] [--algo A]``: the config behind each method
 METHODS: dict[str, Callable[[int | None, str | None], QuantConfig]] = {
     "float32": lambda g, a: Cast("float32"),
@@ -268,3 +419,19 @@ def method_config(
     if group_size is not None and method in _NO_GROUP:
         raise MemoptError(f"--group-size does not apply to {method}")
     return METHODS[method](group_size, algo)
+
+
+def read_config(path: str | Path) -> QuantConfig:
+    """A quantization config from a JSON file (``memopt quantize --config FILE``): any config's
+    ``to_dict()`` form, a Mixed one included. Errors are one-line MemoptErrors."""
+    p = Path(path)
+    if not p.is_file():
+        raise MemoptError(f"no such config file: {path}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MemoptError(f"{path}: not a JSON config ({str(e).splitlines()[0]})") from None
+    config = QuantConfig.from_dict(data)
+    if not isinstance(config, QuantConfig):
+        raise MemoptError(f"{path}: not a quantization config")
+    return config

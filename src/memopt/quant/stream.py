@@ -28,6 +28,14 @@ carries them gets zero input embeddings, which the replay ignores). Peak (1 MB m
 :func:`memopt.core.heap.bound_heap`): the imports + the calibration activations + one float
 block + the quantized output, within the same bound (imports + output size + largest float32 tensor);
 bench/quantize.py reports both (the README's quantization table).
+
+A :class:`~memopt.quant.config.Mixed` config plans each weight by its module's rule
+(``plan_module``, the first module of a tie group deciding for the group, as in ``quantize_``).
+With calibrated rules, the float twin's blocks run as ``calibrate_`` runs them: in each block, the
+modules whose rule is not calibrated are quantized first (from the float weights just read), then
+the GPTQ Linears with their rules' group sizes; the uncalibrated weights are written from the source
+in row chunks as usual (the same bits), the GPTQ ones from the block pass, so the folder equals the
+in-memory result bit for bit.
 """
 
 from __future__ import annotations
@@ -71,12 +79,21 @@ from memopt.models.saved import (
 from memopt.quant.api import (
     count_format,
     covered_shape,
+    first_of_tie,
     lookup_only_weights,
     quantize_,
     swap_module,
     swap_plan,
 )
-from memopt.quant.config import Cast, Int4WeightOnly, QuantConfig, WeightPlan
+from memopt.quant.config import (
+    Cast,
+    Int4WeightOnly,
+    Mixed,
+    QuantConfig,
+    WeightPlan,
+    gptq_config,
+    is_calibrated,
+)
 from memopt.weights.quantized import (
     Int4Weight,
     QuantizedWeight,
@@ -222,23 +239,27 @@ def _plan(
 ) -> _Plan:
     """Swap the selected covered modules of a meta model for quantized ones with empty weights,
     by ``quantize_``'s own rules (:func:`memopt.quant.api.swap_plan`) and the config's plan of
-    each weight. ``gptq_linears``: Linears that the calibrated path fills instead (quantize_block_
-    decides their codes); ``gptq_head``: the name of the output projection when the calibrated
-    path quantizes it (with its tied embedding)."""
+    each weight (:meth:`~memopt.quant.config.QuantConfig.plan_module`, with the name of the first
+    module of a tie group, as ``quantize_`` asks it). ``gptq_linears``: Linears that the
+    calibrated path fills instead (quantize_block_ decides their codes); ``gptq_head``: the name of
+    the output projection when the calibrated path quantizes it (with its tied embedding)."""
     plan = _Plan()
     lookup = lookup_only_weights(model)
-    done: dict[int, QuantizedWeight] = {}
+    done: dict[int, QuantizedWeight | str] = {}
     swaps = swap_plan(model, select, plan.skipped)
     owners: dict[int, list[str]] = {}
     for name, _, key in swaps:
         owners.setdefault(key, []).append(name)
     for name, m, key in swaps:
         qw = done.get(key)
+        if isinstance(qw, str):  # the first module of its tie group stays as it is: all do
+            plan.skipped[name] = qw
+            continue
         if qw is None:
             (n, k), transposed = covered_shape(m)
-            made = config.plan_weight(n, k, m.weight.dtype, key in lookup)
+            made = config.plan_module(name, n, k, m.weight.dtype, key in lookup)
             if isinstance(made, str):
-                plan.skipped[name] = made
+                plan.skipped[name] = done[key] = made
                 continue
             src = src_of(f"{name}.weight")
             if src is None:
@@ -305,12 +326,28 @@ class _Calibrated:
         self.ids: torch.Tensor | None = None
         self.as_tuple = True  # whether the blocks return tuples (set by the first block run)
         self.done: dict[str, QuantizedWeight] = {}
+        # what a block's pass may quantize (calibrate_'s rule): with a Mixed config, only modules
+        # whose weight is their own (a tie group waits for the end, for its first module's rule)
+        if isinstance(config, Mixed):
+            single = calibrate.single_weights(fmodel, select)
+            self.in_block = lambda full, m: full in single
+        else:
+            self.in_block = select
+
+    def head_config(self, model: nn.Module) -> Int4WeightOnly | None:
+        """The calibrated config of the output projection's tie group (its first module's rule),
+        None when it is not calibrated."""
+        head = self.cal.output_projection(model)
+        name = next((nm for nm, m in model.named_modules() if m is head), None)
+        return None if name is None else gptq_config(self.config, first_of_tie(model, name))
 
     def head_name(self, model: nn.Module) -> str | None:
         """The name of ``model``'s output projection if calibration will quantize it, else None
         (:func:`memopt.quant.calibrate.gptq_head`'s conditions, checked on the meta model)."""
-        head = self.cal.output_projection(model)
-        if not isinstance(head, nn.Linear) or head.in_features % self.config.group_size:
+        head, config = self.cal.output_projection(model), self.head_config(model)
+        if config is None or not isinstance(head, nn.Linear):
+            return None
+        if head.in_features % config.group_size:
             return None
         if not self.cal.DEFAULT_SETTINGS.lm_head:
             return None
@@ -318,13 +355,15 @@ class _Calibrated:
         return name if name is not None and self.select(name, head) else None
 
     def linears(self) -> set[str]:
-        """Full names of the Linears quantize_block_ will quantize (selected, group divides)."""
+        """Full names of the Linears quantize_block_ will quantize by GPTQ (selected, calibrated
+        rule, group divides)."""
         out = set()
         for b, block in enumerate(self.blocks):
             for nm, m in block.named_modules():
                 full = f"{self.prefix}.{b}.{nm}"
-                divides = isinstance(m, nn.Linear) and m.in_features % self.config.group_size == 0
-                if divides and self.select(full, m):
+                config = gptq_config(self.config, full) if isinstance(m, nn.Linear) else None
+                divides = config is not None and m.in_features % config.group_size == 0
+                if divides and self.in_block(full, m):
                     out.add(full)
         return out
 
@@ -443,8 +482,8 @@ class _Calibrated:
             return self.rows.rows(src, r0, r1, dtype)
 
         qw = self.cal.gptq_head(
-            self.fmodel, self.blocks, self.ids, self.inputs, self.as_tuple, self.config,
-            embed=embed, read=read,
+            self.fmodel, self.blocks, self.ids, self.inputs, self.as_tuple,
+            self.head_config(self.fmodel), embed=embed, read=read,
         )  # fmt: skip
         self.inputs = None
         self.rows.release()
@@ -471,9 +510,10 @@ class _Calibrated:
             block,
             self.inputs,
             self.config,
-            select=lambda nm, m: self.select(f"{here}.{nm}", m),
+            select=lambda nm, m: self.in_block(f"{here}.{nm}", m),
             on_linear=on_linear,
             consume=True,
+            name=here,
         )
         self.as_tuple = isinstance(outputs[0], (tuple, list))
         self.inputs = self.cal.next_inputs(self.inputs, outputs)
@@ -544,10 +584,10 @@ def quantize_model(
     config = _as_config(config)
     check_output(out_dir)
     source = model_spec if isinstance(model_spec, ModelSource) else resolve(model_spec)
-    gptq = isinstance(config, Int4WeightOnly) and getattr(config, "algo", "rtn") != "rtn"
+    gptq = is_calibrated(config)
     # streamed: a cast, or a config whose weights have a plan (what a config registered elsewhere
-    # may not have: it is quantized in memory)
-    planned = type(config).plan_weight is not QuantConfig.plan_weight
+    # may not have: it is quantized in memory); a Mixed config's rules all have one
+    planned = isinstance(config, Mixed) or type(config).plan_weight is not QuantConfig.plan_weight
     if source.kind == "memopt" or not (planned or isinstance(config, Cast)):
         return _in_memory(source, config, out_dir, include, exclude, calib, progress, start)
     if gptq:
@@ -677,7 +717,7 @@ def _in_memory(source, config, out_dir, include, exclude, calib, progress, start
     note = requantized_note(source)
     loaded = load_model(source, dequantize=True)  # a GGUF's float weights, to requantize
     before = model_bytes(loaded.model)
-    if isinstance(config, Int4WeightOnly) and getattr(config, "algo", "rtn") != "rtn":
+    if is_calibrated(config):
         from memopt.quant.calibrate import calibrate_
 
         kw = {"calib_ids": calib} if isinstance(calib, torch.Tensor) else {"calib_text": calib}
@@ -705,7 +745,7 @@ def _in_memory(source, config, out_dir, include, exclude, calib, progress, start
 def _record(config: QuantConfig, include: Any, exclude: Any, calib: Any) -> dict[str, Any]:
     """The manifest's account of one quantization: config, selection, calibration data."""
     rec: dict[str, Any] = {"config": config.to_dict(), "include": include, "exclude": exclude}
-    if isinstance(config, Int4WeightOnly) and getattr(config, "algo", "rtn") != "rtn":
+    if is_calibrated(config):
         if isinstance(calib, torch.Tensor):
             rec["calib"] = f"token ids {list(calib.shape)}"
         else:

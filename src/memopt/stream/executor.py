@@ -1,5 +1,10 @@
 """Run a model under a byte budget: resident what fits, the rest streamed block by block from its file.
 
+Every source streams in its stored form: a safetensors file's tensors in their dtype, a memopt
+folder's quantized weights, a GGUF's quantized blocks (the architecture of :func:`build_meta`, its
+Linear and Embedding weights :class:`~memopt.weights.GGMLWeight` modules, counted and read as the
+file's bytes; GGMLWeight.linear dequantizes one row block of one layer's weight at a time).
+
 The architecture is built on the meta device. Its blocks are the modules of its largest
 ``nn.ModuleList`` (a transformer's layers); everything else is *the rest* (norms, rotary tables,
 position embeddings), loaded once and kept. Two parts of the rest get special care, because in a
@@ -8,29 +13,36 @@ small LM with a large vocabulary they are the largest tensors of all (often one 
 * the input embedding is read by rows under a budget: a lookup copies only the rows it needs out
   of the file (``pread``, which maps nothing) and, for GGUF or a memopt quantized folder,
   dequantizes only those rows;
-* the output head (``get_output_embeddings()``, a float Linear or a memopt QLinear) is a sequence
-  of row chunks, each about one block's bytes, streamed like blocks; a linear over a chunk of rows
-  computes the same dot products as over all of them (tested bit for bit, float and int4/int8).
+* the output head (``get_output_embeddings()``, a float Linear, a memopt QLinear or a GGML one) is
+  a sequence of row chunks, each about one block's bytes, streamed like blocks; a linear over a
+  chunk of rows computes the same dot products as over all of them (tested bit for bit, float and
+  int4/int8).
 
-The plan (:func:`plan_budget`) pins as many blocks as the budget allows after the rest, the KV cache,
-the activations, a runtime reserve and a working set of two streamed units (the one computing and
-the one being prefetched); the others are *units* streamed in execution order, cyclically (after the
-head's last chunk comes the first streamed block of the next forward). A unit is fetched on a
-background thread while the previous one computes: mapped pages are populated
-(``MADV_POPULATE_READ``), GGUF blocks dequantized, memopt int4 weights repacked for this CPU's
-kernel; the forward pre-hook installs the fetched tensors in the meta block, the forward hook puts
-the meta tensors back and releases the unit's pages (``MADV_DONTNEED``): its RSS is given back.
+The plan (:func:`plan_budget`) keeps everything resident when it fits; a GGUF that the decode engine
+runs (:mod:`memopt.engine`: :func:`memopt.generate.generate` picks it when every tensor is real) is
+planned with the engine's terms (its float32 KV cache, one position's activations, no
+dequantization). Otherwise it pins as many blocks as the budget allows after the rest, the KV
+cache, the activations, a runtime reserve and a working set of two streamed units (the one
+computing and the one being prefetched); the others are *units* streamed in execution order,
+cyclically (after the head's last chunk comes the first streamed block of the next forward),
+through transformers' forward. A unit is fetched on a background thread while the previous one
+computes: mapped pages are populated (``MADV_POPULATE_READ``), memopt int4 weights repacked for
+this CPU's kernel; the forward pre-hook installs the fetched tensors in the meta block, the forward
+hook puts the meta tensors back and releases the unit's pages (``MADV_DONTNEED``): its RSS is given
+back.
 
-Weights are the same tensors as in memory (views of the same file bytes, or the same dequantization
-of the same bytes) and run through the same modules, so the outputs are bit for bit those of the
-in-memory model.
+Weights are the same tensors as in memory (views of the same file bytes, copies of them, or the same
+dequantization of the same bytes) and run through the same modules, so the outputs are bit for bit
+those of the in-memory model run the same way.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -45,7 +57,16 @@ from torch import nn
 from memopt.core.errors import MemoptError
 from memopt.core.heap import bound_heap, trim_heap
 from memopt.core.modules import find_blocks
-from memopt.core.pages import Span, populate, release
+from memopt.core.pages import (
+    Span,
+    forget_file_mapping,
+    populate,
+    register_file_mapping,
+    release,
+    span_of,
+)
+from memopt.engine.llama import arch_of, library
+from memopt.formats.gguf import dequantize
 from memopt.formats.manifest import read_manifest
 from memopt.formats.safetensors import SafetensorsReader
 from memopt.measure.generation import kv_cache_bytes
@@ -57,11 +78,13 @@ from memopt.models import (
     materialize_buffers,
     resolve,
 )
+from memopt.weights.ggml import GGMLWeight
 from memopt.weights.kernels import set_untimed
-from memopt.weights.modules import QEmbedding, QLinear
+from memopt.weights.modules import QEmbedding, QLinear, QModule
 from memopt.weights.quantized import Int4Weight, disk_layout, empty_weight, fill_weight
 
 __all__ = [
+    "ENGINE_RESERVE_BYTES",
     "RESERVE_BYTES",
     "StreamPlan",
     "StreamedModel",
@@ -74,6 +97,12 @@ __all__ = [
 # model and its hooks, page tables, the allocator's slack and the mapped file headers; set from
 # bench/stream.py's measurements, rounded up.
 RESERVE_BYTES = 24 << 20
+# A run through memopt's decode engine (everything resident, memopt.engine) needs less: no
+# transformers forward, hooks or prefetch thread; what it adds is the engine's library and its
+# OpenMP runtime, the model's Python objects and page tables (the bundled GGUF at 135 MB, three
+# runs: 24.3 MB over its weights, KV cache and logits, of which ~14 MB are the parsed header's
+# leftovers, counted apart as the reader's scratch, 12 MiB; rounded up with a margin).
+ENGINE_RESERVE_BYTES = 14 << 20
 # A quantized model needs no more: what its first forward would add is the kernels timing their
 # candidates at first use (oneDNN's initialization), which they do not do under a budget
 # (memopt.weights.kernels._UNTIMED).
@@ -117,7 +146,7 @@ class StreamPlan:
 
     model: str
     budget_bytes: int | None
-    model_bytes: int  # every weight as it is held in RAM (float32 for GGUF)
+    model_bytes: int  # every weight as it is held in RAM (a GGUF's blocks as stored)
     rest_bytes: int  # resident outside the blocks (norms, rotary, quantized embeddings...)
     block_bytes: list[int]
     head_bytes: int  # a float output head streamed in chunks when not pinned (0: part of the rest)
@@ -132,11 +161,20 @@ class StreamPlan:
     min_budget_bytes: int
     tokens: int  # positions the KV cache was sized for
     scratch_bytes: int = 0  # dequantization temporaries (GGUF) and the source's own metadata
+    # a GGML embedding read by rows under a budget, resident when the whole model fits (0: none)
+    embedding_bytes: int = 0
+    embedding_pinned: bool = False
+    # everything resident and memopt's decode engine runs it (memopt.generate picks it then): the
+    # KV cache, activation and scratch terms are the engine's (its float32 cache of exactly the
+    # positions asked for, one position computed at a time, no dequantization)
+    engine: bool = False
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(self.block_bytes[i] for i in self.pinned_blocks) + (
-            self.head_bytes if self.head_pinned else 0
+        return (
+            sum(self.block_bytes[i] for i in self.pinned_blocks)
+            + (self.head_bytes if self.head_pinned else 0)
+            + (self.embedding_bytes if self.embedding_pinned else 0)
         )
 
     @property
@@ -173,6 +211,16 @@ def _mb(n: int, up: bool = False) -> str:
     return f"{value:.{digits}f} MB"
 
 
+@dataclass(frozen=True)
+class _EngineTerms:
+    """The byte terms of a run through memopt's decode engine (the whole model resident)."""
+
+    kv: int
+    act: int
+    scratch: int
+    reserve: int
+
+
 def _plan(
     name: str,
     budget: int | None,
@@ -184,28 +232,54 @@ def _plan(
     reserve: int,
     tokens: int,
     scratch: int = 0,
+    *,
+    embedding: int = 0,
+    engine: _EngineTerms | None = None,
 ) -> StreamPlan:
-    """Pin blocks in order while the budget allows; then the whole head if it fits too."""
+    """Everything resident when it fits (through the decode engine when ``engine`` gives its terms,
+    else transformers' forward with ``kv``, ``act`` and ``scratch``); else pin blocks in order while
+    the budget allows and stream the others and the head's chunks. ``embedding``: the bytes of an
+    embedding read by rows unless everything is resident."""
     unit = max(blocks) if blocks else 0
     chunks = max(1, math.ceil(head / unit)) if head and unit else (1 if head else 0)
     head_unit = math.ceil(head / chunks) if chunks else 0
     largest = max(unit, head_unit)
     fixed = rest + kv + act + reserve + scratch
     minimum = fixed + 2 * largest
-    total = fixed + sum(blocks) + head
+    weights = rest + sum(blocks) + head + embedding
+    total = weights + kv + act + reserve + scratch
+    engine_total = (
+        weights + engine.kv + engine.act + engine.reserve + engine.scratch if engine else None
+    )
+    smallest = minimum if engine_total is None else min(minimum, engine_total)
     plan = StreamPlan(
-        name, budget, rest + sum(blocks) + head, rest, list(blocks), head, chunks, [], False,
-        0, 0, kv, act, reserve, minimum, tokens, scratch,
+        name, budget, weights, rest, list(blocks), head, chunks, [], False,
+        0, 0, kv, act, reserve, smallest, tokens, scratch, embedding,
     )  # fmt: skip
-    if budget is None or budget >= total:  # everything resident: nothing to stream
+    if engine is not None and (budget is None or budget >= engine_total):
+        plan.engine = True  # everything resident, run by the engine: its terms
+        plan.kv_cache_bytes, plan.activation_bytes = engine.kv, engine.act
+        plan.scratch_bytes, plan.reserve_bytes = engine.scratch, engine.reserve
+    if plan.engine or budget is None or budget >= total:  # everything resident: nothing to stream
         plan.pinned_blocks = list(range(len(blocks)))
         plan.head_pinned = bool(head)
+        plan.embedding_pinned = bool(embedding)
         return plan
-    if budget < minimum:
+    if budget < smallest:
+        if engine_total is not None and engine_total < minimum:
+            parts = (
+                f"{_mb(weights)} of weights, all resident for memopt's decode engine + "
+                f"{_mb(engine.kv)} KV cache + {_mb(engine.act)} activations + "
+                f"{_mb(engine.reserve + engine.scratch)} runtime"
+            )  # fmt: skip
+        else:
+            parts = (
+                f"{_mb(rest)} resident + 2 × {_mb(largest)} streamed blocks + {_mb(kv)} KV cache + "
+                f"{_mb(act)} activations + {_mb(reserve + scratch)} runtime"
+            )
         raise MemoptError(
             f"--max-memory {_mb(budget)} is too small for {name}: the smallest budget that works is "
-            f"{_mb(minimum, up=True)} ({_mb(rest)} resident + 2 × {_mb(largest)} streamed blocks + "
-            f"{_mb(kv)} KV cache + {_mb(act)} activations + {_mb(reserve + scratch)} runtime)"
+            f"{_mb(smallest, up=True)} ({parts})"
         )
     room = budget - minimum
     for i, b in enumerate(blocks):
@@ -254,8 +328,9 @@ class _Reader:
         release(spans)
         return t
 
-    def scratch_bytes(self, largest_tensor: int) -> int:
-        """Memory beyond the tensors while streaming: none for mapped views."""
+    def scratch_bytes(self, block_tensors: list[str], engine: bool = False) -> int:
+        """Memory beyond the tensors while the blocks' tensors (file names) stream, or (``engine``)
+        while the decode engine runs the whole model: none for mapped views."""
         return 0
 
     def release_all(self) -> None:
@@ -291,10 +366,18 @@ class _MappedReader(_Reader):
 
 
 class _GGUFReader(_Reader):
-    """Dequantizes on demand from the GGUF file's mapping (:meth:`GGUFSource.read`), leaving
-    torch's thread count alone (a process-wide setting: the compute thread would see it)."""
+    """A GGUF file's tensors, each in the form the model holds it.
 
-    dequantizes = True
+    The quantized weights that the model keeps as GGML blocks (``kept``: its
+    :class:`~memopt.weights.GGMLWeight` modules) are their stored bytes, ``(rows, row_bytes)
+    uint8``: views of the file's mapping, whose pages a streamed unit populates and releases as a
+    safetensors file's are (llama's q/k rows, which llama.cpp reorders, are copies in Hugging Face
+    order, :meth:`GGUFSource.raw`). Float tensors (norms) and any quantized tensor the model holds
+    as floats are dequantized copies (:meth:`GGUFSource.read`, which leaves torch's thread count
+    alone: a process-wide setting the compute thread would see change). Rows of a kept embedding
+    are copied by ``pread`` (nothing mapped)."""
+
+    dequantizes = True  # its float tensors are dequantized copies: a float embedding reads by rows
 
     def __init__(self, path: Path) -> None:
         from memopt.formats.gguf import GGUFSource
@@ -302,29 +385,63 @@ class _GGUFReader(_Reader):
         self.src = GGUFSource(path)
         self.src.drop_metadata()  # the config and tensor table are read: their objects can go
         trim_heap()
+        self.kept: set[str] = set()  # names held as GGML blocks (set by _map_model)
+        base, size = self.src.region()  # the whole file's mapping, from its first byte
+        self.base = base
+        # releases widen to whole page-cache folios inside the mapping (memopt.core.pages)
+        self._bounds = [(base, base + size)]
+        register_file_mapping(self._bounds)
+        weakref.finalize(self, forget_file_mapping, self._bounds)
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
 
     def names(self) -> list[str]:
         return self.src.names()
 
     def ram_bytes(self, name: str) -> int:
+        if name in self.kept:
+            return self.src.nbytes(name)  # the stored bytes
         return math.prod(self.src.shape(name)) * 4  # dequantized to float32
 
-    def scratch_bytes(self, largest_tensor: int) -> int:
-        # Dequantizing a tensor makes 3 float temporaries of its size (codes, scaled codes, the
-        # result), and the parsed header leaves objects behind (bench/stream.py, rounded up).
-        return 3 * largest_tensor + _GGUF_HEADER_LEFTOVER
+    def scratch_bytes(self, block_tensors: list[str], engine: bool = False) -> int:
+        # The parsed header leaves objects behind (bench/stream.py, rounded up). Dequantizing a
+        # tensor makes 3 float temporaries of its size (codes, scaled codes, the result): a block's
+        # tensor held as floats, read whole, or a kept weight's row block in GGMLWeight.linear
+        # (about 1 MiB of float32 rows, memopt.weights.kernels.row_block); the decode engine
+        # computes from the blocks and needs none.
+        if engine:
+            return _GGUF_HEADER_LEFTOVER
+        largest = max(
+            [_GGML_ROW_TEMP if n in self.kept else self.ram_bytes(n) for n in block_tensors],
+            default=0,
+        )
+        return 3 * largest + _GGUF_HEADER_LEFTOVER
 
     def release_all(self) -> None:
         release([_span(*self.src.region())])
 
     def tensor(self, name: str) -> tuple[torch.Tensor, list[Span]]:
-        return self.src.read(name), [_span(*self.src.region(name))]
+        span = _span(*self.src.region(name))
+        if name not in self.kept:
+            out = self.src.read(name)  # dequantized: owns its memory
+            release([span])  # the pages the read touched
+            return out, []
+        _, raw = self.src.raw(name)  # (rows, row_bytes)
+        if raw.flags.writeable:  # an un-permuted copy (llama q/k): the pages it read can go
+            release([span])
+            return torch.from_numpy(raw), []
+        return _readonly_tensor(raw), [span]  # a view of the mapping
 
     def rows(self, name: str, r0: int, r1: int) -> tuple[torch.Tensor, list[Span]]:
-        out = self.src.read(name, slice(r0, r1))  # (r1 - r0, K)
-        start, length = self.src.region(name)
-        per_row = length // self.src.shape(name)[0]  # quantized rows: equal runs of blocks
-        return out, [Span(start + r0 * per_row, start + r1 * per_row)]
+        if name not in self.kept:
+            out = self.src.read(name, slice(r0, r1))  # (r1 - r0, K), dequantized
+            release([_span(*self.src.region(name))])
+            return out, []
+        t, spans = self.tensor(name)  # a view touches nothing yet
+        if not spans:
+            return t[r0:r1].clone(), []
+        part = t[r0:r1]  # quantized rows are consecutive runs of blocks
+        return part, [span_of(part)]
 
     def gather(self, name: str, idx: torch.Tensor) -> torch.Tensor:
         out = self.src.read(name, idx)  # (*idx.shape, H): only the rows asked for
@@ -332,8 +449,37 @@ class _GGUFReader(_Reader):
         release([_span(*self.src.region(name))])
         return out
 
+    def gather_blocks(self, name: str, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` (1-D) of a kept weight's blocks, ``(len(idx), row_bytes)`` uint8, copied by
+        ``pread``: nothing of the file is mapped, so nothing is left to release."""
+        address, length = self.src.region(name)
+        n_rows = self.src.shape(name)[0]
+        row_bytes = length // n_rows
+        out = torch.empty(idx.numel(), row_bytes, dtype=torch.uint8)  # (n, row_bytes)
+        buf = out.numpy()
+        offset = address - self.base  # the tensor's first byte in the file
+        for j, r in enumerate(idx.tolist()):
+            if not 0 <= r < n_rows:
+                raise MemoptError(f"{name}: row {r} is out of range ({n_rows} rows)")
+            if os.preadv(self.fd, [memoryview(buf[j])], offset + r * row_bytes) != row_bytes:
+                raise MemoptError(f"{self.src.path}: short read of {name!r}")
+        return out
+
 
 _GGUF_HEADER_LEFTOVER = 12 << 20  # what a parsed GGUF header leaves behind, rounded up
+_GGML_ROW_TEMP = 1 << 20  # float32 rows a GGML linear dequantizes at a time (kernels.row_block)
+# The GGML types memopt's decode engine computes with (memopt.engine.llama); others run on torch.
+_ENGINE_GGML = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def _readonly_tensor(raw: Any) -> torch.Tensor:
+    """A tensor over a read-only numpy view of the mapping: never written (weights are only read),
+    so torch's warning about non-writable memory does not apply."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw)
 
 
 def _span(address: int, length: int) -> Span:
@@ -490,6 +636,27 @@ class _QuantRowEmbedding(nn.Module):
         return qw.rows(local.view(ids.shape))
 
 
+class _GGMLRowEmbedding(nn.Module):
+    """A GGUF embedding kept as GGML blocks whose rows are read on lookup (by ``pread``) and
+    dequantized (the values of :meth:`GGMLWeight.rows`): nothing of the table stays resident."""
+
+    def __init__(self, reader: _GGUFReader, name: str, like: QEmbedding) -> None:
+        super().__init__()
+        self.reader, self.name = reader, name
+        qw = like.qweight
+        assert isinstance(qw, GGMLWeight)
+        self.ggml_type = qw.ggml_type
+        self.num_embeddings, self.embedding_dim = qw.shape
+        self.padding_idx = like.padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, H)
+        flat = ids.reshape(-1)
+        rows, local = torch.unique(flat, return_inverse=True)  # each row read once
+        blocks = self.reader.gather_blocks(self.name, rows)  # (U, row_bytes)
+        values = dequantize(blocks, self.ggml_type, (rows.numel(), self.embedding_dim))
+        return values[local].reshape(*ids.shape, self.embedding_dim)
+
+
 class _WeightChunk(nn.Module):
     """Rows of a float head's weight, installed while the chunk computes."""
 
@@ -633,10 +800,10 @@ class _Layout:
     rest_keys: list[str]  # the float keys outside the blocks, the streamable float head's excepted
     resident_q: list[str]  # the qkeys outside the blocks, the row-wise head and embedding excepted
     emb: nn.Module | None  # the input embedding
-    emb_name: str | None  # its name, when a float nn.Embedding
+    emb_name: str | None  # its name, when a float nn.Embedding or a GGUF's GGML QEmbedding
     head: nn.Module | None  # the output embedding
-    head_name: str | None  # its name, when a float nn.Linear
-    head_float: bool  # that float head's weight has a tensor in the file: it streams by rows
+    head_name: str | None  # its name, when a float nn.Linear or a GGUF's GGML QLinear
+    head_float: bool  # that head's weight has a tensor in the file: it streams by rows
     qhead_name: str | None  # a quantized head that streams by rows (a QLinear of a _ROW_FORMATS)
     qhead_key: str | None
     qemb_name: str | None  # a quantized embedding read by rows (a QEmbedding of a _ROW_FORMATS)
@@ -647,17 +814,38 @@ class _Layout:
         return self.loaded.model
 
     @property
+    def head_ggml(self) -> bool:
+        """The head (``head_name``) is a QLinear over GGML blocks (a GGUF as stored)."""
+        return isinstance(self.head, QLinear) and isinstance(self.head.qweight, GGMLWeight)
+
+    @property
+    def emb_ggml(self) -> bool:
+        """The embedding (``emb_name``) is a QEmbedding over GGML blocks (a GGUF as stored)."""
+        return isinstance(self.emb, QEmbedding) and isinstance(self.emb.qweight, GGMLWeight)
+
+    @property
     def head_key(self) -> str | None:
-        return f"{self.head_name}.weight" if self.head_name else None
+        """The key of the head's weight: its ``weight``, or its GGML ``qweight.blocks``."""
+        return _weight_key(self.head_name, self.head_ggml)
 
     @property
     def emb_key(self) -> str | None:
-        return f"{self.emb_name}.weight" if self.emb_name else None
+        return _weight_key(self.emb_name, self.emb_ggml)
 
     @property
     def row_embedding(self) -> bool:
-        """The float embedding's table is in the file: under a budget, read by rows on lookup."""
+        """The embedding's table is in the file: under a budget, read by rows on lookup."""
         return self.emb_key is not None and self.emb_key in self.file_of
+
+    @property
+    def tied(self) -> bool:
+        """The head reads the embedding's tensor in the file."""
+        return (
+            self.head_key is not None
+            and self.emb_key is not None
+            and self.emb_key in self.file_of
+            and self.file_of.get(self.head_key) == self.file_of[self.emb_key]
+        )
 
     def block_of(self, key: str) -> int | None:
         """The index of the block that holds ``key``; None outside the blocks."""
@@ -696,12 +884,20 @@ class _Layout:
             return self.ram(self.head_key)
         return self.qram(self.qhead_key) if self.qhead_key else 0
 
-    def largest_block_tensor(self) -> int:
-        return max(
-            [self.ram(k) for keys in self.block_keys for k in keys]
-            + [self.qram(q) for qkeys in self.block_q for q in qkeys],
-            default=0,
-        )
+    def block_tensors(self) -> list[str]:
+        """The file's tensors that the blocks hold."""
+        return [self.file_of[k] for keys in self.block_keys for k in keys if k in self.file_of] + [
+            n for qkeys in self.block_q for q in qkeys for n in self.qweights[q][2]
+        ]
+
+    def pinnable_embedding_bytes(self) -> int:
+        """A GGML embedding read by rows under a budget that stays resident when the whole model
+        fits (so that the decode engine can run it): its bytes; 0 for any other embedding (a tied
+        one is resident with its pinned head)."""
+        if not (self.emb_ggml and self.row_embedding) or self.tied:
+            return 0
+        assert self.emb_key is not None
+        return self.ram(self.emb_key)
 
 
 def _map_model(source: ModelSource) -> _Layout:
@@ -710,7 +906,8 @@ def _map_model(source: ModelSource) -> _Layout:
     Raises :class:`MemoptError` for a model that cannot stream: not a transformers model, no list
     of blocks, or a block buffer that no file holds."""
     manifest = read_manifest(source.path) if source.kind == "memopt" else None
-    loaded = build_meta(source, dequantize=True)  # a GGUF streams as its float32 architecture
+    # a GGUF streams in its stored form: its quantized Linear / Embedding weights GGML blocks
+    loaded = build_meta(source)
     model = loaded.model
     if loaded.task != "causal-lm" and loaded.task != "encoder":
         raise MemoptError(f"{source.name}: streaming needs a transformers model")
@@ -729,11 +926,13 @@ def _map_model(source: ModelSource) -> _Layout:
     file_of, qweights = _file_names(model, targets, manifest, reader)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    emb_name = _module_name(model, emb) if isinstance(emb, nn.Embedding) else None
-    head_name = _module_name(model, head) if type(head) is nn.Linear else None
-    head_key = f"{head_name}.weight" if head_name else None
-    if head_key and emb_name and head_key not in file_of and f"{emb_name}.weight" in file_of:
-        file_of[head_key] = file_of[f"{emb_name}.weight"]  # a tied head reads the embedding's
+    emb_ggml = isinstance(emb, QEmbedding) and isinstance(emb.qweight, GGMLWeight)
+    head_ggml = isinstance(head, QLinear) and isinstance(head.qweight, GGMLWeight)
+    emb_name = _module_name(model, emb) if isinstance(emb, nn.Embedding) or emb_ggml else None
+    head_name = _module_name(model, head) if type(head) is nn.Linear or head_ggml else None
+    head_key, emb_key = _weight_key(head_name, head_ggml), _weight_key(emb_name, emb_ggml)
+    if head_key and emb_key and head_key not in file_of and emb_key in file_of:
+        file_of[head_key] = file_of[emb_key]  # a tied head reads the embedding's
     head_float = head_key is not None and head_key in file_of
     block_keys, block_q, rest_keys, rest_q = _group_keys(
         targets, qweights, list_name, len(blocks), head_key, head_float
@@ -770,10 +969,19 @@ def _file_names(
     file_of: dict[str, str] = {}
     qweights: dict[str, _QuantWeight] = {}
     if manifest is None:
+        # a GGUF's weights kept as GGML blocks: "<module>.qweight.blocks" holds "<module>.weight"
+        ggml = {
+            f"{name}.weight": f"{name}.qweight.blocks"
+            for name, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, QModule) and isinstance(m.qweight, GGMLWeight)
+        }
         for n in reader.names():
-            key = match_key(n, targets)
+            held = match_key(n, ggml) if ggml else None
+            key = ggml[held] if held is not None else match_key(n, targets)
             if key is not None:
                 file_of[key] = n
+                if held is not None and isinstance(reader, _GGUFReader):
+                    reader.kept.add(n)  # read as its stored bytes
         return file_of, qweights
     for key, wspec in manifest["weights"].items():
         names = [f"{key}.{suffix}" for suffix in disk_layout(wspec)]
@@ -862,11 +1070,64 @@ def _plan_layout(
         kv = kv_cache_bytes(config, tokens, batch, kv_size, 1)
     act = activation_bytes(config, prompt_tokens or tokens, batch, itemsize)
     budgeted = max_memory is not None
+    block_tensors = layout.block_tensors()
+    engine = None
+    if _engine_runs(layout, kv_int8, batch):
+        engine = _EngineTerms(
+            kv_cache_bytes(config, tokens, 1, 4),  # (layers, positions, kv_dim) float32, K and V
+            _engine_activation_bytes(config, tokens),
+            layout.reader.scratch_bytes(block_tensors, engine=True) if budgeted else 0,
+            min(reserve_bytes, ENGINE_RESERVE_BYTES) if budgeted else 0,
+        )
     return _plan(
         layout.source.name, max_memory, layout.rest_bytes(), layout.block_bytes(),
         layout.head_bytes(), kv, act, reserve_bytes if budgeted else 0, tokens,
-        layout.reader.scratch_bytes(layout.largest_block_tensor()) if budgeted else 0,
+        layout.reader.scratch_bytes(block_tensors) if budgeted else 0,
+        embedding=layout.pinnable_embedding_bytes(), engine=engine,
     )  # fmt: skip
+
+
+def _engine_runs(layout: _Layout, kv_int8: bool, batch: int) -> bool:
+    """Whether memopt's decode engine runs ``layout``'s model once all of it is resident
+    (:func:`memopt.generate.generate` then picks it): a GGUF kept in its stored form, every GGML
+    weight of a type the engine computes with, every float tensor float32, an architecture it runs
+    (:func:`memopt.engine.llama.arch_of`), the engine built for this machine; batch 1, a float
+    KV cache (the engine keeps its own)."""
+    if kv_int8 or batch != 1 or layout.source.kind != "gguf" or layout.loaded.task != "causal-lm":
+        return False
+    model = layout.model
+    for m in model.modules():
+        if isinstance(m, QModule) and not (
+            isinstance(m.qweight, GGMLWeight) and m.qweight.ggml_type in _ENGINE_GGML
+        ):
+            return False
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return False
+    try:
+        arch_of(layout.loaded.config, model)
+    except Exception:  # noqa: BLE001 (the engine's own "cannot run this": transformers runs it)
+        return False
+    return library() is not None
+
+
+def _engine_activation_bytes(config: Any, tokens: int) -> int:
+    """What the decode engine computes with besides the weights and its KV cache: its scratch
+    (``memopt_scratch_floats``: a handful of vectors of the hidden and MLP widths, the attention
+    scores of one position against ``tokens``) and the logits of one position, float32."""
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    inter = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    widest = max(hidden, inter, heads * head_dim)
+    return (8 * widest + 2 * inter + heads * tokens + head_dim + vocab) * 4
+
+
+def _weight_key(module_name: str | None, ggml: bool) -> str | None:
+    """The key of a module's weight: ``<name>.weight``, or a GGML weight's ``<name>.qweight.blocks``."""
+    if module_name is None:
+        return None
+    return f"{module_name}.qweight.blocks" if ggml else f"{module_name}.weight"
 
 
 def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
@@ -929,21 +1190,28 @@ class _StreamedBuilder:
             self.reader.release_all()  # the quantized bytes are repacked: their pages can go
 
     def _install_float_embedding(self) -> None:
-        """A float embedding's table: read by rows on lookup, or resident as a view of the file."""
+        """A float (or GGML) embedding's table: read by rows on lookup, or resident as a view of
+        the file."""
         lay = self.layout
         if not lay.row_embedding:
             return
         assert lay.emb_key is not None and lay.emb_name is not None
+        name = lay.file_of[lay.emb_key]
+        tied_and_pinned = self.plan.head_pinned and lay.tied
+        if lay.emb_ggml:
+            assert isinstance(lay.emb, QEmbedding) and isinstance(self.reader, _GGUFReader)
+            if tied_and_pinned:
+                return  # its GGMLWeight is the head's, filled with the pinned head
+            if self.budgeted and not self.plan.embedding_pinned:  # rows copied by pread on lookup
+                _set_module(self.model, lay.emb_name, _GGMLRowEmbedding(self.reader, name, lay.emb))
+            else:
+                _install(self._float_payload([lay.emb_key], resident=True)[0])
+            return
         assert isinstance(lay.emb, nn.Embedding)
-        tied_and_pinned = (
-            self.plan.head_pinned
-            and lay.head_key is not None
-            and lay.file_of.get(lay.head_key) == lay.file_of[lay.emb_key]
-        )
         if self.reader.dequantizes or (self.budgeted and not tied_and_pinned):
             # rows read on lookup (dequantized, or copied by pread: mapping them would map whole
             # page-cache folios, see SafetensorsReader.read_rows)
-            row_embedding = _RowEmbedding(self.reader, lay.file_of[lay.emb_key], lay.emb)
+            row_embedding = _RowEmbedding(self.reader, name, lay.emb)
             _set_module(self.model, lay.emb_name, row_embedding)
         else:  # resident anyway (no budget, or the pinned tied head's): a view of the mapping
             _install(self._float_payload([lay.emb_key])[0])
@@ -968,10 +1236,13 @@ class _StreamedBuilder:
 
     def _materialize_computed_buffers(self) -> None:
         """Buffers no file holds (rotary tables), computed for the rest of the model only: the
-        blocks and a quantized head are detached meanwhile, as their meta weights (quantized ones
-        are buffers) would be zero-filled."""
+        blocks and a quantized head (and a GGML embedding) are detached meanwhile, as their meta
+        weights (quantized ones are buffers) would be zero-filled."""
         lay = self.layout
         detach = [lay.list_name] + ([lay.qhead_name] if lay.qhead_name else [])
+        detach += [
+            n for n, g in ((lay.head_name, lay.head_ggml), (lay.emb_name, lay.emb_ggml)) if n and g
+        ]
         kept = {name: self.model.get_submodule(name) for name in detach}
         for name in detach:
             _set_module(self.model, name, nn.Module())
@@ -996,24 +1267,43 @@ class _StreamedBuilder:
             self.streamer.attach(block, self.streamer.add(unit))
 
     def _add_float_head(self) -> None:
-        """A float head: its weight resident when pinned, else row chunks of it as units."""
+        """A float (or GGML) head: its weight resident when pinned, else row chunks of it as units
+        (a GGML head's chunk: a QLinear over those rows' blocks, consecutive bytes of the file)."""
         lay = self.layout
         if not lay.head_float:
             return
         head = lay.head
         assert lay.head_name is not None and lay.head_key is not None
-        assert isinstance(head, nn.Linear)
         wname = lay.file_of[lay.head_key]
         if self.plan.head_pinned:
-            _install([(head, "weight", "param", self.reader.tensor(wname)[0])])
+            if lay.head_ggml:  # a view of the mapping (tied: the embedding's weight too)
+                _install(self._float_payload([lay.head_key], resident=True)[0])
+            else:
+                assert isinstance(head, nn.Linear)
+                _install([(head, "weight", "param", self.reader.tensor(wname)[0])])
             return
+        assert isinstance(head, (nn.Linear, QLinear))
         streamed = _StreamedHead(self.streamer, head.bias)
-        step = math.ceil(head.out_features / self.plan.head_chunks)
-        for r0, r1 in _row_ranges(head.out_features, step):
-            chunk = _WeightChunk()
-            fetch = partial(self._fetch_float_rows, chunk, wname, r0, r1)
-            nbytes = (r1 - r0) * head.in_features * 4  # float32 rows
-            restore: Payload = [(chunk, "weight", "param", None)]
+        n_out, k = head.out_features, head.in_features
+        step = math.ceil(n_out / self.plan.head_chunks)
+        for r0, r1 in _row_ranges(n_out, step):
+            chunk: nn.Module
+            if lay.head_ggml:
+                assert isinstance(head, QLinear) and isinstance(head.qweight, GGMLWeight)
+                qw = head.qweight
+                row_bytes = int(qw.blocks.shape[1])
+                meta = torch.empty((r1 - r0, row_bytes), dtype=torch.uint8, device="meta")
+                chunk = QLinear(GGMLWeight(meta, qw.ggml_type, (r1 - r0, k)), None)
+                owner: nn.Module = chunk.qweight
+                slot: tuple[str, str] = ("blocks", "buffer")
+                restore: Payload = [(owner, "blocks", "buffer", meta)]
+                nbytes = (r1 - r0) * row_bytes  # the stored rows
+            else:
+                chunk = owner = _WeightChunk()
+                slot = ("weight", "param")
+                restore = [(chunk, "weight", "param", None)]
+                nbytes = (r1 - r0) * k * 4  # float32 rows
+            fetch = partial(self._fetch_rows, owner, slot, wname, r0, r1)
             unit = _Unit(f"{lay.head_name}[{r0}:{r1}]", nbytes, fetch, restore)
             streamed.add(chunk, self.streamer.add(unit))
         _set_module(self.model, lay.head_name, streamed)
@@ -1048,13 +1338,13 @@ class _StreamedBuilder:
 
     def _fetch_block(self, keys: list[str], qkeys: list[str]) -> tuple[Payload, list[Span]]:
         floats, spans = self._float_payload(keys)
-        return floats + self._quant_payload(qkeys), _settle(self.reader, spans)
+        return floats + self._quant_payload(qkeys), _settle(spans)
 
-    def _fetch_float_rows(
-        self, chunk: nn.Module, wname: str, r0: int, r1: int
+    def _fetch_rows(
+        self, owner: nn.Module, slot: tuple[str, str], wname: str, r0: int, r1: int
     ) -> tuple[Payload, list[Span]]:
-        t, spans = self.reader.rows(wname, r0, r1)  # (r1 - r0, H)
-        return [(chunk, "weight", "param", t)], _settle(self.reader, spans)
+        t, spans = self.reader.rows(wname, r0, r1)  # (r1 - r0, H) floats, or (r1 - r0, bytes)
+        return [(owner, *slot, t)], _settle(spans)
 
     def _fetch_quant_rows(
         self, qchunk: QLinear, cspec: dict[str, Any], names: list[str], r0: int, r1: int
@@ -1131,7 +1421,9 @@ class _StreamedBuilder:
             if t is not None
             and t.is_meta
             and not self._streamed(n)
-            and not (lay.qhead_name and n.startswith(f"{lay.qhead_name}.chunks."))
+            and not any(
+                name and n.startswith(f"{name}.chunks.") for name in (lay.qhead_name, lay.head_name)
+            )
         ]
         if left:
             raise MemoptError(f"{lay.source.name}: no weight in the file for {left[0]!r}")
@@ -1202,12 +1494,10 @@ def _row_ranges(n: int, step: int) -> Iterator[tuple[int, int]]:
         yield r0, min(n, r0 + step)
 
 
-def _settle(reader: _Reader, spans: list[Span]) -> list[Span]:
-    """After a fetch: dequantized tensors own their memory, so the quantized bytes' pages go back
-    now; mapped views need their pages, so those are populated now, off the compute thread."""
-    if reader.dequantizes:
-        release(spans)
-        return []
+def _settle(spans: list[Span]) -> list[Span]:
+    """After a fetch: the spans are those of mapped views (copies and dequantized tensors own their
+    memory, and their readers gave back what they touched): their pages are populated now, off the
+    compute thread, and released after the unit's use."""
     populate(spans)
     return spans
 

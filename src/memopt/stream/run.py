@@ -67,7 +67,9 @@ def predict(
     # the plan's KV term is the full cache plus one layer's K and V again (torch.cat's moment of
     # old + new): the cache itself is kv_cache, the moment goes with the runtime's transients
     layers = len(plan.block_bytes)
-    kv = plan.kv_cache_bytes * layers // (layers + 1) if layers else plan.kv_cache_bytes
+    kv = plan.kv_cache_bytes
+    if layers and not plan.engine:  # the decode engine's cache is allocated once, at its size
+        kv = plan.kv_cache_bytes * layers // (layers + 1)
     out["breakdown"] = {  # estimate's keys, plus the two that streaming adds
         "params": plan.rest_bytes + plan.pinned_bytes + plan.working_bytes,
         "buffers": 0,
@@ -114,8 +116,14 @@ def run(
         kv_int8=kv_int8,
     ) as streamed:  # fmt: skip
         streamed.loaded._tokenizer = _DeferredTokenizer(eos)
-        # eos -1: no end token, exactly max_new_tokens (benchmarks, profile)
-        out = generate(streamed.loaded, ids, max_new_tokens, warmup=warmup, stop_at_eos=eos != -1)
+        # eos -1: no end token, exactly max_new_tokens (benchmarks, profile). The decode engine
+        # runs the model when the plan counted its terms (everything resident), never with an int8
+        # KV cache (the engine keeps its own float32 one), else when generate() finds it can.
+        engine = False if kv_int8 else True if streamed.plan.engine else None
+        out = generate(
+            streamed.loaded, ids, max_new_tokens, warmup=warmup, stop_at_eos=eos != -1,
+            engine=engine,
+        )  # fmt: skip
         out["plan"] = streamed.plan.to_dict()
         out["stream"] = streamed.stats()
     del streamed

@@ -1,0 +1,704 @@
+"""``memopt fit``: the best model that fits a memory budget, chosen by measurement, proven by one.
+
+For inference (``generate``: greedy decoding with the KV cache, through the decode engine), the
+plan gives every *unit* of the model (each transformer block's Linears together; the embedding and
+the output head, tied or not) one weight format from a menu (float32, int8 per channel, int4 in
+groups of 128, 64 or 32, calibrated by GPTQ). Its three parts:
+
+* **bytes**, exact from the shapes (the formats' byte layouts), plus what the run holds besides
+  the weights: the KV cache of the asked positions, the engine's scratch, and the runtime's own
+  (the tokenizer, the process's allocator: :data:`RUNTIME_BYTES`, measured);
+* **quality cost**, measured once per model on calibration text (:func:`sensitivities`): the
+  mean KL divergence of the next-token distribution from the float model's when only that unit
+  is quantized (round to nearest, the cost's proxy); costs are taken as additive;
+* **the choice**: a multiple-choice knapsack over the units, solved exactly by dynamic programming
+  over bytes (in steps of :data:`BYTES_STEP`): the least total cost whose bytes fit the budget.
+
+Then the plan is applied from the source file without the float model (streamed quantization
+with a per-module config, GPTQ where int4), saved as a memopt folder, and the run the user asked
+for is measured in a fresh process: peak RSS over its import baseline against the budget,
+perplexity on held-out text against the float model, tokens/s. A measured peak over the budget
+shrinks the weights' share by the excess and plans again (up to :data:`REVISIONS` times); a budget
+no plan can meet is refused in one line naming the smallest that would do.
+
+Training (``train``) searches the training options instead (checkpointing, the chunked loss,
+8-bit AdamW, bfloat16 with float32 masters, gradient accumulation at the same global batch) with
+the estimator, each combination's step-time factor from a measured table, and keeps the fastest
+predicted combination whose estimated peak fits; :func:`fit` then measures its step in a child.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from memopt.core.errors import MemoptError
+from memopt.core.modules import find_blocks
+from memopt.core.units import parse_size
+
+__all__ = [
+    "BYTES_STEP",
+    "FORMATS",
+    "RUNTIME_BYTES",
+    "Budget",
+    "Plan",
+    "Unit",
+    "fit",
+    "plan_inference",
+    "plan_training",
+    "sensitivities",
+    "units_of",
+]
+
+# The weight formats of the menu, largest first. "int4-gN": int4 in groups of N, calibrated by
+# GPTQ; "int3-g32" / "int2-g32": 3 and 2 bits in groups of 32, round to nearest with a float16
+# scale and offset (the smallest plans; their KL costs keep them off every layer that matters).
+FORMATS = ("float32", "int8", "int4-g32", "int4-g64", "int4-g128", "int3-g32", "int2-g32")
+
+# What a generation run holds beyond weights, KV cache and scratch (the tokenizer, Python's
+# objects of the model, the allocator's slack), over the run's import baseline; measured on the
+# bundled SmolLM2 through the engine's lean path and rounded up. The fit measures its own run and
+# revises the plan when this is short.
+RUNTIME_BYTES = 40 << 20
+BYTES_STEP = 1 << 18  # the knapsack's resolution: 256 KiB
+REVISIONS = 3
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes the run may add over the runtime's own baseline; or, with ``total``, the whole
+    process's peak (the baseline, measured, is then subtracted)."""
+
+    bytes: int
+    total: bool = False
+
+    @classmethod
+    def parse(cls, text: str | int, total: bool = False) -> Budget:
+        return cls(parse_size(text), total)
+
+
+@dataclass
+class Unit:
+    """A part of the model that gets one format: a block's Linears, or an embedding / head."""
+
+    name: str  # module name (a block: "model.layers.3")
+    patterns: list[str]  # fnmatch patterns over the modules it covers
+    shapes: list[tuple[int, int]]  # (N, K) of each weight it holds (a tied weight once)
+    bytes: dict[str, int] = field(default_factory=dict)  # format -> bytes
+    cost: dict[str, float] = field(default_factory=dict)  # format -> quality cost (0: float)
+
+
+@dataclass
+class Plan:
+    """The chosen formats, and what they are predicted to cost."""
+
+    task: str
+    formats: dict[str, str]  # unit -> format
+    weight_bytes: int
+    fixed_bytes: int  # weights outside the units (norms, rotary tables)
+    kv_bytes: int
+    scratch_bytes: int
+    runtime_bytes: int
+    predicted_cost: float
+    predicted_peak_bytes: int
+    options: dict[str, Any] = field(default_factory=dict)  # training: the chosen options
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bytes
+
+
+def format_bytes(fmt: str, n: int, k: int) -> int:
+    """Bytes of an (N, K) weight in ``fmt`` as memopt holds it (exact: the weight kinds' layouts)."""
+    if fmt == "float32":
+        return 4 * n * k
+    if fmt == "int8":
+        return n * k + 4 * n  # codes + a float32 scale per output channel
+    if fmt[:3] == "int" and fmt[4:6] == "-g":
+        bits, g = int(fmt[3]), int(fmt[6:])
+        if k % g:
+            return 4 * n * k  # the group does not divide: the weight stays float
+        # codes + a 2-byte scale and zero / offset per group (bfloat16 for int4, float16 below)
+        return n * k * bits // 8 + 2 * 2 * n * (k // g)
+    raise MemoptError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+
+
+def units_of(model: nn.Module) -> list[Unit]:
+    """The units of a causal LM: each block of its block list, then every Linear or Embedding
+    outside the blocks (the embedding and head: one unit when tied)."""
+    found = find_blocks(model)
+    if found is None:
+        raise MemoptError(f"{type(model).__name__}: no list of blocks to plan (fit needs one)")
+    prefix, blocks = found
+    units = []
+    for i, block in enumerate(blocks):
+        name = f"{prefix}.{i}"
+        shapes = [tuple(m.weight.shape) for m in block.modules() if isinstance(m, nn.Linear)]
+        units.append(Unit(name, [f"{name}.*"], shapes))
+    by_weight: dict[int, Unit] = {}
+    for name, m in model.named_modules():
+        if name.startswith(prefix + ".") or not isinstance(m, (nn.Linear, nn.Embedding)):
+            continue
+        key = id(m.weight)
+        if key in by_weight:  # tied to a unit already made: one weight, one format
+            by_weight[key].patterns.append(name)
+            continue
+        unit = Unit(name, [name], [tuple(m.weight.shape)])
+        by_weight[key] = unit
+        units.append(unit)
+    for u in units:
+        u.bytes = {f: sum(format_bytes(f, n, k) for n, k in u.shapes) for f in FORMATS}
+        u.cost = dict.fromkeys(FORMATS, 0.0)
+    return units
+
+
+def _other_bytes(model: nn.Module, units: list[Unit]) -> int:
+    """Bytes of the parameters and buffers that no unit covers (norms, rotary tables), float."""
+    covered = {id(m.weight) for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Embedding))}  # fmt: skip
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in covered or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * 4
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Quality costs
+
+
+def _rtn(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``w`` (N, K) rounded through ``fmt`` by round-to-nearest (the cost's proxy)."""
+    from memopt.weights.quantized import Int4Weight, Int8Weight, IntNWeight
+
+    if fmt == "float32":
+        return w
+    if fmt == "int8":
+        return Int8Weight(w).dequantize(torch.float32)
+    bits, g = int(fmt[3]), int(fmt[6:])
+    if w.shape[1] % g:
+        return w
+    if bits == 4:
+        return Int4Weight(w, g).dequantize(torch.float32)
+    return IntNWeight(w, bits, g, symmetric=False).dequantize(torch.float32)
+
+
+@torch.no_grad()
+def sensitivities(
+    loaded: Any,
+    units: list[Unit],
+    ids: torch.Tensor,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Fill each unit's ``cost``: the mean KL divergence (nats a token) of the model's next-token
+    distribution on ``ids (B, T)`` from the float model's when only that unit is rounded to each
+    format. The float model is ``loaded`` (changed during the call, restored after).
+
+    One float pass stores the hidden states entering every block; a block's cost then runs only
+    that block and the ones after it (half the model on average), the output head from the final
+    hidden states through a replay of the block list (memopt.quant.calibrate's)."""
+    from memopt.quant.calibrate import Replay, capture_inputs, next_inputs
+
+    model = loaded.model.eval()
+    prefix, blocks = find_blocks(model)
+    inputs = [capture_inputs(model, blocks[0], ids, ids.shape[0])]  # [block] -> [(args, kwargs)]
+    for block in blocks:
+        outs = [block(*a, **k) for a, k in inputs[-1]]
+        inputs.append(next_inputs(inputs[-1], outs))
+    as_tuple = isinstance(outs[0], (tuple, list))
+
+    def logits_from(i: int, final: list[tuple[tuple, dict]] | None) -> torch.Tensor:
+        """log-softmax of the logits (B, T, V): blocks i.. run on block i's stored input (the
+        whole model when ``final`` is None and i == 0)."""
+        if final is None:
+            cur = inputs[i]
+            for block in blocks[i:]:
+                cur = next_inputs(cur, [block(*a, **k) for a, k in cur])
+            final = cur
+        stored = [a[0] if a else kw["hidden_states"] for a, kw in final]
+        saved = list(blocks)
+        for j in range(len(blocks)):
+            blocks[j] = Replay(stored if j == 0 else None, as_tuple)
+        try:
+            out = model(input_ids=ids, use_cache=False).logits
+        finally:
+            for j, blk in enumerate(saved):
+                blocks[j] = blk
+        return torch.log_softmax(out.float(), -1)  # (B, T, V)
+
+    ref = logits_from(len(blocks), inputs[-1])
+    index = {f"{prefix}.{i}": i for i in range(len(blocks))}
+    todo = [(u, f) for u in units for f in FORMATS if f != "float32"]
+    for step, (unit, fmt) in enumerate(todo, 1):
+        mods = [m for name, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Embedding))
+                and any(name == p or _under(name, p) for p in unit.patterns)]  # fmt: skip
+        saved = {}
+        for m in mods:
+            if id(m.weight) not in saved:
+                saved[id(m.weight)] = m.weight.data
+                m.weight.data = _rtn(m.weight.data.float(), fmt).to(m.weight.dtype)
+        try:
+            if unit.name in index:  # a block: from its stored input on
+                out = logits_from(index[unit.name], None)
+            else:  # the embedding or the head: the whole model
+                out = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+            kl = (ref.exp() * (ref - out)).sum(-1).mean().item()  # KL(float || quantized)
+        finally:
+            for m in mods:
+                if id(m.weight) in saved:
+                    m.weight.data = saved[id(m.weight)]
+        unit.cost[fmt] = max(0.0, kl)
+        if progress is not None:
+            progress(step, len(todo))
+
+
+def _under(name: str, pattern: str) -> bool:
+    return pattern.endswith(".*") and name.startswith(pattern[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# The choice: a multiple-choice knapsack over bytes
+
+
+def choose(units: list[Unit], weight_budget: int) -> dict[str, str] | None:
+    """The formats of least total cost whose bytes fit ``weight_budget``; None when even the
+    smallest formats do not fit.
+
+    Exact up to the resolution: dynamic programming over bytes in steps of BYTES_STEP (coarser
+    for budgets over 200 000 steps, so that a 70B-class plan stays a fraction of a second), each
+    unit's bytes rounded up to whole steps, so the plan never exceeds the budget. Between formats
+    of equal cost the smaller is taken (a group that does not divide costs nothing and saves
+    nothing)."""
+    if weight_budget < 0:
+        return None
+    step = max(BYTES_STEP, -(-weight_budget // 200_000))
+    cap = weight_budget // step
+    order = sorted(FORMATS, key=lambda f: sum(u.bytes[f] for u in units))  # smallest first
+    best = np.zeros(cap + 1)  # best[b]: least cost of the units so far within b steps
+    picks = np.zeros((len(units), cap + 1), dtype=np.int8)  # format index (into order)
+    for i, u in enumerate(units):
+        cand = np.full((len(order), cap + 1), np.inf)
+        for j, f in enumerate(order):
+            s = -(-u.bytes[f] // step)
+            if s <= cap:
+                cand[j, s:] = best[: cap + 1 - s] + u.cost[f]
+        picks[i] = cand.argmin(0)  # the first minimum: the smallest of equal costs
+        best = cand.min(0)
+    if not np.isfinite(best[cap]):
+        return None
+    out: dict[str, str] = {}
+    b = cap
+    for i in range(len(units) - 1, -1, -1):
+        f = order[picks[i, b]]
+        out[units[i].name] = f
+        b -= -(-units[i].bytes[f] // step)
+    return {u.name: out[u.name] for u in units}
+
+
+def plan_inference(
+    loaded: Any,
+    budget: int,
+    units: list[Unit],
+    positions: int,
+    runtime_bytes: int = RUNTIME_BYTES,
+) -> Plan:
+    """The plan for a generation run of ``positions`` KV positions within ``budget`` bytes over
+    the run's baseline. MemoptError naming the smallest budget when nothing fits."""
+    from memopt.measure.generation import kv_cache_bytes
+
+    config = loaded.config
+    fixed = _other_bytes(loaded.model, units)
+    kv = kv_cache_bytes(config, positions)
+    scratch = 4 * (int(config.num_attention_heads) * positions + 8 * int(config.hidden_size)
+                   + 3 * int(config.intermediate_size) + int(config.vocab_size))  # fmt: skip
+    overhead = fixed + kv + scratch + runtime_bytes
+    smallest = sum(min(u.bytes.values()) for u in units) + overhead
+    chosen = choose(units, budget - overhead) if budget > overhead else None
+    if chosen is None:
+        raise MemoptError(
+            f"a budget of {budget / 1e6:.1f} MB is too small for {loaded.name}: the smallest plan "
+            f"needs {math.ceil(smallest / 1e5) / 10:.1f} MB (every unit in its smallest format, "
+            f"{kv / 1e6:.1f} MB KV cache, {runtime_bytes / 1e6:.0f} MB runtime)"
+        )
+    weights = sum(u.bytes[chosen[u.name]] for u in units)
+    cost = sum(u.cost[chosen[u.name]] for u in units)
+    return Plan("generate", chosen, weights, fixed, kv, scratch, runtime_bytes, cost,
+                weights + overhead)  # fmt: skip
+
+
+def mixed_config(units: list[Unit], formats: dict[str, str]) -> Any:
+    """The per-module quantization config of a plan (GPTQ for int4, per channel for int8)."""
+    from memopt.quant.config import Int4WeightOnly, Int8WeightOnly, IntNWeightOnly, Mixed
+
+    rules = []
+    for u in units:
+        fmt = formats[u.name]
+        if fmt == "float32":
+            continue
+        if fmt == "int8":
+            cfg = Int8WeightOnly(embedding_group_size=None)
+        elif fmt.startswith("int4"):
+            cfg = Int4WeightOnly(group_size=int(fmt[6:]), algo="gptq")
+        else:
+            cfg = IntNWeightOnly(bits=int(fmt[3]), group_size=int(fmt[6:]))
+        rules += [(p, cfg) for p in u.patterns]
+    return Mixed(tuple(rules))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: the options, searched with the estimator
+
+# Step time of each option against plain float32 AdamW, measured (README's training table): the
+# search prefers what costs least time among what fits.
+STEP_FACTOR = {"checkpointing": 1.28, "adamw8bit": 1.14, "bf16": 0.78, "grad_accum": 1.0}
+
+
+def plan_training(model: Any, spec: Any, budget: int) -> Plan:
+    """The fastest predicted combination of training options whose estimated peak fits."""
+    from memopt.measure.estimate import estimate
+
+    best = None
+    tried = []
+    for ckpt, opt8, bf16, accum in itertools.product((False, True), repeat=4):
+        s = replace(
+            spec, checkpointing=ckpt, optimizer="adamw8bit" if opt8 else "adamw",
+            dtype="bfloat16" if bf16 else "float32", master_weights=bf16,
+            grad_accum=2 if accum else 1, batch=max(1, spec.batch // 2) if accum else spec.batch,
+        )  # fmt: skip
+        if accum and spec.batch < 2:
+            continue
+        peak = estimate(model, s).peak_bytes
+        factor = ((STEP_FACTOR["checkpointing"] if ckpt else 1) * (STEP_FACTOR["adamw8bit"] if opt8
+                  else 1) * (STEP_FACTOR["bf16"] if bf16 else 1))  # fmt: skip
+        tried.append({"checkpointing": ckpt, "adamw8bit": opt8, "bf16": bf16, "grad_accum": accum,
+                      "peak_bytes": peak, "step_factor": factor})  # fmt: skip
+        if peak <= budget and (best is None or factor < best[0]):
+            best = (factor, s, peak)
+    if best is None:
+        smallest = min(t["peak_bytes"] for t in tried)
+        raise MemoptError(
+            f"a training budget of {budget / 1e6:.1f} MB is too small: the smallest option set "
+            f"needs an estimated {math.ceil(smallest / 1e5) / 10:.1f} MB"
+        )
+    factor, s, peak = best
+    opts = {"checkpointing": s.checkpointing, "optimizer": s.optimizer, "dtype": s.dtype,
+            "master_weights": s.master_weights, "grad_accum": s.grad_accum, "batch": s.batch,
+            "step_factor": factor, "tried": tried}  # fmt: skip
+    return Plan("train", {}, 0, 0, 0, 0, 0, 0.0, peak, opts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fit: plan, apply, measure
+
+
+def fit(
+    model: str | Path,
+    budget: Budget | int | str,
+    out_dir: str | Path | None = None,
+    *,
+    task: str = "generate",
+    seq: int = 128,
+    max_new_tokens: int = 128,
+    batch: int = 1,
+    plan_only: bool = False,
+    max_ppl_ratio: float | None = None,
+    max_ppl: float | None = None,
+    min_tokens_per_s: float | None = None,
+    calib: torch.Tensor | None = None,
+    calib_sequences: int = 4,
+    calib_seq: int = 128,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Plan the model that fits ``budget``, apply it to ``out_dir`` and measure the run.
+
+    ``calib``: ``(N, T)`` token ids for the sensitivities and GPTQ (default: ``calib_sequences``
+    windows of ``calib_seq`` tokens of memopt's calibration text, through the model's tokenizer).
+    ``max_ppl_ratio`` / ``max_ppl`` / ``min_tokens_per_s``: bounds on the measured result; a plan that fits the
+    budget but misses one is refused (MemoptError), and nothing is written.
+
+    Returns the CLI's JSON: ``budget_bytes``, ``baseline_rss_bytes``, ``predicted_peak_bytes``,
+    ``measured_peak_bytes``, ``within_budget``, ``plan`` (per unit: format, bytes, cost),
+    ``quality`` (perplexity on held-out text, the float model's beside it), ``tokens_per_s``.
+    """
+    from memopt.models import build_meta, resolve
+
+    budget = _as_budget(budget)
+    if task not in ("generate", "train"):
+        raise MemoptError(f"fit: unknown task {task!r} (generate or train)")
+    source = resolve(model)
+    if not plan_only and out_dir is None:
+        raise MemoptError("fit: give an output folder (-o DIR), or --plan-only")
+    if out_dir is not None:
+        from memopt.models.saved import check_output
+
+        check_output(out_dir)
+    start = time.perf_counter()
+    baseline = _baseline(task)
+    limit = budget.bytes - baseline if budget.total else budget.bytes
+    if limit <= 0:
+        raise MemoptError(
+            f"a total budget of {budget.bytes / 1e6:.1f} MB is below the runtime's own baseline "
+            f"of {baseline / 1e6:.1f} MB"
+        )
+    if task == "train":
+        return _fit_training(source, limit, budget, baseline, seq, batch, plan_only, start)
+    meta = build_meta(source, dequantize=True)
+    if meta.task != "causal-lm":
+        raise MemoptError(f"{source.name}: fit --task generate needs a causal language model")
+    units = units_of(meta.model)
+    positions = seq + max_new_tokens
+    measured_costs = _has_weights(source)
+    if measured_costs:
+        _costs(source, units, calib, calib_sequences, calib_seq, progress)
+    else:  # config.json alone: a prior instead of a measurement
+        for u in units:
+            params = sum(n * k for n, k in u.shapes)
+            u.cost = {f: params * PRIOR_COST[f] for f in FORMATS}
+    result: dict[str, Any] = {
+        "model": source.name, "task": task, "budget_bytes": budget.bytes,
+        "budget_is_total": budget.total, "limit_bytes": limit, "baseline_rss_bytes": baseline,
+        "seq": seq, "max_new_tokens": max_new_tokens,
+        "quality_costs": "measured (KL, calibration text)" if measured_costs
+        else "prior (config.json only: no weights to measure)",
+    }  # fmt: skip
+    plan = plan_inference(meta, limit, units, positions)
+    if plan_only:
+        return _inference_result(result, plan, units, start)
+    from memopt.models.saved import staged_folder
+
+    runtime = RUNTIME_BYTES
+    with staged_folder(out_dir) as tmp:
+        for revision in range(REVISIONS + 1):
+            if progress is not None:
+                progress(f"applying the plan (revision {revision})", 0, 1)
+            _apply(source, units, plan, tmp, calib, progress)
+            if progress is not None:
+                progress("measuring the run in a fresh process", 0, 1)
+            measured = _measure_generation(tmp, seq, max_new_tokens)
+            over = measured["peak_over_baseline_bytes"]
+            _inference_result(result, plan, units, start)
+            result.update(measured_peak_bytes=over, within_budget=over <= limit,
+                          revisions=revision, tokens_per_s=measured.get("tokens_per_s"),
+                          engine=measured.get("engine"))  # fmt: skip
+            if over <= limit:
+                break
+            if revision == REVISIONS:
+                raise MemoptError(
+                    f"{source.name}: the run still peaked at {over / 1e6:.1f} MB over a "
+                    f"{limit / 1e6:.1f} MB budget after {REVISIONS} revisions"
+                )
+            # the run holds more than predicted: give the weights that much less, plan again
+            runtime += over - plan.predicted_peak_bytes + BYTES_STEP
+            plan = plan_inference(meta, limit, units, positions, runtime)
+        if progress is not None:
+            progress("perplexity on held-out text", 0, 1)
+        result["quality"] = _quality(source, tmp)
+        _check_bounds(result, max_ppl_ratio, max_ppl, min_tokens_per_s)
+        result["seconds"] = time.perf_counter() - start
+        _write_plan(tmp, result)
+    result["output"] = str(out_dir)
+    return result
+
+
+# Quality cost a weight per parameter when there are no weights to measure (--plan-only on a
+# config.json): the order of the formats' measured KL on SmolLM2, per parameter; plans from it
+# follow bytes, as a uniform recipe would.
+PRIOR_COST = {
+    "float32": 0.0,
+    "int8": 1e-10,
+    "int4-g32": 1e-9,
+    "int4-g64": 1.4e-9,
+    "int4-g128": 2e-9,
+    "int3-g32": 8e-9,
+    "int2-g32": 4e-8,
+}
+
+
+def _as_budget(budget: Budget | int | str) -> Budget:
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, int):
+        return Budget(budget)
+    return Budget.parse(budget)
+
+
+def _inference_result(
+    result: dict[str, Any], plan: Plan, units: list[Unit], start: float
+) -> dict[str, Any]:
+    rows = []
+    for u in units:
+        f = plan.formats[u.name]
+        rows.append({"unit": u.name, "format": f, "bytes": u.bytes[f], "cost": u.cost[f],
+                     "params": sum(n * k for n, k in u.shapes)})  # fmt: skip
+    result.update(
+        predicted_peak_bytes=plan.predicted_peak_bytes,
+        measured_peak_bytes=result.get("measured_peak_bytes"),
+        within_budget=result.get("within_budget"),
+        plan={**plan.to_dict(), "units": rows},
+        quality=result.get("quality"),
+        seconds=time.perf_counter() - start,
+    )
+    return result
+
+
+def _check_bounds(
+    result: dict[str, Any], max_ratio: float | None, max_ppl: float | None, min_tps: float | None
+) -> None:
+    q = result["quality"]
+    within = f"the best plan within {result['limit_bytes'] / 1e6:.1f} MB"
+    if max_ratio is not None and q["ratio"] > max_ratio:
+        raise MemoptError(
+            f"{within} reaches perplexity {q['ratio']:.4f}× float32's, over the asked "
+            f"{max_ratio}× (a larger budget would do better)"
+        )
+    if max_ppl is not None and q["fitted"] > max_ppl:
+        raise MemoptError(
+            f"{within} reaches perplexity {q['fitted']:.3f}, over the asked {max_ppl} "
+            f"(float32: {q['float32']:.3f})"
+        )
+    tps = result.get("tokens_per_s")
+    if min_tps is not None and (tps is None or tps < min_tps):
+        raise MemoptError(
+            f"{within} decodes {tps or 0:.1f} tokens/s, under the asked {min_tps} (fewer float units: a smaller "
+            "budget decodes faster here)"
+        )
+
+
+def _has_weights(source: Any) -> bool:
+    return source.kind != "hf" or any(source.path.glob("*.safetensors"))
+
+
+def _costs(
+    source: Any,
+    units: list[Unit],
+    calib: torch.Tensor | None,
+    n: int,
+    seq: int,
+    progress: Callable[[str, int, int], None] | None,
+) -> None:
+    """Each unit's quality costs: from this machine's cache when the same model file and
+    calibration were measured before (the demo and the bench fit several budgets), else measured
+    (:func:`sensitivities`) and cached."""
+    import hashlib
+
+    from memopt.core.atomic import atomic_write_text
+    from memopt.core.cbuild import cache_dir
+    from memopt.models import load_model
+
+    files = [source.path] if source.path.is_file() else sorted(source.path.iterdir())
+    h = hashlib.sha256(repr((FORMATS, n, seq)).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if calib is not None:
+        h.update(calib.numpy().tobytes())
+    path = cache_dir() / f"fit-costs-{h.hexdigest()[:16]}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if set(cached) == {u.name for u in units}:
+            for u in units:
+                u.cost = {f: float(cached[u.name][f]) for f in FORMATS}
+            return
+    loaded = load_model(source, dtype=torch.float32)
+    if calib is None:
+        from memopt.quant.calibrate import calibration_ids
+
+        calib = calibration_ids(loaded.tokenizer(), n=n, seq=seq)
+    cb = (lambda i, t: progress("measuring each unit's sensitivity", i, t)) if progress else None
+    sensitivities(loaded, units, calib, cb)
+    del loaded
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({u.name: u.cost for u in units}))
+
+
+def _baseline(task: str) -> int:
+    """The runtime's own RSS: a fresh process that imports what the run imports, nothing else."""
+    from memopt.core.rss import run_in_child
+
+    return int(run_in_child("memopt.compose._jobs:baseline_job", task)["baseline_rss_bytes"])
+
+
+def _apply(
+    source: Any,
+    units: list[Unit],
+    plan: Plan,
+    out: Path,
+    calib: torch.Tensor | None,
+    progress: Callable[[str, int, int], None] | None,
+) -> None:
+    from memopt.quant.stream import quantize_model
+
+    config = mixed_config(units, plan.formats)
+    cb = (
+        (lambda i, n: progress("quantizing (streamed, GPTQ where int4)", i, n))
+        if progress
+        else None
+    )
+    quantize_model(source, config, out, calib=calib, progress=cb)
+
+
+def _measure_generation(folder: Path, seq: int, max_new_tokens: int) -> dict[str, Any]:
+    from memopt.core.rss import run_in_child
+
+    out = run_in_child("memopt.compose._jobs:generation_job", str(folder), seq, max_new_tokens,
+                       timeout=1800)  # fmt: skip
+    out["peak_over_baseline_bytes"] = int(out["peak_rss_bytes"]) - int(out["baseline_rss_bytes"])
+    return out
+
+
+def _quality(source: Any, folder: Path) -> dict[str, Any]:
+    """Perplexity on held-out text (memopt's evaluation excerpt: calibration never reads it), the
+    fitted model against the float model."""
+    from memopt.evaluate import perplexity
+    from memopt.models import load_model
+
+    fitted = perplexity(load_model(folder)).perplexity
+    base = perplexity(load_model(source, dtype=torch.float32)).perplexity
+    return {"metric": "perplexity (memopt's evaluation excerpt, held out)", "fitted": fitted,
+            "float32": base, "ratio": fitted / base}  # fmt: skip
+
+
+def _write_plan(folder: Path, result: dict[str, Any]) -> None:
+    from memopt.core.atomic import atomic_write_text
+
+    atomic_write_text(folder / "fit.json", json.dumps(result, indent=1, default=str))
+
+
+def _fit_training(source, limit, budget, baseline, seq, batch, plan_only, start) -> dict[str, Any]:
+    from memopt.compose.memory import step_spec
+
+    spec = step_spec(source.path if source.kind != "memopt" else source.path, "train", batch=batch,
+                     seq=seq)  # fmt: skip
+    plan = plan_training(source.path, spec, limit)
+    result = {"model": source.name, "task": "train", "budget_bytes": budget.bytes,
+              "baseline_rss_bytes": baseline, "predicted_peak_bytes": plan.predicted_peak_bytes,
+              "measured_peak_bytes": None, "within_budget": None, "plan": plan.to_dict(),
+              "quality": None}  # fmt: skip
+    if not plan_only:
+        from memopt.measure.profile import profile
+
+        o = plan.options
+        s = replace(spec, checkpointing=o["checkpointing"], optimizer=o["optimizer"],
+                    dtype=o["dtype"], master_weights=o["master_weights"],
+                    grad_accum=o["grad_accum"], batch=o["batch"])  # fmt: skip
+        report = profile(source.path, s)
+        result["measured_peak_bytes"] = report.peak_bytes
+        result["within_budget"] = report.peak_bytes <= limit
+    result["seconds"] = time.perf_counter() - start
+    return result
