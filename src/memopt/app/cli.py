@@ -409,13 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
         "fit",
         help="the best model that fits a memory budget, applied and measured",
         description="Plan the model that fits SIZE (each transformer block, the embedding and "
-        "the head get a weight format: float32, int8, int4 in groups of 32/64/128; the "
+        "the head get a weight format: float32, int8, int4 in groups of 32/64/128, int3 or "
+        "int2 in groups of 32; the "
         "least quality loss measured per unit on calibration text, chosen by a knapsack "
         "over exact bytes), apply it from the file without the float model (GPTQ where "
         "int4), and measure the run you asked for in a fresh process: peak memory against "
         "the budget, perplexity on held-out text against float32, tokens/s. A run over the "
         "budget is planned again with the excess; a budget too small is refused, naming the "
-        "smallest that fits. --task train searches the training options instead.",
+        "smallest that fits. --task train searches the training options instead and trains "
+        "--steps steps of them and of plain float32 AdamW (the comparison, which may exceed "
+        "the budget) on the same data: peak, step time and loss of each.",
     )
     p.add_argument(
         "model", metavar="MODEL", help=_MODEL_HELP + "; config.json alone with --plan-only"
@@ -437,9 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("generate", "train"),
         default="generate",
         help="greedy generation with a KV cache of --seq + --max-new-tokens positions "
-        "(generate, default), or one training step of --batch × --seq (train)",
+        "(generate, default), or training steps of --batch × --seq (train)",
     )
-    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument(
+        "--batch", type=_positive_int, default=1, help="batch size (train: global batch; 1)"
+    )
     p.add_argument("--seq", type=_positive_int, default=128, help="prompt / sequence length (128)")
     p.add_argument(
         "--max-new-tokens", type=_positive_int, default=128, help="tokens generated (default 128)"
@@ -451,6 +456,33 @@ def build_parser() -> argparse.ArgumentParser:
         "over float32's), or ppl<=20",
     )
     p.add_argument("--speed", metavar=">=X", help="refuse a plan decoding under X tokens/s")
+    p.add_argument(
+        "--calib-samples",
+        type=_positive_int,
+        default=4,
+        metavar="N",
+        help="windows of calibration text for the sensitivities and GPTQ (default 4)",
+    )
+    p.add_argument(
+        "--calib-seq",
+        type=_positive_int,
+        default=128,
+        metavar="T",
+        help="tokens per calibration window (default 128)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=50,
+        help="--task train: steps measured of the chosen options and of plain (default 50)",
+    )
+    p.add_argument(
+        "--ranks",
+        type=_positive_int,
+        default=1,
+        help="--task train: allow FSDP2 over up to N processes when nothing fits one (per-rank "
+        "peak; --batch split over the ranks)",
+    )
     p.add_argument("-o", "--output", metavar="DIR", help="the memopt folder to write")
     p.add_argument(
         "--plan-only",
@@ -1010,7 +1042,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     metric, bound = _bound(args.quality, "--quality", ("ppl_ratio", "ppl"), "<=")
     _, speed = _bound(args.speed, "--speed", (), ">=")
     budget = Budget.parse(args.budget, total=args.budget_total)
-    if not args.plan_only and args.output is None:
+    if not args.plan_only and args.output is None and args.task != "train":
         raise MemoptError("fit: give an output folder (-o DIR), or --plan-only")
     with _stages(quiet=args.json) as cb:
         result = fit(
@@ -1025,7 +1057,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             max_ppl_ratio=bound if metric == "ppl_ratio" else None,
             max_ppl=bound if metric == "ppl" else None,
             min_tokens_per_s=speed if args.speed else None,
+            calib_sequences=args.calib_samples,
+            calib_seq=args.calib_seq,
             progress=cb,
+            train_steps=args.steps,
+            ranks=args.ranks,
         )
     if args.json:
         _print_json(result)
@@ -1063,9 +1099,21 @@ def _fit_tables(result: dict) -> list[Any]:
         tables.append(rich_table(title, ("unit", "format", "bytes", "predicted KL"), rows))
     else:
         o = plan["options"]
-        rows = [(k, str(o[k])) for k in ("checkpointing", "optimizer", "dtype", "master_weights",
-                                          "grad_accum", "batch", "step_factor")]  # fmt: skip
+        rows = [(k, str(o[k])) for k in ("label", "checkpointing", "loss_chunk", "optimizer",
+                                          "dtype", "master_weights", "grad_accum", "batch",
+                                          "ranks", "step_factor")]  # fmt: skip
         tables.append(rich_table(f"fit plan: {result['model']}, training", ("option", ""), rows))
+        t = result.get("training")
+        if t:
+            f, p = t["fitted"], t["plain"]
+            rows = [("peak over baseline", format_bytes(f["peak_bytes"]),
+                     format_bytes(p["peak_bytes"]), f"{f['peak_bytes'] / p['peak_bytes']:.3f}×"),
+                    ("step time (median)", f"{f['step_s']:.3f} s", f"{p['step_s']:.3f} s",
+                     f"{t['step_time_ratio']:.3f}×"),
+                    (f"loss ({t['loss_is']})", f"{f['loss']:.4f}", f"{p['loss']:.4f}",
+                     f"{t['loss_delta']:+.4f}")]  # fmt: skip
+            title = f"{t['steps']} training steps: fitted vs plain float32 AdamW ({t['data']})"
+            tables.append(rich_table(title, ("", "fitted", "plain", "fitted vs plain"), rows))
     limit = result["limit_bytes"]
     rows = [("runtime baseline (measured, not counted)", format_bytes(result["baseline_rss_bytes"]), ""),
             ("budget over the baseline", format_bytes(limit), "1.000×"),

@@ -22,19 +22,18 @@ shrinks the weights' share by the excess and plans again (up to :data:`REVISIONS
 no plan can meet is refused in one line naming the smallest that would do.
 
 Training (``train``) searches the training options instead (checkpointing, the chunked loss,
-8-bit AdamW, bfloat16 with float32 masters, gradient accumulation at the same global batch) with
-the estimator, each combination's step-time factor from a measured table, and keeps the fastest
-predicted combination whose estimated peak fits; :func:`fit` then measures its step in a child.
+8-bit AdamW, bfloat16 with float32 masters, gradient accumulation at the same global batch, FSDP2
+ranks when allowed) with the estimator, and trains the fastest predicted set that fits for N steps
+against plain float32 AdamW, each in a child: :mod:`memopt.compose.fit_train`.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +54,8 @@ __all__ = [
     "Unit",
     "fit",
     "plan_inference",
-    "plan_training",
     "sensitivities",
+    "smallest_weights",
     "units_of",
 ]
 
@@ -287,7 +286,7 @@ def choose(units: list[Unit], weight_budget: int) -> dict[str, str] | None:
     nothing)."""
     if weight_budget < 0:
         return None
-    step = max(BYTES_STEP, -(-weight_budget // 200_000))
+    step = _step(weight_budget)
     cap = weight_budget // step
     order = sorted(FORMATS, key=lambda f: sum(u.bytes[f] for u in units))  # smallest first
     best = np.zeros(cap + 1)  # best[b]: least cost of the units so far within b steps
@@ -311,6 +310,24 @@ def choose(units: list[Unit], weight_budget: int) -> dict[str, str] | None:
     return {u.name: out[u.name] for u in units}
 
 
+def _step(weight_budget: int) -> int:
+    """The knapsack's resolution for a budget: BYTES_STEP, coarser past 200 000 steps."""
+    return max(BYTES_STEP, -(-weight_budget // 200_000))
+
+
+def smallest_weights(units: list[Unit]) -> int:
+    """The least weight budget that :func:`choose` accepts: every unit in its smallest format,
+    its bytes rounded up to the solver's steps (at the step of that budget itself)."""
+    need = sum(min(u.bytes.values()) for u in units)
+    for _ in range(4):  # a larger budget may mean a coarser step: settle on a fixed point
+        step = _step(need)
+        rounded = sum(-(-min(u.bytes.values()) // step) * step for u in units)
+        if rounded == need:
+            break
+        need = rounded
+    return need
+
+
 def plan_inference(
     loaded: Any,
     budget: int,
@@ -328,7 +345,7 @@ def plan_inference(
     scratch = 4 * (int(config.num_attention_heads) * positions + 8 * int(config.hidden_size)
                    + 3 * int(config.intermediate_size) + int(config.vocab_size))  # fmt: skip
     overhead = fixed + kv + scratch + runtime_bytes
-    smallest = sum(min(u.bytes.values()) for u in units) + overhead
+    smallest = smallest_weights(units) + overhead
     chosen = choose(units, budget - overhead) if budget > overhead else None
     if chosen is None:
         raise MemoptError(
@@ -362,48 +379,6 @@ def mixed_config(units: list[Unit], formats: dict[str, str]) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# Training: the options, searched with the estimator
-
-# Step time of each option against plain float32 AdamW, measured (README's training table): the
-# search prefers what costs least time among what fits.
-STEP_FACTOR = {"checkpointing": 1.28, "adamw8bit": 1.14, "bf16": 0.78, "grad_accum": 1.0}
-
-
-def plan_training(model: Any, spec: Any, budget: int) -> Plan:
-    """The fastest predicted combination of training options whose estimated peak fits."""
-    from memopt.measure.estimate import estimate
-
-    best = None
-    tried = []
-    for ckpt, opt8, bf16, accum in itertools.product((False, True), repeat=4):
-        s = replace(
-            spec, checkpointing=ckpt, optimizer="adamw8bit" if opt8 else "adamw",
-            dtype="bfloat16" if bf16 else "float32", master_weights=bf16,
-            grad_accum=2 if accum else 1, batch=max(1, spec.batch // 2) if accum else spec.batch,
-        )  # fmt: skip
-        if accum and spec.batch < 2:
-            continue
-        peak = estimate(model, s).peak_bytes
-        factor = ((STEP_FACTOR["checkpointing"] if ckpt else 1) * (STEP_FACTOR["adamw8bit"] if opt8
-                  else 1) * (STEP_FACTOR["bf16"] if bf16 else 1))  # fmt: skip
-        tried.append({"checkpointing": ckpt, "adamw8bit": opt8, "bf16": bf16, "grad_accum": accum,
-                      "peak_bytes": peak, "step_factor": factor})  # fmt: skip
-        if peak <= budget and (best is None or factor < best[0]):
-            best = (factor, s, peak)
-    if best is None:
-        smallest = min(t["peak_bytes"] for t in tried)
-        raise MemoptError(
-            f"a training budget of {budget / 1e6:.1f} MB is too small: the smallest option set "
-            f"needs an estimated {math.ceil(smallest / 1e5) / 10:.1f} MB"
-        )
-    factor, s, peak = best
-    opts = {"checkpointing": s.checkpointing, "optimizer": s.optimizer, "dtype": s.dtype,
-            "master_weights": s.master_weights, "grad_accum": s.grad_accum, "batch": s.batch,
-            "step_factor": factor, "tried": tried}  # fmt: skip
-    return Plan("train", {}, 0, 0, 0, 0, 0, 0.0, peak, opts)
-
-
-# --------------------------------------------------------------------------------------------------
 # Fit: plan, apply, measure
 
 
@@ -424,6 +399,8 @@ def fit(
     calib_sequences: int = 4,
     calib_seq: int = 128,
     progress: Callable[[str, int, int], None] | None = None,
+    train_steps: int = 50,
+    ranks: int = 1,
 ) -> dict[str, Any]:
     """Plan the model that fits ``budget``, apply it to ``out_dir`` and measure the run.
 
@@ -435,6 +412,11 @@ def fit(
     Returns the CLI's JSON: ``budget_bytes``, ``baseline_rss_bytes``, ``predicted_peak_bytes``,
     ``measured_peak_bytes``, ``within_budget``, ``plan`` (per unit: format, bytes, cost),
     ``quality`` (perplexity on held-out text, the float model's beside it), ``tokens_per_s``.
+
+    ``task="train"``: ``batch`` is the global batch; ``train_steps`` steps of the chosen options
+    and of plain float32 AdamW (which may exceed the budget: it is the comparison) are measured,
+    reported under ``training``; ``ranks`` > 1 lets the search shard over that many FSDP2
+    processes (per-rank peak); ``out_dir`` is not used. See :mod:`memopt.compose.fit_train`.
     """
     from memopt.models import build_meta, resolve
 
@@ -442,7 +424,7 @@ def fit(
     if task not in ("generate", "train"):
         raise MemoptError(f"fit: unknown task {task!r} (generate or train)")
     source = resolve(model)
-    if not plan_only and out_dir is None:
+    if not plan_only and out_dir is None and task != "train":
         raise MemoptError("fit: give an output folder (-o DIR), or --plan-only")
     if out_dir is not None:
         from memopt.models.saved import check_output
@@ -457,7 +439,11 @@ def fit(
             f"of {baseline / 1e6:.1f} MB"
         )
     if task == "train":
-        return _fit_training(source, limit, budget, baseline, seq, batch, plan_only, start)
+        from memopt.compose.fit_train import fit_training
+
+        return fit_training(source, limit, budget, baseline, seq=seq, batch=batch,
+                            plan_only=plan_only, start=start, steps=train_steps, ranks=ranks,
+                            progress=progress)  # fmt: skip
     meta = build_meta(source, dequantize=True)
     if meta.task != "causal-lm":
         raise MemoptError(f"{source.name}: fit --task generate needs a causal language model")
@@ -465,7 +451,11 @@ def fit(
     positions = seq + max_new_tokens
     measured_costs = _has_weights(source)
     if measured_costs:
-        _costs(source, units, calib, calib_sequences, calib_seq, progress)
+        if calib is None:  # one calibration for the sensitivities and GPTQ alike
+            from memopt.quant.calibrate import calibration_ids
+
+            calib = calibration_ids(meta.tokenizer(), n=calib_sequences, seq=calib_seq)
+        _costs(source, units, calib, progress)
     else:  # config.json alone: a prior instead of a measurement
         for u in units:
             params = sum(n * k for n, k in u.shapes)
@@ -483,6 +473,8 @@ def fit(
     from memopt.models.saved import staged_folder
 
     runtime = RUNTIME_BYTES
+    attempts: list[dict[str, int]] = []  # each plan applied: predicted and measured peaks
+    result["attempts"] = attempts
     with staged_folder(out_dir) as tmp:
         for revision in range(REVISIONS + 1):
             if progress is not None:
@@ -492,6 +484,8 @@ def fit(
                 progress("measuring the run in a fresh process", 0, 1)
             measured = _measure_generation(tmp, seq, max_new_tokens)
             over = measured["peak_over_baseline_bytes"]
+            attempts.append({"predicted_peak_bytes": plan.predicted_peak_bytes,
+                             "measured_peak_bytes": over, "runtime_bytes": runtime})  # fmt: skip
             _inference_result(result, plan, units, start)
             result.update(measured_peak_bytes=over, within_budget=over <= limit,
                           revisions=revision, tokens_per_s=measured.get("tokens_per_s"),
@@ -587,14 +581,12 @@ def _has_weights(source: Any) -> bool:
 def _costs(
     source: Any,
     units: list[Unit],
-    calib: torch.Tensor | None,
-    n: int,
-    seq: int,
+    calib: torch.Tensor,
     progress: Callable[[str, int, int], None] | None,
 ) -> None:
     """Each unit's quality costs: from this machine's cache when the same model file and
-    calibration were measured before (the demo and the bench fit several budgets), else measured
-    (:func:`sensitivities`) and cached."""
+    calibration ids were measured before (the demo and the bench fit several budgets), else
+    measured (:func:`sensitivities`) and cached."""
     import hashlib
 
     from memopt.core.atomic import atomic_write_text
@@ -602,12 +594,11 @@ def _costs(
     from memopt.models import load_model
 
     files = [source.path] if source.path.is_file() else sorted(source.path.iterdir())
-    h = hashlib.sha256(repr((FORMATS, n, seq)).encode())
+    h = hashlib.sha256(repr(FORMATS).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    if calib is not None:
-        h.update(calib.numpy().tobytes())
+    h.update(calib.numpy().tobytes())
     path = cache_dir() / f"fit-costs-{h.hexdigest()[:16]}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -616,10 +607,6 @@ def _costs(
                 u.cost = {f: float(cached[u.name][f]) for f in FORMATS}
             return
     loaded = load_model(source, dtype=torch.float32)
-    if calib is None:
-        from memopt.quant.calibrate import calibration_ids
-
-        calib = calibration_ids(loaded.tokenizer(), n=n, seq=seq)
     cb = (lambda i, t: progress("measuring each unit's sensitivity", i, t)) if progress else None
     sensitivities(loaded, units, calib, cb)
     del loaded
@@ -662,6 +649,9 @@ def _measure_generation(folder: Path, seq: int, max_new_tokens: int) -> dict[str
     return out
 
 
+_FLOAT_PPL: dict[tuple[str, int, int], float] = {}
+
+
 def _quality(source: Any, folder: Path) -> dict[str, Any]:
     """Perplexity on held-out text (memopt's evaluation excerpt: calibration never reads it), the
     fitted model against the float model."""
@@ -669,7 +659,11 @@ def _quality(source: Any, folder: Path) -> dict[str, Any]:
     from memopt.models import load_model
 
     fitted = perplexity(load_model(folder)).perplexity
-    base = perplexity(load_model(source, dtype=torch.float32)).perplexity
+    st = source.path.stat()
+    key = (str(source.path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FLOAT_PPL:  # once a process: the bench and the demo fit several budgets
+        _FLOAT_PPL[key] = perplexity(load_model(source, dtype=torch.float32)).perplexity
+    base = _FLOAT_PPL[key]
     return {"metric": "perplexity (memopt's evaluation excerpt, held out)", "fitted": fitted,
             "float32": base, "ratio": fitted / base}  # fmt: skip
 
@@ -678,27 +672,3 @@ def _write_plan(folder: Path, result: dict[str, Any]) -> None:
     from memopt.core.atomic import atomic_write_text
 
     atomic_write_text(folder / "fit.json", json.dumps(result, indent=1, default=str))
-
-
-def _fit_training(source, limit, budget, baseline, seq, batch, plan_only, start) -> dict[str, Any]:
-    from memopt.compose.memory import step_spec
-
-    spec = step_spec(source.path if source.kind != "memopt" else source.path, "train", batch=batch,
-                     seq=seq)  # fmt: skip
-    plan = plan_training(source.path, spec, limit)
-    result = {"model": source.name, "task": "train", "budget_bytes": budget.bytes,
-              "baseline_rss_bytes": baseline, "predicted_peak_bytes": plan.predicted_peak_bytes,
-              "measured_peak_bytes": None, "within_budget": None, "plan": plan.to_dict(),
-              "quality": None}  # fmt: skip
-    if not plan_only:
-        from memopt.measure.profile import profile
-
-        o = plan.options
-        s = replace(spec, checkpointing=o["checkpointing"], optimizer=o["optimizer"],
-                    dtype=o["dtype"], master_weights=o["master_weights"],
-                    grad_accum=o["grad_accum"], batch=o["batch"])  # fmt: skip
-        report = profile(source.path, s)
-        result["measured_peak_bytes"] = report.peak_bytes
-        result["within_budget"] = report.peak_bytes <= limit
-    result["seconds"] = time.perf_counter() - start
-    return result
