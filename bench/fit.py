@@ -80,51 +80,61 @@ def _uniform(model: str, work: Path, calib: Any, seq: int, new: int) -> list[dic
     return rows
 
 
-def _ladder(model: str, calib: Any, seq: int, new: int, uniform: list[dict]) -> list[int]:
-    """Budgets from the smallest feasible to the float32 size: the smallest plan's bytes (named
-    by the refusal of a budget too small), the measured peaks of uniform int4 g64 and int8, three
-    between them, one between int8 and float32, and the float32 plan's peak."""
-    from memopt.compose.fit import fit
+def _ladder(model: str, calib: Any, seq: int, new: int, uniform: list[dict]) -> dict[str, int]:
+    """Budgets from the smallest feasible to the float32 size: the smallest plan's (named by the
+    refusal of a budget too small), the budgets whose weight share is uniform int4 g64's and
+    uniform int8's weight bytes (the same overhead the plan adds to any: fixed weights, KV cache,
+    scratch, the path's runtime), three between them, one between int8 and float32, and the
+    float32 plan's."""
+    from memopt.compose.fit import RUNTIME_BYTES, RUNTIME_INT4_BYTES, fit
     from memopt.core.errors import MemoptError
 
     try:
         fit(model, 1_000_000, plan_only=True, seq=seq, max_new_tokens=new, calib=calib)
     except MemoptError as exc:
-        smallest = float(str(exc).split("smallest plan needs ")[1].split(" MB")[0]) * MB
+        smallest = int(float(str(exc).split("smallest plan needs ")[1].split(" MB")[0]) * MB)
     big = fit(model, 10**12, plan_only=True, seq=seq, max_new_tokens=new, calib=calib)
     f32 = big["predicted_peak_bytes"]
-    peak = {r["recipe"]: r["measured_peak_bytes"] for r in uniform}
-    lo, hi = peak["int4 g64 GPTQ"], peak["int8"]
-    budgets = [int(smallest) + 1_000_000, lo]
-    budgets += [int(lo + (hi - lo) * s) for s in (0.25, 0.5, 0.75)]
-    budgets += [hi, int((hi + f32) / 2), f32 + 1_000_000]
-    return budgets
+    overhead = f32 - big["plan"]["weight_bytes"] - RUNTIME_BYTES  # fixed, KV, scratch
+    weights = {r["recipe"]: r["weights_bytes"] for r in uniform}
+    lo = weights["int4 g64 GPTQ"] + overhead + RUNTIME_INT4_BYTES
+    hi = weights["int8"] + overhead + RUNTIME_BYTES
+    out = {"smallest": smallest, "int4 g64 weights": lo}
+    out.update({f"between {int(100 * s)} %": int(lo + (hi - lo) * s) for s in (0.25, 0.5, 0.75)})
+    out.update({"int8 weights": hi, "between int8 and float32": (hi + f32) // 2, "float32": f32})
+    return out
 
 
 def _fits(
-    model: str, work: Path, calib: Any, seq: int, new: int, budgets: list[int]
+    model: str, work: Path, calib: Any, seq: int, new: int, budgets: dict[str, int]
 ) -> list[dict[str, Any]]:
     from memopt.compose.fit import fit
+    from memopt.core.errors import MemoptError
 
     rows = []
-    for b in budgets:
+    for label, b in budgets.items():
         out = work / f"fit-{b // 1000}k"
         if out.exists():
             import shutil
 
             shutil.rmtree(out)
-        r = fit(model, b, out, seq=seq, max_new_tokens=new, calib=calib)
+        try:
+            r = fit(model, b, out, seq=seq, max_new_tokens=new, calib=calib)
+        except MemoptError as exc:  # refused (the reason is the row)
+            rows.append({"label": label, "budget_bytes": b, "refused": str(exc)})
+            print(f"  fit {b / MB:.1f} MB: refused: {exc}", file=sys.stderr)
+            continue
         counts: dict[str, int] = {}
         for u in r["plan"]["units"]:
             counts[u["format"]] = counts.get(u["format"], 0) + 1
-        rows.append({"budget_bytes": b, "predicted_peak_bytes": r["predicted_peak_bytes"],
+        rows.append({"label": label, "budget_bytes": b, "predicted_peak_bytes": r["predicted_peak_bytes"],
                      "measured_peak_bytes": r["measured_peak_bytes"],
                      "within_budget": r["within_budget"], "revisions": r["revisions"],
                      "prediction_error": r["predicted_peak_bytes"] / r["measured_peak_bytes"] - 1,
                      "weights_bytes": r["plan"]["weight_bytes"], "formats": counts,
                      "ppl": r["quality"]["fitted"], "ratio": r["quality"]["ratio"],
                      "tokens_per_s": r["tokens_per_s"], "engine": r["engine"],
-                     "seconds": r["seconds"]})  # fmt: skip
+                     "seconds": r["seconds"], "attempts": r["attempts"]})  # fmt: skip
         print(f"  fit {b / MB:.1f} MB: measured {r['measured_peak_bytes'] / MB:.1f} MB, "
               f"predicted {r['predicted_peak_bytes'] / MB:.1f}, ppl {r['quality']['fitted']:.3f}"
               f" ({r['quality']['ratio']:.4f}×), {counts}", file=sys.stderr)  # fmt: skip
@@ -169,21 +179,23 @@ def _train(model: str, batch: int, seq: int, steps: int, share: float) -> dict[s
 def _checks(uniform: list[dict], fits: list[dict]) -> dict[str, Any]:
     peak = {r["recipe"]: r for r in uniform}
     g64, i8 = peak["int4 g64 GPTQ"], peak["int8"]
-    at_g64 = next(f for f in fits if f["budget_bytes"] == g64["measured_peak_bytes"])
-    at_i8 = next(f for f in fits if f["budget_bytes"] == i8["measured_peak_bytes"])
-    between = [f for f in fits if g64["measured_peak_bytes"] <= f["budget_bytes"]
-               <= i8["measured_peak_bytes"]]  # fmt: skip
-    ppls = [f["ppl"] for f in between]
+    done = [f for f in fits if "refused" not in f]
+    by = {f["label"]: f for f in done}
+    at_g64, at_i8 = by.get("int4 g64 weights"), by.get("int8 weights")
+    order = ["int4 g64 weights", "between 25 %", "between 50 %", "between 75 %", "int8 weights"]
+    ppls = [by[k]["ppl"] for k in order if k in by]
     return {
-        "every_budget_kept": all(f["within_budget"] for f in fits),
-        "worst_prediction_error": max(abs(f["prediction_error"]) for f in fits),
-        "fit_at_int4_g64_peak_ppl": at_g64["ppl"],
+        "refused": [f["label"] for f in fits if "refused" in f],
+        "every_budget_kept": all(f["within_budget"] for f in done),
+        "worst_prediction_error": max(abs(f["prediction_error"]) for f in done),
+        "fit_at_int4_g64_weights_ppl": at_g64 and at_g64["ppl"],
         "uniform_int4_g64_gptq_ppl": g64["ppl"],
-        "fit_beats_uniform_g64": at_g64["ppl"] < g64["ppl"],
+        "fit_beats_uniform_g64": bool(at_g64 and at_g64["ppl"] < g64["ppl"]),
         "monotone_int4_to_int8": all(a >= b for a, b in zip(ppls, ppls[1:], strict=False)),
         "ppl_between_int4_and_int8": ppls,
-        "fit_at_int8_peak_ratio": at_i8["ratio"],
-        "within_half_percent_at_int8": at_i8["ratio"] <= 1.005,
+        "fit_at_int8_weights_ratio": at_i8 and at_i8["ratio"],
+        "within_half_percent_at_int8": bool(at_i8 and at_i8["ratio"] <= 1.005),
+        "uniform_int8_ratio": i8["ratio"],
     }
 
 
@@ -204,12 +216,17 @@ def _print(result: dict[str, Any]) -> None:
         t = Table(
             title="memopt fit at each budget (peak over the run's import baseline, in a child)"
         )
-        for h in ("budget MB", "predicted MB", "measured MB", "pred. err", "kept", "formats (units)",
-                  "ppl", "× float32", "tok/s", "s"):  # fmt: skip
+        for h in ("budget", "budget MB", "predicted MB", "measured MB", "pred. err", "kept",
+                  "formats (units)", "ppl", "× float32", "tok/s", "s"):  # fmt: skip
             t.add_column(h, justify="right")
         for r in result["fits"]:
+            if "refused" in r:
+                t.add_row(r["label"], f"{r['budget_bytes'] / MB:.1f}", "", "", "", "refused",
+                          r["refused"][-70:], "", "", "", "")  # fmt: skip
+                continue
             fm = ", ".join(f"{k} {v}" for k, v in r["formats"].items())
-            t.add_row(f"{r['budget_bytes'] / MB:.1f}", f"{r['predicted_peak_bytes'] / MB:.1f}",
+            t.add_row(r["label"], f"{r['budget_bytes'] / MB:.1f}",
+                      f"{r['predicted_peak_bytes'] / MB:.1f}",
                       f"{r['measured_peak_bytes'] / MB:.1f}", f"{100 * r['prediction_error']:+.1f} %",
                       "yes" if r["within_budget"] else "NO", fm, f"{r['ppl']:.3f}",
                       f"{r['ratio']:.4f}", f"{r['tokens_per_s']:.1f}", f"{r['seconds']:.0f}")  # fmt: skip

@@ -36,6 +36,10 @@ _HOME = {
     "Int4WeightOnly": "memopt.quant",
     "IntNWeightOnly": "memopt.quant",
     "quantize_model": "memopt.quant.stream",
+    "Mixed": "memopt.quant",
+    # a budget: everything composed
+    "Budget": "memopt.compose.fit",
+    "fit": "memopt.compose.fit",
     # structure
     "prune_": "memopt.prune",
     "Magnitude": "memopt.prune",
@@ -65,6 +69,7 @@ __all__ = [
     "Wanda",
     "prune_",
     "AdamW8bit",
+    "Budget",
     "Cast",
     "Int4WeightOnly",
     "Int8Dynamic",
@@ -74,12 +79,14 @@ __all__ = [
     "MemoptError",
     "MemoryReport",
     "MemoryTracker",
+    "Mixed",
     "StepSpec",
     "__version__",
     "build_meta",
     "embedding_cosine",
     "estimate",
     "export",
+    "fit",
     "generate",
     "load",
     "load_model",
@@ -92,6 +99,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from memopt.compose.fit import Budget, fit
     from memopt.core.errors import MemoptError
     from memopt.evaluate import embedding_cosine, perplexity
     from memopt.generate import generate
@@ -109,6 +117,7 @@ if TYPE_CHECKING:
         Int8Dynamic,
         Int8WeightOnly,
         IntNWeightOnly,
+        Mixed,
         quantize_,
     )
     from memopt.quant.stream import quantize_model

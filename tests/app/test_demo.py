@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from memopt.app.cli import main
+from memopt.app.demo import DemoRow, _fit_html, _fit_table, _formats_summary, _plot_fit
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,8 @@ def test_report_folder(demo) -> None:
     page = (out / "report.html").read_text()
     # Self-contained: every image inlined, nothing fetched.
     assert page.count("data:image/png;base64,") == 3
+    # --quick skips the fits (memopt fit to several budgets): no fit section, no fit.png
+    assert summary["fit"] is None and not (out / "fit.png").exists()
     assert "http://" not in page and "https://" not in page
     assert not list(out.glob(".*"))  # no temporary files left behind
 
@@ -65,3 +68,60 @@ def test_plan_row(demo) -> None:
     plan = demo[0]["plan"]
     assert plan["arena_bytes"] <= 1.05 * plan["lower_bound_bytes"]
     assert plan["steady_state_allocations"] == 0
+
+
+def _fitted_run(budget_mb: int, formats: dict[str, int], ram_mb: float, ppl: float) -> dict:
+    """A fit result as memopt.compose.fit.fit returns it (the keys the demo reads), measured."""
+    units = [{"unit": f"u{i}", "format": f} for f, n in formats.items() for i in range(n)]
+    return {
+        "budget_bytes": budget_mb * 10**6,
+        "predicted_peak_bytes": int(0.95 * budget_mb * 10**6),
+        "measured_peak_bytes": int(0.9 * budget_mb * 10**6),
+        "within_budget": True,
+        "plan": {"units": units},
+        "tokens_per_s": 50.0,
+        "ram_bytes": int(ram_mb * 10**6),
+        "perplexity": ppl,
+    }
+
+
+def test_fit_section_table_and_plot(tmp_path: Path) -> None:
+    """The fit section's table, HTML and fit.png from synthetic results (the fits themselves:
+    tests/compose/test_fit.py; the full demo runs them)."""
+    runs = [
+        {"budget_bytes": 90 * 10**6, "refused": "a budget of 90.0 MB is too small"},
+        _fitted_run(150, {"int4-g32": 30, "int8": 1}, 95.0, 11.0),
+        _fitted_run(250, {"int4-g32": 29, "float32": 1, "int4-g128": 1}, 192.0, 10.5),
+    ]
+    assert _formats_summary(runs[2]["plan"]["units"]) == "int4-g32 ×29, float32 ×1, int4-g128 ×1"
+    rows = _fit_table(runs, base_perplexity=10.0)
+    assert rows[0][0] == "90.0 MB" and rows[0][3] == "refused"
+    assert rows[1] == (
+        "150.0 MB",
+        "142.5 MB",
+        "135.0 MB",
+        "yes",
+        "95.0 MB",
+        "int4-g32 ×30, int8 ×1",
+        "11.00",
+        "1.100×",
+        "50.0",
+    )
+    assert len({len(r) for r in rows}) == 1
+    question = {
+        "budget_bytes": 150 * 10**6,
+        "baseline_rss_bytes": 314 * 10**6,
+        "float32_estimate_bytes": 585 * 10**6,
+        "float32_weight_bytes": 538 * 10**6,
+        "fits_as_float32": False,
+    }
+    page = _fit_html({"question": question, "seq": 64, "max_new_tokens": 32, "runs": runs}, rows)
+    assert "does not fit as float32" in page and "585.0 MB" in page and "<table" in page
+    assert "90.0 MB: refused: a budget of 90.0 MB is too small" in page
+    uniform = [
+        DemoRow("float32 (baseline)", 538 * 10**6, 0, 0, 0.1, 10.0),
+        DemoRow("int4 g64 (RTN)", 80 * 10**6, 0, 0, 0.1, 12.0),
+        DemoRow("float16", 269 * 10**6, 0, 0, 0.1, 10.0),  # not a point of the plot
+    ]
+    _plot_fit(runs, uniform, tmp_path / "fit.png", title="budget vs quality")
+    assert (tmp_path / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -153,7 +153,7 @@ def test_too_small_budget_names_the_smallest(l70: Path) -> None:
 def test_the_named_smallest_budget_is_accepted(model: str, l70: Path) -> None:
     """The budget a refusal names (rounded up to 0.1 MB) is planned; 0.2 MB under the exact
     smallest is refused (the knapsack rounds each unit up to its steps: the name counts that)."""
-    from memopt.compose.fit import plan_inference, smallest_weights, units_of
+    from memopt.compose.fit import PATHS, plan_inference, smallest_weights, units_of
     from memopt.models import build_meta
 
     meta = build_meta(l70 if model == "l70" else model, dequantize=True)
@@ -163,7 +163,8 @@ def test_the_named_smallest_budget_is_accepted(model: str, l70: Path) -> None:
     named = _named_smallest(exc)
     plan = plan_inference(meta, named, units, 192)
     assert plan.predicted_peak_bytes <= named
-    exact = smallest_weights(units) + plan.predicted_peak_bytes - plan.weight_bytes
+    menu = dict((p, m) for p, m, _ in PATHS)[plan.path]  # the path of the smallest plan
+    exact = smallest_weights(units, menu) + plan.predicted_peak_bytes - plan.weight_bytes
     assert named - 100_000 < exact <= named
     with pytest.raises(MemoptError, match="smallest plan needs"):
         plan_inference(meta, exact - 200_000, units, 192)
@@ -249,3 +250,43 @@ def test_unmeetable_quality_refused_nothing_written(calib: torch.Tensor, tmp_pat
     assert "ppl" in lines[-1] or "perplexity" in lines[-1], r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_menus_offered_per_unit_and_per_path() -> None:
+    """SmolLM2's embedding (K = 576) is not offered int4 in groups of 128 (the group would not
+    divide: the weight would stay float under that name). Each path plans with its own menu and
+    runtime: a budget the int8 / float32 engine path meets takes it; smaller ones take int4 with
+    its runtime, then int3 / int2 through transformers when that path's runtime is small (as it
+    is, relatively, on a large model)."""
+    from memopt.compose.fit import (
+        ENGINE_FORMATS,
+        RUNTIME_BYTES,
+        RUNTIME_FULL_BYTES,
+        RUNTIME_INT4_BYTES,
+        plan_inference,
+        smallest_weights,
+        units_of,
+    )
+    from memopt.models import build_meta
+
+    meta = build_meta("smollm2", dequantize=True)
+    units = units_of(meta.model)
+    embed = next(u for u in units if u.name == "model.embed_tokens")
+    assert "int4-g128" not in embed.bytes and "int4-g64" in embed.bytes
+    for u in units:  # a cost that grows as bytes shrink: every plan spends its budget
+        u.cost = {f: u.bytes["float32"] / b - 1 for f, b in u.bytes.items()}
+    plan = plan_inference(meta, 300_000_000, units, 192)
+    assert plan.path == "engine" and set(plan.formats.values()) <= {"float32", "int8"}
+    assert plan.runtime_bytes == RUNTIME_BYTES
+    plan = plan_inference(meta, 170_000_000, units, 192)
+    assert plan.path == "engine-int4" and set(plan.formats.values()) <= set(ENGINE_FORMATS)
+    assert plan.runtime_bytes == RUNTIME_INT4_BYTES
+    extra = plan.predicted_peak_bytes - plan.weight_bytes - RUNTIME_INT4_BYTES  # fixed, KV, scratch
+    below = smallest_weights(units, ENGINE_FORMATS) + extra + RUNTIME_BYTES - 5_000_000
+    runtimes = {"engine-int4": RUNTIME_BYTES, "transformers": RUNTIME_BYTES}
+    small = plan_inference(meta, below, units, 192, runtimes)
+    assert small.path == "transformers" and not small.engine
+    assert "int2-g32" in small.formats.values()
+    with pytest.raises(MemoptError, match=f"{RUNTIME_INT4_BYTES / 1e6:.0f} MB runtime"):
+        plan_inference(meta, below, units, 192)
+    assert RUNTIME_FULL_BYTES > RUNTIME_INT4_BYTES

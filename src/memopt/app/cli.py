@@ -437,10 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--task",
-        choices=("generate", "train"),
+        choices=("generate", "infer", "train"),
         default="generate",
         help="greedy generation with a KV cache of --seq + --max-new-tokens positions "
-        "(generate, default), or training steps of --batch × --seq (train)",
+        "(generate, default), one forward of an encoder on --batch × --seq tokens, quality the "
+        "embedding cosine against float32 (infer), or training steps of --batch × --seq (train)",
     )
     p.add_argument(
         "--batch", type=_positive_int, default=1, help="batch size (train: global batch; 1)"
@@ -453,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality",
         metavar="METRIC<=X",
         help="refuse a plan whose measured quality misses: ppl_ratio<=1.05 (perplexity "
-        "over float32's), or ppl<=20",
+        "over float32's), or ppl<=20; --task infer: cosine>=0.99",
     )
     p.add_argument("--speed", metavar=">=X", help="refuse a plan decoding under X tokens/s")
     p.add_argument(
@@ -495,8 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the main job on the bundled default model (smollm2)",
-        description="Estimate, profile, optimize and verify the bundled smollm2, print "
-        "a before/after table and write a report folder "
+        description="Will smollm2 fit in 150 MB? The float32 estimate against the budget, then "
+        "memopt fit to a few budgets, each fitted run measured and set on a budget-vs-quality "
+        "plot beside the uniform recipes; then estimate, profile, optimize and verify the "
+        "bundled smollm2, print the before/after tables and write a report folder "
         "(report.json, PNG plots, report.html).",
     )
     p.add_argument("--model", default="smollm2", help="model to run the demo on (default smollm2)")
@@ -505,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="skip the slowest rows: calibrated pruning, streamed generation, training",
+        help="skip the slowest parts: the fits, calibrated pruning, streamed generation, training",
     )
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -1039,7 +1042,10 @@ def _bound(text: str | None, flag: str, metrics: tuple[str, ...], op: str) -> tu
 def _cmd_fit(args: argparse.Namespace) -> int:
     from memopt.compose.fit import Budget, fit
 
-    metric, bound = _bound(args.quality, "--quality", ("ppl_ratio", "ppl"), "<=")
+    if args.task == "infer":
+        metric, bound = _bound(args.quality, "--quality", ("cosine",), ">=")
+    else:
+        metric, bound = _bound(args.quality, "--quality", ("ppl_ratio", "ppl"), "<=")
     _, speed = _bound(args.speed, "--speed", (), ">=")
     budget = Budget.parse(args.budget, total=args.budget_total)
     if not args.plan_only and args.output is None and args.task != "train":
@@ -1062,6 +1068,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             progress=cb,
             train_steps=args.steps,
             ranks=args.ranks,
+            min_cosine=bound if metric == "cosine" else None,
         )
     if args.json:
         _print_json(result)
@@ -1078,10 +1085,10 @@ def _fit_tables(result: dict) -> list[Any]:
 
     tables = []
     plan = result["plan"]
-    if result["task"] == "generate":
+    if result["task"] in ("generate", "infer"):
         groups: list[list[dict]] = []
         for u in plan["units"]:
-            if groups and groups[-1][-1]["format"] == u["format"] and "layers" in u["unit"]:
+            if groups and groups[-1][-1]["format"] == u["format"] and "layer" in u["unit"]:
                 groups[-1].append(u)
             else:
                 groups.append([u])
@@ -1090,13 +1097,25 @@ def _fit_tables(result: dict) -> list[Any]:
             name = g[0]["unit"] if len(g) == 1 else f"{g[0]['unit']} … {g[-1]['unit']}"
             rows.append((name, g[0]["format"], format_bytes(sum(u["bytes"] for u in g)),
                          f"{sum(u['cost'] for u in g):.2e}"))  # fmt: skip
-        for label, key in (("other weights (norms, float)", "fixed_bytes"),
-                           (f"KV cache, {result['seq'] + result['max_new_tokens']} positions",
-                            "kv_bytes"), ("engine scratch", "scratch_bytes"),
-                           ("runtime (tokenizer, allocator)", "runtime_bytes")):  # fmt: skip
+        if result["task"] == "infer":
+            parts = (
+                ("other weights (norms, float)", "fixed_bytes"),
+                (f"activations, {result['batch']} × {result['seq']} (estimator)", "scratch_bytes"),
+                ("runtime (loader, allocator)", "runtime_bytes"),
+            )
+            unit, cost = "1 - cosine", "predicted cost"
+        else:
+            parts = (
+                ("other weights (norms, float)", "fixed_bytes"),
+                (f"KV cache, {result['seq'] + result['max_new_tokens']} positions", "kv_bytes"),
+                ("engine scratch", "scratch_bytes"),
+                ("runtime (tokenizer, allocator)", "runtime_bytes"),
+            )
+            unit, cost = "nats/token", "predicted KL"
+        for label, key in parts:
             rows.append((label, "", format_bytes(plan[key]), ""))
-        title = f"fit plan: {result['model']} (quality cost: {result['quality_costs']}, nats/token)"
-        tables.append(rich_table(title, ("unit", "format", "bytes", "predicted KL"), rows))
+        title = f"fit plan: {result['model']} (quality cost: {result['quality_costs']}, {unit})"
+        tables.append(rich_table(title, ("unit", "format", "bytes", cost), rows))
     else:
         o = plan["options"]
         rows = [(k, str(o[k])) for k in ("label", "checkpointing", "loss_chunk", "optimizer",
@@ -1124,7 +1143,10 @@ def _fit_tables(result: dict) -> list[Any]:
         verdict = "within budget" if result["within_budget"] else "OVER BUDGET"
         rows.append((f"measured peak ({verdict})", format_bytes(m), f"{m / limit:.3f}×"))
     q = result.get("quality")
-    if q:
+    if q and result["task"] == "infer":
+        rows.append(("embedding cosine, held out (worst)", f"{q['fitted']:.5f} ({q['min']:.5f})",
+                     ""))  # fmt: skip
+    elif q:
         rows.append(("perplexity, held out (float32's)", f"{q['fitted']:.3f} ({q['float32']:.3f})",
                      f"{q['ratio']:.4f}×"))  # fmt: skip
     if result.get("tokens_per_s"):

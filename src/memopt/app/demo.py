@@ -1,10 +1,13 @@
 """``memopt demo``: the main job on the bundled default model, end to end.
 
-load → estimate (no weights read) → profile (the real step, measured in a child process) → the
-float32 baseline (a GGUF dequantized), the model as shipped (a GGUF's own quantized blocks) and each
-optimization that memopt has → verify (bytes in RAM and on disk, peak of an inference step, latency,
-perplexity) → a before/after table on the terminal and a report folder (report.json, PNGs,
-report.html). Every figure in it is measured in this run; nothing is carried over from elsewhere.
+will it fit in N MB? (the float32 estimate against the budget, then ``memopt fit`` to a few budgets,
+each fitted run measured: peak, bytes, perplexity) → estimate (no weights read) → profile (the real
+step, measured in a child process) → the float32 baseline (a GGUF dequantized), the model as shipped
+(a GGUF's own quantized blocks) and each optimization that memopt has → verify (bytes in RAM and on
+disk, peak of an inference step, latency, perplexity) → tables on the terminal and a report folder
+(report.json, PNGs, report.html; fit.png: budget against quality, the fitted models beside the
+uniform recipes). Every figure in it is measured in this run; nothing is carried over from
+elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,16 @@ _PPL_TOKENS = 512
 # Pruning row: SparseGPT meets the 50 % quality target (Wanda does not on smollm2; bench/prune.py)
 _PRUNE_METHOD = "sparsegpt"
 _PRUNE_CALIB = 4
+# "Will it fit?": the question's budget and the budgets fitted (bytes over the runtime's baseline,
+# 1 MB = 10⁶ B), chosen for smollm2: float32 needs ~585 MB, the smallest plan ~141 MB. The run
+# fitted: a prompt of _FIT_SEQ tokens and _FIT_NEW generated; a small calibration (its quality
+# costs are cached on disk per model and calibration, so only the first demo measures them).
+_FIT_QUESTION = 150_000_000
+_FIT_BUDGETS = (150_000_000, 200_000_000, 300_000_000)
+_FIT_SEQ, _FIT_NEW = 64, 32
+_FIT_CALIB_SEQUENCES, _FIT_CALIB_SEQ = 2, 64
+# The uniform recipes set beside the fitted models on fit.png (prefixes of DemoRow.technique)
+_UNIFORM = ("float32", "GGUF", "bfloat16", "int8", "int4")
 
 
 @dataclass
@@ -135,6 +149,137 @@ def _techniques() -> list[tuple[str, Callable[[nn.Module], Any], str]]:
     ]
 
 
+def _mb(n: float) -> str:
+    """Decimal megabytes, the unit of a fit's budget: 150000000 -> '150.0 MB'."""
+    return f"{n / 1e6:.1f} MB"
+
+
+def _formats_summary(units: list[dict]) -> str:
+    """A plan's formats, most units first: 'int4-g32 ×29, float32 ×1, int4-g128 ×1'."""
+    counts = Counter(u["format"] for u in units)
+    return ", ".join(f"{f} ×{n}" for f, n in counts.most_common())
+
+
+def _fit_section(model_name: str, say: Callable[..., Any]) -> dict[str, Any]:
+    """Will ``model_name`` fit in _FIT_QUESTION bytes? The float32 estimate against it (from the
+    fit's own plan: every unit's float32 bytes, the KV cache, scratch and runtime), then
+    ``memopt fit`` to each of _FIT_BUDGETS in a temporary folder, each fitted model measured
+    like the demo's rows (bytes in RAM, perplexity on the same _PPL_TOKENS tokens). A budget
+    that fit refuses is reported with its reason."""
+    from memopt.compose.fit import fit
+    from memopt.evaluate import perplexity
+    from memopt.models import load_model
+
+    t0 = time.perf_counter()
+    kwargs = dict(
+        seq=_FIT_SEQ,
+        max_new_tokens=_FIT_NEW,
+        calib_sequences=_FIT_CALIB_SEQUENCES,
+        calib_seq=_FIT_CALIB_SEQ,
+    )
+    stage = [""]
+
+    def progress(text: str, i: int, n: int) -> None:  # one line per stage, not per step
+        if text != stage[0]:
+            stage[0] = text
+            say(f"    {text}")
+
+    # The plan's overhead and its units' parameters do not depend on the budget: plan within one
+    # that anything fits (never refused), estimate float32 from them.
+    planned = fit(model_name, 1 << 40, plan_only=True, progress=progress, **kwargs)
+    plan = planned["plan"]
+    overhead = {k: plan[k] for k in ("fixed_bytes", "kv_bytes", "scratch_bytes", "runtime_bytes")}
+    float32_weights = sum(4 * u["params"] for u in plan["units"])
+    float32_estimate = float32_weights + sum(overhead.values())
+    fits = float32_estimate <= _FIT_QUESTION
+    question = {
+        "budget_bytes": _FIT_QUESTION,
+        "baseline_rss_bytes": planned["baseline_rss_bytes"],
+        "float32_estimate_bytes": float32_estimate,
+        "float32_weight_bytes": float32_weights,
+        **overhead,
+        "fits_as_float32": fits,
+    }
+    say(
+        f"  float32 needs an estimated {_mb(float32_estimate)} over the runtime's baseline "
+        f"({_mb(float32_weights)} of weights, KV cache of {_FIT_SEQ + _FIT_NEW} positions, "
+        f"runtime): {'fits' if fits else 'does not fit'} as float32"
+    )
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="memopt-demo-fit-") as tmp:
+        for budget in _FIT_BUDGETS:
+            say(f"  fit in {_mb(budget)}")
+            folder = Path(tmp) / f"fit-{budget // 1_000_000}MB"
+            try:
+                result = fit(model_name, budget, folder, progress=progress, **kwargs)
+            except MemoptError as e:  # too small a budget: the reason, in one line
+                runs.append({"budget_bytes": budget, "refused": str(e)})
+                say(f"    refused: {e}")
+                continue
+            result.pop("output", None)  # the folder is temporary, not part of the report
+            fitted = load_model(folder)
+            ppl = perplexity(fitted, max_tokens=_PPL_TOKENS, window=_PPL_TOKENS, stride=_PPL_TOKENS)
+            result.update(ram_bytes=model_bytes(fitted.model), perplexity=ppl.perplexity)
+            del fitted
+            runs.append(result)
+            say(
+                f"    {_formats_summary(result['plan']['units'])}: measured peak "
+                f"{_mb(result['measured_peak_bytes'])}"
+                f"{'' if result['within_budget'] else ' (OVER BUDGET)'}, "
+                f"perplexity {ppl.perplexity:.2f}"
+            )
+    return {
+        "question": question,
+        "seq": _FIT_SEQ,
+        "max_new_tokens": _FIT_NEW,
+        "calib_sequences": _FIT_CALIB_SEQUENCES,
+        "calib_seq": _FIT_CALIB_SEQ,
+        "runs": runs,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _fit_table(runs: list[dict[str, Any]], base_perplexity: float | None) -> list[tuple[str, ...]]:
+    """One row per budget: what was asked, predicted and measured (perplexity on the demo's
+    _PPL_TOKENS tokens, against the demo's float32 row). A refused budget: "refused" in the row,
+    its reason in the progress lines and below the HTML table."""
+    rows = []
+    for r in runs:
+        budget = _mb(r["budget_bytes"])
+        if "refused" in r:
+            rows.append((budget, "–", "–", "refused", *["–"] * 5))
+            continue
+        ppl = r.get("perplexity")
+        tps = r.get("tokens_per_s")
+        rows.append(
+            (
+                budget,
+                _mb(r["predicted_peak_bytes"]),
+                _mb(r["measured_peak_bytes"]),
+                "yes" if r["within_budget"] else "NO",
+                _mb(r["ram_bytes"]),
+                _formats_summary(r["plan"]["units"]),
+                f"{ppl:.2f}" if ppl else "–",
+                f"{ppl / base_perplexity:.3f}×" if ppl and base_perplexity else "–",
+                f"{tps:.1f}" if tps else "–",
+            )
+        )
+    return rows
+
+
+_FIT_COLUMNS = (
+    "budget",
+    "predicted peak",
+    "measured peak",
+    "within budget",
+    "weights in RAM",
+    "formats",
+    f"ppl ({_PPL_TOKENS} tok)",
+    "vs fp32",
+    "tok/s",
+)
+
+
 def run_demo(
     model_name: str = "smollm2",
     out: str | Path = "memopt-report",
@@ -143,8 +288,9 @@ def run_demo(
 ) -> dict:
     """Run the demo, write the report folder, return the summary (report.json's content).
 
-    ``quick`` skips the slowest rows (pruning with calibration, streamed generation in child
-    processes, the training comparison); their functions are tested on their own.
+    ``quick`` skips the slowest parts: the "will it fit?" section (``memopt fit`` to several
+    budgets, each applied and measured), pruning with calibration, streamed generation in child
+    processes, the training comparison; their functions are tested on their own.
     """
     from memopt.measure.estimate import estimate
     from memopt.measure.profile import profile
@@ -165,20 +311,32 @@ def run_demo(
     say = console.print if console is not None else (lambda *a, **k: None)
     t_start = time.perf_counter()
 
-    # 1. Will it fit? Predict without reading a weight. The float32 model (a GGUF dequantized),
-    # the baseline of every row below.
+    # 1. Will it fit in N MB? The float32 estimate against the budget, then the model fitted to a
+    # few budgets, each run measured (before the float32 model below is loaded in this process).
+    fitted: dict[str, Any] | None = None
+    if quick:
+        say("[bold]1. will it fit?[/] skipped (--quick)")
+    else:
+        say(
+            f"[bold]1. will it fit?[/] {model_name} in {_mb(_FIT_QUESTION)} over the runtime's "
+            f"baseline; then fitted to {', '.join(_mb(b) for b in _FIT_BUDGETS)}"
+        )
+        fitted = _fit_section(model_name, say)
+
+    # 2. Estimate without reading a weight. The float32 model (a GGUF dequantized), the baseline
+    # of every row below.
     infer = StepSpec(task="infer", batch=1, seq=512, dequantize=True)
     train = StepSpec(task="train", batch=1, seq=_STEP_SEQ, optimizer="adamw")
-    say(f"[bold]1. estimate[/] {model_name} (meta device, no weights read)")
+    say(f"[bold]2. estimate[/] {model_name} (meta device, no weights read)")
     est_infer, est_train = estimate(model_name, infer), estimate(model_name, train)
 
-    # 2. Where does it go? Measure the same inference step for real, in a child process.
-    say("[bold]2. profile[/] one inference step on the real weights (child process)")
+    # 3. Where does it go? Measure the same inference step for real, in a child process.
+    say("[bold]3. profile[/] one inference step on the real weights (child process)")
     measured = profile(model_name, infer)
     measured_d = measured.to_dict()
 
-    # 3. Optimize and verify: every row is measured on the model after the transform.
-    say("[bold]3. optimize and verify[/] (bytes, step peak, latency, perplexity)")
+    # 4. Optimize and verify: every row is measured on the model after the transform.
+    say("[bold]4. optimize and verify[/] (bytes, step peak, latency, perplexity)")
     loaded = load_model(model_name, dtype=torch.float32)  # the baseline: float32, explicitly
     if loaded.task != "causal-lm":
         raise MemoptError(f"{model_name}: the demo needs a causal language model")
@@ -216,8 +374,8 @@ def run_demo(
         say(f"  {pruned['technique']}: measured")
         del variant
 
-    # 4. Allocation: plan every activation of the float32 step into one arena, run it, check it.
-    say("[bold]4. plan[/] activations of one inference step into one arena")
+    # 5. Allocation: plan every activation of the float32 step into one arena, run it, check it.
+    say("[bold]5. plan[/] activations of one inference step into one arena")
     from memopt.plan import plan_model, verify_plan, write_plan_png
 
     plan = plan_model(loaded, batch=1, seq=_STEP_SEQ)
@@ -245,7 +403,7 @@ def run_demo(
         "latency vs eager",
     )
 
-    # 5. Access: generation streamed under a budget of 25 % of the float32 weights (child processes).
+    # 6. Access: generation streamed under a budget of 25 % of the float32 weights (child processes).
     streamed: dict[str, Any] | None = None
     trained: dict[str, Any] | None = None
     stream_rows: list[tuple[str, ...]] = []
@@ -259,7 +417,7 @@ def run_demo(
     )
     train_cols = ("training step", "peak", "vs plain", "step time vs plain", "loss vs plain")
     if not quick:
-        say("[bold]5. stream[/] generation under a memory budget of 25 % of the float32 weights")
+        say("[bold]6. stream[/] generation under a memory budget of 25 % of the float32 weights")
         from memopt.app.rows import stream_row
 
         with tempfile.TemporaryDirectory(prefix="memopt-demo-") as tmp:
@@ -274,8 +432,8 @@ def run_demo(
             )
         ]
 
-        # 6. Training memory: plain float32 AdamW against checkpointing + 8-bit AdamW + bfloat16.
-        say("[bold]6. train[/] plain float32 AdamW vs checkpointing + AdamW8bit + bfloat16")
+        # 7. Training memory: plain float32 AdamW against checkpointing + 8-bit AdamW + bfloat16.
+        say("[bold]7. train[/] plain float32 AdamW vs checkpointing + AdamW8bit + bfloat16")
         from memopt.app.rows import train_row
 
         trained = train_row(loaded, batch=1, seq=_STEP_SEQ, steps=3)
@@ -296,8 +454,9 @@ def run_demo(
             ),
         ]
 
-    # 7. Report.
+    # 8. Report.
     base = rows[0]
+    fit_rows = _fit_table(fitted["runs"], base.perplexity) if fitted is not None else []
     table_rows = [
         (
             r.technique,
@@ -335,7 +494,10 @@ def run_demo(
     ]
     est_cols = ("step", "estimated peak", "measured peak", "estimate / measured", "peak RSS")
     if console is not None:
-        console.print(rich_table(f"{model_name}: will it fit? (float32)", est_cols, est_rows))
+        if fitted is not None:
+            title = f"{model_name}, fit: budget → measured (over the runtime's baseline)"
+            console.print(rich_table(title, _FIT_COLUMNS, fit_rows))
+        console.print(rich_table(f"{model_name}: estimate (float32)", est_cols, est_rows))
         console.print(
             rich_table(
                 f"{model_name}: before / after (all measured in this run)", columns, table_rows
@@ -358,6 +520,10 @@ def run_demo(
     )
     _plot_rows(rows, out / "techniques.png")
     write_plan_png(plan, out / "plan.png")
+    images = [out / "profile.png", out / "techniques.png", out / "plan.png"]
+    if fitted is not None:
+        _plot_fit(fitted["runs"], rows, out / "fit.png", title=f"{model_name}: budget vs quality")
+        images.insert(0, out / "fit.png")
     summary = {
         "model": model_name,
         "machine": {
@@ -365,6 +531,7 @@ def run_demo(
             "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(),
         },
+        "fit": fitted,
         "estimate": {"infer": est_infer.to_dict(), "train": est_train.to_dict()},
         "profile": {k: v for k, v in measured_d.items() if k != "timeline"},
         "rows": [r.to_dict() for r in rows],
@@ -377,8 +544,13 @@ def run_demo(
     atomic_write_text(out / "report.json", dumps(summary))
     page = html_page(
         f"memopt report: {model_name}",
-        [
-            ("Will it fit?", html_table(est_cols, est_rows)),
+        (
+            [(f"Will it fit in {_mb(_FIT_QUESTION)}?", _fit_html(fitted, fit_rows))]
+            if fitted is not None
+            else []
+        )
+        + [
+            ("Estimate (float32)", html_table(est_cols, est_rows)),
             (
                 "Before / after",
                 html_table(columns, table_rows) + f"<p>{html_escape(source_note)}</p>",
@@ -391,7 +563,7 @@ def run_demo(
             else []
         )
         + ([("Training memory", html_table(train_cols, train_rows))] if train_rows else []),
-        images=[out / "profile.png", out / "techniques.png", out / "plan.png"],
+        images=images,
     )
     atomic_write_text(out / "report.html", page)
     say(f"report written to {out}/ (report.html, report.json, PNGs) in {summary['seconds']} s")
@@ -419,4 +591,88 @@ def _plot_rows(rows: list[DemoRow], path: Path) -> None:
     b.barh(names, [r.perplexity or 0 for r in rows], color="#55A868")
     b.set_xlabel(f"perplexity ({_PPL_TOKENS} tokens, lower is better)")
     b.invert_yaxis()
+    save_figure(fig, path, dpi=110)
+
+
+def _fit_html(fitted: dict[str, Any], fit_rows: list[tuple[str, ...]]) -> str:
+    """The question answered in one paragraph, then the fit table."""
+    from memopt.report import html_table
+
+    q = fitted["question"]
+    verdict = "fits" if q["fits_as_float32"] else "does not fit"
+    # numbers and fixed words only: nothing to escape
+    text = (
+        f"Budget: {_mb(q['budget_bytes'])} over the runtime's own baseline "
+        f"({_mb(q['baseline_rss_bytes'])}: Python with torch imported). As float32 the model needs "
+        f"an estimated {_mb(q['float32_estimate_bytes'])} ({_mb(q['float32_weight_bytes'])} of "
+        f"weights, a KV cache of {fitted['seq'] + fitted['max_new_tokens']} positions, the "
+        f"runtime): it {verdict} as float32. <code>memopt fit</code> to each budget below, each "
+        f"run measured in a fresh process (a {fitted['seq']}-token prompt, "
+        f"{fitted['max_new_tokens']} tokens generated); perplexity on the same {_PPL_TOKENS} "
+        "held-out tokens as the rows below."
+    )
+    refused = "".join(
+        f"<p>{_mb(r['budget_bytes'])}: refused: {html_escape(r['refused'])}</p>"
+        for r in fitted["runs"]
+        if "refused" in r
+    )
+    return f"<p>{text}</p>" + html_table(_FIT_COLUMNS, fit_rows) + refused
+
+
+def _plot_fit(runs: list[dict[str, Any]], rows: list[DemoRow], path: Path, title: str = "") -> None:
+    """Budget vs quality: weights in RAM (MB) against perplexity, the fitted models as one series
+    labelled by budget, the demo's uniform recipes (_UNIFORM) as separate labelled points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(8, 4.8), constrained_layout=True)
+    done = sorted((r for r in runs if "refused" not in r), key=lambda r: r["ram_bytes"])
+    xs = [r["ram_bytes"] / 1e6 for r in done]
+    ys = [r["perplexity"] for r in done]
+    ax.plot(xs, ys, "o-", color="#C44E52", label="memopt fit (mixed formats)", zorder=3)
+    for r, x, y in zip(done, xs, ys, strict=True):
+        ax.annotate(
+            f"fit {r['budget_bytes'] / 1e6:.0f} MB",
+            (x, y),
+            xytext=(0, 7),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+            color="#C44E52",
+        )
+    uniform = [r for r in rows if r.technique.startswith(_UNIFORM) and r.perplexity]
+    ax.scatter(
+        [r.ram_bytes / 1e6 for r in uniform],
+        [r.perplexity for r in uniform],
+        marker="s",
+        color="#4C72B0",
+        label="uniform recipes",
+        zorder=2,
+    )
+    for r in uniform:
+        ax.annotate(
+            r.technique.split(" (")[0],  # "GGUF as shipped (Q4_1 + Q8_0)": "GGUF as shipped"
+            (r.ram_bytes / 1e6, r.perplexity),
+            xytext=(0, -13),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+            color="#4C72B0",
+        )
+    ax.set_xlabel("weights in RAM (MB, log)")
+    ax.set_ylabel(f"perplexity, {_PPL_TOKENS} held-out tokens (log)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes: 50, 100, 200, 500
+        axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.08, y=0.12)  # room for the labels
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    if title:
+        ax.set_title(title)
     save_figure(fig, path, dpi=110)

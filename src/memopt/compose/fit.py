@@ -48,12 +48,24 @@ from memopt.core.units import parse_size
 __all__ = [
     "BYTES_STEP",
     "FORMATS",
+    "ENGINE_FORMATS",
     "RUNTIME_BYTES",
+    "RUNTIME_FULL_BYTES",
+    "RUNTIME_INT4_BYTES",
+    "PATHS",
     "Budget",
     "Plan",
     "Unit",
+    "choose",
+    "costs",
     "fit",
+    "format_bytes",
+    "has_weights",
+    "inference_result",
+    "mixed_config",
+    "other_bytes",
     "plan_inference",
+    "rtn",
     "sensitivities",
     "smallest_weights",
     "units_of",
@@ -63,14 +75,31 @@ __all__ = [
 # GPTQ; "int3-g32" / "int2-g32": 3 and 2 bits in groups of 32, round to nearest with a float16
 # scale and offset (the smallest plans; their KL costs keep them off every layer that matters).
 FORMATS = ("float32", "int8", "int4-g32", "int4-g64", "int4-g128", "int3-g32", "int2-g32")
+# What memopt's decode engine runs (memopt.engine); a plan with int3 / int2 takes transformers'
+# forward instead. Each path has its own runtime (RUNTIME): plan_inference solves each path's menu
+# with its runtime and keeps the best plan that fits.
+ENGINE_FORMATS = FORMATS[:5]
 
 # What a generation run holds beyond weights, KV cache and scratch (the tokenizer, Python's
 # objects of the model, the allocator's slack), over the run's import baseline; measured on the
 # bundled SmolLM2 through the engine's lean path and rounded up. The fit measures its own run and
 # revises the plan when this is short.
 RUNTIME_BYTES = 40 << 20
+# The runtime of the other paths, measured on SmolLM2 (bench/fit.py's uniform rows, 192 positions):
+# the engine with int4 weights peaks ~22 MB higher than with int8 beyond the weights' own bytes
+# (what it holds after loading is exactly the weights: the excess is the load's transient, kept
+# by the allocator); transformers' forward (a plan with int3 / int2) holds 160 MB beyond weights
+# and KV. A run that shows more revises its path's figure.
+RUNTIME_INT4_BYTES = 61 << 20
+RUNTIME_FULL_BYTES = 160 << 20
+# The paths: (name, formats its plans may use, its default runtime)
+PATHS = (
+    ("engine", ("float32", "int8"), RUNTIME_BYTES),
+    ("engine-int4", ENGINE_FORMATS, RUNTIME_INT4_BYTES),
+    ("transformers", FORMATS, RUNTIME_FULL_BYTES),
+)
 BYTES_STEP = 1 << 18  # the knapsack's resolution: 256 KiB
-REVISIONS = 3
+REVISIONS = 5
 
 
 @dataclass(frozen=True)
@@ -93,7 +122,9 @@ class Unit:
     name: str  # module name (a block: "model.layers.3")
     patterns: list[str]  # fnmatch patterns over the modules it covers
     shapes: list[tuple[int, int]]  # (N, K) of each weight it holds (a tied weight once)
-    bytes: dict[str, int] = field(default_factory=dict)  # format -> bytes
+    # format -> bytes, for the formats that change this unit (a group that does not divide a
+    # weight's K leaves it float: that format is not offered)
+    bytes: dict[str, int] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)  # format -> quality cost (0: float)
 
 
@@ -111,6 +142,12 @@ class Plan:
     predicted_cost: float
     predicted_peak_bytes: int
     options: dict[str, Any] = field(default_factory=dict)  # training: the chosen options
+    path: str = "engine"  # generation: the PATHS entry whose menu and runtime the plan took
+
+    @property
+    def engine(self) -> bool:
+        """Every format one that memopt's decode engine runs."""
+        return self.path != "transformers"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,12 +196,14 @@ def units_of(model: nn.Module) -> list[Unit]:
         by_weight[key] = unit
         units.append(unit)
     for u in units:
-        u.bytes = {f: sum(format_bytes(f, n, k) for n, k in u.shapes) for f in FORMATS}
-        u.cost = dict.fromkeys(FORMATS, 0.0)
+        u.bytes = {f: sum(format_bytes(f, n, k) for n, k in u.shapes) for f in FORMATS
+                   if f == "float32" or f[4:6] != "-g" or all(k % int(f[6:]) == 0
+                                                              for _, k in u.shapes)}  # fmt: skip
+        u.cost = dict.fromkeys(u.bytes, 0.0)
     return units
 
 
-def _other_bytes(model: nn.Module, units: list[Unit]) -> int:
+def other_bytes(model: nn.Module, units: list[Unit]) -> int:
     """Bytes of the parameters and buffers that no unit covers (norms, rotary tables), float."""
     covered = {id(m.weight) for name, m in model.named_modules()
                if isinstance(m, (nn.Linear, nn.Embedding))}  # fmt: skip
@@ -181,7 +220,7 @@ def _other_bytes(model: nn.Module, units: list[Unit]) -> int:
 # Quality costs
 
 
-def _rtn(w: torch.Tensor, fmt: str) -> torch.Tensor:
+def rtn(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """``w`` (N, K) rounded through ``fmt`` by round-to-nearest (the cost's proxy)."""
     from memopt.weights.quantized import Int4Weight, Int8Weight, IntNWeight
 
@@ -242,7 +281,7 @@ def sensitivities(
 
     ref = logits_from(len(blocks), inputs[-1])
     index = {f"{prefix}.{i}": i for i in range(len(blocks))}
-    todo = [(u, f) for u in units for f in FORMATS if f != "float32"]
+    todo = [(u, f) for u in units for f in u.bytes if f != "float32"]
     for step, (unit, fmt) in enumerate(todo, 1):
         mods = [m for name, m in model.named_modules()
                 if isinstance(m, (nn.Linear, nn.Embedding))
@@ -251,7 +290,7 @@ def sensitivities(
         for m in mods:
             if id(m.weight) not in saved:
                 saved[id(m.weight)] = m.weight.data
-                m.weight.data = _rtn(m.weight.data.float(), fmt).to(m.weight.dtype)
+                m.weight.data = rtn(m.weight.data.float(), fmt).to(m.weight.dtype)
         try:
             if unit.name in index:  # a block: from its stored input on
                 out = logits_from(index[unit.name], None)
@@ -275,25 +314,28 @@ def _under(name: str, pattern: str) -> bool:
 # The choice: a multiple-choice knapsack over bytes
 
 
-def choose(units: list[Unit], weight_budget: int) -> dict[str, str] | None:
+def choose(
+    units: list[Unit], weight_budget: int, menu: tuple[str, ...] = FORMATS
+) -> dict[str, str] | None:
     """The formats of least total cost whose bytes fit ``weight_budget``; None when even the
     smallest formats do not fit.
 
     Exact up to the resolution: dynamic programming over bytes in steps of BYTES_STEP (coarser
     for budgets over 200 000 steps, so that a 70B-class plan stays a fraction of a second), each
     unit's bytes rounded up to whole steps, so the plan never exceeds the budget. Between formats
-    of equal cost the smaller is taken (a group that does not divide costs nothing and saves
-    nothing)."""
+    of equal cost the smaller is taken. ``menu``: the formats allowed (of each unit's own)."""
     if weight_budget < 0:
         return None
     step = _step(weight_budget)
     cap = weight_budget // step
-    order = sorted(FORMATS, key=lambda f: sum(u.bytes[f] for u in units))  # smallest first
+    order = sorted(menu, key=lambda f: format_bytes(f, 4096, 4096))  # smallest first
     best = np.zeros(cap + 1)  # best[b]: least cost of the units so far within b steps
     picks = np.zeros((len(units), cap + 1), dtype=np.int8)  # format index (into order)
     for i, u in enumerate(units):
         cand = np.full((len(order), cap + 1), np.inf)
         for j, f in enumerate(order):
+            if f not in u.bytes:
+                continue
             s = -(-u.bytes[f] // step)
             if s <= cap:
                 cand[j, s:] = best[: cap + 1 - s] + u.cost[f]
@@ -315,13 +357,14 @@ def _step(weight_budget: int) -> int:
     return max(BYTES_STEP, -(-weight_budget // 200_000))
 
 
-def smallest_weights(units: list[Unit]) -> int:
-    """The least weight budget that :func:`choose` accepts: every unit in its smallest format,
-    its bytes rounded up to the solver's steps (at the step of that budget itself)."""
-    need = sum(min(u.bytes.values()) for u in units)
+def smallest_weights(units: list[Unit], menu: tuple[str, ...] = FORMATS) -> int:
+    """The least weight budget that :func:`choose` accepts: every unit in its smallest format of
+    ``menu``, its bytes rounded up to the solver's steps (at the step of that budget itself)."""
+    least = [min(b for f, b in u.bytes.items() if f in menu) for u in units]
+    need = sum(least)
     for _ in range(4):  # a larger budget may mean a coarser step: settle on a fixed point
         step = _step(need)
-        rounded = sum(-(-min(u.bytes.values()) // step) * step for u in units)
+        rounded = sum(-(-b // step) * step for b in least)
         if rounded == need:
             break
         need = rounded
@@ -333,30 +376,43 @@ def plan_inference(
     budget: int,
     units: list[Unit],
     positions: int,
-    runtime_bytes: int = RUNTIME_BYTES,
+    runtimes: dict[str, int] | None = None,
 ) -> Plan:
     """The plan for a generation run of ``positions`` KV positions within ``budget`` bytes over
-    the run's baseline. MemoptError naming the smallest budget when nothing fits."""
+    the run's baseline: the best of each path's (:data:`PATHS`) plan with that path's runtime
+    (``runtimes``: path -> bytes, default each path's figure). MemoptError naming the smallest
+    budget when nothing fits."""
     from memopt.measure.generation import kv_cache_bytes
 
     config = loaded.config
-    fixed = _other_bytes(loaded.model, units)
+    fixed = other_bytes(loaded.model, units)
     kv = kv_cache_bytes(config, positions)
     scratch = 4 * (int(config.num_attention_heads) * positions + 8 * int(config.hidden_size)
                    + 3 * int(config.intermediate_size) + int(config.vocab_size))  # fmt: skip
-    overhead = fixed + kv + scratch + runtime_bytes
-    smallest = smallest_weights(units) + overhead
-    chosen = choose(units, budget - overhead) if budget > overhead else None
-    if chosen is None:
+    best: Plan | None = None
+    smallest: tuple[int, int] | None = None  # (bytes, that plan's runtime)
+    for path, menu, default in PATHS:
+        runtime = (runtimes or {}).get(path, default)
+        overhead = fixed + kv + scratch + runtime
+        need = smallest_weights(units, menu) + overhead
+        if smallest is None or need < smallest[0]:
+            smallest = (need, runtime)
+        chosen = choose(units, budget - overhead, menu) if budget > overhead else None
+        if chosen is None:
+            continue
+        weights = sum(u.bytes[chosen[u.name]] for u in units)
+        cost = sum(u.cost[chosen[u.name]] for u in units)
+        if best is None or cost < best.predicted_cost:
+            best = Plan("generate", chosen, weights, fixed, kv, scratch, runtime, cost,
+                        weights + overhead, path=path)  # fmt: skip
+    if best is None:
+        need, runtime = smallest
         raise MemoptError(
             f"a budget of {budget / 1e6:.1f} MB is too small for {loaded.name}: the smallest plan "
-            f"needs {math.ceil(smallest / 1e5) / 10:.1f} MB (every unit in its smallest format, "
-            f"{kv / 1e6:.1f} MB KV cache, {runtime_bytes / 1e6:.0f} MB runtime)"
+            f"needs {math.ceil(need / 1e5) / 10:.1f} MB (every unit in its smallest format, "
+            f"{kv / 1e6:.1f} MB KV cache, {runtime / 1e6:.0f} MB runtime)"
         )
-    weights = sum(u.bytes[chosen[u.name]] for u in units)
-    cost = sum(u.cost[chosen[u.name]] for u in units)
-    return Plan("generate", chosen, weights, fixed, kv, scratch, runtime_bytes, cost,
-                weights + overhead)  # fmt: skip
+    return best
 
 
 def mixed_config(units: list[Unit], formats: dict[str, str]) -> Any:
@@ -401,6 +457,7 @@ def fit(
     progress: Callable[[str, int, int], None] | None = None,
     train_steps: int = 50,
     ranks: int = 1,
+    min_cosine: float | None = None,
 ) -> dict[str, Any]:
     """Plan the model that fits ``budget``, apply it to ``out_dir`` and measure the run.
 
@@ -417,12 +474,20 @@ def fit(
     and of plain float32 AdamW (which may exceed the budget: it is the comparison) are measured,
     reported under ``training``; ``ranks`` > 1 lets the search shard over that many FSDP2
     processes (per-rank peak); ``out_dir`` is not used. See :mod:`memopt.compose.fit_train`.
+
+    ``task="infer"`` (encoders): one forward of ``batch`` × ``seq`` tokens; quality is the
+    embedding cosine against the float model, ``min_cosine`` its bound. See
+    :mod:`memopt.compose.fit_infer`.
     """
     from memopt.models import build_meta, resolve
 
     budget = _as_budget(budget)
-    if task not in ("generate", "train"):
-        raise MemoptError(f"fit: unknown task {task!r} (generate or train)")
+    if task not in ("generate", "infer", "train"):
+        raise MemoptError(f"fit: unknown task {task!r} (generate, infer or train)")
+    other_bounds = (max_ppl_ratio, max_ppl, min_tokens_per_s) != (None, None, None)
+    if (task == "infer" and other_bounds) or (task != "infer" and min_cosine is not None):
+        raise MemoptError("fit: --task infer takes cosine>=X alone; ppl, ppl_ratio and --speed "
+                          "are for generate")  # fmt: skip
     source = resolve(model)
     if not plan_only and out_dir is None and task != "train":
         raise MemoptError("fit: give an output folder (-o DIR), or --plan-only")
@@ -444,22 +509,29 @@ def fit(
         return fit_training(source, limit, budget, baseline, seq=seq, batch=batch,
                             plan_only=plan_only, start=start, steps=train_steps, ranks=ranks,
                             progress=progress)  # fmt: skip
+    if task == "infer":
+        from memopt.compose.fit_infer import fit_inference
+
+        return fit_inference(source, limit, budget, baseline, out_dir, seq=seq, batch=batch,
+                             plan_only=plan_only, min_cosine=min_cosine, calib=calib,
+                             calib_sequences=calib_sequences, calib_seq=calib_seq, start=start,
+                             progress=progress)  # fmt: skip
     meta = build_meta(source, dequantize=True)
     if meta.task != "causal-lm":
         raise MemoptError(f"{source.name}: fit --task generate needs a causal language model")
     units = units_of(meta.model)
     positions = seq + max_new_tokens
-    measured_costs = _has_weights(source)
+    measured_costs = has_weights(source)
     if measured_costs:
         if calib is None:  # one calibration for the sensitivities and GPTQ alike
             from memopt.quant.calibrate import calibration_ids
 
             calib = calibration_ids(meta.tokenizer(), n=calib_sequences, seq=calib_seq)
-        _costs(source, units, calib, progress)
+        costs(source, units, calib, progress)
     else:  # config.json alone: a prior instead of a measurement
         for u in units:
             params = sum(n * k for n, k in u.shapes)
-            u.cost = {f: params * PRIOR_COST[f] for f in FORMATS}
+            u.cost = {f: params * PRIOR_COST[f] for f in u.bytes}
     result: dict[str, Any] = {
         "model": source.name, "task": task, "budget_bytes": budget.bytes,
         "budget_is_total": budget.total, "limit_bytes": limit, "baseline_rss_bytes": baseline,
@@ -469,10 +541,10 @@ def fit(
     }  # fmt: skip
     plan = plan_inference(meta, limit, units, positions)
     if plan_only:
-        return _inference_result(result, plan, units, start)
+        return inference_result(result, plan, units, start)
     from memopt.models.saved import staged_folder
 
-    runtime = RUNTIME_BYTES
+    runtimes = {path: runtime for path, _, runtime in PATHS}
     attempts: list[dict[str, int]] = []  # each plan applied: predicted and measured peaks
     result["attempts"] = attempts
     with staged_folder(out_dir) as tmp:
@@ -485,8 +557,9 @@ def fit(
             measured = _measure_generation(tmp, seq, max_new_tokens)
             over = measured["peak_over_baseline_bytes"]
             attempts.append({"predicted_peak_bytes": plan.predicted_peak_bytes,
-                             "measured_peak_bytes": over, "runtime_bytes": runtime})  # fmt: skip
-            _inference_result(result, plan, units, start)
+                             "measured_peak_bytes": over, "path": plan.path,
+                             "runtime_bytes": plan.runtime_bytes})  # fmt: skip
+            inference_result(result, plan, units, start)
             result.update(measured_peak_bytes=over, within_budget=over <= limit,
                           revisions=revision, tokens_per_s=measured.get("tokens_per_s"),
                           engine=measured.get("engine"))  # fmt: skip
@@ -497,9 +570,17 @@ def fit(
                     f"{source.name}: the run still peaked at {over / 1e6:.1f} MB over a "
                     f"{limit / 1e6:.1f} MB budget after {REVISIONS} revisions"
                 )
-            # the run holds more than predicted: give the weights that much less, plan again
-            runtime += over - plan.predicted_peak_bytes + BYTES_STEP
-            plan = plan_inference(meta, limit, units, positions, runtime)
+            # the run holds more than predicted: that much more runtime on the path it took, the
+            # weights that much less, plan again
+            runtimes[plan.path] = plan.runtime_bytes + over - plan.predicted_peak_bytes + BYTES_STEP
+            try:
+                plan = plan_inference(meta, limit, units, positions, runtimes)
+            except MemoptError as exc:  # what the run showed leaves no plan within the budget
+                raise MemoptError(
+                    f"{source.name}: the planned run peaked at {over / 1e6:.1f} MB, over the "
+                    f"{limit / 1e6:.1f} MB budget; with the runtime it showed, "
+                    + str(exc).split(": ", 1)[1]
+                ) from None
         if progress is not None:
             progress("perplexity on held-out text", 0, 1)
         result["quality"] = _quality(source, tmp)
@@ -532,7 +613,7 @@ def _as_budget(budget: Budget | int | str) -> Budget:
     return Budget.parse(budget)
 
 
-def _inference_result(
+def inference_result(
     result: dict[str, Any], plan: Plan, units: list[Unit], start: float
 ) -> dict[str, Any]:
     rows = []
@@ -574,19 +655,22 @@ def _check_bounds(
         )
 
 
-def _has_weights(source: Any) -> bool:
+def has_weights(source: Any) -> bool:
     return source.kind != "hf" or any(source.path.glob("*.safetensors"))
 
 
-def _costs(
+def costs(
     source: Any,
     units: list[Unit],
     calib: torch.Tensor,
     progress: Callable[[str, int, int], None] | None,
+    measure: Callable[..., None] | None = None,
+    tag: str = "",
 ) -> None:
     """Each unit's quality costs: from this machine's cache when the same model file and
     calibration ids were measured before (the demo and the bench fit several budgets), else
-    measured (:func:`sensitivities`) and cached."""
+    measured (``measure``, default :func:`sensitivities`: its signature) and cached. ``tag``
+    names another measure in the cache's key ("": the KL of sensitivities)."""
     import hashlib
 
     from memopt.core.atomic import atomic_write_text
@@ -594,7 +678,7 @@ def _costs(
     from memopt.models import load_model
 
     files = [source.path] if source.path.is_file() else sorted(source.path.iterdir())
-    h = hashlib.sha256(repr(FORMATS).encode())
+    h = hashlib.sha256((tag + repr(FORMATS)).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -604,11 +688,11 @@ def _costs(
         cached = json.loads(path.read_text())
         if set(cached) == {u.name for u in units}:
             for u in units:
-                u.cost = {f: float(cached[u.name][f]) for f in FORMATS}
+                u.cost = {f: float(cached[u.name][f]) for f in u.bytes}
             return
     loaded = load_model(source, dtype=torch.float32)
     cb = (lambda i, t: progress("measuring each unit's sensitivity", i, t)) if progress else None
-    sensitivities(loaded, units, calib, cb)
+    (measure or sensitivities)(loaded, units, calib, cb)
     del loaded
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({u.name: u.cost for u in units}))

@@ -28,6 +28,7 @@ __all__ = [
     "populate",
     "register_file_mapping",
     "release",
+    "release_copied",
     "span_of",
 ]
 
@@ -98,6 +99,23 @@ def release(spans: list[Span]) -> None:
         if s.nbytes > 0:
             addr, n = _pages(s, folios=True)
             libc.madvise(addr, n, libc.MADV_DONTNEED)
+
+
+def release_copied(sources: list[torch.Tensor], copies: list[torch.Tensor]) -> None:
+    """Give back the pages of ``sources`` that lie in one of our file mappings once their bytes
+    were copied into ``copies`` (a weight converted on load: its file pages would otherwise stay
+    in RSS beside the converted copy). A source that ``copies`` still views (no copy was made),
+    or that is not in a file mapping we registered (anonymous memory: MADV_DONTNEED would zero
+    it), is left alone."""
+    kept = {c.untyped_storage().data_ptr() for c in copies}
+    spans = []
+    for t in sources:
+        if t.untyped_storage().data_ptr() in kept:
+            continue
+        s = span_of(t)
+        if any(lo <= s.start and s.end <= hi for group in _FILE_MAPPINGS for lo, hi in group):
+            spans.append(s)
+    release(spans)
 
 
 def populate(spans: list[Span]) -> None:
