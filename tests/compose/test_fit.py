@@ -151,8 +151,8 @@ def test_too_small_budget_names_the_smallest(l70: Path) -> None:
 
 @pytest.mark.parametrize("model", ["smollm2", "l70"])
 def test_the_named_smallest_budget_is_accepted(model: str, l70: Path) -> None:
-    """The budget a refusal names (rounded up to 0.1 MB) is planned; 0.2 MB under the exact
-    smallest is refused (the knapsack rounds each unit up to its steps: the name counts that)."""
+    """The budget a refusal names (rounded up to 0.1 MB) is planned; 0.2 MB (0.1 %) under the
+    exact smallest is refused (the knapsack rounds each unit up to its steps: the name counts that)."""
     from memopt.compose.fit import PATHS, plan_inference, smallest_weights, units_of
     from memopt.models import build_meta
 
@@ -166,8 +166,8 @@ def test_the_named_smallest_budget_is_accepted(model: str, l70: Path) -> None:
     menu = dict((p, m) for p, m, _ in PATHS)[plan.path]  # the path of the smallest plan
     exact = smallest_weights(units, menu) + plan.predicted_peak_bytes - plan.weight_bytes
     assert named - 100_000 < exact <= named
-    with pytest.raises(MemoptError, match="smallest plan needs"):
-        plan_inference(meta, exact - 200_000, units, 192)
+    with pytest.raises(MemoptError, match="smallest plan needs"):  # (a 70B's step is coarser)
+        plan_inference(meta, exact - max(200_000, exact // 1000), units, 192)
 
 
 @pytest.mark.parametrize(

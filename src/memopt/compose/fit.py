@@ -49,6 +49,7 @@ __all__ = [
     "BYTES_STEP",
     "FORMATS",
     "ENGINE_FORMATS",
+    "REVISION_MARGIN",
     "RUNTIME_BYTES",
     "RUNTIME_FULL_BYTES",
     "RUNTIME_INT4_BYTES",
@@ -98,8 +99,9 @@ PATHS = (
     ("engine-int4", ENGINE_FORMATS, RUNTIME_INT4_BYTES),
     ("transformers", FORMATS, RUNTIME_FULL_BYTES),
 )
-BYTES_STEP = 1 << 18  # the knapsack's resolution: 256 KiB
+BYTES_STEP = 1 << 12  # the knapsack's resolution: 4 KiB (a unit rounds up by less than that)
 REVISIONS = 5
+REVISION_MARGIN = 1 << 20  # added to a revision's excess: a run's peak varies by some 100 KB
 
 
 @dataclass(frozen=True)
@@ -572,7 +574,8 @@ def fit(
                 )
             # the run holds more than predicted: that much more runtime on the path it took, the
             # weights that much less, plan again
-            runtimes[plan.path] = plan.runtime_bytes + over - plan.predicted_peak_bytes + BYTES_STEP
+            excess = over - plan.predicted_peak_bytes + REVISION_MARGIN
+            runtimes[plan.path] = plan.runtime_bytes + excess
             try:
                 plan = plan_inference(meta, limit, units, positions, runtimes)
             except MemoptError as exc:  # what the run showed leaves no plan within the budget

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memopt.compose.fit import (
-    BYTES_STEP,
     PRIOR_COST,
+    REVISION_MARGIN,
     REVISIONS,
     Budget,
     Plan,
@@ -313,7 +313,7 @@ def fit_inference(
                 )
             # the step holds more than predicted: that much more runtime for plans of its kind
             # (int8 blocks or not), the weights that much less, plan again
-            more = over - plan.predicted_peak_bytes + BYTES_STEP
+            more = over - plan.predicted_peak_bytes + REVISION_MARGIN
             if int8_blocks(units, plan.formats):
                 runtime_int8 += more
             else:
