@@ -530,21 +530,8 @@ def _console(stderr: bool = False) -> Any:
 @contextlib.contextmanager
 def _progress(description: str, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
     """A progress bar on stderr; yields a ``callback(done, total)``."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-    if quiet or not sys.stderr.isatty():
-        yield lambda done, total: None
-        return
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        console=_console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    with _stages(quiet) as stage:
+        yield lambda done, total: stage(description, done, total)
 
 
 @contextlib.contextmanager
@@ -565,7 +552,7 @@ def _stages(quiet: bool = False) -> Iterator[Callable[[str, int, int], None]]:
     ) as bar:
         task = bar.add_task("", total=None)
         yield lambda stage, done, total: bar.update(
-            task, description=stage, completed=done, total=total if total > 1 else None
+            task, description=stage, completed=done, total=total if total and total > 1 else None
         )
 
 
