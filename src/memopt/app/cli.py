@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the main job on the bundled default model (smollm2)",
-        description="Will smollm2 fit in 150 MB? The float32 estimate against the budget, then "
+        description="Will smollm2 fit in 160 MB? The float32 estimate against the budget, then "
         "memopt fit to a few budgets, each fitted run measured and set on a budget-vs-quality "
         "plot beside the uniform recipes; then estimate, profile, optimize and verify the "
         "bundled smollm2, print the before/after tables and write a report folder "

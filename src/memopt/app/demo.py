@@ -42,8 +42,8 @@ _PRUNE_CALIB = 4
 # 1 MB = 10⁶ B), chosen for smollm2: float32 needs ~585 MB, the smallest plan ~141 MB. The run
 # fitted: a prompt of _FIT_SEQ tokens and _FIT_NEW generated; a small calibration (its quality
 # costs are cached on disk per model and calibration, so only the first demo measures them).
-_FIT_QUESTION = 150_000_000
-_FIT_BUDGETS = (150_000_000, 200_000_000, 300_000_000)
+_FIT_QUESTION = 160_000_000
+_FIT_BUDGETS = (160_000_000, 200_000_000, 300_000_000)
 _FIT_SEQ, _FIT_NEW = 64, 32
 _FIT_CALIB_SEQUENCES, _FIT_CALIB_SEQ = 2, 64
 # The uniform recipes set beside the fitted models on fit.png (prefixes of DemoRow.technique)
