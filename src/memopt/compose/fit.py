@@ -69,6 +69,7 @@ __all__ = [
     "rtn",
     "sensitivities",
     "smallest_weights",
+    "too_small",
     "units_of",
 ]
 
@@ -409,12 +410,18 @@ def plan_inference(
                         weights + overhead, path=path)  # fmt: skip
     if best is None:
         need, runtime = smallest
-        raise MemoptError(
-            f"a budget of {budget / 1e6:.1f} MB is too small for {loaded.name}: the smallest plan "
-            f"needs {math.ceil(need / 1e5) / 10:.1f} MB (every unit in its smallest format, "
-            f"{kv / 1e6:.1f} MB KV cache, {runtime / 1e6:.0f} MB runtime)"
-        )
+        raise too_small(loaded.name, budget, need, f"{kv / 1e6:.1f} MB KV cache", runtime)
     return best
+
+
+def too_small(name: str, budget: int, need: int, held: str, runtime: int) -> MemoptError:
+    """The refusal of a budget under the smallest plan, naming that plan's bytes (rounded up to
+    0.1 MB: the named budget is accepted) and what it holds beside the weights (``held``)."""
+    return MemoptError(
+        f"a budget of {budget / 1e6:.1f} MB is too small for {name}: the smallest plan needs "
+        f"{math.ceil(need / 1e5) / 10:.1f} MB (every unit in its smallest format, {held}, "
+        f"{runtime / 1e6:.0f} MB runtime)"
+    )
 
 
 def mixed_config(units: list[Unit], formats: dict[str, str]) -> Any:

@@ -25,7 +25,6 @@ memopt's held-out sentences (:func:`memopt.evaluate.embedding_cosine`).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -52,6 +51,7 @@ from memopt.compose.fit import (
     other_bytes,
     rtn,
     smallest_weights,
+    too_small,
     units_of,
 )
 from memopt.core.errors import MemoptError
@@ -218,11 +218,7 @@ def plan_infer(
     if best is None:
         assert smallest is not None
         need, runtime = smallest
-        raise MemoptError(
-            f"a budget of {budget / 1e6:.1f} MB is too small for {name}: the smallest plan needs "
-            f"{math.ceil(need / 1e5) / 10:.1f} MB (every unit in its smallest format, "
-            f"{activations / 1e6:.1f} MB activations, {runtime / 1e6:.0f} MB runtime)"
-        )
+        raise too_small(name, budget, need, f"{activations / 1e6:.1f} MB activations", runtime)
     return best
 
 
