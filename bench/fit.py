@@ -8,7 +8,7 @@ One run, on the bundled SmolLM2 (the GGUF as shipped; "float32" is its dequantiz
    over its import baseline, the decode engine, ``--seq`` prompt + ``--max-new-tokens`` tokens),
    its perplexity on held-out text (memopt's evaluation excerpt: calibration never reads it).
 2. **fit**: ``memopt.fit`` at a ladder of budgets from the smallest feasible to the float32 size
-   (among them the measured peak of uniform int4 g64 and of uniform int8): the plan's predicted
+   (among them the plans of uniform int4 g64 and of uniform int8: their bytes): the plan's predicted
    peak, the measured one, within budget, the formats chosen, perplexity, tokens/s.
 3. **plan70**: ``--plan-only`` on a 70B-class config.json (no weights): seconds to answer.
 4. **train**: ``fit --task train`` at ``--train-share`` (0.35) of the estimated peak of plain
@@ -57,6 +57,7 @@ def _uniform(model: str, work: Path, calib: Any, seq: int, new: int) -> list[dic
     recipes = [
         ("int8", Int8WeightOnly(embedding_group_size=None)),
         ("int4 g32 GPTQ", Int4WeightOnly(group_size=32, algo="gptq")),
+        ("int4 g32 RTN", Int4WeightOnly(group_size=32, algo="rtn")),
         ("int4 g64 GPTQ", Int4WeightOnly(group_size=64, algo="gptq")),
         ("int4 g64 RTN", Int4WeightOnly(group_size=64, algo="rtn")),
     ]
@@ -80,14 +81,15 @@ def _uniform(model: str, work: Path, calib: Any, seq: int, new: int) -> list[dic
     return rows
 
 
-def _ladder(model: str, calib: Any, seq: int, new: int, uniform: list[dict]) -> dict[str, int]:
+def _ladder(model: str, calib: Any, seq: int, new: int) -> dict[str, int]:
     """Budgets from the smallest feasible to the float32 size: the smallest plan's (named by the
     refusal of a budget too small), the budgets whose weight share is uniform int4 g64's and
     uniform int8's weight bytes (the same overhead the plan adds to any: fixed weights, KV cache,
     scratch, the path's runtime), three between them, one between int8 and float32, and the
     float32 plan's."""
-    from memopt.compose.fit import RUNTIME_BYTES, RUNTIME_INT4_BYTES, fit
+    from memopt.compose.fit import RUNTIME_BYTES, RUNTIME_INT4_BYTES, fit, units_of
     from memopt.core.errors import MemoptError
+    from memopt.models import build_meta
 
     try:
         fit(model, 1_000_000, plan_only=True, seq=seq, max_new_tokens=new, calib=calib)
@@ -96,9 +98,11 @@ def _ladder(model: str, calib: Any, seq: int, new: int, uniform: list[dict]) -> 
     big = fit(model, 10**12, plan_only=True, seq=seq, max_new_tokens=new, calib=calib)
     f32 = big["predicted_peak_bytes"]
     overhead = f32 - big["plan"]["weight_bytes"] - RUNTIME_BYTES  # fixed, KV, scratch
-    weights = {r["recipe"]: r["weights_bytes"] for r in uniform}
-    lo = weights["int4 g64 GPTQ"] + overhead + RUNTIME_INT4_BYTES
-    hi = weights["int8"] + overhead + RUNTIME_BYTES
+    # what the plans of uniform int4 g64 and uniform int8 hold: their units' bytes (with the int4
+    # embedding's load transient, as every plan counts it)
+    units = units_of(build_meta(model, dequantize=True).model, decode_engine=True)
+    lo = sum(u.held("int4-g64") for u in units) + overhead + RUNTIME_INT4_BYTES
+    hi = sum(u.held("int8") for u in units) + overhead + RUNTIME_BYTES
     out = {"smallest": smallest, "int4 g64 weights": lo}
     out.update({f"between {int(100 * s)} %": int(lo + (hi - lo) * s) for s in (0.25, 0.5, 0.75)})
     out.update({"int8 weights": hi, "between int8 and float32": (hi + f32) // 2, "float32": f32})
@@ -286,7 +290,7 @@ def main() -> None:
         result["uniform"] = _uniform(args.model, work, calib, args.seq, args.max_new_tokens)
         result["float32_ppl"] = result["uniform"][0]["ppl_float32"]
     if "fit" in args.parts:
-        budgets = _ladder(args.model, calib, args.seq, args.max_new_tokens, result["uniform"])
+        budgets = _ladder(args.model, calib, args.seq, args.max_new_tokens)
         result["fits"] = _fits(args.model, work, calib, args.seq, args.max_new_tokens, budgets)
         result["checks"] = _checks(result["uniform"], result["fits"])
     if "train" in args.parts:

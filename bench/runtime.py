@@ -382,6 +382,29 @@ def export_check_job(folder: str, gguf_path: str, hf_dir: str, n: int, threads: 
     out.update(engine=engine, memopt_tokens=mem_tokens, llama_tokens=llama_tokens,
                same_tokens=mem_tokens == llama_tokens,
                first_diff=_first_diff(mem_tokens, llama_tokens))  # fmt: skip
+    # Teacher forced: both runtimes read llama.cpp's greedy sequence, and at every generated
+    # position their next-token choices are compared (free-running greedy sequences part at the
+    # first near tie and never meet again, so the sequences alone say little past it); where they
+    # differ, the gap between the two choices in memopt's logits says how close a call it was.
+    forced = [*PROMPT, *llama_tokens]
+    llm = Llama(model_path=gguf_path, n_ctx=len(forced) + 1, n_batch=len(forced),
+                n_ubatch=len(forced), logits_all=True, n_threads=threads,
+                n_threads_batch=threads, verbose=False)  # fmt: skip
+    llm.eval(forced)
+    theirs_f = torch.from_numpy(np.array(llm.scores[: len(forced)], dtype=np.float32))  # (T, V)
+    llm.close()
+    if lean is not None:
+        mine_f = torch.stack([lean.engine.forward(t, p).float() for p, t in enumerate(forced)])
+    else:
+        mine_f = memopt_logits(forced)  # (T, V)
+    gaps = []
+    for pos in range(len(PROMPT) - 1, len(forced) - 1):
+        a, b = int(mine_f[pos].argmax()), int(theirs_f[pos].argmax())
+        if a != b:
+            gaps.append(float(mine_f[pos, a] - mine_f[pos, b]))
+    out.update(forced_positions=len(forced) - len(PROMPT), forced_disagree=len(gaps),
+               forced_max_gap=max(gaps, default=0.0),
+               forced_logits_max_abs_diff=float((mine_f - theirs_f).abs().max()))  # fmt: skip
     # transformers on the exported Hugging Face folder: its tensors against memopt's values, its
     # logits against memopt's model (its own kernels: int4's compute in bfloat16; and forced to
     # compute in float32, as transformers does), its perplexity and greedy tokens
@@ -477,7 +500,8 @@ def export_part(work: Path, tokens: int, threads: int) -> list[dict]:
         }
         rows.append(row)
         print(f"  {name}: tokens {'same' if row['same_tokens'] else 'differ at ' + str(row['first_diff'])}"
-              f", ppl memopt {row['memopt_ppl']:.4f} llama.cpp {row['llama_ppl']:.4f} "
+              f", teacher-forced {row['forced_disagree']} of {row['forced_positions']} differ "
+              f"(gap <= {row['forced_max_gap']:.3f}), ppl memopt {row['memopt_ppl']:.4f} llama.cpp {row['llama_ppl']:.4f} "
               f"({100 * row['ppl_rel_diff']:+.3f} %), transformers logits max diff "
               f"{row['hf_logits_max_abs_diff']:.2e}", file=sys.stderr)  # fmt: skip
     return rows
@@ -747,13 +771,15 @@ def main() -> None:
             f"{rows[0]['ids']} ids, windows of {rows[0]['window']} (stride {rows[0]['stride']}), "
             f"{rows[0]['scored']} scored",
             ("memopt folder", "quantize / GGUF / HF export s", "GGUF types (exact)",
-             f"greedy tokens ({len(rows[0]['memopt_tokens'])})", "ppl memopt", "ppl llama.cpp",
+             f"greedy tokens ({len(rows[0]['memopt_tokens'])})",
+             "teacher-forced choices differing (largest gap)", "ppl memopt", "ppl llama.cpp",
              "llama.cpp vs memopt", "llama.cpp logits max |d|", "transformers logits max |d|",
              "ppl transformers"),
             [(r["row"], f"{_s(r['quantize_s'])} / {_s(r['export_gguf_s'])} / {_s(r['export_hf_s'])}",
               " ".join(f"{k}x{v}" for k, v in r["gguf_types"].items())
               + (" (all exact)" if r["gguf_all_exact"] else f" ({len(r['gguf_not_exact'])} not)"),
               "equal" if r["same_tokens"] else f"differ from {r['first_diff']}",
+              f"{r['forced_disagree']} of {r['forced_positions']} ({r['forced_max_gap']:.3f})",
               f"{r['memopt_ppl']:.4f}", f"{r['llama_ppl']:.4f}", f"{100 * r['ppl_rel_diff']:+.3f} %",
               f"{r['llama_logits_max_abs_diff']:.3g} (of {r['logits_max_abs']:.1f})",
               f"{r['hf_logits_max_abs_diff']:.2e} ({r['hf_dtype']})",

@@ -613,9 +613,38 @@ def _memory_tables(report: dict, title: str) -> list[Any]:
 # Commands
 
 
+def _fitted(args: argparse.Namespace) -> dict | None:
+    """The run plan of a folder that ``memopt fit`` made, when no --max-memory overrides it."""
+    if args.max_memory is not None:
+        return None
+    from memopt.compose.fit import fitted_run
+
+    return fitted_run(args.model)
+
+
+def _keep_fitted_budget(args: argparse.Namespace, fitted: dict, positions: int | None) -> None:
+    """A fitted folder's generation run keeps to its budget, and says so on stderr. ``positions``
+    (``memopt run``: prompt + new tokens) up to what the fit measured: the run it measured (the
+    whole model resident, through the decode engine); more, or None (estimate, profile): the
+    budget becomes the run's --max-memory (blocks stream when a larger KV cache needs room)."""
+    budget, measured = fitted["max_memory_bytes"], fitted["positions"]
+    if positions is not None and positions <= measured:
+        how = "this run is the one it measured"
+    else:
+        args.max_memory = str(budget)
+        how = "the run keeps to that budget"
+    _console(stderr=True).print(
+        f"[dim]{args.model} was fitted to {budget / 1e6:.1f} MB over the import baseline "
+        f"(measured at {measured} positions): {how} (--max-memory overrides)[/]"
+    )
+
+
 def _memory_report(args: argparse.Namespace, measured: bool) -> dict:
     from memopt.compose import memory_report
 
+    fitted = _fitted(args) if args.task == "generate" else None
+    if fitted is not None:
+        _keep_fitted_budget(args, fitted, None)
     return memory_report(
         args.model, measured=measured, task=args.task, batch=args.batch, seq=args.seq,
         dtype=args.dtype, optimizer=args.optimizer, checkpointing=args.checkpointing,
@@ -755,6 +784,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from memopt.core.rss import peak_rss_bytes
     from memopt.generate import run_model
 
+    fitted = _fitted(args)
+    if fitted is not None:
+        from memopt.stream.run import prompt_token_count
+
+        count = prompt_token_count(args.model, args.prompt, args.chat)
+        _keep_fitted_budget(args, fitted, count + args.max_new_tokens)
     if args.max_memory is not None:
         return _run_streamed(args)
     with _status("generating"):

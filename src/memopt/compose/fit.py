@@ -1,16 +1,18 @@
 """``memopt fit``: the best model that fits a memory budget, chosen by measurement, proven by one.
 
 For inference (``generate``: greedy decoding with the KV cache, through the decode engine), the
-plan gives every *unit* of the model (each transformer block's Linears together; the embedding and
-the output head, tied or not) one weight format from a menu (float32, int8 per channel, int4 in
-groups of 128, 64 or 32, calibrated by GPTQ). Its three parts:
+plan gives every *unit* of the model (in each transformer block, its Linears of one input width;
+the embedding and the output head, tied or not) one weight format from a menu (float32, int8 per
+channel, int4 in groups of 128, 64 or 32, int3 / int2). Its three parts:
 
 * **bytes**, exact from the shapes (the formats' byte layouts), plus what the run holds besides
-  the weights: the KV cache of the asked positions, the engine's scratch, and the runtime's own
-  (the tokenizer, the process's allocator: :data:`RUNTIME_BYTES`, measured);
+  the weights: the KV cache of the asked positions, the engine's scratch, the runtime's own
+  (memopt.engine.runtime's measured figures) and an int4 embedding's load transient;
 * **quality cost**, measured once per model on calibration text (:func:`sensitivities`): the
   mean KL divergence of the next-token distribution from the float model's when only that unit
-  is quantized (round to nearest, the cost's proxy); costs are taken as additive;
+  is rounded (to nearest: an upper bound of what the apply does, whose GPTQ keeps a Linear's RTN
+  codes where they make the smaller output error), measured in one format per block unit and
+  scaled to the others by their output errors on the calibration inputs; costs are additive;
 * **the choice**: a multiple-choice knapsack over the units, solved exactly by dynamic programming
   over bytes (in steps of :data:`BYTES_STEP`): the least total cost whose bytes fit the budget.
 
@@ -29,10 +31,11 @@ against plain float32 AdamW, each in a child: :mod:`memopt.compose.fit_train`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +47,13 @@ from torch import nn
 from memopt.core.errors import MemoptError
 from memopt.core.modules import find_blocks
 from memopt.core.units import parse_size
+from memopt.engine.runtime import INT4_EMBEDDING_TRANSIENT, RUNTIME_BYTES, RUNTIME_INT4_BYTES
 
 __all__ = [
     "BYTES_STEP",
     "FORMATS",
     "ENGINE_FORMATS",
+    "INT4_EMBEDDING_TRANSIENT",
     "REVISION_MARGIN",
     "RUNTIME_BYTES",
     "RUNTIME_FULL_BYTES",
@@ -57,42 +62,42 @@ __all__ = [
     "Budget",
     "Plan",
     "Unit",
+    "Calibrated",
     "choose",
     "costs",
     "fit",
+    "fitted_run",
     "format_bytes",
     "has_weights",
     "inference_result",
     "mixed_config",
     "other_bytes",
+    "parse_format",
     "plan_inference",
     "rtn",
     "sensitivities",
     "smallest_weights",
+    "reference_format",
     "too_small",
     "units_of",
 ]
 
 # The weight formats of the menu, largest first. "int4-gN": int4 in groups of N, calibrated by
-# GPTQ; "int3-g32" / "int2-g32": 3 and 2 bits in groups of 32, round to nearest with a float16
-# scale and offset (the smallest plans; their KL costs keep them off every layer that matters).
+# GPTQ (each Linear keeps round-to-nearest's codes where they give the smaller output error on the
+# calibration inputs: memopt.quant.calibrate); "int3-g32" / "int2-g32": 3 and 2 bits in groups of
+# 32, round to nearest with a float16 scale and offset (the smallest plans; their KL costs keep
+# them off every layer that matters).
 FORMATS = ("float32", "int8", "int4-g32", "int4-g64", "int4-g128", "int3-g32", "int2-g32")
 # What memopt's decode engine runs (memopt.engine); a plan with int3 / int2 takes transformers'
 # forward instead. Each path has its own runtime (RUNTIME): plan_inference solves each path's menu
 # with its runtime and keeps the best plan that fits.
 ENGINE_FORMATS = FORMATS[:5]
 
-# What a generation run holds beyond weights, KV cache and scratch (the tokenizer, Python's
-# objects of the model, the allocator's slack), over the run's import baseline; measured on the
-# bundled SmolLM2 through the engine's lean path and rounded up. The fit measures its own run and
-# revises the plan when this is short.
-RUNTIME_BYTES = 40 << 20
-# The runtime of the other paths, measured on SmolLM2 (bench/fit.py's uniform rows, 192 positions):
-# the engine with int4 weights peaks ~22 MB higher than with int8 beyond the weights' own bytes
-# (what it holds after loading is exactly the weights: the excess is the load's transient, kept
-# by the allocator); transformers' forward (a plan with int3 / int2) holds 160 MB beyond weights
-# and KV. A run that shows more revises its path's figure.
-RUNTIME_INT4_BYTES = 61 << 20
+# What a generation run holds beyond weights, KV cache and scratch, over the run's import
+# baseline: memopt.engine.runtime's figures for the engine (float32 / int8: RUNTIME_BYTES; int4:
+# RUNTIME_INT4_BYTES, and an int4 embedding's transient counted in that unit's int4 bytes so that
+# the knapsack weighs it); transformers' forward (a plan with int3 / int2) holds 160 MB beyond
+# weights and KV (bench/fit.py's uniform rows). A run that shows more revises its path's figure.
 RUNTIME_FULL_BYTES = 160 << 20
 # The paths: (name, formats its plans may use, its default runtime)
 PATHS = (
@@ -120,15 +125,24 @@ class Budget:
 
 @dataclass
 class Unit:
-    """A part of the model that gets one format: a block's Linears, or an embedding / head."""
+    """A part of the model that gets one format: a block's Linears of one input width, or an
+    embedding / head."""
 
-    name: str  # module name (a block: "model.layers.3")
-    patterns: list[str]  # fnmatch patterns over the modules it covers
+    name: str  # "model.layers.3 K=576" (a block's Linears of 576 inputs), or a module's name
+    patterns: list[str]  # the names of the modules it covers (a tied weight: each of its modules)
     shapes: list[tuple[int, int]]  # (N, K) of each weight it holds (a tied weight once)
     # format -> bytes, for the formats that change this unit (a group that does not divide a
     # weight's K leaves it float: that format is not offered)
     bytes: dict[str, int] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)  # format -> quality cost (0: float)
+    block: int | None = None  # the index of the block it lies in (None: outside the blocks)
+    # format -> bytes the run holds for a while beyond ``bytes`` (an int4 embedding's load
+    # transient): the knapsack counts them, the weights' bytes do not
+    transient: dict[str, int] = field(default_factory=dict)
+
+    def held(self, fmt: str) -> int:
+        """What the plan must make room for when this unit takes ``fmt``."""
+        return self.bytes[fmt] + self.transient.get(fmt, 0)
 
 
 @dataclass
@@ -146,6 +160,7 @@ class Plan:
     predicted_peak_bytes: int
     options: dict[str, Any] = field(default_factory=dict)  # training: the chosen options
     path: str = "engine"  # generation: the PATHS entry whose menu and runtime the plan took
+    transient_bytes: int = 0  # the units' load transients (Unit.transient), in the peak
 
     @property
     def engine(self) -> bool:
@@ -160,33 +175,53 @@ class Plan:
 # Bytes
 
 
+def parse_format(fmt: str) -> tuple[int, int | None]:
+    """``(bits, group or None)`` of a menu format: "int4-g64" -> (4, 64), "int8" -> (8, None),
+    "float32" -> (32, None). MemoptError for a name not on the menu."""
+    if fmt not in FORMATS:
+        raise MemoptError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if fmt == "float32":
+        return 32, None
+    if fmt == "int8":
+        return 8, None
+    bits, group = fmt.split("-")
+    return int(bits[3:]), int(group[1:])
+
+
 def format_bytes(fmt: str, n: int, k: int) -> int:
     """Bytes of an (N, K) weight in ``fmt`` as memopt holds it (exact: the weight kinds' layouts)."""
+    bits, g = parse_format(fmt)
     if fmt == "float32":
         return 4 * n * k
     if fmt == "int8":
         return n * k + 4 * n  # codes + a float32 scale per output channel
-    if fmt[:3] == "int" and fmt[4:6] == "-g":
-        bits, g = int(fmt[3]), int(fmt[6:])
-        if k % g:
-            return 4 * n * k  # the group does not divide: the weight stays float
-        # codes + a 2-byte scale and zero / offset per group (bfloat16 for int4, float16 below)
-        return n * k * bits // 8 + 2 * 2 * n * (k // g)
-    raise MemoptError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    assert g is not None
+    if k % g:
+        return 4 * n * k  # the group does not divide: the weight stays float
+    # codes + a 2-byte scale and zero / offset per group (bfloat16 for int4, float16 below)
+    return n * k * bits // 8 + 2 * 2 * n * (k // g)
 
 
-def units_of(model: nn.Module) -> list[Unit]:
-    """The units of a causal LM: each block of its block list, then every Linear or Embedding
-    outside the blocks (the embedding and head: one unit when tied)."""
+def units_of(model: nn.Module, decode_engine: bool = False) -> list[Unit]:
+    """The units of a model with a block list: in each block, its Linears of one input width K
+    (a group size must divide K: the widths differ in what they allow, e.g. the MLP's down
+    projection takes groups of 128 where the others do not), then every Linear or Embedding
+    outside the blocks (the embedding and head: one unit when tied). ``decode_engine``: the plan
+    runs on memopt's decode engine, which holds an int4 embedding's load transient (counted)."""
     found = find_blocks(model)
     if found is None:
         raise MemoptError(f"{type(model).__name__}: no list of blocks to plan (fit needs one)")
     prefix, blocks = found
     units = []
     for i, block in enumerate(blocks):
-        name = f"{prefix}.{i}"
-        shapes = [tuple(m.weight.shape) for m in block.modules() if isinstance(m, nn.Linear)]
-        units.append(Unit(name, [f"{name}.*"], shapes))
+        by_k: dict[int, list[tuple[str, nn.Linear]]] = {}
+        for nm, m in block.named_modules():
+            if isinstance(m, nn.Linear):
+                by_k.setdefault(m.in_features, []).append((f"{prefix}.{i}.{nm}", m))
+        for k, mods in by_k.items():
+            name = f"{prefix}.{i}" + (f" K={k}" if len(by_k) > 1 else "")
+            units.append(Unit(name, [nm for nm, _ in mods],
+                              [tuple(m.weight.shape) for _, m in mods], block=i))  # fmt: skip
     by_weight: dict[int, Unit] = {}
     for name, m in model.named_modules():
         if name.startswith(prefix + ".") or not isinstance(m, (nn.Linear, nn.Embedding)):
@@ -198,10 +233,16 @@ def units_of(model: nn.Module) -> list[Unit]:
         unit = Unit(name, [name], [tuple(m.weight.shape)])
         by_weight[key] = unit
         units.append(unit)
+    embeddings = {name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     for u in units:
-        u.bytes = {f: sum(format_bytes(f, n, k) for n, k in u.shapes) for f in FORMATS
-                   if f == "float32" or f[4:6] != "-g" or all(k % int(f[6:]) == 0
-                                                              for _, k in u.shapes)}  # fmt: skip
+        u.bytes = {}
+        for f in FORMATS:
+            bits, g = parse_format(f)
+            if g is not None and any(k % g for _, k in u.shapes):
+                continue  # the group does not divide a weight's K: not offered
+            u.bytes[f] = sum(format_bytes(f, n, k) for n, k in u.shapes)
+            if decode_engine and bits == 4 and embeddings.intersection(u.patterns):
+                u.transient[f] = math.ceil(u.bytes["float32"] * INT4_EMBEDDING_TRANSIENT)
         u.cost = dict.fromkeys(u.bytes, 0.0)
     return units
 
@@ -224,19 +265,102 @@ def other_bytes(model: nn.Module, units: list[Unit]) -> int:
 
 
 def rtn(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """``w`` (N, K) rounded through ``fmt`` by round-to-nearest (the cost's proxy)."""
+    """``w`` (N, K) rounded through ``fmt`` by round-to-nearest (the costs' proxy: the applied
+    int4 keeps RTN's codes unless GPTQ's give a smaller output error)."""
     from memopt.weights.quantized import Int4Weight, Int8Weight, IntNWeight
 
+    bits, g = parse_format(fmt)
     if fmt == "float32":
         return w
     if fmt == "int8":
         return Int8Weight(w).dequantize(torch.float32)
-    bits, g = int(fmt[3]), int(fmt[6:])
+    assert g is not None
     if w.shape[1] % g:
         return w
     if bits == 4:
         return Int4Weight(w, g).dequantize(torch.float32)
     return IntNWeight(w, bits, g, symmetric=False).dequantize(torch.float32)
+
+
+@dataclass
+class Calibrated:
+    """A float model and its calibration pass: the inputs of every block on ``ids`` (B, T)
+    (``inputs[i]``: block i's; ``inputs[-1]``: what the last block's outputs would give a next
+    one), what the sensitivities start from."""
+
+    model: nn.Module
+    prefix: str
+    blocks: nn.ModuleList
+    ids: torch.Tensor
+    inputs: list[list[tuple[tuple, dict]]]
+    as_tuple: bool
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: nn.Module, ids: torch.Tensor) -> Calibrated:
+        from memopt.quant.calibrate import capture_inputs, next_inputs
+
+        prefix, blocks = find_blocks(model)
+        inputs = [capture_inputs(model, blocks[0], ids, ids.shape[0])]
+        for block in blocks:
+            outs = [block(*a, **k) for a, k in inputs[-1]]
+            inputs.append(next_inputs(inputs[-1], outs))
+        return cls(model, prefix, blocks, ids, inputs, isinstance(outs[0], (tuple, list)))
+
+    @contextlib.contextmanager
+    def rounded(self, unit: Unit, fmt: str) -> Iterator[None]:
+        """The unit's weights rounded through ``fmt`` (round to nearest) inside the block."""
+        saved: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+        for name, m in self.model.named_modules():
+            if name in unit.patterns and id(m.weight) not in saved:
+                saved[id(m.weight)] = (m, m.weight.data)
+                m.weight.data = rtn(m.weight.data.float(), fmt).to(m.weight.dtype)
+        try:
+            yield
+        finally:
+            for m, data in saved.values():
+                m.weight.data = data
+
+    @torch.no_grad()
+    def output_errors(self, units: list[Unit]) -> dict[str, dict[str, float]]:
+        """unit -> format -> the summed squared error its rounded weights make in their Linears'
+        outputs on the calibration inputs, ``sum tr(dW H dW^T)`` (H = sum of x x^T of each Linear's
+        inputs), for the units inside the blocks. One pass of each block (its H captured by
+        hooks, then dropped: one block's at a time)."""
+        out: dict[str, dict[str, float]] = {}
+        for i, block in enumerate(self.blocks):
+            mine = [u for u in units if u.block == i]
+            base = f"{self.prefix}.{i}."
+            lins = {base + nm: m for nm, m in block.named_modules() if isinstance(m, nn.Linear)}
+            hs: dict[str, torch.Tensor] = {}
+
+            def hook(name: str, hs: dict[str, torch.Tensor]) -> Callable[..., None]:
+                def pre(mod: nn.Module, args: tuple) -> None:
+                    x = args[0].detach().reshape(-1, mod.in_features).float()  # (M, K)
+                    if name not in hs:
+                        hs[name] = torch.zeros(mod.in_features, mod.in_features)  # (K, K)
+                    hs[name].addmm_(x.t(), x)
+
+                return pre
+
+            handles = [m.register_forward_pre_hook(hook(n, hs)) for n, m in lins.items()]
+            try:
+                for a, k in self.inputs[i]:
+                    block(*a, **k)
+            finally:
+                for h in handles:
+                    h.remove()
+            for u in mine:
+                errs = {}
+                for f in u.bytes:
+                    e = 0.0
+                    for name in u.patterns:
+                        w = lins[name].weight.detach().float()  # (N, K)
+                        d = rtn(w, f) - w
+                        e += float(((d @ hs[name]) * d).sum())
+                    errs[f] = e
+                out[u.name] = errs
+        return out
 
 
 @torch.no_grad()
@@ -250,22 +374,24 @@ def sensitivities(
     distribution on ``ids (B, T)`` from the float model's when only that unit is rounded to each
     format. The float model is ``loaded`` (changed during the call, restored after).
 
-    One float pass stores the hidden states entering every block; a block's cost then runs only
+    A unit outside the blocks (the embedding, the head) is measured in every format. A block's
+    unit is measured in one, its *reference*: its int4 format of the largest group (the largest
+    error of the engine's menu); its other formats' costs scale that by their output errors
+    (:meth:`Calibrated.output_errors`), KL_f = KL_ref x E_f / E_ref. A small perturbation's KL is
+    quadratic in it, as E is: the scaling holds while the rounding is small against the weights
+    (int8, int4), and is what makes the measure one forward a unit rather than one a format.
+
+    One float pass stores the hidden states entering every block; a block's KL then runs only
     that block and the ones after it (half the model on average), the output head from the final
     hidden states through a replay of the block list (memopt.quant.calibrate's)."""
-    from memopt.quant.calibrate import Replay, capture_inputs, next_inputs
+    from memopt.quant.calibrate import Replay, next_inputs
 
     model = loaded.model.eval()
-    prefix, blocks = find_blocks(model)
-    inputs = [capture_inputs(model, blocks[0], ids, ids.shape[0])]  # [block] -> [(args, kwargs)]
-    for block in blocks:
-        outs = [block(*a, **k) for a, k in inputs[-1]]
-        inputs.append(next_inputs(inputs[-1], outs))
-    as_tuple = isinstance(outs[0], (tuple, list))
+    cal = Calibrated.of(model, ids)
+    blocks, inputs = cal.blocks, cal.inputs
 
     def logits_from(i: int, final: list[tuple[tuple, dict]] | None) -> torch.Tensor:
-        """log-softmax of the logits (B, T, V): blocks i.. run on block i's stored input (the
-        whole model when ``final`` is None and i == 0)."""
+        """log-softmax of the logits (B, T, V): blocks i.. run on block i's stored input."""
         if final is None:
             cur = inputs[i]
             for block in blocks[i:]:
@@ -274,7 +400,7 @@ def sensitivities(
         stored = [a[0] if a else kw["hidden_states"] for a, kw in final]
         saved = list(blocks)
         for j in range(len(blocks)):
-            blocks[j] = Replay(stored if j == 0 else None, as_tuple)
+            blocks[j] = Replay(stored if j == 0 else None, cal.as_tuple)
         try:
             out = model(input_ids=ids, use_cache=False).logits
         finally:
@@ -283,34 +409,36 @@ def sensitivities(
         return torch.log_softmax(out.float(), -1)  # (B, T, V)
 
     ref = logits_from(len(blocks), inputs[-1])
-    index = {f"{prefix}.{i}": i for i in range(len(blocks))}
-    todo = [(u, f) for u in units for f in u.bytes if f != "float32"]
-    for step, (unit, fmt) in enumerate(todo, 1):
-        mods = [m for name, m in model.named_modules()
-                if isinstance(m, (nn.Linear, nn.Embedding))
-                and any(name == p or _under(name, p) for p in unit.patterns)]  # fmt: skip
-        saved = {}
-        for m in mods:
-            if id(m.weight) not in saved:
-                saved[id(m.weight)] = m.weight.data
-                m.weight.data = rtn(m.weight.data.float(), fmt).to(m.weight.dtype)
-        try:
-            if unit.name in index:  # a block: from its stored input on
-                out = logits_from(index[unit.name], None)
+    errors = cal.output_errors(units)
+
+    def kl(unit: Unit, fmt: str) -> float:
+        with cal.rounded(unit, fmt):
+            if unit.block is not None:  # a block's Linears: from its stored input on
+                out = logits_from(unit.block, None)
             else:  # the embedding or the head: the whole model
                 out = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
-            kl = (ref.exp() * (ref - out)).sum(-1).mean().item()  # KL(float || quantized)
-        finally:
-            for m in mods:
-                if id(m.weight) in saved:
-                    m.weight.data = saved[id(m.weight)]
-        unit.cost[fmt] = max(0.0, kl)
+        return max(0.0, (ref.exp() * (ref - out)).sum(-1).mean().item())  # KL(float || rounded)
+
+    todo = [(u, f) for u in units for f in u.bytes if f != "float32"
+            if u.block is None or f == reference_format(u)]  # fmt: skip
+    for step, (unit, fmt) in enumerate(todo, 1):
+        unit.cost[fmt] = kl(unit, fmt)
+        if unit.block is not None:
+            e = errors[unit.name]
+            for f in unit.bytes:
+                if f not in ("float32", fmt):
+                    unit.cost[f] = unit.cost[fmt] * e[f] / e[fmt] if e[fmt] > 0 else 0.0
         if progress is not None:
             progress(step, len(todo))
 
 
-def _under(name: str, pattern: str) -> bool:
-    return pattern.endswith(".*") and name.startswith(pattern[:-1])
+def reference_format(unit: Unit) -> str:
+    """The format whose KL a block's unit measures: its int4 of the largest group offered (else
+    its smallest format)."""
+    int4 = [f for f in unit.bytes if f.startswith("int4")]
+    if int4:
+        return max(int4, key=lambda f: parse_format(f)[1] or 0)
+    return min(unit.bytes, key=lambda f: unit.bytes[f])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +467,7 @@ def choose(
         for j, f in enumerate(order):
             if f not in u.bytes:
                 continue
-            s = -(-u.bytes[f] // step)
+            s = -(-u.held(f) // step)
             if s <= cap:
                 cand[j, s:] = best[: cap + 1 - s] + u.cost[f]
         picks[i] = cand.argmin(0)  # the first minimum: the smallest of equal costs
@@ -351,19 +479,24 @@ def choose(
     for i in range(len(units) - 1, -1, -1):
         f = order[picks[i, b]]
         out[units[i].name] = f
-        b -= -(-units[i].bytes[f] // step)
+        b -= -(-units[i].held(f) // step)
     return {u.name: out[u.name] for u in units}
 
 
 def _step(weight_budget: int) -> int:
-    """The knapsack's resolution for a budget: BYTES_STEP, coarser past 200 000 steps."""
-    return max(BYTES_STEP, -(-weight_budget // 200_000))
+    """The knapsack's resolution for a budget: BYTES_STEP, doubled until the budget is at most
+    200 000 steps (powers of two: a budget a little larger keeps the step, so a plan that fits
+    one budget fits every larger one of the same step)."""
+    step = BYTES_STEP
+    while weight_budget > 200_000 * step:
+        step *= 2
+    return step
 
 
 def smallest_weights(units: list[Unit], menu: tuple[str, ...] = FORMATS) -> int:
     """The least weight budget that :func:`choose` accepts: every unit in its smallest format of
     ``menu``, its bytes rounded up to the solver's steps (at the step of that budget itself)."""
-    least = [min(b for f, b in u.bytes.items() if f in menu) for u in units]
+    least = [min(u.held(f) for f in u.bytes if f in menu) for u in units]
     need = sum(least)
     for _ in range(4):  # a larger budget may mean a coarser step: settle on a fixed point
         step = _step(need)
@@ -404,10 +537,12 @@ def plan_inference(
         if chosen is None:
             continue
         weights = sum(u.bytes[chosen[u.name]] for u in units)
+        transient = sum(u.held(chosen[u.name]) for u in units) - weights
         cost = sum(u.cost[chosen[u.name]] for u in units)
         if best is None or cost < best.predicted_cost:
             best = Plan("generate", chosen, weights, fixed, kv, scratch, runtime, cost,
-                        weights + overhead, path=path)  # fmt: skip
+                        weights + transient + overhead, path=path,
+                        transient_bytes=transient)  # fmt: skip
     if best is None:
         need, runtime = smallest
         raise too_small(loaded.name, budget, need, f"{kv / 1e6:.1f} MB KV cache", runtime)
@@ -425,7 +560,8 @@ def too_small(name: str, budget: int, need: int, held: str, runtime: int) -> Mem
 
 
 def mixed_config(units: list[Unit], formats: dict[str, str]) -> Any:
-    """The per-module quantization config of a plan (GPTQ for int4, per channel for int8)."""
+    """The per-module quantization config of a plan (int8 per channel, int4 by the format's
+    algorithm, int3 / int2 round to nearest)."""
     from memopt.quant.config import Int4WeightOnly, Int8WeightOnly, IntNWeightOnly, Mixed
 
     rules = []
@@ -433,12 +569,13 @@ def mixed_config(units: list[Unit], formats: dict[str, str]) -> Any:
         fmt = formats[u.name]
         if fmt == "float32":
             continue
+        bits, g = parse_format(fmt)
         if fmt == "int8":
             cfg = Int8WeightOnly(embedding_group_size=None)
-        elif fmt.startswith("int4"):
-            cfg = Int4WeightOnly(group_size=int(fmt[6:]), algo="gptq")
+        elif bits == 4:
+            cfg = Int4WeightOnly(group_size=g, algo="gptq")
         else:
-            cfg = IntNWeightOnly(bits=int(fmt[3]), group_size=int(fmt[6:]))
+            cfg = IntNWeightOnly(bits=bits, group_size=g)
         rules += [(p, cfg) for p in u.patterns]
     return Mixed(tuple(rules))
 
@@ -528,7 +665,7 @@ def fit(
     meta = build_meta(source, dequantize=True)
     if meta.task != "causal-lm":
         raise MemoptError(f"{source.name}: fit --task generate needs a causal language model")
-    units = units_of(meta.model)
+    units = units_of(meta.model, decode_engine=True)
     positions = seq + max_new_tokens
     measured_costs = has_weights(source)
     if measured_costs:
@@ -763,6 +900,28 @@ def _quality(source: Any, folder: Path) -> dict[str, Any]:
 
 
 def _write_plan(folder: Path, result: dict[str, Any]) -> None:
+    """fit.json: the whole result, and ``run``: what ``memopt run`` / ``estimate`` / ``profile``
+    on the folder take as their defaults (:func:`fitted_run`) to keep the run within the budget."""
     from memopt.core.atomic import atomic_write_text
 
+    result["run"] = {"max_memory_bytes": result["limit_bytes"],
+                     "positions": result["seq"] + result["max_new_tokens"],
+                     "engine": result["plan"]["path"] != "transformers"}  # fmt: skip
     atomic_write_text(folder / "fit.json", json.dumps(result, indent=1, default=str))
+
+
+def fitted_run(model: str | Path) -> dict[str, Any] | None:
+    """The run plan that ``memopt fit`` saved with a generation model (``max_memory_bytes``: the
+    budget over the import baseline, ``positions``: prompt + new tokens it was measured at,
+    ``engine``), or None for any other model. A fit.json that is not a fit's is ignored."""
+    path = Path(model) / "fit.json"
+    if not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text()).get("run")
+        budget, positions = int(run["max_memory_bytes"]), int(run["positions"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if budget <= 0 or positions <= 0:
+        return None
+    return {"max_memory_bytes": budget, "positions": positions, "engine": bool(run.get("engine"))}

@@ -28,19 +28,18 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from memopt.compose.fit import (
     PRIOR_COST,
     REVISION_MARGIN,
     REVISIONS,
     Budget,
+    Calibrated,
     Plan,
     Unit,
     choose,
@@ -49,13 +48,11 @@ from memopt.compose.fit import (
     inference_result,
     mixed_config,
     other_bytes,
-    rtn,
     smallest_weights,
     too_small,
     units_of,
 )
 from memopt.core.errors import MemoptError
-from memopt.core.modules import find_blocks
 
 __all__ = [
     "INFER_RUNTIME_BYTES",
@@ -126,15 +123,11 @@ def cosine_costs(
     One float pass stores the hidden states entering every block; a block's cost runs that block
     and the ones after it, then the rest of the model (a final norm, if any) through a replay of
     the block list (memopt.quant.calibrate's); an embedding's or the pooler's runs the model."""
-    from memopt.quant.calibrate import Replay, capture_inputs, next_inputs
+    from memopt.quant.calibrate import Replay, next_inputs
 
     model = loaded.model.eval()
-    prefix, blocks = find_blocks(model)
-    inputs = [capture_inputs(model, blocks[0], ids, ids.shape[0])]  # [block] -> [(args, kwargs)]
-    for block in blocks:
-        outs = [block(*a, **k) for a, k in inputs[-1]]
-        inputs.append(next_inputs(inputs[-1], outs))
-    as_tuple = isinstance(outs[0], (tuple, list))
+    cal = Calibrated.of(model, ids)
+    blocks, inputs = cal.blocks, cal.inputs
 
     def pooled(final: list[tuple[tuple, dict]] | None) -> torch.Tensor:
         """(N, H) mean of the last hidden state; the blocks replay ``final``'s hidden states
@@ -144,7 +137,7 @@ def cosine_costs(
         stored = [a[0] if a else kw["hidden_states"] for a, kw in final]
         saved = list(blocks)
         for j in range(len(blocks)):
-            blocks[j] = Replay(stored if j == 0 else None, as_tuple)
+            blocks[j] = Replay(stored if j == 0 else None, cal.as_tuple)
         try:
             return model(input_ids=ids).last_hidden_state.float().mean(1)
         finally:
@@ -158,24 +151,11 @@ def cosine_costs(
         return cur
 
     ref = pooled(inputs[-1])  # (N, H)
-    index = {f"{prefix}.{i}": i for i in range(len(blocks))}
     todo = [(u, f) for u in units for f in u.bytes if f != "float32"]
     for step, (unit, fmt) in enumerate(todo, 1):
-        mods = [m for name, m in model.named_modules()
-                if isinstance(m, (nn.Linear, nn.Embedding))
-                and any(fnmatchcase(name, p) for p in unit.patterns)]  # fmt: skip
-        saved: dict[int, torch.Tensor] = {}
-        for m in mods:
-            if id(m.weight) not in saved:
-                saved[id(m.weight)] = m.weight.data
-                m.weight.data = rtn(m.weight.data.float(), fmt).to(m.weight.dtype)
-        try:
-            out = pooled(from_block(index[unit.name]) if unit.name in index else None)
-            cos = F.cosine_similarity(out, ref, dim=-1).mean().item()
-        finally:
-            for m in mods:
-                if id(m.weight) in saved:
-                    m.weight.data = saved[id(m.weight)]
+        with cal.rounded(unit, fmt):
+            out = pooled(from_block(unit.block) if unit.block is not None else None)
+        cos = F.cosine_similarity(out, ref, dim=-1).mean().item()
         unit.cost[fmt] = max(0.0, 1.0 - cos)
         if progress is not None:
             progress(step, len(todo))
@@ -228,7 +208,7 @@ def int8_blocks(units: list[Unit], formats: dict[str, str]) -> bool:
 
 
 def _is_block(u: Unit) -> bool:
-    return any(p.endswith(".*") for p in u.patterns)  # units_of: a block covers "<name>.*"
+    return u.block is not None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ from memopt.core.pages import (
     span_of,
 )
 from memopt.engine.llama import arch_of, library
+from memopt.engine.runtime import INT4_EMBEDDING_TRANSIENT
+from memopt.engine.runtime import RUNTIME_BYTES as FOLDER_RUNTIME_BYTES
+from memopt.engine.runtime import RUNTIME_INT4_BYTES as FOLDER_RUNTIME_INT4_BYTES
 from memopt.formats.gguf import dequantize
 from memopt.formats.manifest import read_manifest
 from memopt.formats.safetensors import SafetensorsReader
@@ -81,7 +84,7 @@ from memopt.models import (
 from memopt.weights.ggml import GGMLWeight
 from memopt.weights.kernels import set_untimed
 from memopt.weights.modules import QEmbedding, QLinear, QModule
-from memopt.weights.quantized import Int4Weight, disk_layout, empty_weight, fill_weight
+from memopt.weights.quantized import Int4Weight, Int8Weight, disk_layout, empty_weight, fill_weight
 
 __all__ = [
     "ENGINE_RESERVE_BYTES",
@@ -1077,7 +1080,7 @@ def _plan_layout(
             kv_cache_bytes(config, tokens, 1, 4),  # (layers, positions, kv_dim) float32, K and V
             _engine_activation_bytes(config, tokens),
             layout.reader.scratch_bytes(block_tensors, engine=True) if budgeted else 0,
-            min(reserve_bytes, ENGINE_RESERVE_BYTES) if budgeted else 0,
+            _engine_reserve(layout, reserve_bytes) if budgeted else 0,
         )
     return _plan(
         layout.source.name, max_memory, layout.rest_bytes(), layout.block_bytes(),
@@ -1089,17 +1092,17 @@ def _plan_layout(
 
 def _engine_runs(layout: _Layout, kv_int8: bool, batch: int) -> bool:
     """Whether memopt's decode engine runs ``layout``'s model once all of it is resident
-    (:func:`memopt.generate.generate` then picks it): a GGUF kept in its stored form, every GGML
-    weight of a type the engine computes with, every float tensor float32, an architecture it runs
+    (:func:`memopt.generate.generate` then picks it): a GGUF kept in its stored form or a memopt
+    folder, every quantized weight of a kind the engine computes with, every float tensor float32, an architecture it runs
     (:func:`memopt.engine.llama.arch_of`), the engine built for this machine; batch 1, a float
     KV cache (the engine keeps its own)."""
-    if kv_int8 or batch != 1 or layout.source.kind != "gguf" or layout.loaded.task != "causal-lm":
+    if kv_int8 or batch != 1 or layout.source.kind not in ("gguf", "memopt"):
+        return False
+    if layout.loaded.task != "causal-lm":
         return False
     model = layout.model
     for m in model.modules():
-        if isinstance(m, QModule) and not (
-            isinstance(m.qweight, GGMLWeight) and m.qweight.ggml_type in _ENGINE_GGML
-        ):
+        if isinstance(m, QModule) and not _engine_weight(m):
             return False
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return False
@@ -1108,6 +1111,39 @@ def _engine_runs(layout: _Layout, kv_int8: bool, batch: int) -> bool:
     except Exception:  # noqa: BLE001 (the engine's own "cannot run this": transformers runs it)
         return False
     return library() is not None
+
+
+def _engine_reserve(layout: _Layout, reserve_bytes: int) -> int:
+    """What the engine's run holds beyond the plan's terms: a GGUF's mapped blocks need
+    ENGINE_RESERVE_BYTES; a memopt folder's weights are loaded (converted to the engine's
+    layout), measured as memopt.engine.runtime states: more with int4 weights, more again with an
+    int4 embedding. ``reserve_bytes`` 0 counts none (the tensors' own bytes alone)."""
+    if layout.source.kind != "memopt" or not reserve_bytes:
+        return min(reserve_bytes, ENGINE_RESERVE_BYTES)
+    int4 = [m for m in layout.model.modules()
+            if isinstance(m, QModule) and isinstance(m.qweight, Int4Weight)]  # fmt: skip
+    if not int4:
+        return FOLDER_RUNTIME_BYTES
+    embeddings = [m for m in int4 if isinstance(m, QEmbedding)]
+    return FOLDER_RUNTIME_INT4_BYTES + sum(
+        math.ceil(4 * math.prod(m.qweight.shape) * INT4_EMBEDDING_TRANSIENT) for m in embeddings
+    )
+
+
+def _engine_weight(module: QModule) -> bool:
+    """Whether the decode engine computes with ``module``'s weight as it is held: GGML Q4_0 /
+    Q4_1 / Q8_0 blocks, memopt's int8, or its int4 in row blocks the engine reads (up to 128
+    rows, dividing the rows), weight-only (memopt.engine.llama)."""
+    qw = module.qweight
+    if getattr(module, "dynamic", False):
+        return False
+    if isinstance(qw, GGMLWeight):
+        return qw.ggml_type in _ENGINE_GGML
+    if isinstance(qw, Int8Weight):
+        return True
+    if isinstance(qw, Int4Weight):
+        return not qw.block_n or (qw.block_n <= 128 and qw.shape[0] % qw.block_n == 0)
+    return False
 
 
 def _engine_activation_bytes(config: Any, tokens: int) -> int:

@@ -416,8 +416,21 @@ def int4_relayout(packed: torch.Tensor, k: int, have: int | None, want: int | No
     kernel's interleaved layout, or None: along K). The same tensor when they agree."""
     if have == want:
         return packed
-    codes = unpack(packed, 4, k) if have is None else unpack_int4_nblock(packed, have, k)
-    return pack(codes, 4) if want is None else pack_int4_nblock(codes, want)  # (N, K/2)
+    # Both layouts are local to blocks of rows, so rows convert in chunks into one output: the
+    # codes of a whole large weight (an embedding's: 28 MB of uint8 for SmolLM2's, beside its
+    # 14 MB packed) would otherwise be the load's peak, kept by the allocator afterwards.
+    n = packed.shape[0]
+    out = torch.empty_like(packed)  # (N, K/2)
+    for r in range(0, n, RELAYOUT_ROWS):
+        part = packed[r : r + RELAYOUT_ROWS]
+        codes = unpack(part, 4, k) if have is None else unpack_int4_nblock(part, have, k)
+        out[r : r + RELAYOUT_ROWS] = (
+            pack(codes, 4) if want is None else pack_int4_nblock(codes, want)
+        )
+    return out
+
+
+RELAYOUT_ROWS = 4096  # a multiple of every row block size (16 to 128)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
