@@ -42,7 +42,8 @@ def _random_blocks(qtype: QT, n_blocks: int, rng: np.random.Generator) -> np.nda
     block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
     # Byte offsets of the f16 fields of each layout (d, and m/dmin where present).
-    f16_at = {QT.Q4_K: (0, 2), QT.Q6_K: (208,)}[qtype]
+    f16_at = {QT.Q4_K: (0, 2), QT.Q6_K: (208,), QT.Q2_K: (80, 82), QT.Q3_K: (108,),
+              QT.Q5_K: (0, 2)}[qtype]  # fmt: skip
     for off in f16_at:
         vals = rng.uniform(-0.05, 0.05, size=n_blocks).astype(np.float16)
         raw[:, off : off + 2] = vals.view(np.uint8).reshape(n_blocks, 2)
@@ -64,7 +65,8 @@ def test_dequantize_matches_gguf_exactly(qtype: QT) -> None:
     np.testing.assert_array_equal(ours.numpy(), expected)  # bit-identical
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q2_K, QT.Q3_K, QT.Q5_K],
+                         ids=lambda q: q.name)  # fmt: skip
 def test_dequantize_k_quants_match_gguf_exactly(qtype: QT) -> None:
     # gguf cannot quantize to K types, so feed both decoders the same random blocks.
     raw = _random_blocks(qtype, 64, np.random.default_rng(1))

@@ -227,10 +227,11 @@ def test_config_json_round_trip_and_bad_algo() -> None:
 
 
 def test_gptq_keeps_rtn_where_its_output_error_is_smaller(smollm2) -> None:
-    """On SmolLM2 as shipped (its Q4_1 weights dequantized), block 0's down projection at group
-    32: round to nearest makes a smaller output error on the calibration inputs than GPTQ (8.0
-    against 9.9, measured), so the calibrated weight is RTN's bit for bit; its q projection,
-    where GPTQ's is smaller (0.48 against 0.88), keeps GPTQ's. Without the rule both are GPTQ's."""
+    """``rtn_when_better``: on SmolLM2 as shipped (its Q4_1 weights dequantized), block 0's down
+    projection at group 32, round to nearest makes a smaller output error on the calibration
+    inputs than GPTQ (8.0 against 9.9, measured), so the calibrated weight is RTN's bit for bit;
+    its q projection, where GPTQ's is smaller (0.48 against 0.88), keeps GPTQ's. Without the
+    rule both are GPTQ's."""
     import copy
 
     from memopt.compose.fit import Calibrated

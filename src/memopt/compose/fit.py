@@ -10,9 +10,11 @@ channel, int4 in groups of 128, 64 or 32, int3 / int2). Its three parts:
   (memopt.engine.runtime's measured figures) and an int4 embedding's load transient;
 * **quality cost**, measured once per model on calibration text (:func:`sensitivities`): the
   mean KL divergence of the next-token distribution from the float model's when only that unit
-  is rounded (to nearest: an upper bound of what the apply does, whose GPTQ keeps a Linear's RTN
-  codes where they make the smaller output error), measured in one format per block unit and
-  scaled to the others by their output errors on the calibration inputs; costs are additive;
+  is rounded to nearest (the proxy of the applied GPTQ, which keeps a block Linear's RTN codes
+  unless its own make a smaller output error; GPTQ per unit and format would cost an apply's
+  calibration several times over), measured in one format per
+  block unit and scaled to the others by their output errors on the calibration inputs; costs
+  are additive;
 * **the choice**: a multiple-choice knapsack over the units, solved exactly by dynamic programming
   over bytes (in steps of :data:`BYTES_STEP`): the least total cost whose bytes fit the budget.
 
@@ -83,8 +85,7 @@ __all__ = [
 ]
 
 # The weight formats of the menu, largest first. "int4-gN": int4 in groups of N, calibrated by
-# GPTQ (each Linear keeps round-to-nearest's codes where they give the smaller output error on the
-# calibration inputs: memopt.quant.calibrate); "int3-g32" / "int2-g32": 3 and 2 bits in groups of
+# GPTQ; "int3-g32" / "int2-g32": 3 and 2 bits in groups of
 # 32, round to nearest with a float16 scale and offset (the smallest plans; their KL costs keep
 # them off every layer that matters).
 FORMATS = ("float32", "int8", "int4-g32", "int4-g64", "int4-g128", "int3-g32", "int2-g32")
@@ -265,8 +266,7 @@ def other_bytes(model: nn.Module, units: list[Unit]) -> int:
 
 
 def rtn(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """``w`` (N, K) rounded through ``fmt`` by round-to-nearest (the costs' proxy: the applied
-    int4 keeps RTN's codes unless GPTQ's give a smaller output error)."""
+    """``w`` (N, K) rounded through ``fmt`` by round-to-nearest (the costs' proxy of GPTQ)."""
     from memopt.weights.quantized import Int4Weight, Int8Weight, IntNWeight
 
     bits, g = parse_format(fmt)

@@ -433,6 +433,24 @@ def _dq_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return (q * (d * scales).unsqueeze(-1)).reshape(n, 256)
 
 
+def _by_gguf(name: str) -> Any:
+    """The dequantizer of a K-quant that memopt does not decode itself (Q2_K, Q3_K, Q5_K: rare in
+    the files users run, so the gguf package's numpy code, one core, is fast enough): the values
+    are gguf's and llama.cpp's by construction. On the meta device, an empty result."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    qtype = GGMLQuantizationType[name]
+
+    def fn(blocks: torch.Tensor) -> torch.Tensor:
+        n = blocks.shape[0]
+        if blocks.device.type == "meta":
+            return torch.empty(n, 256, device="meta")
+        return torch.from_numpy(gguf_dequantize(blocks.cpu().numpy(), qtype)).reshape(n, 256)
+
+    return fn
+
+
 @dataclass(frozen=True)
 class _Kind:
     block_values: int  # values per block
@@ -451,6 +469,9 @@ _KINDS: dict[str, _Kind] = {
     "Q5_1": _Kind(32, 24, _dq_q5_1),
     "Q4_K": _Kind(256, 144, _dq_q4_k),
     "Q6_K": _Kind(256, 210, _dq_q6_k),
+    "Q2_K": _Kind(256, 84, _by_gguf("Q2_K")),
+    "Q3_K": _Kind(256, 110, _by_gguf("Q3_K")),
+    "Q5_K": _Kind(256, 176, _by_gguf("Q5_K")),
 }
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 SUPPORTED_TYPES = tuple(_KINDS)
