@@ -48,7 +48,9 @@ L70 = {
 }  # fmt: skip
 
 
-def _uniform(model: str, work: Path, calib: Any, seq: int, new: int) -> list[dict[str, Any]]:
+def _uniform(
+    model: str, work: Path, calib: Any, seq: int, new: int, only: list[str] | None = None
+) -> list[dict[str, Any]]:
     from memopt.compose.fit import _measure_generation, _quality
     from memopt.models import resolve
     from memopt.quant.config import Int4WeightOnly, Int8WeightOnly
@@ -64,6 +66,8 @@ def _uniform(model: str, work: Path, calib: Any, seq: int, new: int) -> list[dic
     source = resolve(model)
     rows = []
     for name, cfg in recipes:
+        if only and name not in only:
+            continue
         out = work / name.replace(" ", "-")
         t0 = time.perf_counter()
         if not (out / "memopt.json").is_file():
@@ -273,6 +277,8 @@ def main() -> None:
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=50)
     ap.add_argument("--train-share", type=float, default=0.35)
+    ap.add_argument("--recipes", nargs="*", help="uniform recipes to run (default: all)")
+    ap.add_argument("--budgets", nargs="*", help="ladder labels to fit (default: all)")
     args = ap.parse_args()
     from memopt.models import load_model
     from memopt.quant.calibrate import calibration_ids
@@ -287,10 +293,13 @@ def main() -> None:
     if "plan70" in args.parts:
         result["plan70"] = _plan70()
     if "uniform" in args.parts or "fit" in args.parts:
-        result["uniform"] = _uniform(args.model, work, calib, args.seq, args.max_new_tokens)
+        result["uniform"] = _uniform(args.model, work, calib, args.seq, args.max_new_tokens,
+                                     args.recipes)  # fmt: skip
         result["float32_ppl"] = result["uniform"][0]["ppl_float32"]
     if "fit" in args.parts:
         budgets = _ladder(args.model, calib, args.seq, args.max_new_tokens)
+        if args.budgets:
+            budgets = {k: v for k, v in budgets.items() if k in args.budgets}
         result["fits"] = _fits(args.model, work, calib, args.seq, args.max_new_tokens, budgets)
         result["checks"] = _checks(result["uniform"], result["fits"])
     if "train" in args.parts:
