@@ -329,3 +329,19 @@ def test_scaled_costs_follow_the_measured_kl() -> None:
                 out = torch.log_softmax(loaded.model(input_ids=ids).logits.float(), -1)
             kl = (ref.exp() * (ref - out)).sum(-1).mean().item()
             assert 0.5 * kl <= unit.cost[fmt] <= 2 * kl, (unit.name, fmt, unit.cost[fmt], kl)
+
+
+def test_fitted_run_reads_only_a_fits_run_plan(tmp_path: Path) -> None:
+    """A folder's fit.json gives its run plan (the budget and positions ``memopt run`` keeps);
+    anything else there (not JSON, no run plan, wrong types, sizes not positive) is ignored."""
+    from memopt.compose.fit import fitted_run
+
+    assert fitted_run(tmp_path) is None  # no fit.json
+    plan = tmp_path / "fit.json"
+    good = {"run": {"max_memory_bytes": 150_000_000, "positions": 192, "engine": True}}
+    plan.write_text(json.dumps(good))
+    assert fitted_run(tmp_path) == good["run"]
+    for bad in ["{", "[]", '{"run": 3}', '{"run": {"max_memory_bytes": "x", "positions": 1}}',
+                '{"run": {"max_memory_bytes": -1, "positions": 192}}', '{"plan": {}}']:  # fmt: skip
+        plan.write_text(bad)
+        assert fitted_run(tmp_path) is None, bad
