@@ -201,7 +201,9 @@ def estimate(model: Any, spec: StepSpec | None = None) -> MemoryReport:
     try:
         clone = meta_clone(model, compile=spec.task == "train")
     except (ValueError, TypeError, KeyError) as exc:
-        raise MemoptError(f"cannot rebuild Keras model {model.name!r} from its config: {exc}")
+        raise MemoptError(
+            f"cannot rebuild Keras model {model.name!r} from its config: {exc}"
+        ) from exc
     with _meta_device(), _CpuConvolutionFormat():
         x, y = example_batch(clone, spec, device="meta")
         with MemoryTracker(clone) as tracker:
