@@ -18,6 +18,7 @@ in groups along D.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -108,6 +109,12 @@ class StoredWeightLayer(keras.Layer):
         return {**super().get_config(), "specs": self.specs}
 
 
+def _torch_fn(fn: Any) -> Any:
+    """Keras's tanh / sigmoid as torch's own (no Keras dispatch per time step); others as given."""
+    name = getattr(fn, "__name__", "")
+    return {"tanh": torch.tanh, "sigmoid": torch.sigmoid}.get(name, fn)
+
+
 def _float(x: Any) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
@@ -168,7 +175,7 @@ class QEmbedding(StoredWeightLayer):
         flat = ids.reshape(-1)
         if self.specs["embeddings"]["format"] == "int8":
             # columns of the (D, V) codes, scaled per dimension: (L, D)
-            rows = qw.qdata.index_select(1, flat).t().float() * qw.scale[:, 0]
+            rows = qw.qdata.t()[flat].float() * qw.scale[:, 0]
         else:
             rows = qw.rows(flat, torch.float32)  # (L, D)
         return rows.reshape(*ids.shape, self.output_dim).to(getattr(torch, self.compute_dtype))
@@ -222,9 +229,11 @@ class QConv(StoredWeightLayer):
         """The Keras-layout kernel ``(*kernel_size, cin, cout)``, dequantized for this call."""
         qw = self.stored("kernel")
         n, k = qw.shape
-        cin = k // int(torch.tensor(self.kernel_size).prod())
+        cin = k // math.prod(self.kernel_size)
         w = qw.dequantize(dtype).reshape(n, *self.kernel_size, cin)  # (cout, *ks, cin)
-        return w.permute(*range(1, w.dim()), 0)  # (*ks, cin, cout)
+        # contiguous in Keras's layout, as a float kernel is: torch then picks the same (oneDNN)
+        # convolution for both (a strided kernel sends it to the slow reference kernel, 5x)
+        return w.permute(*range(1, w.dim()), 0).contiguous()  # (*ks, cin, cout)
 
     def call(self, inputs: Any) -> Any:
         x = _float(inputs)
@@ -246,7 +255,7 @@ class QConv(StoredWeightLayer):
     def compute_output_spec(self, inputs: Any) -> Any:
         # the shape rule of Keras's own convolution, on a kernel of the right shape (no data)
         qw_shape = self.specs["kernel"]["shape"]
-        cin = int(qw_shape[1]) // int(torch.tensor(self.kernel_size).prod())
+        cin = int(qw_shape[1]) // math.prod(self.kernel_size)
         kernel = keras.KerasTensor((*self.kernel_size, cin, self.filters), dtype=inputs.dtype)
         out = keras.ops.conv(
             inputs,
@@ -340,15 +349,20 @@ class _QRecurrent(StoredWeightLayer):
         zx = self.stored("kernel").linear(x.reshape(b * t, k)).reshape(b, t, -1)  # (B, T, G*U)
         rec = self.stored("recurrent_kernel").dequantize(x.dtype).t()  # (U, G*U) for this call
         bias = self.bias.value if self.use_bias else None
+        zx = self._input_bias(zx, bias)
+        act, ract = _torch_fn(self.activation), _torch_fn(self.recurrent_activation)
         states = self._initial(x, initial_state)
         steps = range(t - 1, -1, -1) if self.go_backwards else range(t)
         outs = []
         for i in steps:
-            h, states = self._step(zx[:, i], states, rec, bias)
+            h, states = self._step(zx[:, i], states, rec, bias, act, ract)
             if self.return_sequences:
                 outs.append(h)
         out = torch.stack(outs, 1) if self.return_sequences else h
         return [out, *states] if self.return_state else out
+
+    def _input_bias(self, zx: torch.Tensor, bias: Any) -> torch.Tensor:
+        return zx if bias is None else zx + bias  # once for all steps
 
     def _initial(self, x: torch.Tensor, initial_state: Any) -> list[torch.Tensor]:
         if initial_state is not None:
@@ -376,14 +390,13 @@ class QLSTM(_QRecurrent):
 
     GATES = 4
 
-    def _step(self, zx, states, rec, bias):  # noqa: ANN001, ANN202
+    def _step(self, zx, states, rec, bias, act, ract):  # noqa: ANN001, ANN202
         h, c = states
-        z = zx + h @ rec  # (B, 4U)
-        if bias is not None:
-            z = z + bias
-        zi, zf, zc, zo = z.chunk(4, dim=1)
-        c = self.recurrent_activation(zf) * c + self.recurrent_activation(zi) * self.activation(zc)
-        h = self.recurrent_activation(zo) * self.activation(c)
+        z = torch.addmm(zx, h, rec)  # (B, 4U): the input part (bias in it) + h @ R
+        g = ract(z)  # every gate through the recurrent activation (c's quarter unused)
+        u = self.units
+        c = g[:, u : 2 * u] * c + g[:, :u] * act(z[:, 2 * u : 3 * u])
+        h = g[:, 3 * u :] * act(c)
         return h, [h, c]
 
 
@@ -396,16 +409,15 @@ class QGRU(_QRecurrent):
     def _bias_shape(self) -> tuple[int, ...]:
         return (2, 3 * self.units)
 
-    def _step(self, zx, states, rec, bias):  # noqa: ANN001, ANN202
+    def _input_bias(self, zx: torch.Tensor, bias: Any) -> torch.Tensor:
+        return zx if bias is None else zx + bias[0]
+
+    def _step(self, zx, states, rec, bias, act, ract):  # noqa: ANN001, ANN202
         (h,) = states
-        zr = h @ rec  # (B, 3U)
-        if bias is not None:
-            zx = zx + bias[0]
-            zr = zr + bias[1]
-        xz, xr, xh = zx.chunk(3, dim=1)
-        rz, rr, rh = zr.chunk(3, dim=1)
-        z = self.recurrent_activation(xz + rz)
-        r = self.recurrent_activation(xr + rr)
-        hh = self.activation(xh + r * rh)
+        zr = h @ rec if bias is None else torch.addmm(bias[1], h, rec)  # (B, 3U)
+        u = self.units
+        zr_ = ract(zx[:, : 2 * u] + zr[:, : 2 * u])  # (B, 2U): z, r
+        z, r = zr_[:, :u], zr_[:, u:]
+        hh = act(zx[:, 2 * u :] + r * zr[:, 2 * u :])
         h = z * h + (1 - z) * hh
         return h, [h]
