@@ -29,9 +29,7 @@ def keras_module() -> ModuleType:
     try:
         import keras
     except ImportError as exc:  # the optional extra is missing
-        raise MemoptError(
-            "memopt.keras needs Keras 3: pip install 'memopt[keras]'"
-        ) from exc
+        raise MemoptError("memopt.keras needs Keras 3: pip install 'memopt[keras]'") from exc
     backend = keras.backend.backend()
     if backend != "torch":
         raise MemoptError(

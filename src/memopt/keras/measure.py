@@ -62,9 +62,7 @@ class FitMarker(keras.callbacks.Callback):
         self.tracker.mark(f"fit epoch {self.epoch} step {batch}")
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        self.steps.append(
-            (self.epoch, batch, self.tracker.current_bytes, self.tracker.peak_bytes)
-        )
+        self.steps.append((self.epoch, batch, self.tracker.current_bytes, self.tracker.peak_bytes))
 
     def on_test_begin(self, logs: Any = None) -> None:
         self.tracker.mark("fit validation")
@@ -163,8 +161,10 @@ class _CpuConvolutionFormat(TorchDispatchMode):
         if func is torch.ops.aten.convolution.default and out.dim() == 4 and out.is_meta:
             inp, weight = args[0], args[1]
             last = torch.channels_last
-            if inp.is_contiguous(memory_format=last) and not inp.is_contiguous() or (
-                weight.is_contiguous(memory_format=last) and not weight.is_contiguous()
+            if (
+                inp.is_contiguous(memory_format=last)
+                and not inp.is_contiguous()
+                or (weight.is_contiguous(memory_format=last) and not weight.is_contiguous())
             ):
                 out = torch.empty_like(out, memory_format=last)
         return out

@@ -156,9 +156,7 @@ def _converter(layer: Any) -> Callable[[Any, str, int], Replacement] | None:
     return None
 
 
-def quantize(
-    model: Any, mode: str = "int8", *, group_size: int = 64
-) -> tuple[Any, QuantizeReport]:
+def quantize(model: Any, mode: str = "int8", *, group_size: int = 64) -> tuple[Any, QuantizeReport]:
     """``model`` rebuilt with its kernels in ``mode`` (int8 or int4); ``model`` is not changed."""
     if mode not in MODES:
         raise MemoptError(f"quantize mode must be one of {', '.join(MODES)}, not {mode!r}")
