@@ -614,6 +614,11 @@ def _memory_tables(report: dict, title: str) -> list[Any]:
 
 
 def _memory_report(args: argparse.Namespace, measured: bool) -> dict:
+    if str(args.model).endswith(".keras"):  # a Keras 3 model (torch backend)
+        from memopt.keras.files import memory_report as keras_memory_report
+
+        spec = {"task": args.task, "batch": args.batch, "seq": args.seq}
+        return keras_memory_report(args.model, spec, measured)
     from memopt.compose import memory_report
 
     return memory_report(

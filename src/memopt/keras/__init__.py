@@ -14,9 +14,29 @@ from memopt.keras.backend import keras_module
 keras_module()
 
 _HOME = {
+    # measurement (memopt.estimate / profile / MemoryTracker take a Keras model as well)
     "FitMarker": "memopt.keras.measure",
     "estimate": "memopt.keras.measure",
     "profile": "memopt.keras.measure",
+    # data types
+    "cast": "memopt.keras.cast",
+    "variable_bytes": "memopt.keras.cast",
+    "quantize": "memopt.keras.quantize",
+    "QuantizeReport": "memopt.keras.quantize",
+    # structure
+    "PolynomialDecay": "memopt.keras.prune",
+    "PruneDuringFit": "memopt.keras.prune",
+    "prune_magnitude": "memopt.keras.prune",
+    "sparsity_of": "memopt.keras.prune",
+    "strip": "memopt.keras.prune",
+    # files and layers
+    "load_keras": "memopt.keras.files",
+    "live_parameter_bytes": "memopt.keras.rebuild",
+    "QConv": "memopt.keras.layers",
+    "QDense": "memopt.keras.layers",
+    "QEmbedding": "memopt.keras.layers",
+    "QGRU": "memopt.keras.layers",
+    "QLSTM": "memopt.keras.layers",
 }
 
 __all__ = sorted(_HOME)

@@ -183,33 +183,43 @@ def _meta_device() -> Iterator[None]:
         global_state.set_global_attribute("torch_device", previous)
 
 
-def meta_clone(model: Any, compile: bool = True) -> Any:
-    """The model rebuilt from its config on the meta device (compiled alike when it is and
-    ``compile``: an inference step has no optimizer state, whose variables compiling builds)."""
-    config = keras.saving.serialize_keras_object(model)
+def meta_build(config: dict[str, Any], compile: bool = True) -> Any:
+    """A model built from its serialized config on the meta device, with no data anywhere;
+    compiled as its ``compile_config`` says when ``compile`` (an inference step has no optimizer
+    state, whose variables compiling builds)."""
+    config = dict(config)
     if not compile:
         config.pop("compile_config", None)  # deserializing it compiles and builds the optimizer
-    with keras.device("meta"):
-        clone = keras.saving.deserialize_keras_object(config)
-    return clone
+    try:
+        with keras.device("meta"):
+            return keras.saving.deserialize_keras_object(config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise MemoptError(f"cannot build the Keras model from its config: {exc}") from exc
+
+
+def meta_clone(model: Any, compile: bool = True) -> Any:
+    """``model`` rebuilt from its config on the meta device (no weight read or copied)."""
+    return meta_build(keras.saving.serialize_keras_object(model), compile)
 
 
 def estimate(model: Any, spec: StepSpec | None = None) -> MemoryReport:
     """Predict one step's memory on ``model``'s meta clone (no weight read or copied)."""
     spec = spec or StepSpec()
+    config = keras.saving.serialize_keras_object(model)
+    return estimate_config(config, spec)
+
+
+def estimate_config(config: dict[str, Any], spec: StepSpec | None = None) -> MemoryReport:
+    """Predict one step's memory of the model that ``config`` describes (a ``.keras`` file's
+    ``config.json``), built on the meta device."""
+    spec = spec or StepSpec()
     start = time.perf_counter()
-    try:
-        clone = meta_clone(model, compile=spec.task == "train")
-    except (ValueError, TypeError, KeyError) as exc:
-        raise MemoptError(
-            f"cannot rebuild Keras model {model.name!r} from its config: {exc}"
-        ) from exc
+    clone = meta_build(config, compile=spec.task == "train")
     with _meta_device(), _CpuConvolutionFormat():
         x, y = example_batch(clone, spec, device="meta")
         with MemoryTracker(clone) as tracker:
             run_step(clone, spec, tracker, x, y)
     report = _report(clone, spec, tracker, "estimate")
-    report.model = model.name
     report.seconds = time.perf_counter() - start
     return report
 
