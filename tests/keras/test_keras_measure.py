@@ -15,7 +15,7 @@ from kmodels import cnn, keras, text_model
 
 import memopt
 from memopt.keras import FitMarker
-from memopt.keras.cast import variable_bytes
+from memopt.keras.casting import variable_bytes
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -117,7 +117,9 @@ def test_cli_keras_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = cnn()
     path = tmp_path / "cnn.keras"
     model.save(path)
-    code, out, err = _cli(capsys, "estimate", str(path), "--task", "train", "--batch", "8", "--json")
+    code, out, err = _cli(
+        capsys, "estimate", str(path), "--task", "train", "--batch", "8", "--json"
+    )
     assert code == 0, err
     report = json.loads(out)
     expected = memopt.estimate(model, memopt.StepSpec(task="train", batch=8))

@@ -19,10 +19,10 @@ _HOME = {
     "estimate": "memopt.keras.measure",
     "profile": "memopt.keras.measure",
     # data types
-    "cast": "memopt.keras.cast",
-    "variable_bytes": "memopt.keras.cast",
-    "quantize": "memopt.keras.quantize",
-    "QuantizeReport": "memopt.keras.quantize",
+    "cast": "memopt.keras.casting",
+    "variable_bytes": "memopt.keras.casting",
+    "quantize": "memopt.keras.quantizing",
+    "QuantizeReport": "memopt.keras.quantizing",
     # structure
     "PolynomialDecay": "memopt.keras.prune",
     "PruneDuringFit": "memopt.keras.prune",

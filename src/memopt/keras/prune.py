@@ -29,7 +29,7 @@ import torch
 
 from memopt.core.errors import MemoptError
 from memopt.keras.backend import keras_module
-from memopt.keras.cast import variable_bytes
+from memopt.keras.casting import variable_bytes
 from memopt.keras.layers import QConv, QDense, QEmbedding
 from memopt.keras.rebuild import Replacement, layers_of, rebuild
 from memopt.prune.gradual import PolynomialDecay

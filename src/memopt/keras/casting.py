@@ -43,15 +43,20 @@ def variable_bytes(variables: Any) -> int:
     return total
 
 
-def _recast(config: Any, dtype: str) -> Any:
-    """``config`` with every float dtype policy (and float input dtype) set to ``dtype``."""
+def _recast(config: Any, dtype: str, zeros: bool = False) -> Any:
+    """``config`` with every float dtype policy (and float input dtype) set to ``dtype``; with
+    ``zeros``, every initializer ``zeros`` (the values are assigned after the build: an LSTM's
+    orthogonal initializer needs a QR decomposition, which PyTorch has no bfloat16 CPU kernel
+    for, and initializing is wasted work anyway)."""
     if isinstance(config, list):
-        return [_recast(c, dtype) for c in config]
+        return [_recast(c, dtype, zeros) for c in config]
     if not isinstance(config, dict):
         return config
     out = {}
     for key, value in config.items():
-        if key == "dtype" and isinstance(value, str) and value in _FLOAT_POLICIES:
+        if zeros and key.endswith("_initializer") and value is not None:
+            out[key] = "zeros"
+        elif key == "dtype" and isinstance(value, str) and value in _FLOAT_POLICIES:
             out[key] = dtype
         elif (
             key == "dtype"
@@ -61,8 +66,23 @@ def _recast(config: Any, dtype: str) -> Any:
         ):
             out[key] = {**value, "config": {**value["config"], "name": dtype}}
         else:
-            out[key] = _recast(value, dtype)
+            out[key] = _recast(value, dtype, zeros)
     return out
+
+
+def _restore_initializers(old: Any, new: Any) -> None:
+    """The initializers of ``old``'s layers on ``new``'s (same names): the config stays the
+    user's (see ``_recast``)."""
+    from memopt.keras.rebuild import layers_of
+
+    olds = {layer.name: layer for layer in layers_of(old)}
+    for layer in layers_of(new):
+        src = olds.get(layer.name)
+        if src is None:
+            continue
+        for attr, value in vars(src).items():
+            if attr.endswith("_initializer") and hasattr(layer, attr):
+                setattr(layer, attr, value)
 
 
 def cast(model: Any, dtype: str) -> Any:
@@ -71,10 +91,11 @@ def cast(model: Any, dtype: str) -> Any:
     if dtype not in FLOAT_DTYPES:
         raise MemoptError(f"cast to one of {', '.join(FLOAT_DTYPES)}, not {dtype!r}")
     if not isinstance(model, keras.Model):
-        raise MemoptError(f"memopt.keras.cast takes a keras.Model, not {type(model).__name__}")
+        raise MemoptError(f"memopt.keras.casting takes a keras.Model, not {type(model).__name__}")
     config = keras.saving.serialize_keras_object(model)
     compile_config = config.pop("compile_config", None)
-    new = keras.saving.deserialize_keras_object(_recast(config, dtype))
+    new = keras.saving.deserialize_keras_object(_recast(config, dtype, zeros=True))
+    _restore_initializers(model, new)
     if len(new.variables) != len(model.variables):
         raise MemoptError(
             f"the rebuilt model has {len(new.variables)} variables, the original "

@@ -19,7 +19,7 @@ import torch
 
 from memopt.core.errors import MemoptError
 from memopt.keras.backend import keras_module
-from memopt.keras.cast import variable_bytes
+from memopt.keras.casting import variable_bytes
 from memopt.keras.layers import QGRU, QLSTM, QConv, QDense, QEmbedding
 from memopt.keras.rebuild import Replacement, layers_of, rebuild
 from memopt.weights import Int4Weight, Int8Weight, QuantizedWeight
@@ -161,7 +161,9 @@ def quantize(model: Any, mode: str = "int8", *, group_size: int = 64) -> tuple[A
     if mode not in MODES:
         raise MemoptError(f"quantize mode must be one of {', '.join(MODES)}, not {mode!r}")
     if not isinstance(model, keras.Model):
-        raise MemoptError(f"memopt.keras.quantize takes a keras.Model, not {type(model).__name__}")
+        raise MemoptError(
+            f"memopt.keras.quantizing takes a keras.Model, not {type(model).__name__}"
+        )
     if not model.built:
         raise MemoptError("build the model (keras.Input or one call) before quantizing it")
     plan: dict[str, Replacement] = {}
