@@ -13,7 +13,7 @@ import keras  # isort: skip
 __all__ = ["cnn", "keras", "sqnr", "text_model"]
 
 
-def cnn(size: int = 16, filters: int = 8, compile: bool = True) -> Any:
+def cnn(size: int = 16, filters: int = 16, compile: bool = True) -> Any:
     """The brief's case-1/3 CNN, smaller: Conv2D 3x3 ReLU -> MaxPool 2x2 -> Flatten -> Dense 10."""
     m = keras.Sequential(
         [

@@ -18,6 +18,7 @@ import torch
 
 from memopt.core.errors import MemoptError
 from memopt.keras.backend import keras_module
+from memopt.keras.rebuild import restore_initializers, zero_initializers
 
 keras = keras_module()
 
@@ -43,20 +44,15 @@ def variable_bytes(variables: Any) -> int:
     return total
 
 
-def _recast(config: Any, dtype: str, zeros: bool = False) -> Any:
-    """``config`` with every float dtype policy (and float input dtype) set to ``dtype``; with
-    ``zeros``, every initializer ``zeros`` (the values are assigned after the build: an LSTM's
-    orthogonal initializer needs a QR decomposition, which PyTorch has no bfloat16 CPU kernel
-    for, and initializing is wasted work anyway)."""
+def _recast(config: Any, dtype: str) -> Any:
+    """``config`` with every float dtype policy (and float input dtype) set to ``dtype``."""
     if isinstance(config, list):
-        return [_recast(c, dtype, zeros) for c in config]
+        return [_recast(c, dtype) for c in config]
     if not isinstance(config, dict):
         return config
     out = {}
     for key, value in config.items():
-        if zeros and key.endswith("_initializer") and value is not None:
-            out[key] = "zeros"
-        elif key == "dtype" and isinstance(value, str) and value in _FLOAT_POLICIES:
+        if key == "dtype" and isinstance(value, str) and value in _FLOAT_POLICIES:
             out[key] = dtype
         elif (
             key == "dtype"
@@ -66,23 +62,8 @@ def _recast(config: Any, dtype: str, zeros: bool = False) -> Any:
         ):
             out[key] = {**value, "config": {**value["config"], "name": dtype}}
         else:
-            out[key] = _recast(value, dtype, zeros)
+            out[key] = _recast(value, dtype)
     return out
-
-
-def _restore_initializers(old: Any, new: Any) -> None:
-    """The initializers of ``old``'s layers on ``new``'s (same names): the config stays the
-    user's (see ``_recast``)."""
-    from memopt.keras.rebuild import layers_of
-
-    olds = {layer.name: layer for layer in layers_of(old)}
-    for layer in layers_of(new):
-        src = olds.get(layer.name)
-        if src is None:
-            continue
-        for attr, value in vars(src).items():
-            if attr.endswith("_initializer") and hasattr(layer, attr):
-                setattr(layer, attr, value)
 
 
 def cast(model: Any, dtype: str) -> Any:
@@ -94,8 +75,8 @@ def cast(model: Any, dtype: str) -> Any:
         raise MemoptError(f"memopt.keras.casting takes a keras.Model, not {type(model).__name__}")
     config = keras.saving.serialize_keras_object(model)
     compile_config = config.pop("compile_config", None)
-    new = keras.saving.deserialize_keras_object(_recast(config, dtype, zeros=True))
-    _restore_initializers(model, new)
+    new = keras.saving.deserialize_keras_object(zero_initializers(_recast(config, dtype)))
+    restore_initializers(model, new)
     if len(new.variables) != len(model.variables):
         raise MemoptError(
             f"the rebuilt model has {len(new.variables)} variables, the original "

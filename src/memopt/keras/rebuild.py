@@ -21,7 +21,14 @@ from memopt.weights import QuantizedWeight
 
 keras = keras_module()
 
-__all__ = ["Replacement", "layers_of", "live_parameter_bytes", "rebuild"]
+__all__ = [
+    "Replacement",
+    "layers_of",
+    "live_parameter_bytes",
+    "rebuild",
+    "restore_initializers",
+    "zero_initializers",
+]
 
 
 @dataclass
@@ -55,6 +62,33 @@ def live_parameter_bytes(model: Any) -> int:
     return total
 
 
+def zero_initializers(config: Any) -> Any:
+    """``config`` with every initializer ``zeros``: a rebuilt model's values are assigned after
+    its build (initializing them is wasted work, and an LSTM's orthogonal initializer needs a QR
+    decomposition, which PyTorch has no bfloat16 CPU kernel for)."""
+    if isinstance(config, list):
+        return [zero_initializers(c) for c in config]
+    if not isinstance(config, dict):
+        return config
+    return {
+        k: "zeros" if k.endswith("_initializer") and v is not None else zero_initializers(v)
+        for k, v in config.items()
+    }
+
+
+def restore_initializers(old: Any, new: Any) -> None:
+    """The initializers of ``old``'s layers on ``new``'s layers of the same name, so that the
+    rebuilt model's config is the user's (see :func:`zero_initializers`)."""
+    olds = {layer.name: layer for layer in layers_of(old)}
+    for layer in layers_of(new):
+        src = olds.get(layer.name)
+        if src is None or type(src) is not type(layer):
+            continue
+        for attr, value in vars(src).items():
+            if attr.endswith("_initializer") and hasattr(layer, attr):
+                setattr(layer, attr, value)
+
+
 def _rewrite(node: Any, entries: dict[str, dict[str, Any]]) -> Any:
     if isinstance(node, list):
         return [_rewrite(n, entries) for n in node]
@@ -80,7 +114,8 @@ def rebuild(model: Any, plan: dict[str, Replacement]) -> Any:
     config = keras.saving.serialize_keras_object(model)
     compile_config = config.pop("compile_config", None)
     entries = {n: keras.saving.serialize_keras_object(r.layer) for n, r in plan.items()}
-    new = keras.saving.deserialize_keras_object(_rewrite(config, entries))
+    new = keras.saving.deserialize_keras_object(zero_initializers(_rewrite(config, entries)))
+    restore_initializers(model, new)
     by_name = {layer.name: layer for layer in layers_of(new)}
     owned: set[int] = set()
     with torch.no_grad():
