@@ -34,6 +34,7 @@ keras = keras_module()
 __all__ = [
     "QConv",
     "QDense",
+    "QEinsumDense",
     "QEmbedding",
     "QGRU",
     "QLSTM",
@@ -154,6 +155,78 @@ class QDense(StoredWeightLayer):
             "units": self.units,
             "activation": keras.activations.serialize(self.activation),
             "use_bias": self.use_bias,
+        }
+
+
+def einsum_split(equation: str) -> tuple[int, int] | None:
+    """For an ``EinsumDense`` equation that is a matrix product in disguise, (input dims kept,
+    kernel dims contracted): the input's last letters are the kernel's first ones, contracted,
+    and the output is the input's other letters then the kernel's others, in order
+    (``"abc,cd->abd"``, ``"abcd,cde->abe"``, ``"abc,cde->abde"``). None for any other."""
+    try:
+        lhs, out = equation.replace(" ", "").split("->")
+        inp, ker = lhs.split(",")
+    except ValueError:
+        return None
+    if "." in equation:
+        return None
+    for c in range(1, min(len(inp), len(ker)) + 1):
+        if inp[-c:] == ker[:c] and out == inp[:-c] + ker[c:]:
+            if set(inp[:-c]) & set(ker[c:]):
+                return None
+            return len(inp) - c, c
+    return None
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QEinsumDense(StoredWeightLayer):
+    """``EinsumDense`` whose equation is a matrix product (:func:`einsum_split`): the kernel
+    ``(*contracted, *out)`` stored as ``(prod(out), prod(contracted))``."""
+
+    def __init__(
+        self,
+        equation: str,
+        kernel_out: list[int],
+        bias_shape: list[int] | None = None,
+        activation: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        split = einsum_split(equation)
+        if split is None:
+            raise MemoptError(f"QEinsumDense: {equation!r} is not a matrix product")
+        self.equation = equation
+        self.kept, self.contracted = split
+        self.kernel_out = [int(d) for d in kernel_out]
+        self.bias_shape = None if bias_shape is None else [int(d) for d in bias_shape]
+        self.activation = keras.activations.get(activation)
+
+    def build(self, input_shape: Any) -> None:
+        self._add_stored()
+        if self.bias_shape is not None:
+            self.bias = self.add_weight(
+                name="bias", shape=tuple(self.bias_shape), initializer="zeros"
+            )
+
+    def call(self, inputs: Any) -> Any:
+        x = _float(inputs)
+        lead = x.shape[: self.kept]
+        y = self.stored("kernel").linear(x.reshape(math.prod(lead), -1))  # (M, prod(out))
+        y = y.reshape(*lead, *self.kernel_out)
+        if self.bias_shape is not None:
+            y = y + self.bias.value
+        return self.activation(y)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (*input_shape[: self.kept], *self.kernel_out)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "equation": self.equation,
+            "kernel_out": self.kernel_out,
+            "bias_shape": self.bias_shape,
+            "activation": keras.activations.serialize(self.activation),
         }
 
 

@@ -1,6 +1,7 @@
 """Quantize a Keras model's weights to int8 or int4 on memopt's weight kinds and kernels.
 
-``qmodel, report = quantize(model, "int8")``: every ``Dense``, ``Embedding``, ``Conv1D`` /
+``qmodel, report = quantize(model, "int8")``: every ``Dense``, ``EinsumDense`` (whose equation is
+a matrix product, as attention's projections are), ``Embedding``, ``Conv1D`` /
 ``Conv2D``, ``LSTM`` and ``GRU`` (inside a ``Bidirectional`` too) becomes its memopt layer
 (:mod:`memopt.keras.layers`) with the kernel as int8 (symmetric, one scale per output channel) or
 int4 (groups along the inputs, scale and zero in bfloat16); biases stay float. Every other layer
@@ -11,6 +12,7 @@ original model is dropped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,7 +22,15 @@ import torch
 from memopt.core.errors import MemoptError
 from memopt.keras.backend import keras_module
 from memopt.keras.casting import variable_bytes
-from memopt.keras.layers import QGRU, QLSTM, QConv, QDense, QEmbedding
+from memopt.keras.layers import (
+    QGRU,
+    QLSTM,
+    QConv,
+    QDense,
+    QEinsumDense,
+    QEmbedding,
+    einsum_split,
+)
 from memopt.keras.rebuild import Replacement, layers_of, rebuild
 from memopt.weights import Int4Weight, Int8Weight, QuantizedWeight
 
@@ -80,6 +90,28 @@ def _dense(layer: Any, mode: str, g: int) -> Replacement:
         layer.units, layer.activation, layer.use_bias, specs={"kernel": qw.spec()}, **_common(layer)
     )
     floats = {"bias": layer.bias.value} if layer.use_bias else {}
+    return Replacement(new, {"kernel": qw}, floats)
+
+
+def _einsum(layer: Any, mode: str, g: int) -> Replacement:
+    split = einsum_split(layer.equation)
+    if split is None:
+        raise MemoptError(f"equation {layer.equation!r} is not a matrix product")
+    kernel = layer.kernel.value  # (*contracted, *out)
+    c = split[1]
+    k = math.prod(kernel.shape[:c])
+    out = list(kernel.shape[c:])
+    qw = _weight(kernel.reshape(k, -1).t(), mode, g)  # (prod(out), K)
+    bias = getattr(layer, "bias", None)
+    new = QEinsumDense(
+        layer.equation,
+        out,
+        bias_shape=None if bias is None else list(bias.shape),
+        activation=layer.activation,
+        specs={"kernel": qw.spec()},
+        **_common(layer),
+    )
+    floats = {"bias": bias.value} if bias is not None else {}
     return Replacement(new, {"kernel": qw}, floats)
 
 
@@ -147,6 +179,8 @@ def _converter(layer: Any) -> Callable[[Any, str, int], Replacement] | None:
     kind = type(layer)
     if kind is L.Dense:
         return _dense
+    if kind is L.EinsumDense:
+        return _einsum
     if kind is L.Embedding:
         return _embedding
     if kind in (L.Conv1D, L.Conv2D):
