@@ -81,7 +81,9 @@ class StoredWeightLayer(keras.Layer):
 
     def stored(self, wname: str) -> QuantizedWeight:
         """The weight, its buffers the variables' tensors (cached while they stay the same)."""
-        tensors = {b: v.value for b, v in self._stored_vars[wname].items()}
+        # the variables' own tensors (``_value``: Keras's ``value`` property checks scopes and
+        # autocasting on every access, a measurable share of a batch-1 call)
+        tensors = {b: _tensor(v) for b, v in self._stored_vars[wname].items()}
         key = tuple(t.data_ptr() for t in tensors.values())
         hit = self._cache.get(wname)
         if hit is not None and hit[0] == key:
@@ -108,6 +110,11 @@ class StoredWeightLayer(keras.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "specs": self.specs}
+
+
+def _tensor(v: Any) -> torch.Tensor:
+    value = getattr(v, "_value", None)
+    return value if isinstance(value, torch.Tensor) else v.value
 
 
 def _torch_fn(fn: Any) -> Any:
@@ -143,7 +150,7 @@ class QDense(StoredWeightLayer):
         y = self.stored("kernel").linear(x.reshape(-1, x.shape[-1]))  # (M, N)
         y = y.reshape(*lead, self.units)
         if self.use_bias:
-            y = y + self.bias.value
+            y = y + _tensor(self.bias)
         return self.activation(y)
 
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
@@ -322,7 +329,7 @@ class QConv(StoredWeightLayer):
             shape = (1,) * (y.dim() - 1) + (self.filters,)
             if self.data_format == "channels_first":
                 shape = (1, self.filters) + (1,) * (y.dim() - 2)
-            y = y + self.bias.value.reshape(shape)
+            y = y + _tensor(self.bias).reshape(shape)
         return self.activation(y)
 
     def compute_output_spec(self, inputs: Any) -> Any:
@@ -421,7 +428,7 @@ class _QRecurrent(StoredWeightLayer):
         b, t, k = x.shape
         zx = self.stored("kernel").linear(x.reshape(b * t, k)).reshape(b, t, -1)  # (B, T, G*U)
         rec = self.stored("recurrent_kernel").dequantize(x.dtype).t()  # (U, G*U) for this call
-        bias = self.bias.value if self.use_bias else None
+        bias = _tensor(self.bias) if self.use_bias else None
         zx = self._input_bias(zx, bias)
         act, ract = _torch_fn(self.activation), _torch_fn(self.recurrent_activation)
         states = self._initial(x, initial_state)
