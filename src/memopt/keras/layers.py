@@ -117,6 +117,15 @@ def _tensor(v: Any) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else v.value
 
 
+def _linear(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+    """``x (M, K) @ W.T`` on memopt's kernel. On the meta device (memopt's estimate) the output
+    alone: the CPU kernel's choice is made by timing, which a meta tensor cannot do, and its
+    temporaries are a few rows of the output's size."""
+    if x.is_meta:
+        return x.new_empty((x.shape[0], qw.shape[0]))
+    return qw.linear(x)
+
+
 def _torch_fn(fn: Any) -> Any:
     """Keras's tanh / sigmoid as torch's own (no Keras dispatch per time step); others as given."""
     name = getattr(fn, "__name__", "")
@@ -147,7 +156,7 @@ class QDense(StoredWeightLayer):
     def call(self, inputs: Any) -> Any:
         x = _float(inputs)
         lead = x.shape[:-1]
-        y = self.stored("kernel").linear(x.reshape(-1, x.shape[-1]))  # (M, N)
+        y = _linear(self.stored("kernel"), x.reshape(-1, x.shape[-1]))  # (M, N)
         y = y.reshape(*lead, self.units)
         if self.use_bias:
             y = y + _tensor(self.bias)
@@ -218,7 +227,7 @@ class QEinsumDense(StoredWeightLayer):
     def call(self, inputs: Any) -> Any:
         x = _float(inputs)
         lead = x.shape[: self.kept]
-        y = self.stored("kernel").linear(x.reshape(math.prod(lead), -1))  # (M, prod(out))
+        y = _linear(self.stored("kernel"), x.reshape(math.prod(lead), -1))  # (M, prod(out))
         y = y.reshape(*lead, *self.kernel_out)
         if self.bias_shape is not None:
             y = y + self.bias.value
@@ -426,7 +435,7 @@ class _QRecurrent(StoredWeightLayer):
             raise MemoptError(f"{self.name}: memopt's recurrent layers do not take a mask")
         x = _float(sequences)
         b, t, k = x.shape
-        zx = self.stored("kernel").linear(x.reshape(b * t, k)).reshape(b, t, -1)  # (B, T, G*U)
+        zx = _linear(self.stored("kernel"), x.reshape(b * t, k)).reshape(b, t, -1)  # (B, T, G*U)
         rec = self.stored("recurrent_kernel").dequantize(x.dtype).t()  # (U, G*U) for this call
         bias = _tensor(self.bias) if self.use_bias else None
         zx = self._input_bias(zx, bias)

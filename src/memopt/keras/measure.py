@@ -19,6 +19,10 @@ Inputs are zeros of the model's input shapes and dtypes: ``None`` dimensions tak
 (the first) and ``spec.seq`` (the others); targets are zeros shaped for the compiled loss (integer
 class ids for a ``sparse_*`` loss). ``spec.dtype`` and ``spec.optimizer`` do not apply: a Keras
 model runs in its layers' dtype policies with its compiled optimizer.
+
+memopt's own int8 / int4 / sparse layers (:mod:`memopt.keras.layers`) count their output on the
+meta device, not their kernel's temporaries: exact for int8 and sparse layers here, under by the
+dequantized row block for an int4 layer of fewer than 16 outputs (no CPU int4 kernel layout).
 """
 
 from __future__ import annotations
