@@ -149,3 +149,32 @@ def test_quantized_model_is_measured() -> None:
     q, report = quantize(cnn(compile=False), "int8")
     prof = memopt.profile(q, memopt.StepSpec(task="infer", batch=2))
     assert prof.breakdown["params"] == report.bytes_after
+    est = memopt.estimate(q, memopt.StepSpec(task="infer", batch=2))  # from the config, on meta
+    assert est.breakdown["params"] == report.bytes_after
+    assert abs(est.peak_bytes - prof.peak_bytes) <= 0.01 * prof.peak_bytes  # measured: 8 B
+
+
+def test_cli_quantize_keras_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``memopt quantize M.keras --method int8 -o OUT.keras``: in a child, written atomically."""
+    import json
+
+    from memopt.app.cli import main
+
+    model = cnn()
+    src = tmp_path / "cnn.keras"
+    model.save(src)
+    out = tmp_path / "cnn-int8.keras"
+    code = main(["quantize", str(src), "--method", "int8", "-o", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert result["bytes_before"] == variable_bytes(model.variables)
+    assert result["bytes_after"] <= 0.30 * result["bytes_before"]
+    assert result["disk_bytes"] == out.stat().st_size and result["skipped"] == {}
+    assert {p.name for p in tmp_path.iterdir()} == {"cnn.keras", "cnn-int8.keras"}  # no temp
+    x = np.random.default_rng(0).random((2, 16, 16, 3), dtype=np.float32)
+    loaded = keras.saving.load_model(out)
+    assert sqnr(model.predict(x, verbose=0), loaded.predict(x, verbose=0)) >= MIN_SQNR["int8"]
+    capsys.readouterr()
+    code = main(["quantize", str(src), "--method", "int8", "-o", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and ".keras file" in err

@@ -724,8 +724,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         config = method_config(args.method, args.group_size, args.algo)
     label = args.method or config.fmt
     calib = read_text(args.calib) if args.calib else None
-    with _progress(f"quantizing to {label}", quiet=args.json) as cb:
-        result = quantize_model(args.model, config, args.output, calib=calib, progress=cb)
+    if str(args.model).endswith(".keras"):  # a Keras 3 model: int8 / int4 on memopt's layers
+        from memopt.keras.files import quantize_file
+
+        if args.config is not None or args.algo is not None or args.calib:
+            raise MemoptError("a .keras model takes --method int8|int4 [--group-size G] only")
+        with _status(f"quantizing to {label}"):
+            result = quantize_file(args.model, args.method, args.output, args.group_size or 64)
+    else:
+        with _progress(f"quantizing to {label}", quiet=args.json) as cb:
+            result = quantize_model(args.model, config, args.output, calib=calib, progress=cb)
     if args.json:
         _print_json(result)
         return 0

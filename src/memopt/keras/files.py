@@ -23,6 +23,7 @@ __all__ = [
     "load_keras",
     "memory_in_child",
     "memory_report",
+    "quantize_file",
     "read_config",
 ]
 
@@ -107,3 +108,36 @@ def memory_in_child(path: str, spec: dict[str, Any]) -> dict[str, Any]:
 
     report = profile(load_keras(path), StepSpec(**spec))
     return {"report": report.to_dict()}
+
+
+def quantize_file(path: str, mode: str, output: str, group_size: int = 64) -> dict[str, Any]:
+    """``memopt quantize MODEL.keras --method int8|int4 -o OUT.keras``, in a fresh child (its
+    peak RSS is the quantization's): the CLI's JSON keys, and the layers kept float with why."""
+    if mode not in ("int8", "int4"):
+        raise MemoptError(f"a .keras model quantizes to int8 or int4, not {mode!r}")
+    if not str(output).endswith(".keras"):
+        raise MemoptError(f"-o {output}: a Keras model is written as a .keras file")
+    check_archive(path)
+    from memopt.core.rss import run_in_child
+
+    out = run_in_child(quantize_in_child, str(path), mode, str(output), group_size)
+    out["peak_rss_bytes"] = int(out["peak_rss_bytes"]) - int(out["baseline_rss_bytes"])
+    return out
+
+
+def quantize_in_child(path: str, mode: str, output: str, group_size: int) -> dict[str, Any]:
+    """The child's work: load, quantize, save through a temporary name (never half a file)."""
+    from memopt.core.atomic import atomic_path
+    from memopt.keras.quantizing import quantize
+
+    model, report = quantize(load_keras(path), mode, group_size=group_size)
+    with atomic_path(output, suffix=".keras") as tmp:
+        tmp.unlink()  # Keras refuses to overwrite without asking
+        model.save(tmp)
+    return {
+        "bytes_before": report.bytes_before,
+        "bytes_after": report.bytes_after,
+        "disk_bytes": Path(output).stat().st_size,
+        "layers": [r.__dict__ for r in report.layers],
+        "skipped": {r.name: r.reason for r in report.skipped},
+    }
