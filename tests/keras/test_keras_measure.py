@@ -47,7 +47,9 @@ def test_estimate_lstm_within_5_percent() -> None:
         prof = memopt.profile(model, spec)
         assert abs(est.peak_bytes - prof.peak_bytes) <= 0.05 * prof.peak_bytes, task
         names = {m["name"] for m in prof.modules}
-        assert {"embedding", "bidirectional/forward_lstm", "bidirectional"} <= names
+        # Keras paths (auto names carry a session counter: embedding_3, bidirectional_2/...)
+        assert any(n.startswith("embedding") for n in names), names
+        assert any(n.startswith("bidirectional") and "/forward_lstm" in n for n in names), names
 
 
 def test_estimate_reads_no_weight() -> None:

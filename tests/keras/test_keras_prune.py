@@ -114,3 +114,26 @@ def test_one_shot_and_bad_input() -> None:
     with pytest.raises(memopt.MemoptError, match="no prunable layer"):
         cnn().fit(*_data(16), epochs=1, verbose=0,
                   callbacks=[PruneDuringFit(PolynomialDecay(), layers=["nope"])])  # fmt: skip
+
+
+def test_cli_prune_keras_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from memopt.app.cli import main
+
+    keras.utils.set_random_seed(0)
+    model = cnn()
+    src = tmp_path / "cnn.keras"
+    model.save(src)
+    out = tmp_path / "sparse.keras"
+    argv = ["prune", str(src), "--method", "magnitude", "--sparsity", "0.8", "-o", str(out)]
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sparsity"] == pytest.approx(0.8, abs=2e-3)
+    assert result["bytes_after"] <= 0.30 * result["bytes_before"]
+    assert result["disk_bytes"] == out.stat().st_size
+    loaded = keras.saving.load_model(out)
+    assert variable_bytes(loaded.variables) == result["bytes_after"]
+    capsys.readouterr()
+    assert main(["prune", str(src), "--method", "wanda", "--sparsity", "0.5", "-o", str(out)]) == 2
+    assert "magnitude" in capsys.readouterr().err

@@ -92,14 +92,21 @@ def test_quantize_bytes_quality_roundtrip(model_and_input, mode: str, tmp_path: 
 
 
 def test_no_float_kernel_left_alive() -> None:
-    """After quantizing a Sequential and dropping the float model, no float32 tensor of a
-    kernel's shape is alive anywhere (Keras's own quantize leaves them in _torch_params)."""
+    """After quantizing a Sequential and dropping the float model, its float kernels are freed
+    (nothing, _torch_params included, holds them: Keras's own quantize leaves them there) and no
+    float32 tensor of a kernel's shape is alive (shapes no other test uses)."""
+    import weakref
+
     keras.utils.set_random_seed(0)
-    model = cnn(compile=False)
-    shapes = {tuple(v.shape) for v in model.weights if len(v.shape) > 1}
+    model = cnn(size=18, filters=24, compile=False)
+    kernels = [v.value for v in model.weights if len(v.shape) > 1]
+    shapes = {tuple(k.shape) for k in kernels}
+    refs = [weakref.ref(k) for k in kernels]
+    del kernels
     q, _ = quantize(model, "int8")
     del model
     gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
     alive = [
         o
         for o in gc.get_objects()

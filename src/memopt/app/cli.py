@@ -857,10 +857,16 @@ def _run_streamed(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from memopt.prune import prune_model
 
-    with _status(f"pruning ({args.method})"):
-        result = prune_model(
-            args.model, args.method, args.sparsity, args.output, values=args.values
-        )
+    if str(args.model).endswith(".keras"):  # a Keras 3 model: magnitude, stored sparse
+        from memopt.keras.files import prune_file
+
+        with _status(f"pruning ({args.method})"):
+            result = prune_file(args.model, args.method, args.sparsity, args.output, args.values)
+    else:
+        with _status(f"pruning ({args.method})"):
+            result = prune_model(
+                args.model, args.method, args.sparsity, args.output, values=args.values
+            )
     if args.json:
         _print_json(result)
         return 0

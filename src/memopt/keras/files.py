@@ -23,6 +23,7 @@ __all__ = [
     "load_keras",
     "memory_in_child",
     "memory_report",
+    "prune_file",
     "quantize_file",
     "read_config",
 ]
@@ -140,4 +141,44 @@ def quantize_in_child(path: str, mode: str, output: str, group_size: int) -> dic
         "disk_bytes": Path(output).stat().st_size,
         "layers": [r.__dict__ for r in report.layers],
         "skipped": {r.name: r.reason for r in report.skipped},
+    }
+
+
+def prune_file(
+    path: str, method: str, sparsity: float, output: str, values: str | None = None
+) -> dict[str, Any]:
+    """``memopt prune MODEL.keras --method magnitude --sparsity S -o OUT.keras``: one-shot
+    magnitude pruning of every Dense / Conv / Embedding kernel, stored sparse (float or int8
+    values), in a fresh child."""
+    if method != "magnitude":
+        raise MemoptError(f"a .keras model is pruned by magnitude, not {method!r}")
+    values = values or "float"
+    if values not in ("float", "int8"):
+        raise MemoptError(f"--values for a .keras model: float or int8, not {values!r}")
+    if not 0.0 < sparsity < 1.0:
+        raise MemoptError(f"--sparsity must be in (0, 1), got {sparsity}")
+    if not str(output).endswith(".keras"):
+        raise MemoptError(f"-o {output}: a Keras model is written as a .keras file")
+    check_archive(path)
+    from memopt.core.rss import run_in_child
+
+    return run_in_child(prune_in_child, str(path), sparsity, str(output), values)
+
+
+def prune_in_child(path: str, sparsity: float, output: str, values: str) -> dict[str, Any]:
+    from memopt.core.atomic import atomic_path
+    from memopt.keras.prune import prune_magnitude, strip
+
+    model = load_keras(path)
+    prune_magnitude(model, sparsity)
+    small, report = strip(model, values=values)
+    with atomic_path(output, suffix=".keras") as tmp:
+        tmp.unlink()  # Keras refuses to overwrite without asking
+        small.save(tmp)
+    return {
+        "bytes_before": report.bytes_before,
+        "bytes_after": report.bytes_after,
+        "disk_bytes": Path(output).stat().st_size,
+        "sparsity": report.sparsity,
+        "layers": report.layers,
     }
