@@ -148,3 +148,20 @@ def test_torch_params_are_the_variables() -> None:
         p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values()
     ) >= variable_bytes(model.variables)
     assert isinstance(model, torch.nn.Module) and keras.backend.backend() == "torch"
+
+
+def test_trained_model_inference_state() -> None:
+    """After fit, an inference step's memory holds Adam's state (estimated alike) and the
+    gradients Keras's torch trainer leaves on the parameters (measured, not predicted)."""
+    model = cnn()
+    x = np.random.default_rng(0).random((8, 16, 16, 3), dtype=np.float32)
+    model.fit(x, np.arange(8) % 10, epochs=1, batch_size=8, verbose=0)
+    spec = memopt.StepSpec(task="infer", batch=2)
+    est = memopt.estimate(model, spec)
+    prof = memopt.profile(model, spec)
+    trainable = variable_bytes(model.trainable_weights)
+    assert est.breakdown["optimizer"] == prof.breakdown["optimizer"] == 2 * trainable + 8
+    assert prof.breakdown["grads"] == trainable and est.breakdown["grads"] == 0
+    assert prof.peak_bytes - est.peak_bytes == trainable
+    model.zero_grad(set_to_none=True)
+    assert memopt.profile(model, spec).peak_bytes == est.peak_bytes

@@ -42,7 +42,23 @@ def _mlp() -> keras.Model:
     )
 
 
+def _functional() -> keras.Model:
+    """A Functional model with two inputs: Embedding + GRU beside a Dense branch."""
+    ids = keras.Input((20,), dtype="int32")
+    num = keras.Input((8,))
+    h = keras.layers.GRU(32)(keras.layers.Embedding(500, 32)(ids))
+    z = keras.layers.Concatenate()([h, keras.layers.Dense(16, activation="relu")(num)])
+    return keras.Model([ids, num], keras.layers.Dense(3, activation="softmax")(z))
+
+
 MODELS = {
+    "functional": (
+        _functional,
+        lambda r: [
+            r.integers(0, 500, (4, 20)).astype("int32"),
+            r.random((4, 8), dtype=np.float32),
+        ],
+    ),
     "cnn": (lambda: cnn(compile=False), lambda r: r.random((4, 16, 16, 3), dtype=np.float32)),
     "text": (
         lambda: text_model(compile=False),

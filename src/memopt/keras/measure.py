@@ -18,7 +18,10 @@ into Keras's global state (``keras.src.backend.common.global_state``, the attrib
 Inputs are zeros of the model's input shapes and dtypes: ``None`` dimensions take ``spec.batch``
 (the first) and ``spec.seq`` (the others); targets are zeros shaped for the compiled loss (integer
 class ids for a ``sparse_*`` loss). ``spec.dtype`` and ``spec.optimizer`` do not apply: a Keras
-model runs in its layers' dtype policies with its compiled optimizer.
+model runs in its layers' dtype policies with its compiled optimizer. Not predicted: the
+gradients that ``fit`` leaves on the parameters (Keras's torch trainer does not free them after
+the last step; ``profile`` counts them as ``grads``, ``model.zero_grad(set_to_none=True)`` frees
+them).
 
 memopt's own int8 / int4 / sparse layers (:mod:`memopt.keras.layers`) count their output on the
 meta device, not their kernel's temporaries: exact for int8 and sparse layers here, under by the
@@ -210,15 +213,20 @@ def estimate(model: Any, spec: StepSpec | None = None) -> MemoryReport:
     """Predict one step's memory on ``model``'s meta clone (no weight read or copied)."""
     spec = spec or StepSpec()
     config = keras.saving.serialize_keras_object(model)
-    return estimate_config(config, spec)
+    opt = getattr(model, "optimizer", None)
+    # a trained model holds its optimizer's state through inference too: built alike on meta
+    return estimate_config(config, spec, with_optimizer=opt is not None and opt.built)
 
 
-def estimate_config(config: dict[str, Any], spec: StepSpec | None = None) -> MemoryReport:
+def estimate_config(
+    config: dict[str, Any], spec: StepSpec | None = None, with_optimizer: bool = False
+) -> MemoryReport:
     """Predict one step's memory of the model that ``config`` describes (a ``.keras`` file's
-    ``config.json``), built on the meta device."""
+    ``config.json``), built on the meta device; ``with_optimizer``: its optimizer's state built
+    for an inference step too (a trained model in memory holds it)."""
     spec = spec or StepSpec()
     start = time.perf_counter()
-    clone = meta_build(config, compile=spec.task == "train")
+    clone = meta_build(config, compile=spec.task == "train" or with_optimizer)
     with _meta_device(), _CpuConvolutionFormat():
         x, y = example_batch(clone, spec, device="meta")
         with MemoryTracker(clone) as tracker:

@@ -97,9 +97,13 @@ def _rewrite(node: Any, entries: dict[str, dict[str, Any]]) -> Any:
     if "class_name" in node and isinstance(node.get("config"), dict):
         name = node["config"].get("name")
         if name in entries:
-            new = dict(entries[name])
-            if "build_config" in node:
-                new["build_config"] = node["build_config"]
+            # the new layer's class and config; the node's place in the model (a Functional's
+            # "name" and "inbound_nodes", the "build_config") stays
+            entry = entries[name]
+            new = dict(node)
+            for key in ("module", "class_name", "config", "registered_name"):
+                if key in entry:
+                    new[key] = entry[key]
             return new
     return {k: _rewrite(v, entries) for k, v in node.items()}
 
