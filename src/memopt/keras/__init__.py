@@ -29,6 +29,8 @@ _HOME = {
     "prune_magnitude": "memopt.keras.prune",
     "sparsity_of": "memopt.keras.prune",
     "strip": "memopt.keras.prune",
+    # allocation
+    "set_memory_growth": "memopt.keras.memory",
     # files and layers
     "load_keras": "memopt.keras.files",
     "live_parameter_bytes": "memopt.keras.rebuild",
