@@ -4,10 +4,10 @@ The brief's code, with ``import keras`` (Keras 3 on its torch backend) and these
 
 - ``tf.config.experimental.set_memory_growth(True)`` is a TypeError as written (it takes a
   device first) and asks for the opposite of preallocation. memopt predicts the training step's
-  peak on the meta device (no weight read), reserves that much memory up front
-  (:func:`memopt.plan.pool.preallocate_cpu_heap`: glibc keeps freed blocks instead of returning
-  them with ``munmap``, so steps stop page-faulting their activations back in) and then measures
-  the real ``fit`` steps against the prediction.
+  peak on the meta device (no weight read), reserves that much memory up front with
+  :func:`memopt.keras.set_memory_growth` (``enable=False``; on the CPU glibc then keeps freed
+  blocks instead of returning them with ``munmap``) and then measures the real ``fit`` steps
+  against the prediction.
 - ``train_images`` / ``train_labels`` are not defined in the brief: here scikit-learn's digits,
   upscaled to 32x32x3 (examples/brief/data.py), 360 images held out.
 
@@ -41,8 +41,7 @@ def run(variant: str, epochs: int) -> dict:
     from data import digits_32x32x3
 
     import memopt
-    from memopt.keras import FitMarker
-    from memopt.plan.pool import preallocate_cpu_heap
+    from memopt.keras import FitMarker, set_memory_growth
 
     torch.set_num_threads(1)
     train_images, train_labels, test_images, test_labels = digits_32x32x3()
@@ -61,8 +60,10 @@ def run(variant: str, epochs: int) -> dict:
     step = memopt.StepSpec(task="train", batch=32)  # Keras's default batch size
     predicted = memopt.estimate(model, step)
     if variant == "preallocated":
-        # fix: reserve the predicted peak (with room for Keras's own temporaries) up front
-        preallocate_cpu_heap(2 * predicted.peak_bytes)
+        # the brief's tf.config.experimental.set_memory_growth(True), fixed: a device, and growth
+        # off (a pool reserved up front: the predicted peak, with room for Keras's temporaries)
+        device = "GPU:0" if torch.cuda.is_available() else "CPU"
+        set_memory_growth(device, False, memory_limit=2 * predicted.peak_bytes)
     faults: list[int] = []
     times: list[float] = []
 
