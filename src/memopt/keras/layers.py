@@ -132,6 +132,10 @@ def _torch_fn(fn: Any) -> Any:
     return {"tanh": torch.tanh, "sigmoid": torch.sigmoid}.get(name, fn)
 
 
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(int(a) for a in v) if isinstance(v, (list, tuple)) else (int(v),) * n
+
+
 def _float(x: Any) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
@@ -324,16 +328,47 @@ class QConv(StoredWeightLayer):
         # convolution for both (a strided kernel sends it to the slow reference kernel, 5x)
         return w.permute(*range(1, w.dim()), 0).contiguous()  # (*ks, cin, cout)
 
+    def _torch_conv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Channels-last input straight to torch's convolution, or None where Keras's rules are
+        needed (channels-first, "same" padding with strides, "causal").
+
+        Keras's own path copies the input to channels-first and back and permutes and copies the
+        kernel at every call; here the input is a permuted view ((B, H, W, C) as channels-last
+        (B, C, H, W)), the kernel is built in torch's layout from the codes, and the output is
+        viewed back: the same oneDNN convolution, fewer copies."""
+        nd = len(self.kernel_size)
+        strides = _tuple(self.strides, nd)
+        dilation = _tuple(self.dilation_rate, nd)
+        if self.data_format != "channels_last" or nd not in (1, 2) or x.dim() != nd + 2:
+            return None
+        if self.padding == "same" and any(s != 1 for s in strides):
+            return None
+        if self.padding not in ("valid", "same"):
+            return None
+        qw = self.stored("kernel")
+        n, k = qw.shape
+        cin = k // math.prod(self.kernel_size)
+        w = qw.dequantize(x.dtype).reshape(n, *self.kernel_size, cin)  # (cout, *ks, cin)
+        w = w.permute(0, nd + 1, *range(1, nd + 1))  # (cout, cin, *ks), channels-last strides
+        order = (0, nd + 1, *range(1, nd + 1))
+        xt = x.permute(*order)  # (B, C, *spatial): a view
+        conv = torch.nn.functional.conv2d if nd == 2 else torch.nn.functional.conv1d
+        groups = xt.shape[1] // cin
+        y = conv(xt, w, None, strides, self.padding, dilation, groups)  # (B, cout, *spatial')
+        return y.permute(0, *range(2, nd + 2), 1)  # (B, *spatial', cout)
+
     def call(self, inputs: Any) -> Any:
         x = _float(inputs)
-        y = keras.ops.conv(
-            x,
-            self._kernel(x.dtype),
-            strides=self.strides,
-            padding=self.padding,
-            data_format=self.data_format,
-            dilation_rate=self.dilation_rate,
-        )
+        y = self._torch_conv(x)
+        if y is None:
+            y = keras.ops.conv(
+                x,
+                self._kernel(x.dtype),
+                strides=self.strides,
+                padding=self.padding,
+                data_format=self.data_format,
+                dilation_rate=self.dilation_rate,
+            )
         if self.use_bias:
             shape = (1,) * (y.dim() - 1) + (self.filters,)
             if self.data_format == "channels_first":
