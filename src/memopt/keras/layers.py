@@ -299,11 +299,15 @@ class QConv(StoredWeightLayer):
         dilation_rate: Any = 1,
         activation: Any = None,
         use_bias: bool = True,
+        inputs: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.kernel_size = tuple(kernel_size)
+        # the kernel's true inputs (kh * kw * cin) when the stored weight is zero-padded to a
+        # multiple of int4's group (a 3x3x3 kernel's 27 inputs stored as 32); None: not padded
+        self.inputs = None if inputs is None else int(inputs)
         self.strides = tuple(strides) if isinstance(strides, (list, tuple)) else strides
         self.padding = padding
         self.data_format = data_format or keras.config.image_data_format()
@@ -318,12 +322,19 @@ class QConv(StoredWeightLayer):
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
 
+    def _dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        """``(cout, kh * kw * cin)`` float for this call (padding dropped), and cin."""
+        qw = self.stored("kernel")
+        w = qw.dequantize(dtype)
+        if self.inputs is not None:
+            w = w[:, : self.inputs]
+        return w, w.shape[1] // math.prod(self.kernel_size)
+
     def _kernel(self, dtype: torch.dtype) -> torch.Tensor:
         """The Keras-layout kernel ``(*kernel_size, cin, cout)``, dequantized for this call."""
-        qw = self.stored("kernel")
-        n, k = qw.shape
-        cin = k // math.prod(self.kernel_size)
-        w = qw.dequantize(dtype).reshape(n, *self.kernel_size, cin)  # (cout, *ks, cin)
+        w, cin = self._dequantized(dtype)
+        n = w.shape[0]
+        w = w.reshape(n, *self.kernel_size, cin)  # (cout, *ks, cin)
         # contiguous in Keras's layout, as a float kernel is: torch then picks the same (oneDNN)
         # convolution for both (a strided kernel sends it to the slow reference kernel, 5x)
         return w.permute(*range(1, w.dim()), 0).contiguous()  # (*ks, cin, cout)
@@ -345,10 +356,9 @@ class QConv(StoredWeightLayer):
             return None
         if self.padding not in ("valid", "same"):
             return None
-        qw = self.stored("kernel")
-        n, k = qw.shape
-        cin = k // math.prod(self.kernel_size)
-        w = qw.dequantize(x.dtype).reshape(n, *self.kernel_size, cin)  # (cout, *ks, cin)
+        w, cin = self._dequantized(x.dtype)
+        n = w.shape[0]
+        w = w.reshape(n, *self.kernel_size, cin)  # (cout, *ks, cin)
         w = w.permute(0, nd + 1, *range(1, nd + 1))  # (cout, cin, *ks), channels-last strides
         order = (0, nd + 1, *range(1, nd + 1))
         xt = x.permute(*order)  # (B, C, *spatial): a view
@@ -379,7 +389,7 @@ class QConv(StoredWeightLayer):
     def compute_output_spec(self, inputs: Any) -> Any:
         # the shape rule of Keras's own convolution, on a kernel of the right shape (no data)
         qw_shape = self.specs["kernel"]["shape"]
-        cin = int(qw_shape[1]) // math.prod(self.kernel_size)
+        cin = (self.inputs or int(qw_shape[1])) // math.prod(self.kernel_size)
         kernel = keras.KerasTensor((*self.kernel_size, cin, self.filters), dtype=inputs.dtype)
         out = keras.ops.conv(
             inputs,
@@ -402,6 +412,7 @@ class QConv(StoredWeightLayer):
             "dilation_rate": self.dilation_rate,
             "activation": keras.activations.serialize(self.activation),
             "use_bias": self.use_bias,
+            "inputs": self.inputs,
         }
 
 

@@ -4,7 +4,8 @@
 a matrix product, as attention's projections are), ``Embedding``, ``Conv1D`` /
 ``Conv2D``, ``LSTM`` and ``GRU`` (inside a ``Bidirectional`` too) becomes its memopt layer
 (:mod:`memopt.keras.layers`) with the kernel as int8 (symmetric, one scale per output channel) or
-int4 (groups along the inputs, scale and zero in bfloat16); biases stay float. Every other layer
+int4 (groups along the inputs, scale and zero in bfloat16; a convolution's inputs zero-padded to a
+multiple of 16 when they are not one); biases stay float. Every other layer
 that holds weights is kept as it is and listed in the report with the reason, never silently. The
 model is rebuilt (:mod:`memopt.keras.rebuild`), so nothing keeps the float kernels alive once the
 original model is dropped.
@@ -130,7 +131,13 @@ def _conv(layer: Any, mode: str, g: int) -> Replacement:
     kernel = layer.kernel.value  # (*kernel_size, cin, cout)
     cout = kernel.shape[-1]
     w = kernel.permute(kernel.dim() - 1, *range(kernel.dim() - 1)).reshape(cout, -1)
-    qw = _weight(w, mode, g)  # (cout, prod(kernel_size) * cin)
+    inputs = None
+    if mode == "int4" and w.shape[1] % 16:
+        # the kernel is dequantized whole at each call, so zero columns cost only their codes:
+        # a 3x3x3 kernel's 27 inputs stored as 32, the padding dropped after dequantizing
+        inputs = w.shape[1]
+        w = torch.nn.functional.pad(w, (0, -inputs % 16))
+    qw = _weight(w, mode, g)  # (cout, prod(kernel_size) * cin [padded])
     new = QConv(
         layer.filters,
         layer.kernel_size,
@@ -140,6 +147,7 @@ def _conv(layer: Any, mode: str, g: int) -> Replacement:
         dilation_rate=layer.dilation_rate,
         activation=layer.activation,
         use_bias=layer.use_bias,
+        inputs=inputs,
         specs={"kernel": qw.spec()},
         **_common(layer),
     )
