@@ -20,8 +20,10 @@ upscaled to 32x32x3; Python-documentation paragraphs labelled by topic group).
    stripped model's bytes in memory and on disk (no gzip).
 4. Case 1's training step: memopt's estimate (meta device) against its profile (real weights).
 
-tfmot is not run here: it does not accept Keras 3 models (tensorflow/model-optimization#1119); its
-tf-keras figures are the issue's (a stripped model as large as the dense one).
+tfmot does not accept Keras 3 models (tensorflow/model-optimization#1119) and TensorFlow pins
+package versions memopt's environment does not use: ``--tfmot-python PATH`` runs case 3 with
+tf-keras + tfmot in another interpreter (bench/keras3_tfmot.py, its own virtual environment) in
+the same bench run, printed beside memopt's figures.
 
     .venv/bin/python bench/keras3.py  (not keras.py: a script of that name would shadow the keras package) [--epochs E] [--rounds R] [--threads N] [--json]
 """
@@ -224,6 +226,19 @@ def case3_prune(x, y, xt, yt, epochs, tmp) -> dict[str, Any]:  # noqa: ANN001
     }
 
 
+def tfmot_peer(python: str, epochs: int) -> dict[str, Any]:
+    """bench/keras3_tfmot.py in ``python`` (tf-keras + tfmot): its JSON, or the failure."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "keras3_tfmot.py"
+    proc = subprocess.run(
+        [python, str(script), "--epochs", str(epochs)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def case1_estimate(model) -> dict[str, Any]:  # noqa: ANN001
     spec = memopt.StepSpec(task="train", batch=32)
     est = memopt.estimate(model, spec)
@@ -241,6 +256,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tfmot-python", metavar="PATH", help="a Python with tf-keras + tfmot")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out: dict[str, Any] = {"keras": keras.__version__, "torch": torch.__version__}
@@ -262,6 +278,8 @@ def main() -> int:
         out["quantize"] = rows
         out["case2_cast"] = case2_cast(xs, ys, xst, yst, args.epochs * 3, tmp)
         out["case3_prune"] = case3_prune(xd, yd, xdt, ydt, args.epochs, tmp)
+        if args.tfmot_python:
+            out["case3_tfmot"] = tfmot_peer(args.tfmot_python, args.epochs)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -296,6 +314,21 @@ def main() -> int:
     print(f"  memory: {b0:,} -> {b1:,} B ({b1 / b0:.3f}x), int8 values {b8:,} B ({b8 / b0:.3f}x)")
     print(f"  disk (.keras, no gzip): {d0:,} -> {d1:,} B ({d1 / d0:.3f}x), int8 values {d8:,} B "
           f"({d8 / d0:.3f}x)")  # fmt: skip
+    tf = out.get("case3_tfmot")
+    if tf and "error" in tf:
+        print(f"  tfmot (tf-keras): failed: {tf['error']}")
+    elif tf:
+        d = tf["dense_bytes"]
+        print(f"  tfmot {tf['tfmot']} on tf-keras (TensorFlow {tf['tensorflow']}), same data and "
+              f"epochs: sparsity {tf['sparsity']:.4f}; accuracy dense / stripped "
+              f"{tf['accuracy_dense']:.4f} / {tf['accuracy_stripped']:.4f}")  # fmt: skip
+        print(f"    variables while pruning {tf['bytes_while_pruning']:,} B "
+              f"({tf['bytes_while_pruning'] / d:.3f}x dense); stripped in memory "
+              f"{tf['stripped_bytes']:,} B ({tf['stripped_bytes'] / d:.3f}x)")  # fmt: skip
+        print(f"    HDF5 file (no optimizer) {tf['dense_h5_bytes']:,} -> {tf['stripped_h5_bytes']:,} B "
+              f"({tf['stripped_h5_bytes'] / tf['dense_h5_bytes']:.3f}x); gzip "
+              f"{tf['dense_h5_gzip_bytes']:,} -> {tf['stripped_h5_gzip_bytes']:,} B "
+              f"({tf['stripped_h5_gzip_bytes'] / tf['dense_h5_gzip_bytes']:.3f}x)")  # fmt: skip
     c1 = out["case1_estimate"]
     print(f"\ncase 1, one training step at batch 32: estimate {c1['estimate']:,} B, profile "
           f"{c1['profile']:,} B ({c1['estimate'] / c1['profile']:.4f}x)")  # fmt: skip
