@@ -22,7 +22,7 @@ upscaled to 32x32x3; Python-documentation paragraphs labelled by topic group).
 
 tfmot does not accept Keras 3 models (tensorflow/model-optimization#1119) and TensorFlow pins
 package versions memopt's environment does not use: ``--tfmot-python PATH`` runs case 3 with
-tf-keras + tfmot in another interpreter (bench/keras3_tfmot.py, its own virtual environment) in
+tf-keras + tfmot in another interpreter (bench/peers/keras3_tfmot.py, its own virtual environment) in
 the same bench run, printed beside memopt's figures.
 
     .venv/bin/python bench/keras3.py  (not keras.py: a script of that name would shadow the keras package) [--epochs E] [--rounds R] [--threads N] [--json]
@@ -227,10 +227,10 @@ def case3_prune(x, y, xt, yt, epochs, tmp) -> dict[str, Any]:  # noqa: ANN001
 
 
 def tfmot_peer(python: str, epochs: int) -> dict[str, Any]:
-    """bench/keras3_tfmot.py in ``python`` (tf-keras + tfmot): its JSON, or the failure."""
+    """bench/peers/keras3_tfmot.py in ``python`` (tf-keras + tfmot): its JSON, or the failure."""
     import subprocess
 
-    script = Path(__file__).resolve().parent / "keras3_tfmot.py"
+    script = Path(__file__).resolve().parent / "peers" / "keras3_tfmot.py"
     proc = subprocess.run(
         [python, str(script), "--epochs", str(epochs)], capture_output=True, text=True
     )

@@ -10,7 +10,7 @@ bench run. The brief's case 3 as tfmot's guide does it: dense training, then
 bytes of the variables during pruning (the wrapper's masks and thresholds included) and after
 stripping, the files (HDF5 and .keras without the optimizer, and gzip of the HDF5), accuracy.
 
-    tfvenv/bin/python bench/keras3_tfmot.py --epochs 3
+    tfvenv/bin/python bench/peers/keras3_tfmot.py --epochs 3  (not in bench/*.py: make bench runs those)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"  # tfmot needs tf-keras (Keras 2)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "brief"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "brief"))
 
 
 def main() -> None:
