@@ -75,11 +75,11 @@ from memopt.quant.api import (
     swap_module,
     swap_plan,
 )
-from memopt.quant.config import Int4WeightOnly, Mixed, gptq_config, is_calibrated
+from memopt.quant.config import Int4WeightOnly, IntNWeightOnly, Mixed, gptq_config, is_calibrated
 from memopt.weights import kernels
 from memopt.weights.modules import QConv, QLinear
 from memopt.weights.primitives import choose_qparams, pack, pack_int4_nblock
-from memopt.weights.quantized import Int4Weight, QuantizedWeight
+from memopt.weights.quantized import Int4Weight, IntNWeight, QuantizedWeight
 
 __all__ = [
     "CALIB_BATCH",
@@ -100,6 +100,7 @@ __all__ = [
 ]
 
 ProgressFn = Callable[[int, int], None]  # (blocks done, blocks total)
+Calibrated = Int4WeightOnly | IntNWeightOnly  # a calibrated format: int4, or int3 / int2
 
 # Calibration sequences per forward. Each chunk's activations inside a block are the peak's
 # transient part (they grow with the sequences per chunk, widest at the MLP), so 4 rather than 8
@@ -125,14 +126,15 @@ class GPTQSettings:
 DEFAULT_SETTINGS = GPTQSettings()
 
 
-def _settings(config: Int4WeightOnly | Mixed, settings: GPTQSettings | None) -> GPTQSettings:
+def _settings(config: Calibrated | Mixed, settings: GPTQSettings | None) -> GPTQSettings:
     if isinstance(config, Mixed):
         if not is_calibrated(config):
             raise MemoptError("calibration: this Mixed config has no calibrated (gptq) rule")
         return settings or DEFAULT_SETTINGS
-    if not isinstance(config, Int4WeightOnly):
+    if not isinstance(config, (Int4WeightOnly, IntNWeightOnly)):
         raise MemoptError(
-            f"calibration takes an Int4WeightOnly or Mixed config, not {type(config).__name__}"
+            "calibration takes an Int4WeightOnly, IntNWeightOnly or Mixed config, not "
+            f"{type(config).__name__}"
         )
     if config.algo != "gptq":
         raise MemoptError(f"calibration: algo {config.algo!r} is not a calibrated algorithm")
@@ -173,9 +175,15 @@ def calibration_ids(
 
 
 def _choose_group(
-    x: torch.Tensor, weight: torch.Tensor, symmetric: bool, s: GPTQSettings
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    symmetric: bool,
+    s: GPTQSettings,
+    bits: int = 4,
+    scale_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset per row of one group ``x (N, G)``: bfloat16 values, as float32 ``(N,)``.
+    """Scale and offset per row of one group ``x (N, G)``: ``scale_dtype`` values (bfloat16 for
+    int4, float16 for int3 / int2: their formats'), as float32 ``(N,)``.
 
     Candidates are the min..max range shrunk towards its centre; each row keeps the one with the
     smallest ``sum_j weight_j (x_j - dq(x_j))^2``. choose_qparams makes the scale/offset of each
@@ -189,14 +197,15 @@ def _choose_group(
         mid = torch.zeros_like(mid)
         half = torch.maximum(-lo, hi)
     ends = torch.stack([mid - p[:, None] * half, mid + p[:, None] * half], -1)  # (P, N, 2)
-    scale, off = choose_qparams(ends.reshape(-1, 2), 4, 2, symmetric, torch.bfloat16)
+    scale, off = choose_qparams(ends.reshape(-1, 2), bits, 2, symmetric, scale_dtype)
     scale = scale.float().reshape(-1, n, 1)  # (P, N, 1)
     off = torch.zeros_like(scale) if off is None else off.float().reshape(-1, n, 1)
     if scale.shape[0] == 1:
         return scale[0, :, 0], off[0, :, 0]
     # One (P, N, G) temporary, updated in place (the expression form held four at once): codes,
     # then their squared, weighted rounding error
-    c = (x - off).div_(scale).round_().clamp_(-8, 7)  # (P, N, G)
+    mid = 2 ** (bits - 1)
+    c = (x - off).div_(scale).round_().clamp_(-mid, mid - 1)  # (P, N, G)
     err = c.mul_(scale).add_(off).sub_(x).pow_(2).mul_(weight).sum(-1)  # (P, N)
     del c
     best = err.argmin(0)  # (N,)
@@ -210,11 +219,13 @@ def gptq_quantize(
     group_size: int,
     symmetric: bool = False,
     settings: GPTQSettings = DEFAULT_SETTINGS,
+    bits: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of one weight ``w (N, K)`` given ``h (K, K)`` = sum of x x^T over calibration inputs.
 
-    Returns ``(codes (N, K) uint8 in [0, 15], scale (N, K/G) bfloat16, zero (N, K/G) bfloat16)``
-    in the convention ``w ~ (c - 8) * scale + zero`` (zero = 0 when symmetric).
+    Returns ``(codes (N, K) uint8 in [0, 2^bits - 1], scale (N, K/G), zero (N, K/G))`` in the
+    convention ``w ~ (c - 2^(bits-1)) * scale + zero`` (zero = 0 when symmetric); scale and zero
+    bfloat16 for int4 (its format's), float16 for int3 / int2.
 
     Runs on one thread: the per-column operations (a few thousand elements each) are too small to
     split, and OpenMP's fork/join on each of them costs more than the work (by orders of
@@ -223,7 +234,7 @@ def gptq_quantize(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(w, h, group_size, symmetric, settings)
+        return _gptq(w, h, group_size, symmetric, settings, bits)
     finally:
         torch.set_num_threads(threads)
 
@@ -243,11 +254,11 @@ def gptq_rows(
     read: Callable[[int, int], torch.Tensor],
     n: int,
     h: torch.Tensor,
-    config: Int4WeightOnly,
+    config: Calibrated,
     settings: GPTQSettings = DEFAULT_SETTINGS,
     rows: int = 2048,
     dtype: torch.dtype = torch.float32,
-) -> Int4Weight:
+) -> QuantizedWeight:
     """GPTQ of an ``(n, K)`` weight given by ``read(r0, r1)`` (its rows ``r0:r1``), ``rows`` at a time.
 
     Rows are independent in GPTQ (a column's rounding error is fed back along its own row only,
@@ -257,6 +268,8 @@ def gptq_rows(
     file: the float weight is never whole in memory. ``dtype``: the float weight's dtype.
     """
     k, g = h.shape[0], config.group_size
+    if isinstance(config, IntNWeightOnly):
+        return _gptq_rows_intn(read, n, h, config, settings, rows, dtype)
     block_n = kernels.int4_block_n(n)
     if block_n is not None and rows % block_n:
         rows = max(block_n, rows // block_n * block_n)
@@ -275,14 +288,40 @@ def gptq_rows(
     return _int4_weight(packed, scale_zero, (n, k), g, config.symmetric, dtype, block_n)
 
 
+def _gptq_rows_intn(
+    read: Callable[[int, int], torch.Tensor],
+    n: int,
+    h: torch.Tensor,
+    config: IntNWeightOnly,
+    settings: GPTQSettings,
+    rows: int,
+    dtype: torch.dtype,
+) -> IntNWeight:
+    """:func:`gptq_rows` for int3 / int2: each chunk packed into the preallocated buffers."""
+    k, g, bits = h.shape[0], config.group_size, config.bits
+    packed = torch.empty(n, k * bits // 8, dtype=torch.uint8)  # (N, K * bits / 8)
+    scale = torch.empty(n, k // g, dtype=torch.float16)
+    zero = torch.empty(n, k // g, dtype=torch.float16)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        codes, sc, zr = gptq_quantize(read(a, b), h, g, config.symmetric, settings, bits)
+        packed[a:b] = pack(codes, bits)
+        scale[a:b], zero[a:b] = sc, zr
+        del codes, sc, zr
+    return _intn_weight(packed, scale, zero, (n, k), bits, g, config.symmetric, dtype)
+
+
 def _gptq(
     w: torch.Tensor,
     h: torch.Tensor,
     group_size: int,
     symmetric: bool,
     settings: GPTQSettings,
+    bits: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, k = w.shape
+    mid = 2 ** (bits - 1)
+    scale_dtype = torch.bfloat16 if bits == 4 else torch.float16
     g = group_size
     if k % g:
         raise MemoptError(f"group size {g} does not divide the input dimension {k}")
@@ -350,12 +389,14 @@ def _gptq(
                 out = ~inb
                 if i and bool(out.any()):  # the pending feedback of this block's columns
                     cur[out] -= U[i1 : i1 + i][:, pos[out]].t() @ E1[:i]
-                scale[:, gi], zero[:, gi] = _choose_group(cur.t(), dperm[pos], symmetric, s)
+                scale[:, gi], zero[:, gi] = _choose_group(
+                    cur.t(), dperm[pos], symmetric, s, bits, scale_dtype
+                )
                 chosen[gi] = True
             sc, zr = scale[:, gi], zero[:, gi]  # (N,)
             x = W1[i]  # (N,)
-            c = torch.round((x - zr) / sc).clamp_(-8, 7)
-            Q[i1 + i] = (c + 8).to(torch.uint8)
+            c = torch.round((x - zr) / sc).clamp_(-mid, mid - 1)
+            Q[i1 + i] = (c + mid).to(torch.uint8)
             err = (x - (c * sc + zr)) / U1[i, i]  # (N,)
             # rank-1 error feedback; addmm_, not addr_ (which is far slower here)
             W1[i + 1 :].addmm_(U1[i, i + 1 :, None], err[None, :], alpha=-1.0)
@@ -364,7 +405,55 @@ def _gptq(
     Q = Q.t()  # (N, K)
     codes = torch.empty_like(Q)
     codes[:, perm] = Q
-    return codes, scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+    return codes, scale.to(scale_dtype), zero.to(scale_dtype)
+
+
+def intn_weight_from_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> IntNWeight:
+    """An :class:`IntNWeight` (int3 / int2) holding given codes ``(N, K)`` and float16 scale and
+    offset ``(N, K/G)``: the buffers round-to-nearest makes, other codes."""
+    packed = pack(codes, bits)  # (N, K * bits / 8)
+    return _intn_weight(packed, scale, zero, tuple(codes.shape), bits, group_size, symmetric, dtype)
+
+
+def _intn_weight(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    shape: tuple[int, int],
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    dtype: torch.dtype,
+) -> IntNWeight:
+    """An IntNWeight around ready buffers (``packed`` canonical, ``scale``/``zero`` (N, K/G))."""
+    qw = IntNWeight.__new__(IntNWeight)
+    QuantizedWeight.__init__(qw, shape, dtype)
+    qw.bits, qw.group_size, qw.symmetric = bits, group_size, symmetric
+    qw.fmt = f"int{bits}"
+    qw.register_buffer("packed", packed)
+    qw.register_buffer("scale", scale.to(torch.float16).contiguous())
+    qw.register_buffer("offset", None if symmetric else zero.to(torch.float16).contiguous())
+    return qw
+
+
+def _weight_from_codes(
+    c: Calibrated, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+) -> QuantizedWeight:
+    if isinstance(c, IntNWeightOnly):
+        return intn_weight_from_codes(codes, scale, zero, c.bits, c.group_size, c.symmetric, dtype)
+    return int4_weight_from_codes(codes, scale, zero, c.group_size, c.symmetric, dtype)
+
+
+def _bits(c: Calibrated) -> int:
+    return c.bits if isinstance(c, IntNWeightOnly) else 4
 
 
 def int4_weight_from_codes(
@@ -538,7 +627,7 @@ def quantize_block_(
 
     if isinstance(config, Mixed):
         _uncalibrated_first(block, config, full, select, on_linear)
-    rule: dict[str, Int4WeightOnly] = {}
+    rule: dict[str, Calibrated] = {}
     for nm, m in block.named_modules():
         if isinstance(m, nn.Linear) and (select is None or select(nm, m)):
             c = gptq_config(config, full(nm))
@@ -559,11 +648,9 @@ def quantize_block_(
             for nm in stage:
                 lin, c = block.get_submodule(nm), rule[nm]
                 codes, scale, zero = gptq_quantize(
-                    lin.weight, H, c.group_size, c.symmetric, settings
+                    lin.weight, H, c.group_size, c.symmetric, settings, _bits(c)
                 )
-                qw = int4_weight_from_codes(
-                    codes, scale, zero, c.group_size, c.symmetric, lin.weight.dtype
-                )
+                qw = _weight_from_codes(c, codes, scale, zero, lin.weight.dtype)
                 del codes
                 _set_child(block, nm, QLinear(qw, lin.bias))
                 lin.register_parameter("weight", None)  # the float weight goes now
@@ -703,13 +790,13 @@ def gptq_head(
     ids: torch.Tensor,
     final: list[tuple[tuple, dict]],
     as_tuple: bool,
-    config: Int4WeightOnly,
+    config: Calibrated,
     batch: int = CALIB_BATCH,
     settings: GPTQSettings | None = None,
     *,
     embed: Embed | None = None,
     read: Callable[[int, int], torch.Tensor] | None = None,
-) -> Int4Weight | None:
+) -> QuantizedWeight | None:
     """The output projection by GPTQ (a tied lm_head: also the embedding's weight), or None when
     ``settings.lm_head`` is off or the model has no Linear head whose width the group divides.
 
