@@ -130,7 +130,22 @@ def mixed_calib_text() -> str:
     docs = default_calib_text()
     code = "\n\n".join(_present(CALIB_CODE))
     prose = "\n\n".join(_present(CALIB_PROSE))
-    return "\n\n".join(_cut(t, CALIB_SHARE_CHARS) for t in (docs, code, prose) if t)
+    # IDLE's older notes repeat some entries of the held-out notes (fixes released on both
+    # branches): a paragraph sharing a line with a held-out text is left out
+    held = set().union(*(_long_lines(t) for t in heldout_texts().values()))
+    parts = [_without(t, held) for t in (docs, code, prose)]
+    return "\n\n".join(_cut(t, CALIB_SHARE_CHARS) for t in parts if t)
+
+
+def _long_lines(text: str) -> set[str]:
+    """The stripped lines of 40 characters or more: what a shared passage has in common."""
+    return {ln.strip() for ln in text.splitlines() if len(ln.strip()) >= 40}
+
+
+def _without(text: str, lines: set[str]) -> str:
+    """``text`` less its paragraphs (blank-line separated) that contain one of ``lines``."""
+    paras = re.split(r"\n\s*\n", text)
+    return "\n\n".join(p for p in paras if not _long_lines(p) & lines)
 
 
 def _present(files: tuple[str, ...]) -> list[str]:
