@@ -212,12 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--algo",
         choices=("gptq", "rtn"),
-        help="int4 only: gptq (calibrated, default) or rtn (round to nearest)",
+        help="int4: gptq (calibrated, default) or rtn (round to nearest); int3 / int2: rtn "
+        "(default) or gptq",
     )
     p.add_argument(
         "--calib",
         metavar="FILE",
-        help="calibration text for gptq (default: Python docs, not the eval excerpt)",
+        help="calibration text for gptq (default: docs, code and release notes mixed; "
+        "no held-out text)",
     )
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")

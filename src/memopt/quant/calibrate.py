@@ -63,7 +63,7 @@ from torch import nn
 from memopt.core import heap
 from memopt.core.errors import MemoptError
 from memopt.core.modules import model_bytes, require_blocks, selector
-from memopt.core.texts import default_calib_text
+from memopt.core.texts import mixed_calib_text
 from memopt.quant.api import (
     QuantReport,
     count_format,
@@ -157,11 +157,12 @@ def calibration_ids(
     tokenizer: Any, text: str | None = None, n: int = 32, seq: int = 256
 ) -> torch.Tensor:
     """``(n, seq)`` int64 token ids: ``n`` windows of ``seq`` tokens spread evenly over ``text``
-    (default :func:`default_calib_text`). A text shorter than ``n * seq`` tokens gives overlapping
+    (default :func:`~memopt.core.texts.mixed_calib_text`: documentation, code and release notes,
+    none of it a held-out text). A text shorter than ``n * seq`` tokens gives overlapping
     windows; shorter than ``seq``, one window of all of it."""
     if n < 1 or seq < 2:
         raise MemoptError(f"calibration needs n >= 1 and seq >= 2, got n={n}, seq={seq}")
-    text = default_calib_text() if text is None else text
+    text = mixed_calib_text() if text is None else text
     ids = torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long).reshape(-1)  # (L,)
     if ids.numel() < 2:
         raise MemoptError("the calibration text has fewer than 2 tokens")
@@ -842,7 +843,7 @@ def calibrate_(
 
     ``model``: an ``nn.Module`` or a :class:`~memopt.models.LoadedModel` (whose tokenizer then makes
     the calibration ids). ``calib_ids (N, T)``: token ids; default ``calibration_ids(tokenizer,
-    calib_text, n, seq)``, the text defaulting to :func:`default_calib_text`. Linears inside the
+    calib_text, n, seq)``, the text defaulting to :func:`mixed_calib_text`. Linears inside the
     transformer blocks get GPTQ; every other covered module selected (the embedding and a tied
     lm_head) gets round-to-nearest int4, as ``algo="rtn"`` would.
 
