@@ -50,6 +50,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "memopt int8": ("memopt", "int8: per-channel matmul weights, embeddings in groups of 128"),
     "memopt int4": ("memopt", "int4 GPTQ g64 (rtn g64 on minilm, an encoder)"),
     "memopt int4 rtn": ("memopt", "int4 round-to-nearest g64"),
+    "memopt int3": ("memopt", "int3 GPTQ g64 (`--method int3 --group-size 64 --algo gptq`)"),
+    "memopt int3 rtn": ("memopt", "int3 round-to-nearest g64"),
+    "memopt int2": ("memopt", "int2 GPTQ g64"),
     "torchao int8": ("torchao", "Int8WeightOnlyConfig, every nn.Linear"),
     "torchao int4": ("torchao", "Int4WeightOnlyConfig(group_size=64)"),
     "bnb int8": ("bitsandbytes", "Linear8bitLt (threshold 0), Linears but lm_head"),
@@ -58,8 +61,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
 FULL = {
     "minilm": ["float32", "memopt int8", "memopt int4", "torchao int8", "torchao int4",
                "bnb int8", "bnb nf4"],
-    "smollm2": ["float32", "memopt int8", "memopt int4", "memopt int4 rtn", "torchao int8",
-                "torchao int4", "bnb int8", "bnb nf4"],
+    "smollm2": ["float32", "memopt int8", "memopt int4", "memopt int4 rtn", "memopt int3",
+                "memopt int3 rtn", "memopt int2", "torchao int8", "torchao int4", "bnb int8",
+                "bnb nf4"],
 }  # fmt: skip
 QUICK = {
     "minilm": ["float32", "memopt int8", "torchao int8", "bnb int8"],
@@ -135,6 +139,9 @@ def _memopt_config(model: str, variant: str) -> Any:
 
     if variant == "memopt int8":
         return method_config("int8")
+    if variant.startswith(("memopt int3", "memopt int2")):
+        bits = variant.split()[1]
+        return method_config(bits, 64, "rtn" if variant.endswith("rtn") else "gptq")
     if variant == "memopt int4" and model == "smollm2":
         return method_config("int4")  # GPTQ g64: the CLI's default
     return Int4WeightOnly(group_size=64, algo="rtn")
