@@ -51,6 +51,7 @@ group (its first module's) is calibrated.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -121,6 +122,10 @@ class GPTQSettings:
     # GPTQ for the output projection too (a tied embedding shares it): a lower perplexity than RTN
     # there, for a slower quantization (bench/calibrate.py)
     lm_head: bool = True
+    # Asymmetric calibration (GPTAQ-style; calibrate_ only, not the streamed path): each Linear's
+    # target is the float model's output on the float model's own inputs, not its output on the
+    # quantized model's inputs; see _asym_target
+    asym: bool = False
 
 
 DEFAULT_SETTINGS = GPTQSettings()
@@ -539,6 +544,56 @@ def stages(block: nn.Module, first: tuple[tuple, dict], names: list[str]) -> lis
     return stages + [[nm] for nm in unseen]  # never called: quantized last, without data
 
 
+def _cross_hessian(
+    block: nn.Module,
+    linear: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    fblock: nn.Module,
+    flinear: nn.Module,
+    finputs: list[tuple[tuple, dict]],
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H, C)``: ``H = Σ x_q x_qᵀ`` at ``linear``'s input in the block being quantized, and
+    ``C = Σ x_f x_qᵀ`` with ``x_f`` the float block's input at ``flinear`` for the same tokens
+    (the float model's own activations), both (K, K) float32."""
+    H, C = torch.zeros(k, k), torch.zeros(k, k)
+    got: list[torch.Tensor] = []
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        got.append(args[0].detach().reshape(-1, k).float())  # (M, K)
+        raise _Stop
+
+    handles = [linear.register_forward_pre_hook(pre), flinear.register_forward_pre_hook(pre)]
+    try:
+        for (a, kw), (fa, fkw) in zip(inputs, finputs, strict=True):
+            with contextlib.suppress(_Stop):
+                block(*a, **kw)
+            with contextlib.suppress(_Stop):
+                fblock(*fa, **fkw)
+            xq, xf = got
+            got.clear()
+            H.addmm_(xq.t(), xq)
+            C.addmm_(xf.t(), xq)
+    finally:
+        for h in handles:
+            h.remove()
+    return H, C
+
+
+def _asym_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight that, on the quantized model's inputs ``X_q``, best gives the float model's
+    outputs ``X_f Wᵀ``: ``W · C · H⁻¹`` (least squares, ``C = X_fᵀ X_q``, ``H`` damped as
+    GPTQ damps it). GPTQ of this target with ``H`` minimises ``‖X_f Wᵀ − X_q Qᵀ‖`` (GPTAQ's
+    asymmetric calibration) instead of ``‖X_q Wᵀ − X_q Qᵀ‖``."""
+    hd = h.clone()
+    hd.diagonal().add_(damp * float(hd.diagonal().mean()) + 1e-8)
+    L, info = torch.linalg.cholesky_ex(hd)
+    if int(info) != 0:
+        return w
+    wc = w.detach().float() @ c  # (N, K)
+    return torch.cholesky_solve(wc.t(), L).t().to(w.dtype)  # (N, K): (W C) H^-1, H symmetric
+
+
 def _hessian(
     block: nn.Module, linear: nn.Module, inputs: list[tuple[tuple, dict]], k: int
 ) -> torch.Tensor:
@@ -599,6 +654,7 @@ def quantize_block_(
     settings: GPTQSettings | None = None,
     consume: bool = False,
     name: str = "",
+    float_path: tuple[nn.Module, list[tuple[tuple, dict]]] | None = None,
 ) -> list[Any]:
     """Quantize every ``nn.Linear`` of one transformer block in place with calibrated int4.
 
@@ -618,6 +674,9 @@ def quantize_block_(
     stages' Hessians and the block's outputs are those of the mixed model (a module quantized
     without data is the same whenever it is quantized; what it changes is what the modules after it
     see). ``on_linear`` is told of those too.
+
+    ``float_path``: ``(float block, its float inputs)`` for ``settings.asym`` (the block's float
+    copy and the inputs the float model gives it, chunk by chunk as ``inputs``).
     """
     settings = _settings(config, settings)
     if not inputs:
@@ -645,11 +704,18 @@ def quantize_block_(
     if todo:
         for stage in stages(block, inputs[0], todo):
             lin0 = block.get_submodule(stage[0])
-            H = _hessian(block, lin0, inputs, lin0.in_features)  # shared by the stage
+            C = None
+            if settings.asym and float_path is not None:
+                fblock, finputs = float_path
+                H, C = _cross_hessian(block, lin0, inputs, fblock, fblock.get_submodule(stage[0]),
+                                      finputs, lin0.in_features)  # fmt: skip
+            else:
+                H = _hessian(block, lin0, inputs, lin0.in_features)  # shared by the stage
             for nm in stage:
                 lin, c = block.get_submodule(nm), rule[nm]
+                w = lin.weight if C is None else _asym_target(lin.weight, H, C, settings.damp)
                 codes, scale, zero = gptq_quantize(
-                    lin.weight, H, c.group_size, c.symmetric, settings, _bits(c)
+                    w, H, c.group_size, c.symmetric, settings, _bits(c)
                 )
                 qw = _weight_from_codes(c, codes, scale, zero, lin.weight.dtype)
                 del codes
@@ -657,7 +723,7 @@ def quantize_block_(
                 lin.register_parameter("weight", None)  # the float weight goes now
                 if on_linear is not None:
                     on_linear(nm, qw)
-            del H
+            del H, C
             heap.trim()  # the stage's Hessian and GPTQ's copies: back to the system, not kept
     outputs = []
     for i in range(len(inputs)):
@@ -883,8 +949,10 @@ def calibrate_(
     was_training = model.training
     model.eval()
     inputs = capture_inputs(model, blocks[0], calib_ids, batch)
+    finputs = list(inputs) if settings.asym else None  # the float model's block inputs
     for b, block in enumerate(blocks):
         here = f"{prefix}.{b}"
+        fblock = copy.deepcopy(block) if finputs is not None else None  # this block, float
 
         def on_linear(nm: str, qw: QuantizedWeight | str, here: str = here, block=block) -> None:
             if isinstance(qw, str):
@@ -902,10 +970,14 @@ def calibrate_(
             settings=settings,
             consume=True,
             name=here,
+            float_path=None if fblock is None else (fblock, finputs),
         )
         tuple_out = isinstance(outputs[0], (tuple, list))
         inputs = next_inputs(inputs, outputs)
         del outputs
+        if fblock is not None:
+            finputs = next_inputs(finputs, [fblock(*a, **kw) for a, kw in finputs])
+            del fblock
         if progress is not None:
             progress(b + 1, len(blocks))
 
