@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
+import torch
 
 from memopt.core.errors import MemoptError
 from memopt.core.texts import (
@@ -16,6 +18,18 @@ from memopt.core.texts import (
     heldout_texts,
     mixed_calib_text,
 )
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread: a 64-token forward is too small to split, and on a shared machine two
+    threads wait on each other at every operation (measured 6-10x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _lines(text: str) -> set[str]:
@@ -50,7 +64,8 @@ def test_heldout_perplexity(smollm2):
     from memopt.evaluate import heldout_perplexities
 
     names = ["license", "news", "code"]
-    got = heldout_perplexities(smollm2, names, max_tokens=64)
+    with one_thread():
+        got = heldout_perplexities(smollm2, names, max_tokens=64)
     assert list(got) == names and all(r.tokens == 63 for r in got.values())
     assert got["code"].perplexity < got["license"].perplexity < got["news"].perplexity
 
@@ -60,7 +75,10 @@ def test_cli_eval_heldout(capsys, monkeypatch, smollm2):
     from memopt.app.cli import main
 
     monkeypatch.setattr(memopt.models, "load_model", lambda *a, **kw: smollm2)  # loaded once
-    code = main(["eval", "smollm2", "--heldout", "license,code", "--max-tokens", "64", "--json"])
+    with one_thread():
+        code = main(
+            ["eval", "smollm2", "--heldout", "license,code", "--max-tokens", "64", "--json"]
+        )
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     assert set(out["heldout"]) == {"license", "code"}
