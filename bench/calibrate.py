@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak_rss_quantize_bytes'] / 2**20:.0f} MiB",
             f"{r['model_bytes'] / 1e6:.1f} MB",
         )
-    Console().print(t)
+    Console(width=150).print(t)  # wide enough for every column, also when piped
     return 0
 
 
