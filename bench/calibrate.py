@@ -1,16 +1,20 @@
-"""Bench: calibrated int4 (GPTQ variants) against round-to-nearest on SmolLM2-135M, same run.
+"""Bench: calibrated int4 / int3 / int2 (GPTQ variants) against round-to-nearest on SmolLM2-135M.
 
-Each variant runs in a fresh Python process (memopt.core.rss.run_in_child): load the bundled
+Each variant runs in a fresh Python process (memopt.core.rss.run_in_child), one torch thread (the
+machine is shared: two threads stall on every barrier when other jobs run): load the bundled
 model (its float weights are dequantized Q4_1 from the GGUF file), quantize, measure perplexity on
-the first 2,048 tokens of the evaluation text (windows of 512, memopt.evaluate.perplexity).
-Reported: perplexity, ratio to float32 (same run), seconds to quantize, the child's peak RSS up to
-the end of quantization (load included) and over the whole child.
+the first 2,048 tokens of every held-out text (memopt.core.texts.HELDOUT: pydoc, license, news,
+code; windows of 512, memopt.evaluate.heldout_perplexities). Reported: perplexity over float32's
+(same run) per text and the worst of them, seconds to quantize, bytes of the model, the child's
+peak RSS up to the end of quantization (load included).
 
-Evaluation text: memopt.evaluate's default excerpt (its _TOPICS, named in the table). Calibration:
-n sequences x seq tokens from memopt.core.texts.CALIB_TOPICS, topics disjoint from those.
+Calibration: n sequences x seq tokens of the mixed default set (memopt.core.texts.mixed_calib_text:
+docs, code, release notes; none of it a held-out text), or ``--calib pydoc`` for the pydoc topics
+alone (the default before the held-out texts). Variants ending in ``+int8head`` keep the tied
+embedding / lm_head in int8 (per channel) and the rest in the variant's format.
 
-    .venv/bin/python bench/calibrate.py [--groups 64 32] [--variants rtn gptq gptq-plain]
-                                        [--n 32] [--seq 256] [--json]
+    .venv/bin/python bench/calibrate.py [--bits 4 3] [--group 64] [--variants rtn gptq]
+                                        [--n 32] [--seq 256] [--calib mixed|pydoc] [--json]
 """
 
 from __future__ import annotations
@@ -33,51 +37,58 @@ VARIANTS: dict[str, dict[str, Any] | str | None] = {
     "gptq-plain": {"act_order": False, "search": False, "lm_head": False},  # the paper's form
     "gptq-actorder": {"search": False},
     "gptq-search": {"act_order": False},
+    "gptq+int8head": {},  # GPTQ for the blocks, int8 for the tied embedding / lm_head
+    "rtn+int8head": None,
 }
 
 
-def eval_text() -> tuple[str, str]:
-    """(text, description) of the evaluation text."""
-    from memopt.core.texts import EVAL_TOPICS, default_text
+def _config(variant: str, bits: int, group: int) -> Any:
+    from memopt.quant import Int4WeightOnly, Int8WeightOnly, IntNWeightOnly
+    from memopt.quant.config import Mixed
 
-    return default_text(), "+".join(EVAL_TOPICS)
+    algo = "rtn" if VARIANTS[variant] is None else "gptq"
+    base = (
+        Int4WeightOnly(group_size=group, algo=algo)
+        if bits == 4
+        else IntNWeightOnly(bits=bits, group_size=group, algo=algo)
+    )
+    if variant.endswith("+int8head"):
+        return Mixed(rules=(("model.embed_tokens", Int8WeightOnly()),), default=base)
+    return base
 
 
-def run_variant(variant: str, group: int, n: int, seq: int) -> dict[str, Any]:
+def run_variant(variant: str, bits: int, group: int, n: int, seq: int, calib: str) -> dict:
     """In the child: load, quantize, evaluate. Returns JSON-able numbers."""
     import torch
 
     from memopt.core.modules import model_bytes
     from memopt.core.rss import peak_rss_bytes
-    from memopt.evaluate import perplexity
+    from memopt.core.texts import default_calib_text
+    from memopt.evaluate import heldout_perplexities
     from memopt.models import load_model
-    from memopt.quant import Int4WeightOnly, quantize_
+    from memopt.quant import quantize_
     from memopt.quant.calibrate import GPTQSettings, calibrate_, calibration_ids
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     loaded = load_model("smollm2", dequantize=True)  # the float32 model: the GGUF dequantized
     spec = VARIANTS[variant]
     t0 = time.perf_counter()
     if spec == "fp32":
         pass
     elif spec is None:
-        quantize_(loaded.model, Int4WeightOnly(group_size=group))
+        quantize_(loaded.model, _config(variant, bits, group))
     else:
-        ids = calibration_ids(loaded.tokenizer(), None, n, seq)
+        text = default_calib_text() if calib == "pydoc" else None
+        ids = calibration_ids(loaded.tokenizer(), text, n, seq)
         t0 = time.perf_counter()  # tokenizing the calibration text is not quantizing
-        calibrate_(
-            loaded,
-            Int4WeightOnly(group_size=group, algo="gptq"),
-            ids,
-            settings=GPTQSettings(**spec),
-        )
+        calibrate_(loaded, _config(variant, bits, group), ids, settings=GPTQSettings(**spec))
     seconds = time.perf_counter() - t0
     peak_quant = peak_rss_bytes()
-    text, _ = eval_text()
-    ppl = perplexity(loaded, text, max_tokens=2048)
+    held = heldout_perplexities(loaded, max_tokens=2048)
     return {
-        "perplexity": ppl.perplexity,
-        "tokens": ppl.tokens,
+        "perplexity": held["pydoc"].perplexity,
+        "heldout": {k: r.perplexity for k, r in held.items()},
         "quantize_seconds": seconds,
         "peak_rss_quantize_bytes": peak_quant,
         "model_bytes": model_bytes(loaded.model),
@@ -86,10 +97,12 @@ def run_variant(variant: str, group: int, n: int, seq: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", type=int, nargs="+", default=[64, 32])
-    ap.add_argument("--variants", nargs="+", default=["rtn", "gptq", "gptq-blocks", "gptq-plain"])
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3], choices=(4, 3, 2))
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--variants", nargs="+", default=["rtn", "gptq", "gptq+int8head"])
     ap.add_argument("--n", type=int, default=32, help="calibration sequences")
     ap.add_argument("--seq", type=int, default=256, help="tokens per calibration sequence")
+    ap.add_argument("--calib", choices=("mixed", "pydoc"), default="mixed")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     bad = [v for v in args.variants if v not in VARIANTS]
@@ -98,22 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from memopt.core.rss import run_in_child
 
-    _, text_name = eval_text()
     rows: list[dict[str, Any]] = []
-    jobs = [("fp32", 0)] + [(v, g) for g in args.groups for v in args.variants if v != "fp32"]
-    for variant, group in jobs:
-        r = run_in_child("calibrate:run_variant", variant, group, args.n, args.seq)
-        r.update(variant=variant, group_size=group or None)
+    jobs = [("fp32", 0)] + [(v, b) for b in args.bits for v in args.variants if v != "fp32"]
+    for variant, bits in jobs:
+        r = run_in_child(
+            "calibrate:run_variant", variant, bits, args.group, args.n, args.seq, args.calib
+        )
+        r.update(variant=variant, bits=bits or None, group_size=args.group if bits else None)
         rows.append(r)
         if not args.json:
-            print(f"{variant} g{group}: ppl {r['perplexity']:.3f}", file=sys.stderr, flush=True)
-    fp32 = rows[0]["perplexity"]
+            print(f"{variant} int{bits}: {r['heldout']}", file=sys.stderr, flush=True)
+    fp32 = rows[0]["heldout"]
     for r in rows:
-        r["ratio"] = r["perplexity"] / fp32
+        r["ratio"] = {k: v / fp32[k] for k, v in r["heldout"].items()}
+        r["worst"] = max(r["ratio"].values())
     result = {
         "model": "smollm2 (float weights = dequantized Q4_1)",
-        "eval_text": text_name,
-        "calibration": {"n": args.n, "seq": args.seq},
+        "eval_texts": list(fp32),
+        "calibration": {"n": args.n, "seq": args.seq, "text": args.calib},
         "rows": rows,
     }
     if args.json:
@@ -122,30 +137,25 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    names = result["eval_texts"]
     t = Table(
-        title=f"SmolLM2-135M int4, ppl on 2,048 tokens of {text_name}; calib {args.n}x{args.seq}"
+        title=f"SmolLM2-135M, perplexity × float32 on 2,048 tokens of each held-out text; "
+        f"calib {args.n}x{args.seq} ({args.calib})"
     )
-    for col in (
-        "variant",
-        "group",
-        "perplexity",
-        "× fp32",
-        "quantize s",
-        "peak RSS (quant)",
-        "RAM",
-    ):
+    for col in ("variant", "bits", "group", *names, "worst", "quantize s", "peak RSS", "RAM"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
         t.add_row(
             r["variant"],
+            str(r["bits"] or "-"),
             str(r["group_size"] or "-"),
-            f"{r['perplexity']:.3f}",
-            f"{r['ratio']:.3f}",
-            f"{r['quantize_seconds']:.1f}",
+            *[f"{r['ratio'][k]:.3f}" for k in names],
+            f"{r['worst']:.3f}",
+            f"{r['quantize_seconds']:.0f}",
             f"{r['peak_rss_quantize_bytes'] / 2**20:.0f} MiB",
-            f"{r['model_bytes'] / 2**20:.1f} MiB",
+            f"{r['model_bytes'] / 1e6:.1f} MB",
         )
-    Console().print(t)
+    Console(width=150).print(t)  # wide enough for every column, also when piped
     return 0
 
 

@@ -18,8 +18,11 @@ Per model and variant, two fresh child processes (memopt.core.rss.run_in_child):
    absolute times are not results.
 
 smollm2's float weights are dequantized Q4_1 (the GGUF it ships as). memopt int4 is the CLI default
-(GPTQ, group 64, calibrated on pydoc topics disjoint from the evaluation text); ``--quick`` uses
-round-to-nearest instead and fewer rounds.
+(GPTQ, group 64, calibrated on the mixed default set: docs, code, release notes; none of it a
+held-out text); ``--quick`` uses round-to-nearest instead and fewer rounds. smollm2's perplexity
+is measured on each held-out text (memopt.core.texts.HELDOUT: ``pydoc`` the Python docs' prose,
+``license`` CPython's LICENSE.txt, ``news`` IDLE's release notes, ``code`` the json package's
+source), each a ratio to float32's on the same text; ``perplexity`` alone is pydoc's.
 
     .venv/bin/python bench/quantize.py [--quick] [--threads N] [--rounds R] [--json]
 """
@@ -47,6 +50,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "memopt int8": ("memopt", "int8: per-channel matmul weights, embeddings in groups of 128"),
     "memopt int4": ("memopt", "int4 GPTQ g64 (rtn g64 on minilm, an encoder)"),
     "memopt int4 rtn": ("memopt", "int4 round-to-nearest g64"),
+    "memopt int3": ("memopt", "int3 GPTQ g64 (`--method int3 --group-size 64 --algo gptq`)"),
+    "memopt int3 rtn": ("memopt", "int3 round-to-nearest g64"),
+    "memopt int2": ("memopt", "int2 GPTQ g64"),
     "torchao int8": ("torchao", "Int8WeightOnlyConfig, every nn.Linear"),
     "torchao int4": ("torchao", "Int4WeightOnlyConfig(group_size=64)"),
     "bnb int8": ("bitsandbytes", "Linear8bitLt (threshold 0), Linears but lm_head"),
@@ -55,8 +61,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
 FULL = {
     "minilm": ["float32", "memopt int8", "memopt int4", "torchao int8", "torchao int4",
                "bnb int8", "bnb nf4"],
-    "smollm2": ["float32", "memopt int8", "memopt int4", "memopt int4 rtn", "torchao int8",
-                "torchao int4", "bnb int8", "bnb nf4"],
+    "smollm2": ["float32", "memopt int8", "memopt int4", "memopt int4 rtn", "memopt int3",
+                "memopt int3 rtn", "memopt int2", "torchao int8", "torchao int4", "bnb int8",
+                "bnb nf4"],
 }  # fmt: skip
 QUICK = {
     "minilm": ["float32", "memopt int8", "torchao int8", "bnb int8"],
@@ -132,6 +139,9 @@ def _memopt_config(model: str, variant: str) -> Any:
 
     if variant == "memopt int8":
         return method_config("int8")
+    if variant.startswith(("memopt int3", "memopt int2")):
+        bits = variant.split()[1]
+        return method_config(bits, 64, "rtn" if variant.endswith("rtn") else "gptq")
     if variant == "memopt int4" and model == "smollm2":
         return method_config("int4")  # GPTQ g64: the CLI's default
     return Int4WeightOnly(group_size=64, algo="rtn")
@@ -203,7 +213,15 @@ def measure_job(model: str, variant: str, out: str, threads: int, rounds: int) -
         _peer_quantize(q, variant)
     res: dict[str, Any] = {}
     if ref.task == "causal-lm":
-        res["perplexity"] = perplexity(q).perplexity
+        from memopt.evaluate import heldout_perplexities
+
+        # every held-out text (docs, legal, release notes, code: memopt.core.texts.HELDOUT);
+        # "perplexity" stays the pydoc text's, as before
+        held = heldout_perplexities(q)
+        res["heldout"] = {k: r.perplexity for k, r in held.items()}
+        res["perplexity"] = (
+            held["pydoc"].perplexity if "pydoc" in held else perplexity(q).perplexity
+        )
 
         def decode(m: Any) -> Any:
             return lambda: generate(m, PROMPT, 32, stop_at_eos=False)["tokens_per_s"]
@@ -285,6 +303,12 @@ def run(
             r["ram_ratio"] = r["ram_bytes"] / base["ram_bytes"]
             if "perplexity" in r:
                 r["ppl_ratio"] = r["perplexity"] / base["perplexity"]
+            if "heldout" in r and "heldout" in base:
+                r["heldout_ratio"] = {
+                    k: v / base["heldout"][k]
+                    for k, v in r["heldout"].items()
+                    if k in base["heldout"]
+                }
     extra: dict[str, Any] = {}
     int4 = next(
         (r for r in rows if r["variant"] == "memopt int4" and r["model"] == "smollm2"), None
@@ -364,6 +388,17 @@ def main(argv: list[str] | None = None) -> int:
                 _mb(r.get("quant_peak_rss_above_baseline")),
             )
         console.print(t)
+        held = [r for r in result["rows"] if r["model"] == model and "heldout_ratio" in r]
+        if held:
+            names = list(held[0]["heldout_ratio"])
+            h = Table(title=f"{model}: perplexity × float32 on each held-out text (first 2,048 "
+                            "tokens; none is calibration text)")  # fmt: skip
+            for col in ("variant", *names, "worst"):
+                h.add_column(col, justify="left" if col == "variant" else "right")
+            for r in held:
+                ratios = [r["heldout_ratio"][k] for k in names]
+                h.add_row(r["variant"], *[f"{x:.4f}" for x in ratios], f"{max(ratios):.4f}")
+            console.print(h)
     b = result.get("smollm2_int4_rss_bound")
     if b is not None:
         ok = "within" if b["peak_rss_bytes"] <= b["bound_bytes"] else "ABOVE"

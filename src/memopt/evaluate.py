@@ -1,7 +1,8 @@
 """What a saving costs in quality: perplexity for causal LMs, embedding fidelity for encoders.
 
 The default text is the Python documentation that ships with every CPython (memopt.core.texts);
-``--text FILE`` takes any other.
+``--text FILE`` takes any other. :func:`heldout_perplexities` scores the held-out texts of several
+domains (memopt.core.texts.HELDOUT: docs, legal, release notes, code), none of them calibration text.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from memopt.core.errors import MemoptError
-from memopt.core.texts import default_sentences, default_text
+from memopt.core.texts import default_sentences, default_text, heldout_texts
 from memopt.models import LoadedModel
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "PerplexityResult",
     "embed",
     "embedding_cosine",
+    "heldout_perplexities",
     "perplexity",
 ]
 
@@ -96,6 +98,30 @@ def perplexity(
             break
     nll = nll_sum / scored
     return PerplexityResult(math.exp(nll), scored, nll, window, stride)
+
+
+def heldout_perplexities(
+    loaded: LoadedModel,
+    names: list[str] | tuple[str, ...] | None = None,
+    *,
+    max_tokens: int = 2048,
+    progress: ProgressFn | None = None,
+) -> dict[str, PerplexityResult]:
+    """Perplexity on each held-out text (memopt.core.texts.heldout_texts: every one this Python
+    has, or ``names``), the first ``max_tokens`` tokens of each; ``progress`` counts windows over
+    all the texts together."""
+    texts = heldout_texts(names)
+    if not texts:
+        raise MemoptError("this Python has none of the held-out texts")
+    per = -(-max_tokens // 512)  # windows per text at most (the default window is 512)
+    total = per * len(texts)
+    out = {}
+    for i, (name, text) in enumerate(texts.items()):
+        cb = None if progress is None else (lambda d, _t, i=i: progress(i * per + d, total))
+        out[name] = perplexity(loaded, text, max_tokens=max_tokens, progress=cb)
+    if progress is not None:
+        progress(total, total)
+    return out
 
 
 @torch.no_grad()

@@ -183,3 +183,24 @@ def test_methods_map():
     assert config_for_method("sparsegpt") == SparseGPT(0.5)
     assert config_for_method("structured") == Structured(0.25)
     assert F is not None
+
+
+def test_owl_block_sparsities(tiny_folder):
+    """OWL: per-block sparsities in [s - λ, s + λ] with mean s, at least one block at each end
+    (the outlier ratios are scaled onto the whole span); the pruned model's sparsity stays s."""
+    from memopt.models import load_model
+    from memopt.prune.calibrated import block_sparsities
+
+    loaded = load_model(tiny_folder("llama"))
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    targets = [(n, m) for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
+    got = block_sparsities(loaded.model, targets, ids, 0.5, 0.1)
+    assert len(got) == 2 and abs(sum(got) / 2 - 0.5) < 1e-9
+    assert min(got) == pytest.approx(0.4) and max(got) == pytest.approx(0.6)
+    assert block_sparsities(loaded.model, targets, ids, 0.5, 0.0) == [0.5, 0.5]
+    rep = prune_(loaded.model, SparseGPT(0.5, owl=0.1), calib=ids, include=["model.layers.*"])
+    assert rep.sparsity == pytest.approx(0.5, abs=0.01)
+    per = [sparsity_of(loaded.model, [f"model.layers.{b}.mlp.up_proj"]) for b in range(2)]
+    assert sorted(per) == pytest.approx(sorted(got), abs=0.01)  # each block at its own sparsity
+    with pytest.raises(MemoptError, match="owl"):
+        SparseGPT(0.5, owl=0.6)

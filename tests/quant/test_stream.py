@@ -198,3 +198,20 @@ def test_group_size_dividing_no_layer_is_refused(tiny_folder, tmp_path):
     with pytest.raises(MemoptError, match="does not divide"):
         quantize_model(tiny_folder("llama"), Int8WeightOnly(group_size=96), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_calibrated_int3_streamed_equals_in_memory(tiny_folder, tmp_path):
+    """int3 by GPTQ (``--method int3 --algo gptq``): streamed = in memory, bit for bit."""
+    from memopt.quant.calibrate import calibrate_
+
+    cfg = method_config("int3", 32, "gptq")
+    assert cfg == IntNWeightOnly(bits=3, group_size=32, algo="gptq")
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))  # (N, T)
+    ref = load_model(tiny_folder("llama"))
+    report = calibrate_(ref.model, cfg, calib_ids=ids)
+    assert report.formats == {"int3": 16}
+    result = quantize_model(tiny_folder("llama"), cfg, tmp_path / "out", calib=ids)
+    assert result["streamed"] and sorted(result["modules"]) == sorted(report.modules)
+    back = load_model(tmp_path / "out").model
+    _assert_same_state(back, ref.model)
+    assert back.lm_head.qweight is back.model.embed_tokens.qweight

@@ -83,7 +83,11 @@ def test_sparse_linear_equals_dense_masked(layout):
         got = lin(x)
         got2 = lin(x)  # the shared buffer is reused: same answer
     want = F.linear(x.reshape(-1, 64), w, b).reshape(3, 5, 80)
-    assert torch.equal(got, want) and torch.equal(got2, want)  # the same dense weight: bit-exact
+    if layout == "csr":
+        assert torch.equal(got, want) and torch.equal(got2, want)  # the same dense weight
+    else:  # 15 rows: the sparse kernel, float32 sums in another order (test_sparse_kernel.py)
+        assert torch.equal(got, got2)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     x.requires_grad_(True)
     lin(x).sum().backward()  # with autograd the weight is a fresh tensor, not the shared buffer
     assert torch.allclose(x.grad, w.sum(0).expand_as(x), atol=1e-5)

@@ -152,12 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="quality: perplexity (causal LM) or embedding cosine (encoder)",
-        description="Causal LMs: perplexity on --text (default: a fixed excerpt of "
-        "the Python docs). Encoders: cosine of mean-pooled embeddings "
+        description="Causal LMs: perplexity on --text, or by default on the held-out texts "
+        "of four domains (pydoc: the Python docs' prose, the `perplexity` key; license: "
+        "CPython's LICENSE.txt; news: IDLE's release notes; code: the json package's source), "
+        "none of them calibration text. Encoders: cosine of mean-pooled embeddings "
         "against --reference over 64 fixed sentences.",
     )
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (causal LMs)")
+    p.add_argument(
+        "--heldout",
+        metavar="NAMES",
+        help="comma-separated held-out texts to score without --text "
+        "(default: pydoc,license,news,code; 'pydoc' alone: the one default text)",
+    )
     p.add_argument(
         "--reference", metavar="MODEL", help="reference model (encoders; required there)"
     )
@@ -204,12 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--algo",
         choices=("gptq", "rtn"),
-        help="int4 only: gptq (calibrated, default) or rtn (round to nearest)",
+        help="int4: gptq (calibrated, default) or rtn (round to nearest); int3 / int2: rtn "
+        "(default) or gptq",
     )
     p.add_argument(
         "--calib",
         metavar="FILE",
-        help="calibration text for gptq (default: Python docs, not the eval excerpt)",
+        help="calibration text for gptq (default: docs, code and release notes mixed; "
+        "no held-out text)",
     )
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
@@ -712,9 +722,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from memopt.models import load_model
 
     text = read_text(args.text) if args.text else None
+    names = _heldout_names(args)
     with _progress("loading", quiet=args.json) as cb:
         loaded = load_model(args.model, progress=cb)
-    if loaded.task == "causal-lm":
+    if loaded.task == "causal-lm" and names is not None:
+        from memopt.evaluate import heldout_perplexities
+
+        with _progress("scoring held-out texts", quiet=args.json) as cb:
+            per = heldout_perplexities(
+                loaded, names or None, max_tokens=args.max_tokens, progress=cb
+            )
+        first = per.get("pydoc") or next(iter(per.values()))
+        # the default text's figures under the old keys; every text under "heldout"
+        result = first.to_dict()
+        result["text"] = "pydoc" if "pydoc" in per else next(iter(per))
+        result["heldout"] = {
+            k: {"perplexity": r.perplexity, "tokens": r.tokens, "nll": r.nll}
+            for k, r in per.items()
+        }
+    elif loaded.task == "causal-lm":
         with _progress("scoring", quiet=args.json) as cb:
             result = perplexity(loaded, text, max_tokens=args.max_tokens, progress=cb).to_dict()
     else:
@@ -730,6 +756,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     from memopt.report import rich_table
 
+    heldout = result.pop("heldout", None)
     _console().print(
         rich_table(
             f"quality: {args.model}",
@@ -737,7 +764,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             [(k, f"{v:.6g}" if isinstance(v, float) else v) for k, v in result.items()],
         )
     )
+    if heldout:
+        _console().print(
+            rich_table(
+                f"perplexity on the held-out texts (first {args.max_tokens} tokens of each)",
+                ("text", "perplexity", "tokens"),
+                [(k, f"{r['perplexity']:.4g}", r["tokens"]) for k, r in heldout.items()],
+            )
+        )
     return 0
+
+
+def _heldout_names(args: argparse.Namespace) -> list[str] | None:
+    """The held-out texts ``eval`` scores: None with --text (that file alone), [] for all."""
+    from memopt.core.texts import HELDOUT
+
+    if args.text:
+        if args.heldout:
+            raise MemoptError("--heldout and --text: give one of them")
+        return None
+    if not args.heldout:
+        return []  # every held-out text this Python has
+    names = [n.strip() for n in args.heldout.split(",") if n.strip()]
+    bad = [n for n in names if n not in HELDOUT]
+    if bad or not names:
+        raise MemoptError(
+            f"--heldout: unknown text {bad[0] if bad else ''!r} (of {', '.join(HELDOUT)})"
+        )
+    return names
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:

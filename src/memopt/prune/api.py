@@ -157,8 +157,9 @@ def sparsity_of(model: nn.Module, names: Iterable[str] | None = None) -> float:
 
 
 def calibration_ids(loaded: LoadedModel, n: int = 64, seq: int = 256) -> torch.Tensor:
-    """``(n, seq)`` token ids from pydoc_data.topics' calibration topics (never the topics
-    memopt.evaluate scores: "execmodel", "types"); see memopt.quant.calibrate."""
+    """``(n, seq)`` token ids from the mixed calibration text (memopt.core.texts.mixed_calib_text:
+    docs, code, release notes; never a held-out text memopt.evaluate scores); see
+    memopt.quant.calibrate."""
     from memopt.quant.calibrate import calibration_ids as ids_from_text
 
     return ids_from_text(loaded.tokenizer(), n=n, seq=seq)
@@ -246,7 +247,7 @@ def prune_(
     ``exclude`` wins) and ``filter_fn(name, module)``. Activation-aware configs (``Wanda``,
     ``NM(score="wanda")``, and ``Structured`` when given) use ``calib``: token ids ``(N, T)``, an
     input tensor, a dict of inputs or an iterable of batches; passing a LoadedModel without
-    ``calib`` calibrates on 64 x 256 tokens of pydoc_data.topics (:func:`calibration_ids`; more
+    ``calib`` calibrates on 64 x 256 tokens of the mixed calibration text (:func:`calibration_ids`; more
     sequences than quantization's default, because SparseGPT's perplexity still improves there).
     """
     if not isinstance(config, PruneConfig):

@@ -12,6 +12,13 @@ SparseGPT  (Frantar & Alistarh 2023) the optimal-brain-surgeon update: columns a
            for rounding). The mask is chosen per block of 128 columns with the score
            ``w² / [U]_ii²``, each row losing exactly ``s`` of every block (N:M: of every group).
 
+Non-uniform sparsity across blocks (OWL, Yin et al. 2023; ``owl=λ`` in the config): a first pass
+over the dense model measures each block's outlier ratio, the fraction of its Wanda scores
+``|W_ij| · ‖X_j‖₂`` above ``OWL_M`` times their mean; blocks with more outliers keep more weights.
+Block ``b`` gets sparsity ``s − (r_b − mean r)``, ``r`` the ratios scaled linearly onto
+``[0, 2λ]``, so the sparsities span ``[s − λ, s + λ]`` and their mean is ``s`` (every block has the
+same Linears, so the model's sparsity is ``s``).
+
 The block machinery (capturing the first block's inputs, grouping Linears by the tensor they read,
 accumulating H) is memopt.quant.calibrate's, shared with GPTQ.
 """
@@ -27,7 +34,9 @@ from memopt.core.errors import MemoptError
 from memopt.core.modules import require_blocks
 from memopt.prune.masks import nm_mask, row_mask
 
-__all__ = ["sequential_prune", "sparsegpt_prune"]
+__all__ = ["OWL_M", "block_sparsities", "sequential_prune", "sparsegpt_prune"]
+
+OWL_M = 5.0  # a score is an outlier above OWL_M x the block's mean score (the paper's M)
 
 
 def _damped_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +113,73 @@ def _stat_hook(stats: dict[str, torch.Tensor], key: str, full: bool) -> Any:
     return pre
 
 
+def _block_stats(
+    blk: nn.Module, inputs: list, names: list[str], full: bool
+) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """One pass of ``blk`` over ``inputs``: ``Σ x xᵀ`` (``full``) or ``Σ x²`` per stage's input."""
+    from memopt.quant.calibrate import stages
+
+    groups = stages(blk, inputs[0], names)  # Linears grouped by the tensor they read
+    stats: dict[str, torch.Tensor] = {}
+    handles = []
+    for stage in groups:
+        hook = _stat_hook(stats, stage[0], full=full)
+        handles.append(blk.get_submodule(stage[0]).register_forward_pre_hook(hook))
+    try:
+        for a, kw in inputs:
+            blk(*a, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, groups
+
+
+def _block_names(blk: nn.Module, here: str, chosen: set[str]) -> list[str]:
+    return [
+        nm_ for nm_, m in blk.named_modules() if isinstance(m, nn.Linear) and here + nm_ in chosen
+    ]
+
+
+@torch.no_grad()
+def block_sparsities(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], calib: torch.Tensor, sparsity: float,
+    lam: float, batch: int = 8,
+) -> list[float]:  # fmt: skip
+    """OWL's sparsity per transformer block (module docstring), from the dense model's outlier
+    ratios on ``calib``; ``lam`` = 0 gives ``sparsity`` everywhere."""
+    from memopt.quant.calibrate import capture_inputs, next_inputs
+
+    prefix, blocks = require_blocks(model, "calibration")
+    if lam <= 0:
+        return [sparsity] * len(blocks)
+    chosen = {n for n, _ in targets}
+    inputs = capture_inputs(model, blocks[0], calib, batch)
+    ratios = []
+    for b, blk in enumerate(blocks):
+        names = _block_names(blk, f"{prefix}.{b}.", chosen)
+        stats, groups = _block_stats(blk, inputs, names, full=False) if names else ({}, [])
+        scores = []
+        for stage in groups:
+            st = stats.get(stage[0])
+            for nm_ in stage:
+                w = blk.get_submodule(nm_).weight.detach().abs().float()
+                norm = st.clamp_min(0).sqrt()[None] if st is not None else 1.0
+                scores.append((w * norm).reshape(-1))
+        if scores:
+            sc = torch.cat(scores)
+            ratios.append(float((sc > OWL_M * sc.mean()).float().mean()))
+        else:
+            ratios.append(0.0)
+        inputs = next_inputs(inputs, [blk(*a, **kw) for a, kw in inputs])
+    r = torch.tensor(ratios, dtype=torch.float64)
+    span = float(r.max() - r.min())
+    if span == 0:
+        return [sparsity] * len(blocks)
+    r = (r - r.min()) / span * (2 * lam)  # [0, 2λ]
+    out = (sparsity - (r - r.mean())).clamp(0.0, 0.99)
+    return [float(x) for x in out]
+
+
 @torch.no_grad()
 def sequential_prune(
     model: nn.Module, config: Any, targets: list[tuple[str, nn.Module]], calib: torch.Tensor,
@@ -116,33 +192,23 @@ def sequential_prune(
     (Wanda) for every selected Linear at once (Linears reading the same tensor share it), then the
     block is pruned and run again to give the next block its inputs. Returns the names pruned
     (targets outside the blocks are left to the caller)."""
-    from memopt.quant.calibrate import capture_inputs, next_inputs, stages
+    from memopt.quant.calibrate import capture_inputs, next_inputs
 
     chosen = {n for n, _ in targets}
     prefix, blocks = require_blocks(model, "calibration")
     nm = (config.n, config.m) if hasattr(config, "m") else None
-    s = config.sparsity
+    lam = 0.0 if nm else float(getattr(config, "owl", 0.0))
+    per_block = block_sparsities(model, targets, calib, config.sparsity, lam, batch)
     done: set[str] = set()
     was_training = model.training
     model.eval()
     inputs = capture_inputs(model, blocks[0], calib, batch)
     for b, blk in enumerate(blocks):
         here = f"{prefix}.{b}."
-        names = [nm_ for nm_, m in blk.named_modules()
-                 if isinstance(m, nn.Linear) and here + nm_ in chosen]  # fmt: skip
+        s = per_block[b]
+        names = _block_names(blk, here, chosen)
         if names:
-            groups = stages(blk, inputs[0], names)  # Linears grouped by the tensor they read
-            stats: dict[str, torch.Tensor] = {}
-            handles = []
-            for stage in groups:
-                hook = _stat_hook(stats, stage[0], full=method == "sparsegpt")
-                handles.append(blk.get_submodule(stage[0]).register_forward_pre_hook(hook))
-            try:
-                for a, kw in inputs:
-                    blk(*a, **kw)
-            finally:
-                for h in handles:
-                    h.remove()
+            stats, groups = _block_stats(blk, inputs, names, full=method == "sparsegpt")
             for stage in groups:
                 st = stats.pop(stage[0], None)
                 for nm_ in stage:

@@ -83,9 +83,18 @@ class SparseGPT(PruneConfig):
 
     needs_calibration: ClassVar[bool] = True
     sparsity: float = 0.5
+    # OWL's λ (memopt.prune.calibrated): blocks' sparsities spread over [s - λ, s + λ] by their
+    # outlier ratio, mean s; 0: the same sparsity in every block
+    owl: float = 0.0
 
     def __post_init__(self) -> None:
         _check_sparsity("SparseGPT", self.sparsity)
+        _check(
+            isinstance(self.owl, (int, float))
+            and not isinstance(self.owl, bool)
+            and 0.0 <= float(self.owl) <= min(self.sparsity, 1.0 - self.sparsity),
+            f"SparseGPT: owl must be in [0, min(sparsity, 1 - sparsity)], got {self.owl!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ group (its first module's) is calibrated.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -63,7 +64,7 @@ from torch import nn
 from memopt.core import heap
 from memopt.core.errors import MemoptError
 from memopt.core.modules import model_bytes, require_blocks, selector
-from memopt.core.texts import default_calib_text
+from memopt.core.texts import mixed_calib_text
 from memopt.quant.api import (
     QuantReport,
     count_format,
@@ -75,11 +76,11 @@ from memopt.quant.api import (
     swap_module,
     swap_plan,
 )
-from memopt.quant.config import Int4WeightOnly, Mixed, gptq_config, is_calibrated
+from memopt.quant.config import Int4WeightOnly, IntNWeightOnly, Mixed, gptq_config, is_calibrated
 from memopt.weights import kernels
 from memopt.weights.modules import QConv, QLinear
 from memopt.weights.primitives import choose_qparams, pack, pack_int4_nblock
-from memopt.weights.quantized import Int4Weight, QuantizedWeight
+from memopt.weights.quantized import Int4Weight, IntNWeight, QuantizedWeight
 
 __all__ = [
     "CALIB_BATCH",
@@ -101,6 +102,7 @@ __all__ = [
 ]
 
 ProgressFn = Callable[[int, int], None]  # (blocks done, blocks total)
+Calibrated = Int4WeightOnly | IntNWeightOnly  # a calibrated format: int4, or int3 / int2
 
 # Calibration sequences per forward. Each chunk's activations inside a block are the peak's
 # transient part (they grow with the sequences per chunk, widest at the MLP), so 4 rather than 8
@@ -127,19 +129,24 @@ class GPTQSettings:
     # Measured on SmolLM2 as shipped (bench/fit.py, uniform int4 g32, held-out perplexity): 14.791
     # with the rule, 14.741 without (0.3 %: it takes RTN for a few Linears)
     rtn_when_better: bool = True
+    # Asymmetric calibration (GPTAQ-style; calibrate_ only, not the streamed path): each Linear's
+    # target is the float model's output on the float model's own inputs, not its output on the
+    # quantized model's inputs; see _asym_target
+    asym: bool = False
 
 
 DEFAULT_SETTINGS = GPTQSettings()
 
 
-def _settings(config: Int4WeightOnly | Mixed, settings: GPTQSettings | None) -> GPTQSettings:
+def _settings(config: Calibrated | Mixed, settings: GPTQSettings | None) -> GPTQSettings:
     if isinstance(config, Mixed):
         if not is_calibrated(config):
             raise MemoptError("calibration: this Mixed config has no calibrated (gptq) rule")
         return settings or DEFAULT_SETTINGS
-    if not isinstance(config, Int4WeightOnly):
+    if not isinstance(config, (Int4WeightOnly, IntNWeightOnly)):
         raise MemoptError(
-            f"calibration takes an Int4WeightOnly or Mixed config, not {type(config).__name__}"
+            "calibration takes an Int4WeightOnly, IntNWeightOnly or Mixed config, not "
+            f"{type(config).__name__}"
         )
     if config.algo != "gptq":
         raise MemoptError(f"calibration: algo {config.algo!r} is not a calibrated algorithm")
@@ -162,11 +169,12 @@ def calibration_ids(
     tokenizer: Any, text: str | None = None, n: int = 32, seq: int = 256
 ) -> torch.Tensor:
     """``(n, seq)`` int64 token ids: ``n`` windows of ``seq`` tokens spread evenly over ``text``
-    (default :func:`default_calib_text`). A text shorter than ``n * seq`` tokens gives overlapping
+    (default :func:`~memopt.core.texts.mixed_calib_text`: documentation, code and release notes,
+    none of it a held-out text). A text shorter than ``n * seq`` tokens gives overlapping
     windows; shorter than ``seq``, one window of all of it."""
     if n < 1 or seq < 2:
         raise MemoptError(f"calibration needs n >= 1 and seq >= 2, got n={n}, seq={seq}")
-    text = default_calib_text() if text is None else text
+    text = mixed_calib_text() if text is None else text
     ids = torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long).reshape(-1)  # (L,)
     if ids.numel() < 2:
         raise MemoptError("the calibration text has fewer than 2 tokens")
@@ -180,9 +188,15 @@ def calibration_ids(
 
 
 def _choose_group(
-    x: torch.Tensor, weight: torch.Tensor, symmetric: bool, s: GPTQSettings
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    symmetric: bool,
+    s: GPTQSettings,
+    bits: int = 4,
+    scale_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset per row of one group ``x (N, G)``: bfloat16 values, as float32 ``(N,)``.
+    """Scale and offset per row of one group ``x (N, G)``: ``scale_dtype`` values (bfloat16 for
+    int4, float16 for int3 / int2: their formats'), as float32 ``(N,)``.
 
     Candidates are the min..max range shrunk towards its centre; each row keeps the one with the
     smallest ``sum_j weight_j (x_j - dq(x_j))^2``. choose_qparams makes the scale/offset of each
@@ -196,14 +210,15 @@ def _choose_group(
         mid = torch.zeros_like(mid)
         half = torch.maximum(-lo, hi)
     ends = torch.stack([mid - p[:, None] * half, mid + p[:, None] * half], -1)  # (P, N, 2)
-    scale, off = choose_qparams(ends.reshape(-1, 2), 4, 2, symmetric, torch.bfloat16)
+    scale, off = choose_qparams(ends.reshape(-1, 2), bits, 2, symmetric, scale_dtype)
     scale = scale.float().reshape(-1, n, 1)  # (P, N, 1)
     off = torch.zeros_like(scale) if off is None else off.float().reshape(-1, n, 1)
     if scale.shape[0] == 1:
         return scale[0, :, 0], off[0, :, 0]
     # One (P, N, G) temporary, updated in place (the expression form held four at once): codes,
     # then their squared, weighted rounding error
-    c = (x - off).div_(scale).round_().clamp_(-8, 7)  # (P, N, G)
+    mid = 2 ** (bits - 1)
+    c = (x - off).div_(scale).round_().clamp_(-mid, mid - 1)  # (P, N, G)
     err = c.mul_(scale).add_(off).sub_(x).pow_(2).mul_(weight).sum(-1)  # (P, N)
     del c
     best = err.argmin(0)  # (N,)
@@ -217,11 +232,13 @@ def gptq_quantize(
     group_size: int,
     symmetric: bool = False,
     settings: GPTQSettings = DEFAULT_SETTINGS,
+    bits: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of one weight ``w (N, K)`` given ``h (K, K)`` = sum of x x^T over calibration inputs.
 
-    Returns ``(codes (N, K) uint8 in [0, 15], scale (N, K/G) bfloat16, zero (N, K/G) bfloat16)``
-    in the convention ``w ~ (c - 8) * scale + zero`` (zero = 0 when symmetric).
+    Returns ``(codes (N, K) uint8 in [0, 2^bits - 1], scale (N, K/G), zero (N, K/G))`` in the
+    convention ``w ~ (c - 2^(bits-1)) * scale + zero`` (zero = 0 when symmetric); scale and zero
+    bfloat16 for int4 (its format's), float16 for int3 / int2.
 
     Runs on one thread: the per-column operations (a few thousand elements each) are too small to
     split, and OpenMP's fork/join on each of them costs more than the work (by orders of
@@ -230,7 +247,7 @@ def gptq_quantize(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(w, h, group_size, symmetric, settings)
+        return _gptq(w, h, group_size, symmetric, settings, bits)
     finally:
         torch.set_num_threads(threads)
 
@@ -250,11 +267,11 @@ def gptq_rows(
     read: Callable[[int, int], torch.Tensor],
     n: int,
     h: torch.Tensor,
-    config: Int4WeightOnly,
+    config: Calibrated,
     settings: GPTQSettings = DEFAULT_SETTINGS,
     rows: int = 2048,
     dtype: torch.dtype = torch.float32,
-) -> Int4Weight:
+) -> QuantizedWeight:
     """GPTQ of an ``(n, K)`` weight given by ``read(r0, r1)`` (its rows ``r0:r1``), ``rows`` at a time.
 
     Rows are independent in GPTQ (a column's rounding error is fed back along its own row only,
@@ -264,6 +281,8 @@ def gptq_rows(
     file: the float weight is never whole in memory. ``dtype``: the float weight's dtype.
     """
     k, g = h.shape[0], config.group_size
+    if isinstance(config, IntNWeightOnly):
+        return _gptq_rows_intn(read, n, h, config, settings, rows, dtype)
     block_n = kernels.int4_block_n(n)
     if block_n is not None and rows % block_n:
         rows = max(block_n, rows // block_n * block_n)
@@ -282,14 +301,40 @@ def gptq_rows(
     return _int4_weight(packed, scale_zero, (n, k), g, config.symmetric, dtype, block_n)
 
 
+def _gptq_rows_intn(
+    read: Callable[[int, int], torch.Tensor],
+    n: int,
+    h: torch.Tensor,
+    config: IntNWeightOnly,
+    settings: GPTQSettings,
+    rows: int,
+    dtype: torch.dtype,
+) -> IntNWeight:
+    """:func:`gptq_rows` for int3 / int2: each chunk packed into the preallocated buffers."""
+    k, g, bits = h.shape[0], config.group_size, config.bits
+    packed = torch.empty(n, k * bits // 8, dtype=torch.uint8)  # (N, K * bits / 8)
+    scale = torch.empty(n, k // g, dtype=torch.float16)
+    zero = torch.empty(n, k // g, dtype=torch.float16)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        codes, sc, zr = gptq_quantize(read(a, b), h, g, config.symmetric, settings, bits)
+        packed[a:b] = pack(codes, bits)
+        scale[a:b], zero[a:b] = sc, zr
+        del codes, sc, zr
+    return _intn_weight(packed, scale, zero, (n, k), bits, g, config.symmetric, dtype)
+
+
 def _gptq(
     w: torch.Tensor,
     h: torch.Tensor,
     group_size: int,
     symmetric: bool,
     settings: GPTQSettings,
+    bits: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, k = w.shape
+    mid = 2 ** (bits - 1)
+    scale_dtype = torch.bfloat16 if bits == 4 else torch.float16
     g = group_size
     if k % g:
         raise MemoptError(f"group size {g} does not divide the input dimension {k}")
@@ -357,12 +402,14 @@ def _gptq(
                 out = ~inb
                 if i and bool(out.any()):  # the pending feedback of this block's columns
                     cur[out] -= U[i1 : i1 + i][:, pos[out]].t() @ E1[:i]
-                scale[:, gi], zero[:, gi] = _choose_group(cur.t(), dperm[pos], symmetric, s)
+                scale[:, gi], zero[:, gi] = _choose_group(
+                    cur.t(), dperm[pos], symmetric, s, bits, scale_dtype
+                )
                 chosen[gi] = True
             sc, zr = scale[:, gi], zero[:, gi]  # (N,)
             x = W1[i]  # (N,)
-            c = torch.round((x - zr) / sc).clamp_(-8, 7)
-            Q[i1 + i] = (c + 8).to(torch.uint8)
+            c = torch.round((x - zr) / sc).clamp_(-mid, mid - 1)
+            Q[i1 + i] = (c + mid).to(torch.uint8)
             err = (x - (c * sc + zr)) / U1[i, i]  # (N,)
             # rank-1 error feedback; addmm_, not addr_ (which is far slower here)
             W1[i + 1 :].addmm_(U1[i, i + 1 :, None], err[None, :], alpha=-1.0)
@@ -371,7 +418,62 @@ def _gptq(
     Q = Q.t()  # (N, K)
     codes = torch.empty_like(Q)
     codes[:, perm] = Q
-    return codes, scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+    return codes, scale.to(scale_dtype), zero.to(scale_dtype)
+
+
+def intn_weight_from_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> IntNWeight:
+    """An :class:`IntNWeight` (int3 / int2) holding given codes ``(N, K)`` and float16 scale and
+    offset ``(N, K/G)``: the buffers round-to-nearest makes, other codes."""
+    packed = pack(codes, bits)  # (N, K * bits / 8)
+    return _intn_weight(packed, scale, zero, tuple(codes.shape), bits, group_size, symmetric, dtype)
+
+
+def _intn_weight(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    shape: tuple[int, int],
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    dtype: torch.dtype,
+) -> IntNWeight:
+    """An IntNWeight around ready buffers (``packed`` canonical, ``scale``/``zero`` (N, K/G))."""
+    qw = IntNWeight.__new__(IntNWeight)
+    QuantizedWeight.__init__(qw, shape, dtype)
+    qw.bits, qw.group_size, qw.symmetric = bits, group_size, symmetric
+    qw.fmt = f"int{bits}"
+    qw.register_buffer("packed", packed)
+    qw.register_buffer("scale", scale.to(torch.float16).contiguous())
+    qw.register_buffer("offset", None if symmetric else zero.to(torch.float16).contiguous())
+    return qw
+
+
+def _weight_from_codes(
+    c: Calibrated, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+) -> QuantizedWeight:
+    if isinstance(c, IntNWeightOnly):
+        return intn_weight_from_codes(codes, scale, zero, c.bits, c.group_size, c.symmetric, dtype)
+    return int4_weight_from_codes(codes, scale, zero, c.group_size, c.symmetric, dtype)
+
+
+def _rtn_weight(c: Calibrated, w: torch.Tensor) -> QuantizedWeight:
+    """``w`` in ``c``'s format by round to nearest (the same kind as GPTQ's result)."""
+    if isinstance(c, IntNWeightOnly):
+        return IntNWeight(w, c.bits, c.group_size, c.symmetric)
+    return Int4Weight(w, c.group_size, c.symmetric)
+
+
+def _bits(c: Calibrated) -> int:
+    return c.bits if isinstance(c, IntNWeightOnly) else 4
 
 
 def output_error(w: torch.Tensor, qw: QuantizedWeight, h: torch.Tensor) -> float:
@@ -463,6 +565,56 @@ def stages(block: nn.Module, first: tuple[tuple, dict], names: list[str]) -> lis
     return stages + [[nm] for nm in unseen]  # never called: quantized last, without data
 
 
+def _cross_hessian(
+    block: nn.Module,
+    linear: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    fblock: nn.Module,
+    flinear: nn.Module,
+    finputs: list[tuple[tuple, dict]],
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H, C)``: ``H = Σ x_q x_qᵀ`` at ``linear``'s input in the block being quantized, and
+    ``C = Σ x_f x_qᵀ`` with ``x_f`` the float block's input at ``flinear`` for the same tokens
+    (the float model's own activations), both (K, K) float32."""
+    H, C = torch.zeros(k, k), torch.zeros(k, k)
+    got: list[torch.Tensor] = []
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        got.append(args[0].detach().reshape(-1, k).float())  # (M, K)
+        raise _Stop
+
+    handles = [linear.register_forward_pre_hook(pre), flinear.register_forward_pre_hook(pre)]
+    try:
+        for (a, kw), (fa, fkw) in zip(inputs, finputs, strict=True):
+            with contextlib.suppress(_Stop):
+                block(*a, **kw)
+            with contextlib.suppress(_Stop):
+                fblock(*fa, **fkw)
+            xq, xf = got
+            got.clear()
+            H.addmm_(xq.t(), xq)
+            C.addmm_(xf.t(), xq)
+    finally:
+        for h in handles:
+            h.remove()
+    return H, C
+
+
+def _asym_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight that, on the quantized model's inputs ``X_q``, best gives the float model's
+    outputs ``X_f Wᵀ``: ``W · C · H⁻¹`` (least squares, ``C = X_fᵀ X_q``, ``H`` damped as
+    GPTQ damps it). GPTQ of this target with ``H`` minimises ``‖X_f Wᵀ − X_q Qᵀ‖`` (GPTAQ's
+    asymmetric calibration) instead of ``‖X_q Wᵀ − X_q Qᵀ‖``."""
+    hd = h.clone()
+    hd.diagonal().add_(damp * float(hd.diagonal().mean()) + 1e-8)
+    L, info = torch.linalg.cholesky_ex(hd)
+    if int(info) != 0:
+        return w
+    wc = w.detach().float() @ c  # (N, K)
+    return torch.cholesky_solve(wc.t(), L).t().to(w.dtype)  # (N, K): (W C) H^-1, H symmetric
+
+
 def _hessian(
     block: nn.Module, linear: nn.Module, inputs: list[tuple[tuple, dict]], k: int
 ) -> torch.Tensor:
@@ -523,6 +675,7 @@ def quantize_block_(
     settings: GPTQSettings | None = None,
     consume: bool = False,
     name: str = "",
+    float_path: tuple[nn.Module, list[tuple[tuple, dict]]] | None = None,
 ) -> list[Any]:
     """Quantize every ``nn.Linear`` of one transformer block in place with calibrated int4.
 
@@ -542,6 +695,9 @@ def quantize_block_(
     stages' Hessians and the block's outputs are those of the mixed model (a module quantized
     without data is the same whenever it is quantized; what it changes is what the modules after it
     see). ``on_linear`` is told of those too.
+
+    ``float_path``: ``(float block, its float inputs)`` for ``settings.asym`` (the block's float
+    copy and the inputs the float model gives it, chunk by chunk as ``inputs``).
     """
     settings = _settings(config, settings)
     if not inputs:
@@ -552,7 +708,7 @@ def quantize_block_(
 
     if isinstance(config, Mixed):
         _uncalibrated_first(block, config, full, select, on_linear)
-    rule: dict[str, Int4WeightOnly] = {}
+    rule: dict[str, Calibrated] = {}
     for nm, m in block.named_modules():
         if isinstance(m, nn.Linear) and (select is None or select(nm, m)):
             c = gptq_config(config, full(nm))
@@ -569,25 +725,30 @@ def quantize_block_(
     if todo:
         for stage in stages(block, inputs[0], todo):
             lin0 = block.get_submodule(stage[0])
-            H = _hessian(block, lin0, inputs, lin0.in_features)  # shared by the stage
+            C = None
+            if settings.asym and float_path is not None:
+                fblock, finputs = float_path
+                H, C = _cross_hessian(block, lin0, inputs, fblock, fblock.get_submodule(stage[0]),
+                                      finputs, lin0.in_features)  # fmt: skip
+            else:
+                H = _hessian(block, lin0, inputs, lin0.in_features)  # shared by the stage
             for nm in stage:
                 lin, c = block.get_submodule(nm), rule[nm]
+                w = lin.weight if C is None else _asym_target(lin.weight, H, C, settings.damp)
                 codes, scale, zero = gptq_quantize(
-                    lin.weight, H, c.group_size, c.symmetric, settings
+                    w, H, c.group_size, c.symmetric, settings, _bits(c)
                 )
-                qw = int4_weight_from_codes(
-                    codes, scale, zero, c.group_size, c.symmetric, lin.weight.dtype
-                )
+                qw = _weight_from_codes(c, codes, scale, zero, lin.weight.dtype)
                 del codes
-                if settings.rtn_when_better:
-                    rtn = Int4Weight(lin.weight.detach(), c.group_size, c.symmetric)
+                if settings.rtn_when_better and C is None:
+                    rtn = _rtn_weight(c, lin.weight.detach())
                     if output_error(lin.weight, rtn, H) < output_error(lin.weight, qw, H):
                         qw = rtn
                 _set_child(block, nm, QLinear(qw, lin.bias))
                 lin.register_parameter("weight", None)  # the float weight goes now
                 if on_linear is not None:
                     on_linear(nm, qw)
-            del H
+            del H, C
             heap.trim()  # the stage's Hessian and GPTQ's copies: back to the system, not kept
     outputs = []
     for i in range(len(inputs)):
@@ -721,13 +882,13 @@ def gptq_head(
     ids: torch.Tensor,
     final: list[tuple[tuple, dict]],
     as_tuple: bool,
-    config: Int4WeightOnly,
+    config: Calibrated,
     batch: int = CALIB_BATCH,
     settings: GPTQSettings | None = None,
     *,
     embed: Embed | None = None,
     read: Callable[[int, int], torch.Tensor] | None = None,
-) -> Int4Weight | None:
+) -> QuantizedWeight | None:
     """The output projection by GPTQ (a tied lm_head: also the embedding's weight), or None when
     ``settings.lm_head`` is off or the model has no Linear head whose width the group divides.
 
@@ -773,7 +934,7 @@ def calibrate_(
 
     ``model``: an ``nn.Module`` or a :class:`~memopt.models.LoadedModel` (whose tokenizer then makes
     the calibration ids). ``calib_ids (N, T)``: token ids; default ``calibration_ids(tokenizer,
-    calib_text, n, seq)``, the text defaulting to :func:`default_calib_text`. Linears inside the
+    calib_text, n, seq)``, the text defaulting to :func:`mixed_calib_text`. Linears inside the
     transformer blocks get GPTQ; every other covered module selected (the embedding and a tied
     lm_head) gets round-to-nearest int4, as ``algo="rtn"`` would.
 
@@ -813,8 +974,10 @@ def calibrate_(
     was_training = model.training
     model.eval()
     inputs = capture_inputs(model, blocks[0], calib_ids, batch)
+    finputs = list(inputs) if settings.asym else None  # the float model's block inputs
     for b, block in enumerate(blocks):
         here = f"{prefix}.{b}"
+        fblock = copy.deepcopy(block) if finputs is not None else None  # this block, float
 
         def on_linear(nm: str, qw: QuantizedWeight | str, here: str = here, block=block) -> None:
             if isinstance(qw, str):
@@ -832,10 +995,14 @@ def calibrate_(
             settings=settings,
             consume=True,
             name=here,
+            float_path=None if fblock is None else (fblock, finputs),
         )
         tuple_out = isinstance(outputs[0], (tuple, list))
         inputs = next_inputs(inputs, outputs)
         del outputs
+        if fblock is not None:
+            finputs = next_inputs(finputs, [fblock(*a, **kw) for a, kw in finputs])
+            del fblock
         if progress is not None:
             progress(b + 1, len(blocks))
 

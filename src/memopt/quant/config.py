@@ -229,11 +229,16 @@ class IntNWeightOnly(QuantConfig):
     bits: int = 2
     group_size: int = 32
     symmetric: bool = False
+    algo: str = "rtn"  # "gptq": codes chosen with calibration data, as Int4WeightOnly's
 
     def __post_init__(self) -> None:
         _check(
             self.bits in (2, 3) and not isinstance(self.bits, bool),
             f"IntNWeightOnly: bits must be 2 or 3, got {self.bits!r}",
+        )
+        _check(
+            self.algo in INT4_ALGOS,
+            f"IntNWeightOnly: algo must be one of {', '.join(INT4_ALGOS)}, got {self.algo!r}",
         )
         _check(
             self.group_size in (16, *_GROUPS) and not isinstance(self.group_size, bool),
@@ -374,19 +379,23 @@ class Mixed(QuantConfig):
         raise MemoptError("Mixed plans each module by its name: call plan_module(name, ...)")
 
 
-def gptq_config(config: QuantConfig, name: str) -> Int4WeightOnly | None:
-    """The calibrated int4 config of module ``name`` under ``config`` (a uniform
-    ``Int4WeightOnly(algo="gptq")`` or a Mixed config's matching rule), None where its format is
-    not calibrated."""
+def gptq_config(config: QuantConfig, name: str) -> Int4WeightOnly | IntNWeightOnly | None:
+    """The calibrated config of module ``name`` under ``config`` (a uniform
+    ``Int4WeightOnly(algo="gptq")`` or ``IntNWeightOnly(algo="gptq")``, or a Mixed config's matching
+    rule), None where its format is not calibrated."""
     c = config.config_for(name)
-    return c if isinstance(c, Int4WeightOnly) and c.algo != "rtn" else None
+    return c if _calibrated(c) else None
+
+
+def _calibrated(c: Any) -> bool:
+    return isinstance(c, (Int4WeightOnly, IntNWeightOnly)) and c.algo != "rtn"
 
 
 def is_calibrated(config: QuantConfig) -> bool:
-    """Whether ``config`` needs calibration data: calibrated int4, or a Mixed config with such a
-    rule (or default)."""
+    """Whether ``config`` needs calibration data: calibrated int4 / int3 / int2, or a Mixed config
+    with such a rule (or default)."""
     configs = config.configs() if isinstance(config, Mixed) else [config]
-    return any(isinstance(c, Int4WeightOnly) and c.algo != "rtn" for c in configs)
+    return any(_calibrated(c) for c in configs)
 
 
 # ``memopt quantize --method M [--group-size G] [--algo A]``: the config behind each method
@@ -397,8 +406,8 @@ METHODS: dict[str, Callable[[int | None, str | None], QuantConfig]] = {
     "int8": lambda g, a: Int8WeightOnly(group_size=g),
     "int8-dynamic": lambda g, a: Int8Dynamic(),
     "int4": lambda g, a: Int4WeightOnly(group_size=g or 64, algo=a or "gptq"),
-    "int3": lambda g, a: IntNWeightOnly(bits=3, group_size=g or 32),
-    "int2": lambda g, a: IntNWeightOnly(bits=2, group_size=g or 32),
+    "int3": lambda g, a: IntNWeightOnly(bits=3, group_size=g or 32, algo=a or "rtn"),
+    "int2": lambda g, a: IntNWeightOnly(bits=2, group_size=g or 32, algo=a or "rtn"),
 }
 _NO_GROUP = ("float32", "float16", "bfloat16", "int8-dynamic")
 
@@ -414,8 +423,8 @@ def method_config(
     """
     if method not in METHODS:
         raise MemoptError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-    if algo is not None and method != "int4":
-        raise MemoptError(f"--algo applies to int4 only, not {method}")
+    if algo is not None and method not in ("int4", "int3", "int2"):
+        raise MemoptError(f"--algo applies to int4, int3 and int2 only, not {method}")
     if group_size is not None and method in _NO_GROUP:
         raise MemoptError(f"--group-size does not apply to {method}")
     return METHODS[method](group_size, algo)

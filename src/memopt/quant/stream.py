@@ -568,7 +568,7 @@ def quantize_model(
 ) -> dict[str, Any]:
     """Quantize a model from its file(s) into a memopt folder without holding the float model.
 
-    ``calib``: calibration text (default: memopt.quant.calibrate's pydoc excerpt) or ``(N, T)`` token
+    ``calib``: calibration text (default: memopt.core.texts.mixed_calib_text) or ``(N, T)`` token
     ids, for calibrated configs. ``progress(bytes written, bytes total)``.
 
     A GGUF file is requantized from its dequantized weights (the float32 architecture, built with
@@ -749,7 +749,7 @@ def _record(config: QuantConfig, include: Any, exclude: Any, calib: Any) -> dict
         if isinstance(calib, torch.Tensor):
             rec["calib"] = f"token ids {list(calib.shape)}"
         else:
-            rec["calib"] = "pydoc_data.topics (default)" if calib is None else "user text"
+            rec["calib"] = "mixed: docs, code, notes (default)" if calib is None else "user text"
     return rec
 
 

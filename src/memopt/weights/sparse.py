@@ -21,17 +21,15 @@ At 50 % unstructured sparsity a float32 weight takes ``1/8 + 2 = 2.125`` bytes a
 4 (0.53x); int8 values ``0.125 + 0.5 * 1.03 = 0.64`` bytes (0.62x of dense int8); int4 values
 ``0.125 + 0.5 * 0.5625 = 0.41`` bytes (0.72x of dense int4 at group 64).
 
-Inference reconstructs the dense weight of one layer at a time into a scratch buffer shared by all
-sparse layers (so RAM holds the sparse forms plus one layer's dense weight) and runs the ordinary
-float matmul (reconstruction is ``np.unpackbits`` + ``np.flatnonzero`` + ``scatter_``;
-bench/prune.py times it against the dense and CSR matmuls). torch's CSR matmul is the faster
-kernel, but it needs its int64 column and row indices resident: at 50 % its ``8 + 4`` bytes a
-nonzero come to more than the dense float32 weight, so it cannot be the form that is kept; building
-it from the bitmask at each call needs the same nonzero positions the reconstruction computes, and
-then some. Reconstruction is therefore the fastest way that keeps the bytes saved; it costs several
-batch-1 matmuls, amortised over the tokens of longer inputs.
-Unstructured pruning buys bytes here, not speed; structured pruning (memopt.prune.structured)
-buys both.
+Inference with few input rows (decode, batch <= 16; bitmask layout, float32 values) runs memopt's
+sparse kernel (memopt.weights._sparse_kernel): it reads the mask and the values as stored, 2.125
+bytes an element at 50 % against dense float32's 4, so a decode step, which streams every weight
+once, runs faster than the dense one (bench/sparse_kernel.py). Other calls reconstruct the dense
+weight of one layer at a time into a scratch buffer shared by all sparse layers (so RAM holds the
+sparse forms plus one layer's dense weight) and run the ordinary float matmul (reconstruction is
+``np.unpackbits`` + ``np.flatnonzero`` + ``scatter_``), amortised over the tokens of a long
+input. torch's CSR matmul needs its int64 column and row indices resident: at 50 % its ``8 + 4``
+bytes a nonzero come to more than the dense float32 weight, so it cannot be the form that is kept.
 
 Its disk form (manifest entry, tensors, empty twin, fill) is :class:`SparseWeight`'s own, like every
 weight kind's (memopt.weights.quantized).
@@ -46,6 +44,7 @@ import torch
 
 from memopt.core.errors import MemoptError
 from memopt.formats.safetensors import dtype_name, dtype_of
+from memopt.weights import _sparse_kernel
 from memopt.weights.primitives import choose_qparams, dequantize, pack, quantize, unpack
 from memopt.weights.quantized import QuantizedWeight
 
@@ -220,6 +219,7 @@ class SparseWeight(QuantizedWeight):
                 got = None if t is None else (t.dtype, tuple(t.shape))
                 raise MemoptError(f"sparse weight tensor {s!r}: expected {dt} {sh}, got {got}")
             self._buffers[s] = t
+        self._row_start = None  # a new mask: the kernel's row index is rebuilt on first use
 
     @property
     def sparsity(self) -> float:
@@ -286,8 +286,14 @@ class SparseWeight(QuantizedWeight):
         return self.dequantize(dtype)[idx]
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (M, K) @ W.T -> (M, N)`` from the weight reconstructed into the shared buffer."""
+        """``x (M, K) @ W.T -> (M, N)``: few rows of float32 input (decode, short prefill) by the
+        sparse kernel straight from the bitmask and values (memopt.weights._sparse_kernel);
+        otherwise from the weight reconstructed into the shared buffer."""
         n, k = self.shape
+        if self._kernel_ok(x):
+            if self._row_start is None:
+                self._row_start = _sparse_kernel.row_starts(self.mask, n, k)
+            return _sparse_kernel.bitmask_linear(self.mask, self.values, self._row_start, x, n)
         dtype = x.dtype if x.is_floating_point() else self.dtype
         if torch.is_grad_enabled() and x.requires_grad:
             w = self.dequantize(dtype)  # autograd keeps W for backward: it must not be reused
@@ -297,6 +303,27 @@ class SparseWeight(QuantizedWeight):
 
     def _device(self) -> torch.device:
         return self.values.device
+
+    # Where each row's values begin in the stream, ``(N + 1,) int64``: built from the mask at the
+    # first kernel call, kept beside the weight (8 bytes a row, 0.3-0.6 % of a 50 % float32
+    # layer's bytes; not a buffer: it is not saved, and ``nbytes`` is the stored form's).
+    _row_start: torch.Tensor | None = None
+
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        """The sparse kernel computes this call: bitmask layout, float32 values and input on the
+        CPU, at most ``MAX_ROWS`` input rows, no gradient wanted."""
+        return (
+            self.layout == "bitmask"
+            and self.values_fmt == "float"
+            and self.dtype == torch.float32
+            and x.dtype == torch.float32
+            and x.dim() == 2
+            and x.shape[0] <= _sparse_kernel.MAX_ROWS
+            and x.device.type == "cpu"
+            and self.values.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and _sparse_kernel.available()
+        )
 
     def extra_repr(self) -> str:
         return f"{self.fmt}, shape={self.shape}, nnz={self.nnz}, nbytes={self.nbytes}"
