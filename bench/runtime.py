@@ -394,7 +394,8 @@ def export_check_job(folder: str, gguf_path: str, hf_dir: str, n: int, threads: 
     theirs_f = torch.from_numpy(np.array(llm.scores[: len(forced)], dtype=np.float32))  # (T, V)
     llm.close()
     if lean is not None:
-        mine_f = torch.stack([lean.engine.forward(t, p).float() for p, t in enumerate(forced)])
+        # (the engine returns its own logits buffer, rewritten at each call: copied)
+        mine_f = torch.stack([lean.engine.forward(t, p).clone() for p, t in enumerate(forced)])
     else:
         mine_f = memopt_logits(forced)  # (T, V)
     gaps = []
