@@ -428,6 +428,17 @@ def _gguf_value_ok(key: str, t: int, v: Any, original: dict[str, Any]) -> bool:
     return True
 
 
+def _checked_key(key: str) -> bool:
+    """Keys whose values have a domain (others are free text or unused by memopt)."""
+    short = key.removeprefix("llama.")
+    return (
+        short in _COUNTS
+        or short in ("attention.layer_norm_rms_epsilon", "rope.freq_base")
+        or key in ("general.architecture", "general.alignment")
+        or (key.startswith("tokenizer.ggml.") and key.endswith("_token_id"))
+    )
+
+
 def _gguf_junk(rng: random.Random, t: int, v: Any) -> tuple[int, Any]:
     choice = rng.randrange(6)
     if choice == 0 and t in _INT_TYPES:
@@ -459,7 +470,7 @@ def mutate_gguf(rng: random.Random, g: GFile) -> tuple[str, bytes, bool]:
         key, t, v = g.kvs[i]
         nt, nv = _gguf_junk(rng, t, v)
         g.kvs[i] = (key, nt, nv)
-        ok = _gguf_value_ok(key, nt, nv, original) if nt != ARR else key.startswith("general.n")
+        ok = _gguf_value_ok(key, nt, nv, original) if nt != ARR else not _checked_key(key)
         if key == "general.architecture":
             ok = nt == STR and nv == "llama"
         return f"metadata {key.removeprefix('llama.')}", gguf_bytes(g), not ok
@@ -492,23 +503,26 @@ def mutate_gguf(rng: random.Random, g: GFile) -> tuple[str, bytes, bool]:
         return "header byte flip", bytes(data), False
     t = rng.choice(g.tensors)
     if kind == "name":
+        before = t.name
         t.name = rng.choice([f"blk.{rng.choice([2, 5, 99])}.{t.name.split('.', 2)[-1]}",
                              "blk.x.attn_q.weight", "unknown.weight", "", t.name + "s",
                              rng.choice(g.tensors).name])  # fmt: skip
-        return "tensor name", gguf_bytes(g), True
+        return "tensor name", gguf_bytes(g), t.name != before
     if kind == "dims":
+        before = list(t.dims)
         op = rng.randrange(5)
         if op == 0 and len(t.dims) > 1:
             t.dims = list(reversed(t.dims))
         elif op == 1:
             t.dims[rng.randrange(len(t.dims))] = rng.choice([0, 1, 2**32, 2**63, 2**64 - 1])
-        elif op == 2:
+        elif op == 2:  # a trailing 1: the same tensor (ggml's own shapes are 4-D, 1-padded)
             t.dims = t.dims + [1]
+            return "tensor dims", gguf_bytes(g), False
         elif op == 3:
             t.dims = []
         else:
             t.dims[0] += rng.choice([32, -32, 1])
-        return "tensor dims", gguf_bytes(g), True
+        return "tensor dims", gguf_bytes(g), t.dims != before
     if kind == "type":
         new = rng.choice([0, 1, 2, 3, 6, 7, 8, 12, 14, 30, 99, 2**31])
         same = new == t.type
@@ -602,8 +616,8 @@ def mutate_manifest(rng: random.Random, manifest: dict[str, Any]) -> tuple[str, 
         return f"{where} cut", json.dumps(m).encode(), top == "files"
     old = parent[last]
     if kind == "structured":
-        if isinstance(old, bool) or old is None:
-            new: Any = not old
+        if isinstance(old, bool) or old is None:  # not the other boolean: that is valid
+            new: Any = rng.choice([1, "true", [], {}]) if old is not None else rng.choice([1, "x"])
         elif isinstance(old, int):
             new = rng.choice([0, -1, old + 1, old * 2, 7, 2**40])
         elif isinstance(old, str):
@@ -639,14 +653,12 @@ def config_ok(cfg: Any, original: dict[str, Any]) -> bool:
         return False
     for key in _CONFIG_COUNTS:
         v = cfg.get(key, original.get(key))
-        if key not in cfg and key in original and key not in ("head_dim",):
-            return key in ("max_position_embeddings", "num_key_value_heads", "vocab_size")
-        if v is None and key == "head_dim":
+        if v is None and key in ("head_dim", "num_key_value_heads"):
             continue
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > 2**20:
             return False
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads", heads)
+    kv = cfg.get("num_key_value_heads") or heads
     if hidden % heads or heads % kv:
         return False
     eps = cfg.get("rms_norm_eps", 1e-6)
@@ -654,7 +666,7 @@ def config_ok(cfg: Any, original: dict[str, Any]) -> bool:
         return False
     rope = cfg.get("rope_parameters")
     if rope is not None:
-        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        theta = rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else None
         if isinstance(theta, bool) or not isinstance(theta, (int, float)):
             return False
         if not (0 < theta < math.inf) or rope.get("rope_type", "default") != "default":
@@ -674,10 +686,10 @@ def mutate_config(rng: random.Random, cfg: dict[str, Any]) -> tuple[str, bytes, 
         if op == "deep":
             return "deep JSON", _deep(rng).encode(), True
         return "not an object", json.dumps(_junk(rng)).encode(), True
-    if kind == "remove":
+    if kind == "remove":  # transformers' default takes its place: still a config
         key = rng.choice(list(c))
         del c[key]
-        return f"{key} removed", json.dumps(c).encode(), not config_ok(c, cfg)
+        return f"{key} removed", json.dumps(c).encode(), key == "model_type"
     if kind == "count":
         key = rng.choice([*_CONFIG_COUNTS, "rms_norm_eps", "rope_parameters"])
         old = c.get(key)
@@ -821,7 +833,7 @@ def run_case(originals: Originals, case: Case, seconds: int = CASE_SECONDS) -> t
     """``(outcome, detail)`` of one case, run in this process."""
     from memopt.core.errors import MemoptError
     from memopt.measure.estimate import estimate
-    from memopt.models import build_meta, load_model
+    from memopt.models import load_model
 
     want = None if case.target == "estimate" else originals.fingerprint(case.original)
     old = signal.signal(signal.SIGALRM, _on_alarm)
@@ -830,10 +842,12 @@ def run_case(originals: Originals, case: Case, seconds: int = CASE_SECONDS) -> t
     signal.alarm(seconds)
     try:
         if case.target == "estimate":
-            estimate(build_meta(case.path))
+            estimate(case.path)
             got = None
         else:
             got = fingerprint(load_model(case.path))
+            if case.fmt in ("config", "gguf"):  # a valid edit makes a valid variant: compare
+                got, want = got[1], want[1]  # the tensors (the modules' settings may differ)
         signal.alarm(0)
     except MemoptError as exc:
         signal.alarm(0)
