@@ -8,7 +8,10 @@ is either the old one or the complete new one.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -23,8 +26,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_output",
+    "lock_output",
     "save_figure",
     "staged_folder",
+    "unlock_output",
 ]
 
 
@@ -76,7 +81,9 @@ def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
 
 def check_output(out_dir: str | Path, marker: str) -> Path:
     """Refuse an output folder that is a file, or a non-empty folder without ``marker`` (the file
-    that says memopt wrote it), or whose parent does not exist."""
+    that says memopt wrote it), or whose parent does not exist; then take the output's lock
+    (:func:`lock_output`) for the rest of this run, so that a second run into the same output
+    refuses at its start instead of both reporting success."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise MemoptError(f"output {out_dir} is an existing file, not a folder")
@@ -84,7 +91,65 @@ def check_output(out_dir: str | Path, marker: str) -> Path:
         raise MemoptError(f"output {out_dir} is a non-empty folder that memopt did not write")
     if not out.parent.exists():
         raise MemoptError(f"output {out_dir}: its parent folder does not exist")
+    lock_output(out)
     return out
+
+
+# output (resolved) -> the open file descriptor holding its lock, for the life of this process
+_LOCKS: dict[Path, int] = {}
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def lock_output(out: Path) -> None:
+    """Hold ``.OUT.lock`` beside ``out`` (an exclusive ``flock``) until :func:`unlock_output` or
+    the end of the process (the kernel drops the lock of a killed process; the file left behind
+    is taken over and removed by the next run). Re-entrant within one process. A lock held by
+    another process: MemoptError naming it. Then the temporary folders of earlier, killed runs
+    into ``out`` (``.OUT.tmp-*``, ``.OUT.old-*``) are removed: no live writer owns them."""
+    key = out.resolve()
+    if key in _LOCKS:
+        return
+    path = _lock_path(out)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise MemoptError(
+                    f"output {out}: cannot write beside it ({exc.strerror})"
+                ) from None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MemoptError(
+                f"output {out} is being written by another memopt run (it holds {path})"
+            ) from None
+        try:  # the file we locked is still the one at the path (a finishing run unlinks it)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    _LOCKS[key] = fd
+    atexit.register(unlock_output, out)
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def unlock_output(out: Path) -> None:
+    """Give the lock of ``out`` back, removing its file (while still holding it: a waiting run
+    then finds the path gone or new and locks again)."""
+    fd = _LOCKS.pop(Path(out).resolve(), None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(_lock_path(Path(out)))
+    os.close(fd)
 
 
 class staged_folder:  # noqa: N801 (a context manager used like a function)
@@ -107,6 +172,13 @@ class staged_folder:  # noqa: N801 (a context manager used like a function)
         return self.tmp
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self._finish(exc_type)
+        finally:
+            if not self.cache:
+                unlock_output(self.out)
+
+    def _finish(self, exc_type: Any) -> None:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
