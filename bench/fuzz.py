@@ -47,6 +47,7 @@ import hashlib
 import json
 import math
 import os
+import queue
 import random
 import resource
 import shutil
@@ -55,6 +56,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -533,9 +535,9 @@ def mutate_gguf(rng: random.Random, g: GFile) -> tuple[str, bytes, bool]:
         others = [o.offset for o in g.tensors if o is not t]
         new = rng.choice([t.offset + 32, t.offset - 32, t.offset + 1, 2**40, 2**64 - 32,
                           rng.choice(others)])  # fmt: skip
-        t.offset = max(new, 0)
+        before, t.offset = t.offset, max(new, 0)
         g.raw_tail = tail
-        return "tensor offset", gguf_bytes(g), True
+        return "tensor offset", gguf_bytes(g), t.offset != before
     if kind == "remove tensor":
         g.tensors.remove(t)
         return "tensor removed", gguf_bytes(g), True
@@ -937,8 +939,18 @@ def run_format(root: Path, fmt: str, cases: int, seed: int) -> list[dict[str, An
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )  # fmt: skip
         assert proc.stdout is not None
-        current = nxt
-        for line in proc.stdout:
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        current, silent = nxt, False
+        while True:
+            try:
+                line = lines.get(timeout=6 * CASE_SECONDS)
+            except queue.Empty:  # no word for a minute: hung where the alarm cannot reach
+                proc.kill()
+                silent = True
+                break
+            if line is None:
+                break
             msg = json.loads(line)
             if "start" in msg:
                 current = msg["start"]
@@ -946,11 +958,18 @@ def run_format(root: Path, fmt: str, cases: int, seed: int) -> list[dict[str, An
             results.append(msg)
             nxt = msg["seed"] + 1
         proc.wait()
-        if nxt < end and current >= nxt:  # died in case `current`
-            results.append({"seed": current, "place": "?", "outcome": "blowup",
-                            "detail": f"worker died (exit {proc.returncode})"})  # fmt: skip
+        if nxt < end and current >= nxt:  # died (or was killed) in case `current`
+            outcome = "hang" if silent else "blowup"
+            results.append({"seed": current, "place": "?", "outcome": outcome,
+                            "detail": f"worker ended (exit {proc.returncode})"})  # fmt: skip
             nxt = current + 1
     return results
+
+
+def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
 
 
 def table(per_format: dict[str, list[dict[str, Any]]]) -> str:

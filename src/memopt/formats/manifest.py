@@ -163,6 +163,9 @@ def check_manifest(m: dict[str, Any], folder: Path) -> str:
             return f"aliases[{alias!r}]: {first!r} is not in tensors"
     if not all(_names(n) for n in m["non_persistent"]):
         return "non_persistent: not a list of names"
+    quantization = m.get("quantization", [])
+    if not isinstance(quantization, list) or not all(isinstance(q, dict) for q in quantization):
+        return "quantization: not a list of objects"
     for name, pair in m["cast_hooks"].items():
         if not isinstance(pair, list) or len(pair) != 2 or not all(_names(d) for d in pair):
             return f"cast_hooks[{name!r}]: expected [inner dtype, outer dtype]"
