@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -139,6 +140,11 @@ def lock_output(out: Path) -> None:
     atexit.register(unlock_output, out)
     for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
+    # and atomic_path's temporary files for a file output (mkstemp: 8 random characters)
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}{re.escape(out.suffix)}")
+    for stale in out.parent.glob(f".{out.name}.*"):
+        if pattern.fullmatch(stale.name) and stale.is_file():
+            stale.unlink(missing_ok=True)
 
 
 def unlock_output(out: Path) -> None:
