@@ -258,7 +258,7 @@ Q = "model.layers.0.self_attn.q_proj"
         ("int8", lambda m: m["files"].update(tokenizer=["tokenizer.json"])),
         ("int8", lambda m: m["files"].update(weights="other.safetensors")),
         ("int8", lambda m: m.update(quantization=1.5)),
-        ("int8", lambda m: m["tensors"].reverse()),
+        ("int8", lambda m: m["tensors"].append(m["tensors"][0])),
     ],
 )
 def test_manifest(orig: fuzz.Originals, tmp_path: Path, which: str, edit) -> None:

@@ -495,10 +495,6 @@ def load(
     extra = sorted(present - set(order))
     if extra:
         raise MemoptError(f"{folder / WEIGHTS}: unexpected tensor {extra[0]!r} (not in manifest)")
-    if src.names() != order:  # the manifest lists the file's tensors in the file's order
-        raise MemoptError(
-            f"{folder / MANIFEST}: corrupt manifest (tensors are not in the order of {WEIGHTS})"
-        )
     suffixes = {k: list(disk_layout(spec)) for k, spec in manifest["weights"].items()}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     params: dict[str, Any] = {}
