@@ -638,7 +638,12 @@ def mutate_manifest(rng: random.Random, manifest: dict[str, Any]) -> tuple[str, 
     if top in checked:
         return f"{where} edited", json.dumps(m).encode(), not checked[top](_get(m, path[:1]))
     refuse = len(path) == 1 and top in required  # a required key of another type
-    if top == "tensors" and isinstance(new, list) and sorted(map(str, new)) == sorted(old):
+    if (
+        top in ("tensors", "non_persistent")
+        and isinstance(new, list)
+        and len(path) == 1
+        and (sorted(map(str, new)) == sorted(old))
+    ):
         refuse = False  # the same names in another order (a file rewritten by another tool)
     return f"{where} edited", json.dumps(m).encode(), refuse
 

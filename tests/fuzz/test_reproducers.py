@@ -248,6 +248,8 @@ Q = "model.layers.0.self_attn.q_proj"
         ("int8", lambda m: m["weights"][f"{Q}.qweight"].update(shape=[-64, 64])),
         ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(group_size=0)),
         ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(block_n=0)),
+        ("int4", lambda m: m["weights"][f"{Q}.qweight"].pop("block_n")),
+        ("int8", lambda m: m.pop("files")),
         ("int8", lambda m: m["cast_hooks"].update({"model.nowhere": ["float32", "float32"]})),
         ("int8", lambda m: m["cast_hooks"].update({Q: ["float32"]})),
         ("int8", lambda m: m["modules"][Q].update({"class": "QEmbedding"})),

@@ -169,12 +169,10 @@ def check_manifest(m: dict[str, Any], folder: Path) -> str:
     for name, pair in m["cast_hooks"].items():
         if not isinstance(pair, list) or len(pair) != 2 or not all(_names(d) for d in pair):
             return f"cast_hooks[{name!r}]: expected [inner dtype, outer dtype]"
-    return _check_files(m.get("files"), folder)
+    return _check_files(m.get("files"), folder)  # written by every memopt since the first
 
 
 def _check_files(files: Any, folder: Path) -> str:
-    if files is None:
-        return ""
     if not isinstance(files, dict):
         return "files is not an object"
     if files.get("weights") != WEIGHTS or files.get("config") != "config.json":

@@ -284,6 +284,8 @@ class Int4Weight(QuantizedWeight):
         qw.symmetric = bool(spec.get("symmetric"))
         qw.block_n = spec.get("block_n")  # the disk layout; fill() sets the RAM one
         n, k = qw.shape
+        if "block_n" not in spec:  # null (along K) and the kernel's blocks look alike on disk
+            raise MemoptError("int4 weight without block_n: its packed layout is unknown")
         b, g = qw.block_n, qw.group_size
         if b is not None and (type(b) is not int or b < 2 or b % 2 or n % b):
             raise MemoptError(f"int4 block_n {b!r}: expected null or an even divisor of {n} rows")
