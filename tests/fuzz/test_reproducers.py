@@ -272,3 +272,15 @@ def test_untouched_originals_load(orig: fuzz.Originals) -> None:
     """The checks refuse none of the real files (and bench/fuzz.py's oracle sees them as same)."""
     for key in ("hf", "gguf", "int8", "int4"):
         assert fuzz.fingerprint(load_model(orig.paths[key])) == orig.fingerprint(key)
+
+
+def test_gguf_trailing_unit_dims_are_the_same_tensors(orig: fuzz.Originals, tmp_path: Path) -> None:
+    """ggml's own shapes are 4-D padded with 1s: a matrix stored as (64, 128, 1) is the same."""
+
+    def pad(g: fuzz.GFile) -> None:
+        for t in g.tensors:
+            if len(t.dims) == 2:
+                t.dims = [*t.dims, 1]
+
+    path = _gguf(orig, tmp_path, pad)
+    assert fuzz.fingerprint(load_model(path))[1] == orig.fingerprint("gguf")[1]

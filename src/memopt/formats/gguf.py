@@ -696,7 +696,8 @@ class GGUFSource:
             ggml_type = t.tensor_type.name
             stem = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
             heads = permuted.get(stem, 0)
-            rows = int(t.shape[-1]) if len(t.shape) > 1 else int(t.shape[0])
+            dims = [int(d) for d in t.shape.tolist()]  # ne0 (a row's values) first
+            rows = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else dims[0]
             if heads and rows % (2 * heads):
                 raise MemoptError(
                     f"{self.path}: GGUF tensor {t.name!r} has {rows} rows, not a whole number of "

@@ -289,8 +289,10 @@ class Int4Weight(QuantizedWeight):
         b, g = qw.block_n, qw.group_size
         if b is not None and (type(b) is not int or b < 2 or b % 2 or n % b):
             raise MemoptError(f"int4 block_n {b!r}: expected null or an even divisor of {n} rows")
-        if k % 2 or k % g or not isinstance(spec.get("symmetric", False), bool):
+        if k % 2 or k % g:
             raise MemoptError(f"int4 weight of {k} columns in groups of {g}: not whole groups")
+        if not isinstance(spec.get("symmetric", False), bool):
+            raise MemoptError(f"int4 symmetric {spec['symmetric']!r}: expected true or false")
         qw.register_buffer("packed", torch.empty((n, k // 2), dtype=torch.uint8, device=device))
         sz = torch.empty((k // qw.group_size, n, 2), dtype=torch.bfloat16, device=device)
         qw.register_buffer("scale_zero", sz)
