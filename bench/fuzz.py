@@ -22,8 +22,9 @@ size after its imports + 2 GiB) and a 10 s alarm, and ends as one of:
 
 ``refused``      MemoptError: the contract's one-line refusal (exit 2 from the command line);
 ``same``         loaded, and the model equals the original's (every tensor's bytes, dtype and shape,
-                 every module's class and ``extra_repr``, cast boundaries, task), or the mutation did
-                 not change what the format means (a config value within its domain);
+                 every module's class and ``extra_repr``, cast boundaries, task; for config.json and
+                 GGUF metadata, where an in-domain edit makes a valid variant such as another
+                 epsilon, the tensors alone), the edited value being within its domain;
 ``silent``       loaded something it should have refused: a different model (tensors, modules), or an
                  out-of-domain value (NaN epsilon, 0 layers, task "foo") accepted;
 ``traceback``    any other exception (an internal error: exit 1 from the command line);
