@@ -284,3 +284,17 @@ def test_gguf_trailing_unit_dims_are_the_same_tensors(orig: fuzz.Originals, tmp_
 
     path = _gguf(orig, tmp_path, pad)
     assert fuzz.fingerprint(load_model(path))[1] == orig.fingerprint("gguf")[1]
+
+
+def test_streamed_quantize_checks_shapes_first(orig: fuzz.Originals, tmp_path: Path) -> None:
+    """head_count_kv removed: the config asks for 4 key/value heads, the file holds 2; the
+    streamed quantization (which reads rows by the architecture's shapes) refuses up front."""
+    from memopt.quant import Int8WeightOnly
+    from memopt.quant.stream import quantize_model
+
+    def drop(g: fuzz.GFile) -> None:
+        g.kvs = [kv for kv in g.kvs if kv[0] != "llama.attention.head_count_kv"]
+
+    path = _gguf(orig, tmp_path, drop)
+    _refused(lambda: quantize_model(path, Int8WeightOnly(), tmp_path / "out"), "k_proj", "(64, 64)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

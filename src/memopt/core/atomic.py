@@ -12,13 +12,14 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from memopt.core.errors import MemoptError
 
@@ -28,6 +29,7 @@ __all__ = [
     "atomic_write_text",
     "check_output",
     "lock_output",
+    "releases_outputs",
     "save_figure",
     "staged_folder",
     "unlock_output",
@@ -96,8 +98,10 @@ def check_output(out_dir: str | Path, marker: str) -> Path:
     return out
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 # output (resolved) -> the open file descriptor holding its lock, for the life of this process
-_LOCKS: dict[Path, int] = {}
+_LOCKS: dict[Path, tuple[int, Path]] = {}  # (descriptor, the lock file's path)
 
 
 def _lock_path(out: Path) -> Path:
@@ -136,7 +140,7 @@ def lock_output(out: Path) -> None:
         except FileNotFoundError:
             pass
         os.close(fd)
-    _LOCKS[key] = fd
+    _LOCKS[key] = (fd, path)
     atexit.register(unlock_output, out)
     for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
@@ -147,14 +151,32 @@ def lock_output(out: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def releases_outputs(fn: F) -> F:
+    """Decorate a function that takes output locks (:func:`check_output`): whatever locks it took
+    and still holds when it returns or raises are given back (a run that fails before writing
+    leaves no lock behind; one that succeeded gave its lock back already, in staged_folder)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = set(_LOCKS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for out in [k for k in _LOCKS if k not in before]:
+                unlock_output(out)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def unlock_output(out: Path) -> None:
     """Give the lock of ``out`` back, removing its file (while still holding it: a waiting run
     then finds the path gone or new and locks again)."""
-    fd = _LOCKS.pop(Path(out).resolve(), None)
-    if fd is None:
+    held = _LOCKS.pop(Path(out).resolve(), None)
+    if held is None:
         return
+    fd, path = held
     with contextlib.suppress(OSError):
-        os.unlink(_lock_path(Path(out)))
+        os.unlink(path)
     os.close(fd)
 
 

@@ -42,7 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.core.atomic import check_output, lock_output, staged_folder, unlock_output
+from memopt.core.atomic import (
+    check_output,
+    lock_output,
+    releases_outputs,
+    staged_folder,
+    unlock_output,
+)
 from memopt.core.errors import MemoptError
 from memopt.formats.gguf import dequantize as ggml_dequantize
 from memopt.formats.gguf_writer import (
@@ -93,6 +99,7 @@ ProgressFn = Callable[[int, int], None]
 _FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
+@releases_outputs
 def export(
     model: str | Path | LoadedModel,
     fmt: str,
