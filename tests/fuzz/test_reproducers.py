@@ -298,3 +298,20 @@ def test_streamed_quantize_checks_shapes_first(orig: fuzz.Originals, tmp_path: P
     path = _gguf(orig, tmp_path, drop)
     _refused(lambda: quantize_model(path, Int8WeightOnly(), tmp_path / "out"), "k_proj", "(64, 64)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_gguf_absurd_offset_refused_without_a_warning(orig: fuzz.Originals, tmp_path: Path) -> None:
+    """An offset near 2^64 overflows numpy's sum inside gguf's reader: the warning it prints would
+    be a second line on stderr after the refusal."""
+    import warnings
+
+    def far(g: fuzz.GFile) -> None:
+        tail = fuzz._gguf_data(g)
+        g.tensors[0].offset = 2**64 - 32
+        g.raw_tail = tail
+
+    path = _gguf(orig, tmp_path, far)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _refused(lambda: load_model(path), "m.gguf")
+    assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], seen
