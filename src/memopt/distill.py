@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memopt.core import texts
+from memopt.core.atomic import releases_outputs
 from memopt.core.errors import MemoptError
 from memopt.core.modules import model_bytes, require_blocks
 from memopt.core.texts import default_calib_text, heldout_topics
@@ -521,6 +522,7 @@ def parse_student(spec: str | Sequence[int]) -> tuple[str, Any]:
     raise MemoptError(f"unknown student {spec!r} (expected {STUDENTS}, 0 < F <= 1)")
 
 
+@releases_outputs
 def distill_model(
     teacher: Any = "minilm",
     *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import sys
@@ -1293,15 +1294,54 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("memopt: interrupted\n")
         return 130
-    except Exception as exc:  # a bug in memopt, not the user's input: say so in one line
-        if os.environ.get("MEMOPT_DEBUG"):
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        sys.stderr.write(
-            f"memopt: internal error: {type(exc).__name__}: {first} "
-            "(set MEMOPT_DEBUG=1 for the traceback)\n"
-        )
-        return 1
+    except OSError as exc:
+        if exc.errno not in _ANTICIPATED or os.environ.get("MEMOPT_DEBUG"):
+            return _internal(exc)
+        path = exc.filename or getattr(args, "output", None)  # a write names no file: the output
+        where = f"{path}: " if path else ""
+        sys.stderr.write(f"memopt: error: {where}{exc.strerror or os.strerror(exc.errno)}\n")
+        return EXIT_BAD_INPUT
+    except MemoryError:
+        sys.stderr.write("memopt: error: out of memory\n")
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        from memopt.core.rss import ChildProcessFailed
+
+        if isinstance(exc, ChildProcessFailed) and not exc.exc_type:
+            # the child died without a word (killed: out of memory, a signal): not a bug in
+            # memopt's code, an end of the run it could not prevent
+            sys.stderr.write(f"memopt: error: {exc}\n")
+            return EXIT_BAD_INPUT
+        return _internal(exc)
+
+
+# errno values of the file system's anticipated refusals: disk full, quota, permissions, a
+# read-only file system, a path that is not there or not a folder, a file too large
+_ANTICIPATED = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EFBIG,
+    errno.ENAMETOOLONG,
+    errno.EMFILE,
+}
+
+
+def _internal(exc: BaseException) -> int:
+    """A bug in memopt, not the user's input: say so in one line, and how to report it."""
+    if os.environ.get("MEMOPT_DEBUG"):
+        raise exc
+    first = (str(exc).strip().splitlines() or [""])[0]
+    sys.stderr.write(
+        f"memopt: internal error: {type(exc).__name__}: {first} "
+        "(a bug in memopt: please report it, with the traceback MEMOPT_DEBUG=1 shows)\n"
+    )
+    return 1
 
 
 if __name__ == "__main__":

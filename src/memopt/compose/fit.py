@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from memopt.core.atomic import releases_outputs
 from memopt.core.errors import MemoptError
 from memopt.core.modules import find_blocks
 from memopt.core.units import parse_size
@@ -584,6 +585,7 @@ def mixed_config(units: list[Unit], formats: dict[str, str]) -> Any:
 # Fit: plan, apply, measure
 
 
+@releases_outputs
 def fit(
     model: str | Path,
     budget: Budget | int | str,

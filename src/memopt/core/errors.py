@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MemoptError", "one_line"]
+__all__ = ["MemoptError", "flat", "one_line"]
 
 
 class MemoptError(Exception):
@@ -17,3 +17,11 @@ def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (its class name when the message is empty)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def flat(exc: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (its lines joined), cut at ``limit`` characters:
+    for libraries whose first line says only "validation error:" and the reason comes after."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -15,6 +15,7 @@ __all__ = [
     "MADV_POPULATE_READ",
     "M_MMAP_THRESHOLD",
     "M_TRIM_THRESHOLD",
+    "die_with_parent",
     "madvise",
     "malloc_trim",
     "mallopt",
@@ -45,6 +46,23 @@ _MALLOPT = _fn("mallopt", [ctypes.c_int, ctypes.c_int])
 _MADVISE = _fn("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
 _MALLOC = _fn("malloc", [ctypes.c_size_t], ctypes.c_void_p)
 _FREE = _fn("free", [ctypes.c_void_p], None)
+_PRCTL = _fn("prctl", [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong])  # fmt: skip
+PR_SET_PDEATHSIG = 1  # Linux's prctl.h
+
+
+def die_with_parent(parent: int | None = None) -> bool:
+    """Have the kernel SIGKILL this process when its parent ends, however it ends (SIGKILL
+    included): a worker memopt started never outlives it. ``parent``: the pid the caller was
+    started by; if it is already gone (it died before this call), exit now. False where there is
+    no prctl (not Linux): the process then relies on its parent ending it."""
+    import os
+    import signal
+
+    ok = _PRCTL is not None and _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+    return ok
 
 
 def malloc_trim() -> bool:

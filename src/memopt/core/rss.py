@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,8 @@ __all__ = [
     "peak_rss_bytes",
     "run_in_child",
 ]
+
+_SIGNALS = {int(s) for s in signal.Signals}
 
 # ru_maxrss is in KiB on Linux and the BSDs, in bytes on macOS.
 _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
@@ -108,7 +111,14 @@ class ChildProcessFailed(RuntimeError):
 # the target function's own module pulls in; it reports through a file, not stdout, because the work
 # may print. It repeats _vm_hwm_bytes() rather than importing memopt for it.
 _CHILD_CODE = r"""
-import importlib, json, resource, sys, time, traceback
+import ctypes, importlib, json, os, resource, signal, sys, time, traceback
+# die with the parent, however it ends (Linux: prctl PR_SET_PDEATHSIG), and now if it is gone
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
 def maxrss():  # as peak_rss_bytes(): VmHWM where there is one, ru_maxrss otherwise
     try:
         with open("/proc/self/status") as f:
@@ -147,6 +157,9 @@ except BaseException as e:
         "memopt": ("memopt.core.errors", "MemoptError") in names,
         "message": lines[0] if lines else "",
         "traceback": traceback.format_exc(),
+        "errno": getattr(e, "errno", None) if isinstance(e, OSError) else None,
+        "strerror": getattr(e, "strerror", None) if isinstance(e, OSError) else None,
+        "filename": str(getattr(e, "filename", "") or "") if isinstance(e, OSError) else "",
     }})
 with open(job["out"], "w") as f:
     f.write(text)
@@ -193,7 +206,7 @@ def run_in_child(
             raise TypeError(f"run_in_child: arguments must be JSON-serialisable ({e})") from None
         try:
             proc = subprocess.run(
-                [sys.executable, "-c", _CHILD_CODE],
+                [sys.executable, "-c", _CHILD_CODE, str(os.getpid())],
                 input=payload,
                 capture_output=True,
                 text=True,
@@ -211,14 +224,20 @@ def run_in_child(
     if report is None:
         tail = proc.stderr.strip().splitlines()
         last = tail[-1] if tail else "no output"
-        raise ChildProcessFailed(
-            f"child process for {target} exited with code {proc.returncode}: {last}",
-            stderr=proc.stderr,
-        )
+        how = f"exited with code {proc.returncode}"
+        if proc.returncode < 0:
+            name = signal.Signals(-proc.returncode).name if -proc.returncode in _SIGNALS else ""
+            how = f"was killed by signal {name or -proc.returncode}"
+            if proc.returncode == -signal.SIGKILL:
+                how += " (out of memory?)"
+        raise ChildProcessFailed(f"child process for {target} {how}: {last}", stderr=proc.stderr)
     error = report.get("error")
     if error is not None:
         if error["memopt"]:
             raise MemoptError(error["message"])
+        if error.get("errno") is not None:  # the file system's answer: re-raised as it was
+            raise OSError(error["errno"], error.get("strerror") or error["message"],
+                          error.get("filename") or None)  # fmt: skip
         raise ChildProcessFailed(
             error["message"], exc_type=error["type"], stderr=error["traceback"]
         )

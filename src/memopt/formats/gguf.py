@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import shutil
 import threading
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 
 from memopt.core.atomic import staged_folder
-from memopt.core.errors import MemoptError, one_line
+from memopt.core.errors import MemoptError, flat, one_line
+from memopt.formats.limits import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH
 
 __all__ = [
     "GGUFSource",
@@ -140,7 +142,8 @@ def _parse(path: Path) -> Any:
     try:
         # mode "c" (copy-on-write) gives writable arrays, so torch.from_numpy does not warn about
         # read-only memory; nothing is ever written back to the file.
-        reader = _reader_class()(path, mode="c")
+        with np.errstate(all="ignore"):  # an absurd offset overflows numpy's uint64 sum
+            reader = _reader_class()(path, mode="c")  # (and the table check below refuses it)
     except MemoryError:
         raise MemoptError(f"{path}: corrupt GGUF header (absurd sizes)") from None
     except Exception as exc:  # the parser reports a bad file with any of ValueError/IndexError/...
@@ -151,7 +154,48 @@ def _parse(path: Path) -> Any:
             raise MemoptError(
                 f"{path}: truncated GGUF file ({size} bytes; tensor {t.name!r} ends at byte {end})"
             )
+    _check_tensor_table(reader, path, size)
     return reader
+
+
+def _check_tensor_table(reader: Any, path: Path, size: int) -> None:
+    """Refuse a tensor table that does not lay the data out as llama.cpp's writers do: every
+    dimension at least 1 (their product, in exact arithmetic, the element count the parser used),
+    whole blocks along the rows, and the tensors' bytes one after the other from the start of the
+    data, each at the next multiple of the alignment after the one before (no overlap, no gap: a
+    changed offset or type would otherwise read some other tensor's bytes)."""
+    from gguf import GGML_QUANT_SIZES
+
+    align = int(reader.alignment)
+    base = int(reader.data_offset)
+    spans = []
+    for t in reader.tensors:
+        dims = [int(d) for d in t.shape.tolist()]
+        n = 1
+        for d in dims:
+            n *= d
+        if not dims or min(dims) < 1 or n != int(t.n_elements):
+            raise MemoptError(f"{path}: corrupt GGUF tensor table ({t.name!r} has dims {dims})")
+        block = GGML_QUANT_SIZES[t.tensor_type][0]
+        if dims[0] % block:
+            raise MemoptError(
+                f"{path}: corrupt GGUF tensor table ({t.name!r}: rows of {dims[0]} values are "
+                f"not whole {t.tensor_type.name} blocks of {block})"
+            )
+        spans.append((int(t.data_offset) - base, int(t.n_bytes), t.name))
+    end = 0
+    for start, nbytes, name in sorted(spans):
+        want = end + (-end % align)
+        if start != want:
+            raise MemoptError(
+                f"{path}: corrupt GGUF tensor table ({name!r} at data offset {start}, "
+                f"expected {want}: {'overlaps the tensor before' if start < end else 'a gap'})"
+            )
+        end = start + nbytes
+    if size - base - end >= align:
+        raise MemoptError(
+            f"{path}: corrupt GGUF file ({size - base - end} bytes after the last tensor's data)"
+        )
 
 
 def _reader(path: Path, take: bool) -> Any:
@@ -227,11 +271,62 @@ def gguf_tensor_types(path: Path) -> dict[str, str]:
     return types
 
 
+_INT_TYPES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64")
+
+
+def _count(reader: Any, path: Path, key: str, bound: int, default: Any = None) -> Any:
+    """A whole-number metadata value from 1 to ``bound`` (stored as an integer type), or
+    ``default`` when the key is absent; MemoptError naming the key otherwise."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    value = _field(reader, key)
+    kind = f.types[0].name if f.types else "?"
+    if kind not in _INT_TYPES or type(value) is not int or not 1 <= value <= bound:
+        raise MemoptError(
+            f"{path}: GGUF metadata {key} is {value!r} ({kind}), expected a whole number "
+            f"from 1 to {bound}"
+        )
+    return value
+
+
+def _positive(reader: Any, path: Path, key: str, default: Any = None) -> Any:
+    """A finite floating-point metadata value above 0, or ``default`` when the key is absent."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    value = _field(reader, key)
+    kind = f.types[0].name if f.types else "?"
+    if kind not in ("FLOAT32", "FLOAT64") or not (math.isfinite(value) and value > 0):
+        raise MemoptError(
+            f"{path}: GGUF metadata {key} is {value!r} ({kind}), expected a finite number above 0"
+        )
+    return float(value)
+
+
+def _token_id(reader: Any, path: Path, key: str, vocab: int) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    value = _field(reader, key)
+    kind = f.types[0].name if f.types else "?"
+    if kind not in _INT_TYPES or type(value) is not int or not 0 <= value < vocab:
+        raise MemoptError(
+            f"{path}: GGUF metadata {key} is {value!r} ({kind}), expected a token id from 0 "
+            f"to {vocab - 1}"
+        )
+    return value
+
+
 def _config(reader: Any, path: Path) -> Any:
+    """The transformers config, from metadata checked key by key: counts are whole numbers within
+    memopt.formats.limits, heads divide the width and key/value heads the heads, the epsilon and
+    rotary base are finite and positive, the block count is the blocks the tensor table holds
+    (``blk.0`` to ``blk.{n-1}``, each of them), token ids lie in the vocabulary."""
     arch = _architecture(reader, path)
 
-    def need(key: str) -> Any:
-        value = _field(reader, f"{arch}.{key}")
+    def need(key: str, bound: int) -> int:
+        value = _count(reader, path, f"{arch}.{key}", bound)
         if value is None:
             raise MemoptError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return value
@@ -240,49 +335,79 @@ def _config(reader: Any, path: Path) -> Any:
     if "rope_freqs.weight" in tensor_names:
         # Llama 3.1-style frequency scaling, stored as a tensor; the config below would ignore it.
         raise MemoptError(f"{path}: GGUF rope frequency scaling (rope_freqs) is not supported")
-    n_vocab = _field(reader, f"{arch}.vocab_size")
+    n_vocab = _count(reader, path, f"{arch}.vocab_size", MAX_VOCAB)
     if n_vocab is None:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         n_vocab = len(tokens.data) if tokens is not None else None
-    if n_vocab is None:
+    if not n_vocab or n_vocab > MAX_VOCAB:
         raise MemoptError(f"{path}: GGUF metadata gives no vocabulary size")
-    n_head = int(need("attention.head_count"))
-    hidden = int(need("embedding_length"))
+    n_head = need("attention.head_count", MAX_HEADS)
+    hidden = need("embedding_length", MAX_WIDTH)
+    n_kv = _count(reader, path, f"{arch}.attention.head_count_kv", MAX_HEADS, n_head)
+    head_dim = _count(reader, path, f"{arch}.rope.dimension_count", MAX_WIDTH)
+    if head_dim is None and hidden % n_head:
+        raise MemoptError(
+            f"{path}: GGUF metadata {arch}.embedding_length {hidden} is not a multiple of "
+            f"{arch}.attention.head_count {n_head}"
+        )
+    if n_head % n_kv:
+        raise MemoptError(
+            f"{path}: GGUF metadata {arch}.attention.head_count {n_head} is not a multiple of "
+            f"{arch}.attention.head_count_kv {n_kv}"
+        )
+    n_layers = need("block_count", MAX_LAYERS)
+    blocks = {int(n.split(".")[1]) for n in tensor_names if n.startswith("blk.")
+              and n.split(".")[1].isdigit()}  # fmt: skip
+    if blocks != set(range(n_layers)):
+        extra = sorted(blocks - set(range(n_layers)))
+        missing = sorted(set(range(n_layers)) - blocks)
+        what = f"blk.{extra[0]} is beyond them" if extra else f"blk.{missing[0]} is missing"
+        raise MemoptError(
+            f"{path}: GGUF metadata {arch}.block_count is {n_layers}, the tensors disagree ({what})"
+        )
     kwargs: dict[str, Any] = dict(
         vocab_size=int(n_vocab),
         hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=int(need("block_count")),
+        intermediate_size=need("feed_forward_length", MAX_WIDTH),
+        num_hidden_layers=n_layers,
         num_attention_heads=n_head,
-        num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
-        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(need("context_length")),
+        num_key_value_heads=n_kv,
+        rms_norm_eps=_positive(reader, path, f"{arch}.attention.layer_norm_rms_epsilon"),
+        max_position_embeddings=need("context_length", MAX_POSITIONS),
         rope_parameters={
-            "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+            "rope_theta": _positive(reader, path, f"{arch}.rope.freq_base", 10000.0),
             "rope_type": "default",
         },
         tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        bos_token_id=_token_id(reader, path, "tokenizer.ggml.bos_token_id", n_vocab),
+        eos_token_id=_token_id(reader, path, "tokenizer.ggml.eos_token_id", n_vocab),
+        pad_token_id=_token_id(reader, path, "tokenizer.ggml.padding_token_id", n_vocab),
     )
+    if kwargs["rms_norm_eps"] is None:
+        raise MemoptError(f"{path}: GGUF metadata lacks {arch}.attention.layer_norm_rms_epsilon")
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise MemoptError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
     if arch == "llama":
         from transformers import LlamaConfig
 
-        head_dim = _field(reader, "llama.rope.dimension_count")
         if head_dim is not None:
-            kwargs["head_dim"] = int(head_dim)
+            kwargs["head_dim"] = head_dim
         # Some llama-architecture files carry projection biases; the config must ask for them.
         kwargs["attention_bias"] = any(n.endswith(".bias") and ".attn_" in n for n in tensor_names)
         kwargs["mlp_bias"] = any(n.endswith(".bias") and ".ffn_" in n for n in tensor_names)
         # Mistral-family GGUFs are written as "llama"; LlamaConfig runs them the same way.
-        return LlamaConfig(architectures=["LlamaForCausalLM"], **kwargs)
+        return _build_config(path, LlamaConfig, "LlamaForCausalLM", kwargs)
     from transformers import Qwen2Config
 
-    return Qwen2Config(architectures=["Qwen2ForCausalLM"], **kwargs)
+    return _build_config(path, Qwen2Config, "Qwen2ForCausalLM", kwargs)
+
+
+def _build_config(path: Path, cls: type, architecture: str, kwargs: dict[str, Any]) -> Any:
+    try:
+        return cls(architectures=[architecture], **kwargs)
+    except Exception as exc:  # transformers' own checks of the values: the file's fault
+        raise MemoptError(f"{path}: GGUF metadata makes no {cls.__name__} ({flat(exc)})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -574,12 +699,11 @@ class GGUFSource:
         reader = _reader(self.path, take=True)
         self.architecture = _architecture(reader, self.path)
         self._reader = reader  # owns the memory map that the entries view
-        n_head = _field(reader, f"{self.architecture}.attention.head_count")
-        n_kv = _field(reader, f"{self.architecture}.attention.head_count_kv", n_head)
+        arch = self.architecture
+        n_head = _count(reader, self.path, f"{arch}.attention.head_count", MAX_HEADS)
         if n_head is None:
-            raise MemoptError(
-                f"{self.path}: GGUF metadata lacks {self.architecture}.attention.head_count"
-            )
+            raise MemoptError(f"{self.path}: GGUF metadata lacks {arch}.attention.head_count")
+        n_kv = _count(reader, self.path, f"{arch}.attention.head_count_kv", MAX_HEADS, n_head)
         # llama.cpp permutes q/k rows for llama only (qwen2 is converted without it)
         permuted = (
             {"attn_q": int(n_head), "attn_k": int(n_kv)} if self.architecture == "llama" else {}
@@ -594,6 +718,13 @@ class GGUFSource:
             ggml_type = t.tensor_type.name
             stem = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
             heads = permuted.get(stem, 0)
+            dims = [int(d) for d in t.shape.tolist()]  # ne0 (a row's values) first
+            rows = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else dims[0]
+            if heads and rows % (2 * heads):
+                raise MemoptError(
+                    f"{self.path}: GGUF tensor {t.name!r} has {rows} rows, not a whole number of "
+                    f"rotary pairs for {heads} heads"
+                )
             self._entries[name] = _Entry(
                 t.name,
                 ggml_type,

@@ -75,11 +75,39 @@ def dtype_of(name: str) -> torch.dtype:
     return dt
 
 
-def read_header(file: Path) -> tuple[int, dict[str, Any]]:
-    """``(header length, header)`` of a safetensors file, checked against the file's size.
+# every dtype code of the safetensors format, with its size: codes memopt cannot read are named as
+# unsupported, anything else is a corrupt header
+_ALL_CODES = {**{k: v.itemsize for k, v in DTYPES.items()}, "U16": 2, "U32": 4, "U64": 8,
+              "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F6_E2M3": 1, "F6_E3M2": 1,
+              "F4": 1, "C64": 8}  # fmt: skip
+MAX_HEADER = 100 << 20  # the format's own bound on the header (safetensors refuses larger)
 
-    A truncated or corrupt file is refused here in one line before any work is done (safetensors
-    itself reports it only as an opaque error on first access to a tensor)."""
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: a key twice is an ambiguous header (which one is meant?)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"tensor {k!r} appears twice in the header")
+        out[k] = v
+    return out
+
+
+def _count(v: Any) -> bool:
+    """A JSON integer (not a boolean, not a float), at least 0."""
+    return type(v) is int and v >= 0
+
+
+def read_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """``(header length, header)`` of a safetensors file, every field checked.
+
+    A truncated or corrupt file is refused here in one line naming the file, the tensor and the
+    field, before any work is done: the header is one JSON object without a key twice;
+    ``__metadata__`` maps strings to strings; each tensor has a known ``dtype``, a ``shape`` of
+    integers >= 0 and ``data_offsets`` ``[begin, end]`` whose length is the shape's bytes; the
+    tensors' byte ranges, in order, tile the data exactly from 0 to the end of the file (no
+    overlap, no gap, nothing after). safetensors itself reports much of this only as an opaque
+    error on first access to a tensor."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as fh:
@@ -88,20 +116,64 @@ def read_header(file: Path) -> tuple[int, dict[str, Any]]:
                 raise ValueError("shorter than its 8-byte header length")
             n = int.from_bytes(head, "little")
             if n <= 0 or 8 + n > size:
-                raise ValueError("header runs past the end of the file")
-            header = json.loads(fh.read(n))
+                raise ValueError(f"header length {n} runs past the end of the file ({size} bytes)")
+            if n > MAX_HEADER:
+                raise ValueError(f"header length {n} is over the format's {MAX_HEADER}")
+            header = json.loads(fh.read(n), object_pairs_hook=_no_duplicates)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-        end = max(
-            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-        )
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        ranges = _check_entries(header)
+    except RecursionError:
+        raise MemoptError(f"{file}: corrupt safetensors file (JSON nested too deep)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise MemoptError(f"{file}: corrupt safetensors file ({one_line(exc)})") from None
-    if 8 + n + end > size:
+    data = size - 8 - n
+    end = 0
+    for a, b, key in sorted(ranges):
+        if a != end:
+            what = "overlaps the one before" if a < end else f"leaves bytes {end}..{a} unused"
+            raise MemoptError(f"{file}: corrupt safetensors file (tensor {key!r}: data_offsets "
+                              f"[{a}, {b}] {what})")  # fmt: skip
+        end = b
+    if end > data:
         raise MemoptError(
             f"{file}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})"
         )
+    if end < data:
+        raise MemoptError(f"{file}: corrupt safetensors file ({data - end} bytes after the last "
+                          "tensor's data)")  # fmt: skip
     return n, header
+
+
+def _check_entries(header: dict[str, Any]) -> list[tuple[int, int, str]]:
+    """``(begin, end, name)`` of every tensor of a parsed header; ValueError naming the field."""
+    ranges = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ValueError("__metadata__ is not a map of strings to strings")
+            continue
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {key!r}: its entry is not an object")
+        code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(code, str) or code not in _ALL_CODES:
+            raise ValueError(f"tensor {key!r}: dtype {code!r} is not a safetensors dtype")
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise ValueError(f"tensor {key!r}: shape {shape!r} is not a list of integers >= 0")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_count(o) for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise ValueError(f"tensor {key!r}: data_offsets {offsets!r} is not [begin, end]")
+        if numel(tuple(shape)) * _ALL_CODES[code] != offsets[1] - offsets[0]:
+            raise ValueError(
+                f"tensor {key!r}: shape {shape} of {code} is not its {offsets[1] - offsets[0]} "
+                "bytes (data_offsets)"
+            )
+        ranges.append((offsets[0], offsets[1], key))
+    return ranges
 
 
 @dataclass(frozen=True)
@@ -150,9 +222,12 @@ class SafetensorsReader:
             entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
             entries.sort(key=lambda kv: kv[1]["data_offsets"][0])  # file order
             for key, info in entries:
-                dtype = DTYPES.get(info.get("dtype"))
+                dtype = DTYPES.get(info["dtype"])
                 if dtype is None:
-                    raise MemoptError(f"{file}: tensor {key!r} has unsupported {info['dtype']}")
+                    raise MemoptError(
+                        f"{file}: tensor {key!r} has dtype {info['dtype']}, which memopt does not "
+                        f"read (it reads {', '.join(DTYPES)})"
+                    )
                 a, b = info["data_offsets"]
                 shape = tuple(int(s) for s in info["shape"])
                 if numel(shape) * dtype.itemsize != b - a:

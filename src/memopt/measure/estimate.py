@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.core.errors import MemoptError
+from memopt.core.errors import MemoptError, flat
 from memopt.core.frontends import adapter_for
 from memopt.core.modules import find_blocks
 from memopt.models import LoadedModel, build_meta
@@ -164,10 +164,18 @@ def estimate(model: str | Path | LoadedModel | Any, spec: StepSpec | None = None
             model.source,
             example_inputs=model.example_inputs,
         )
+        spec.check_model(loaded)
+        result = tracked_step(loaded, spec, device="meta")
     else:
         loaded = build_meta(model, dequantize=spec.dequantize)
-    spec.check_model(loaded)
-    result = tracked_step(loaded, spec, device="meta")
+        spec.check_model(loaded)
+        try:
+            result = tracked_step(loaded, spec, device="meta")
+        except RuntimeError as exc:  # a shape error of the forward pass: the file's sizes
+            raise MemoptError(
+                f"{loaded.name}: the model its config describes fails in its forward pass "
+                f"({flat(exc)})"
+            ) from None
     report = report_from_result(loaded, spec, result, kind="estimate")
     if spec.ranks > 1:
         fsdp_shard(report, loaded.model, spec)

@@ -42,7 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.core.atomic import check_output, staged_folder
+from memopt.core.atomic import (
+    check_output,
+    lock_output,
+    releases_outputs,
+    staged_folder,
+    unlock_output,
+)
 from memopt.core.errors import MemoptError
 from memopt.formats.gguf import dequantize as ggml_dequantize
 from memopt.formats.gguf_writer import (
@@ -93,6 +99,7 @@ ProgressFn = Callable[[int, int], None]
 _FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
+@releases_outputs
 def export(
     model: str | Path | LoadedModel,
     fmt: str,
@@ -118,7 +125,10 @@ def export(
     if loaded.config is None:
         raise MemoptError(f"{loaded.name}: a plain module has no config to export")
     if fmt == "gguf":
-        return _export_gguf(loaded, lazy, out, progress)
+        try:
+            return _export_gguf(loaded, lazy, out, progress)
+        finally:
+            unlock_output(out)
     return _export_safetensors(loaded, lazy, out, progress)
 
 
@@ -132,6 +142,8 @@ def _check_output(fmt: str, out: Path, source: ModelSource | None) -> None:
                 f"output {out} is a folder: --format gguf writes one file "
                 f"(e.g. {out / 'model.gguf'})"
             )
+        out.parent.mkdir(parents=True, exist_ok=True)  # as the file's own write would
+        lock_output(out)  # a second export into the same file refuses (as for folders)
         return
     if (out / MANIFEST).is_file():
         raise MemoptError(f"output {out} is a memopt folder, not a Hugging Face one: not replaced")

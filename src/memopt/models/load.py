@@ -11,7 +11,8 @@ unless a dtype is asked for.
 from __future__ import annotations
 
 import importlib.util
-import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,9 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from memopt.core.errors import MemoptError, one_line
+from memopt.core.errors import MemoptError, flat, one_line
 from memopt.core.modules import numel
+from memopt.formats.limits import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH
 from memopt.formats.safetensors import DTYPES, SafetensorsReader, read_header
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "architecture",
     "assign_tensor",
     "build_meta",
+    "check_config",
     "keeps_blocks",
     "load_config",
     "load_model",
@@ -165,17 +168,95 @@ def _bundled(name: str) -> tuple[Literal["hf", "gguf"], Path]:
 
 
 def load_config(source: ModelSource) -> Any:
-    """The transformers config of a source, read without touching its weights."""
+    """The transformers config of a source, read without touching its weights, its sizes checked
+    (:func:`check_config`) before anything is built from it."""
     if source.kind == "gguf":
         from memopt.formats.gguf import gguf_config
 
-        return gguf_config(source.path)
+        config = gguf_config(source.path)
+        check_config(config, str(source.path))
+        return config
     from transformers import AutoConfig
 
+    where = f"{source.name}: config.json"
     try:
-        return AutoConfig.from_pretrained(str(source.path), local_files_only=True)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise MemoptError(f"{source.name}: cannot read config.json: {one_line(exc)}") from None
+        config = AutoConfig.from_pretrained(str(source.path), local_files_only=True)
+    except RecursionError:
+        raise MemoptError(f"{where}: corrupt (JSON nested too deep)") from None
+    except Exception as exc:  # transformers' own checks of the file: bad input, all of them
+        raise MemoptError(f"{where}: cannot read it: {flat(exc)}") from None
+    check_config(config, where)
+    return config
+
+
+_SIZES = (
+    ("num_hidden_layers", MAX_LAYERS),
+    ("hidden_size", MAX_WIDTH),
+    ("intermediate_size", MAX_WIDTH),
+    ("n_inner", MAX_WIDTH),
+    ("ffn_dim", MAX_WIDTH),
+    ("word_embed_proj_dim", MAX_WIDTH),
+    ("head_dim", MAX_WIDTH),
+    ("num_attention_heads", MAX_HEADS),
+    ("num_key_value_heads", MAX_HEADS),
+    ("vocab_size", MAX_VOCAB),
+    ("max_position_embeddings", MAX_POSITIONS),
+    ("type_vocab_size", MAX_VOCAB),
+)
+_EPSILONS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_config(config: Any, where: str) -> None:
+    """Refuse a config whose sizes cannot describe a model, in one line naming the field: each
+    size a whole number from 1 to its bound (memopt.formats.limits: refused before anything is
+    built), attention heads dividing the
+    width (when no ``head_dim`` says otherwise) and key/value heads dividing the heads,
+    epsilons and the rotary base finite and positive."""
+    if not hasattr(config, "to_dict"):
+        raise MemoptError(f"{where}: not a model config")
+    archs = getattr(config, "architectures", None)
+    if archs is not None and (
+        not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)
+    ):
+        raise MemoptError(f"{where}: architectures is {archs!r}, expected a list of class names")
+    values: dict[str, Any] = {}
+    for key, bound in _SIZES:
+        try:
+            v = getattr(config, key, None)
+        except Exception:  # a computed attribute over a broken field
+            raise MemoptError(f"{where}: {key} cannot be read") from None
+        if v is None:
+            continue
+        if type(v) is not int or not 1 <= v <= bound:
+            raise MemoptError(f"{where}: {key} is {v!r}, expected a whole number from 1 to {bound}")
+        values[key] = v
+    hidden, heads = values.get("hidden_size"), values.get("num_attention_heads")
+    if hidden and heads and values.get("head_dim") is None and hidden % heads:
+        raise MemoptError(
+            f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        )
+    kv = values.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise MemoptError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+        )
+    for key in _EPSILONS:
+        v = getattr(config, key, None)
+        if v is not None and not (_real(v) and v > 0):
+            raise MemoptError(f"{where}: {key} is {v!r}, expected a finite number above 0")
+    rope = getattr(config, "rope_parameters", None)
+    thetas = [rope.get("rope_theta")] if isinstance(rope, dict) else []
+    if isinstance(rope, dict) and isinstance(next(iter(rope.values()), None), dict):
+        thetas = [
+            r.get("rope_theta") for r in rope.values() if isinstance(r, dict)
+        ]  # per layer type
+    for theta in thetas:
+        if theta is not None and not (_real(theta) and theta > 0):
+            raise MemoptError(f"{where}: rope_theta is {theta!r}, expected a finite number above 0")
 
 
 def task_of(config: Any) -> Task:
@@ -200,6 +281,12 @@ def architecture(config: Any, task: Task) -> nn.Module:
     except (ValueError, KeyError) as exc:
         raise MemoptError(
             f"unsupported architecture {config.model_type!r}: {one_line(exc)}"
+        ) from None
+    except Exception as exc:
+        # transformers building from a config whose values its code does not expect: the
+        # config's fault (check_config refuses the common cases first, in its own words)
+        raise MemoptError(
+            f"cannot build the {config.model_type!r} architecture from its config: {flat(exc)}"
         ) from None
 
 
@@ -430,6 +517,11 @@ def load_model(
                 unexpected.append(name)
                 continue
             target = targets[key]
+            if _is_float(src, name) != target.is_floating_point():
+                raise MemoptError(
+                    f"{source.name}: tensor {name!r} is stored as {_stored(src, name)}, the "
+                    f"architecture expects {str(target.dtype).removeprefix('torch.')} values"
+                )
             tensor = src.get(name, dtype or (target.dtype if target.is_floating_point() else None))
             if tuple(tensor.shape) != tuple(target.shape):
                 raise MemoptError(
@@ -455,6 +547,16 @@ def load_model(
         model.to(dtype)
     loaded.model = model.eval()
     return loaded
+
+
+def _is_float(src: Any, name: str) -> bool:
+    """Whether a source's tensor holds floating values (a GGUF's quantized blocks do)."""
+    dtype = src.dtype(name) if hasattr(src, "dtype") else torch.float32
+    return dtype.is_floating_point
+
+
+def _stored(src: Any, name: str) -> str:
+    return str(src.dtype(name)).removeprefix("torch.") if hasattr(src, "dtype") else "?"
 
 
 def _ggml_weights(model: nn.Module) -> dict[str, Any]:
@@ -542,6 +644,9 @@ def match_key(name: str, targets: dict[str, Any]) -> str | None:
     return None
 
 
+_INDEX = re.compile(r"\.\d+\.")
+
+
 def _refuse_unused_weights(name: str, unexpected: list[str], model: nn.Module) -> None:
     """Refuse tensors of a module the model has but without that parameter (e.g. a bias).
 
@@ -550,12 +655,16 @@ def _refuse_unused_weights(name: str, unexpected: list[str], model: nn.Module) -
     and skipping it silently would give wrong outputs.
     """
     modules = {n for n, _ in model.named_modules()}
+    # a tensor of a block the config does not have (``layers.5.`` in a 2-layer model): the
+    # same name as one of the model's with another index
+    shapes = {_INDEX.sub(".#.", "." + n) for n, _ in model.named_parameters()}
     bad = []
     for key in unexpected:
         owner = key.rpartition(".")[0]
+        general = _INDEX.sub(".#.", "." + key)
         if any(
             m == owner or m.endswith("." + owner) or owner.endswith("." + m) for m in modules if m
-        ):
+        ) or any(g.endswith(general) or general.endswith(g) for g in shapes if "#" in g):
             bad.append(key)
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""

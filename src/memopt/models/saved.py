@@ -399,12 +399,41 @@ def quantized_meta(
 def _quantized_meta_checked(
     folder: Path, model: nn.Module, manifest: dict[str, Any]
 ) -> dict[str, QuantizedWeight]:
-    """:func:`quantized_meta`, with a damaged manifest entry reported in one line."""
+    """:func:`quantized_meta`, after each weight entry is checked against the layout its own
+    class gives it and every name the manifest uses is resolved in the architecture; a damaged
+    entry reported in one line."""
+    where = folder / MANIFEST
+    for key, spec in manifest["weights"].items():
+        try:
+            layout = disk_layout(spec)
+        except MemoptError as exc:
+            raise MemoptError(f"{where}: corrupt manifest (weights[{key!r}]: {exc})") from None
+        except Exception as exc:  # the class computing its layout from the entry's fields
+            raise MemoptError(
+                f"{where}: corrupt manifest (weights[{key!r}]: {type(exc).__name__}: "
+                f"{one_line(exc)})"
+            ) from None
+        want = {s: {"dtype": dtype_name(dt), "shape": list(sh)} for s, (dt, sh) in layout.items()}
+        if spec["tensors"] != want:
+            raise MemoptError(
+                f"{where}: corrupt manifest (weights[{key!r}]: tensors {spec['tensors']}, its "
+                f"format {spec['format']!r} makes {want})"
+            )
+    names = {n for n, _ in model.named_modules()}
+    for kind, table in (("modules", manifest["modules"]), ("cast_hooks", manifest["cast_hooks"])):
+        for mname in table:
+            if mname not in names:
+                raise MemoptError(
+                    f"{where}: corrupt manifest ({kind}: the architecture has no module {mname!r})"
+                )
     try:
         return quantized_meta(model, manifest["modules"], manifest["weights"])
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except MemoptError as exc:
+        raise MemoptError(f"{where}: corrupt manifest ({exc})") from None
+    except Exception as exc:  # a weight class building itself from the entry's fields
         raise MemoptError(
-            f"{folder / MANIFEST}: corrupt manifest (module or weight entry: {one_line(exc)})"
+            f"{where}: corrupt manifest (module or weight entry: {type(exc).__name__}: "
+            f"{one_line(exc)})"
         ) from None
 
 
@@ -414,6 +443,15 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, params: dict[str,
         owner = model.get_submodule(owner_name) if owner_name else model
     except AttributeError:
         owner = None
+    if owner is not None and (attr in owner._parameters or attr in owner._buffers):
+        old = owner._parameters.get(attr, owner._buffers.get(attr))
+        if old is not None and (
+            old.is_floating_point() != tensor.is_floating_point() or old.shape != tensor.shape
+        ):
+            raise MemoptError(
+                f"tensor {name!r} is {dtype_name(tensor.dtype)} {tuple(tensor.shape)}, the "
+                f"architecture expects {dtype_name(old.dtype)} {tuple(old.shape)}"
+            )
     if owner is not None and attr in owner._parameters:
         old = owner._parameters[attr]
         p = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
@@ -486,7 +524,12 @@ def load(
             if first not in params:
                 raise MemoptError(f"manifest: alias {alias!r} of unknown tensor {first!r}")
             owner_name, _, attr = alias.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
+            try:
+                owner = model.get_submodule(owner_name) if owner_name else model
+            except AttributeError:
+                owner = None
+            if owner is None or (attr not in owner._parameters and attr not in owner._buffers):
+                raise MemoptError(f"manifest: alias {alias!r} names no tensor of the architecture")
             if attr in owner._parameters:
                 owner._parameters[attr] = params[first]
             else:

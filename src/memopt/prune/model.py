@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from memopt.core.atomic import releases_outputs
 from memopt.models import load_model
 from memopt.models.saved import check_output, disk_bytes, save
 from memopt.prune.api import prune_
@@ -13,6 +14,7 @@ from memopt.prune.config import config_for_method
 __all__ = ["prune_model"]
 
 
+@releases_outputs
 def prune_model(
     model: str | Path,
     method: str,

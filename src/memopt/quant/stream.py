@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from memopt.core import heap
+from memopt.core.atomic import releases_outputs
 from memopt.core.errors import MemoptError
 from memopt.core.modules import iter_chunks, model_bytes, numel, require_blocks, selector
 from memopt.core.pages import file_mappings, release
@@ -556,6 +557,21 @@ def _source_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     return out
 
 
+def _check_shapes(name: str, model: nn.Module, key_to_src: dict[str, str], rows: Any) -> None:
+    """Refuse, before anything is written, a file whose tensors do not have the shapes of the
+    architecture its config (or metadata) describes: the streamed path reads rows by the
+    architecture's shapes, so a mismatch would otherwise surface as an error deep inside."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    for key, src in key_to_src.items():
+        want, got = tuple(tensors[key].shape), tuple(rows.shape(src))
+        if want != got:
+            raise MemoptError(
+                f"{name}: tensor {src!r} has shape {got}, the architecture expects {want}"
+            )
+
+
+@releases_outputs
 def quantize_model(
     model_spec: str | Path | ModelSource,
     config: QuantConfig | dict[str, Any],
@@ -602,6 +618,7 @@ def quantize_model(
     note = requantized_note(source)  # before _Rows takes the parsed header
     rows = _Rows(source)
     key_to_src = _source_names(model, rows.names())
+    _check_shapes(source.name, model, key_to_src, rows)
     select = selector(include, exclude)
     with torch.no_grad():
         materialize_buffers(model)  # computed buffers (rotary frequencies): small, real

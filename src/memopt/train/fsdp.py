@@ -151,6 +151,9 @@ def _entry(
 ) -> None:
     import torch.distributed as dist
 
+    from memopt.core.libc import die_with_parent
+
+    die_with_parent()  # a rank never outlives the process that launched it
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

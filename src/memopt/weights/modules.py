@@ -71,8 +71,21 @@ class QLinear(QModule):
 
     @classmethod
     def from_manifest(cls, old: nn.Module, qw: QuantizedWeight, info: dict[str, Any]) -> QModule:
-        bias = getattr(old, "bias", None) if info.get("bias") else None
-        return cls(qw, bias, dynamic=bool(info.get("dynamic")))
+        weight = getattr(old, "weight", None)
+        if isinstance(old, nn.Embedding) or not isinstance(weight, torch.Tensor):
+            raise MemoptError(f"is a {type(old).__name__} in the architecture, not a linear layer")
+        if tuple(weight.shape) not in (tuple(qw.shape), tuple(qw.shape)[::-1]):
+            raise MemoptError(
+                f"weight {tuple(qw.shape)} does not fit the architecture's {tuple(weight.shape)}"
+            )
+        bias, dynamic = info.get("bias", False), info.get("dynamic", False)
+        if not isinstance(bias, bool) or not isinstance(dynamic, bool):
+            raise MemoptError(f"bias {bias!r} / dynamic {dynamic!r}: expected true or false")
+        if bias and getattr(old, "bias", None) is None:
+            raise MemoptError("has a bias the architecture does not have")
+        if dynamic and not isinstance(qw, Int8Weight):
+            raise MemoptError("dynamic activations need an int8 weight")
+        return cls(qw, old.bias if bias else None, dynamic=dynamic)
 
 
 class QEmbedding(QModule):
@@ -97,7 +110,17 @@ class QEmbedding(QModule):
 
     @classmethod
     def from_manifest(cls, old: nn.Module, qw: QuantizedWeight, info: dict[str, Any]) -> QModule:
-        return cls(qw, info.get("padding_idx"))
+        if not isinstance(old, nn.Embedding):
+            raise MemoptError(f"is a {type(old).__name__} in the architecture, not an embedding")
+        if tuple(old.weight.shape) != tuple(qw.shape):
+            raise MemoptError(
+                f"weight {tuple(qw.shape)} does not fit the architecture's "
+                f"{tuple(old.weight.shape)}"
+            )
+        pad = info.get("padding_idx")
+        if pad is not None and (type(pad) is not int or not -qw.shape[0] <= pad < qw.shape[0]):
+            raise MemoptError(f"padding_idx {pad!r}: expected null or a row of the embedding")
+        return cls(qw, pad)
 
 
 class QConv(QModule):

@@ -284,6 +284,15 @@ class Int4Weight(QuantizedWeight):
         qw.symmetric = bool(spec.get("symmetric"))
         qw.block_n = spec.get("block_n")  # the disk layout; fill() sets the RAM one
         n, k = qw.shape
+        if "block_n" not in spec:  # null (along K) and the kernel's blocks look alike on disk
+            raise MemoptError("int4 weight without block_n: its packed layout is unknown")
+        b, g = qw.block_n, qw.group_size
+        if b is not None and (type(b) is not int or b < 2 or b % 2 or n % b):
+            raise MemoptError(f"int4 block_n {b!r}: expected null or an even divisor of {n} rows")
+        if k % 2 or k % g:
+            raise MemoptError(f"int4 weight of {k} columns in groups of {g}: not whole groups")
+        if not isinstance(spec.get("symmetric", False), bool):
+            raise MemoptError(f"int4 symmetric {spec['symmetric']!r}: expected true or false")
         qw.register_buffer("packed", torch.empty((n, k // 2), dtype=torch.uint8, device=device))
         sz = torch.empty((k // qw.group_size, n, 2), dtype=torch.bfloat16, device=device)
         qw.register_buffer("scale_zero", sz)

@@ -1,0 +1,166 @@
+"""Bench: SIGKILL at random points of memopt runs, and what is left behind.
+
+Part 1, outputs: ``memopt quantize`` (int8) and ``memopt prune`` (magnitude, 50 %) of a tiny Llama
+(bench/fuzz.py's Hugging Face folder) into one output folder, each run SIGKILLed: half at a random
+time of the run (uniform over a complete run's duration), half aimed inside the write window (as
+soon as the run's temporary folder ``.OUT.tmp-*`` appears, after a random 0-30 ms). After each
+kill: is there a partial output under the final name (a folder without a loadable manifest and a
+weights file whose header checks out)? Then a complete run into the same output: what is left
+beside it (temporary folders, lock files)?
+
+Part 2, children: ``memopt profile`` (which measures in a child process) SIGKILLed while its
+child runs; 2 s later, is any memopt process of that run alive?
+
+    PYTHONPATH=src .venv/bin/python bench/kill.py [--kills 100] [--parents 20] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fuzz  # noqa: E402  (the originals)
+
+__all__ = ["main"]
+
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TRANSFORMERS_VERBOSITY="error")
+
+
+def _cmd(kind: str, model: Path, out: Path) -> list[str]:
+    base = [sys.executable, "-m", "memopt"]
+    if kind == "quantize":
+        return [*base, "quantize", str(model), "--method", "int8", "-o", str(out), "--json"]
+    return [*base, "prune", str(model), "--method", "magnitude", "--sparsity", "0.5",
+            "-o", str(out), "--json"]  # fmt: skip
+
+
+def _partial(out: Path) -> bool:
+    """Whether ``out`` exists but is not a complete memopt folder."""
+    if not out.exists():
+        return False
+    from memopt.core.errors import MemoptError
+    from memopt.formats.manifest import read_manifest
+    from memopt.formats.safetensors import read_header
+
+    try:
+        read_manifest(out)
+        read_header(out / "model.safetensors")
+    except (MemoptError, OSError):
+        return True
+    return False
+
+
+def _litter(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def outputs(model: Path, kills: int, rng: random.Random) -> dict[str, int]:
+    counts = dict(kills=0, aimed=0, in_window=0, partial=0, litter_after_kill=0,
+                  litter_after_next=0, next_failed=0)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="memopt-kill-") as tmp:
+        out = Path(tmp) / "out"
+        durations = {}
+        for kind in ("quantize", "prune"):  # one complete run of each: its duration
+            t0 = time.perf_counter()
+            subprocess.run(_cmd(kind, model, out), env=ENV, capture_output=True, check=True)
+            durations[kind] = time.perf_counter() - t0
+        for i in range(kills):
+            kind = ("quantize", "prune")[i % 2]
+            aimed = i % 4 >= 2
+            proc = subprocess.Popen(_cmd(kind, model, out), env=ENV, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)  # fmt: skip
+            in_window = False
+            if aimed:
+                deadline = time.monotonic() + 4 * durations[kind]
+                while time.monotonic() < deadline and proc.poll() is None:
+                    if any(out.parent.glob(".out.tmp-*")):
+                        in_window = True
+                        time.sleep(rng.uniform(0, 0.03))
+                        break
+                    time.sleep(0.002)
+            else:
+                time.sleep(rng.uniform(0, durations[kind]))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                counts["kills"] += 1
+                counts["aimed"] += aimed
+                counts["in_window"] += in_window and any(out.parent.glob(".out.tmp-*"))
+            proc.wait()
+            counts["partial"] += _partial(out)
+            counts["litter_after_kill"] += bool(_litter(out))
+            done = subprocess.run(_cmd(kind, model, out), env=ENV, capture_output=True)
+            counts["next_failed"] += done.returncode != 0
+            counts["litter_after_next"] += bool(_litter(out))
+            counts["partial"] += _partial(out)
+            print(f"  {i + 1}/{kills} {kind} {'aimed' if aimed else 'random'}: left {_litter(out)}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return counts
+
+
+def parents(model: Path, trials: int, rng: random.Random) -> dict[str, int]:
+    counts = dict(trials=0, child_seen=0, orphans=0)
+    for _ in range(trials):
+        proc = subprocess.Popen([sys.executable, "-m", "memopt", "profile", str(model), "--json"],
+                                env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        children: list[psutil.Process] = []
+        deadline = time.monotonic() + 60
+        while not children and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            children = psutil.Process(proc.pid).children(recursive=True)
+        time.sleep(rng.uniform(0, 1.0))  # somewhere in the child's run
+        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        counts["trials"] += 1
+        counts["child_seen"] += bool(children)
+        _, alive = psutil.wait_procs(children, timeout=2)
+        counts["orphans"] += len(alive)
+        for p in alive:
+            p.kill()
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, default=100)
+    ap.add_argument("--parents", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "memopt-fuzz-originals"))
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+    model = fuzz.build_originals(Path(args.root))["hf"]
+    result = {}
+    if args.kills:
+        result["outputs"] = outputs(model, args.kills, rng)
+    if args.parents:
+        result["children"] = parents(model, args.parents, rng)
+    o = result.get("outputs")
+    if o:
+        print(f"SIGKILLs of quantize/prune runs: {o['kills']} ({o['aimed']} aimed at the write "
+              f"window, {o['in_window']} landed in it)")  # fmt: skip
+        print(f"  partial outputs under the final name: {o['partial']}")
+        print(f"  runs that left temporaries or a lock when killed: {o['litter_after_kill']}")
+        print(f"  ... still there after the next (complete) run: {o['litter_after_next']}")
+        print(f"  next runs that failed: {o['next_failed']}")
+    c = result.get("children")
+    if c:
+        print(f"SIGKILLs of `memopt profile` while its child runs: {c['trials']} (child seen in "
+              f"{c['child_seen']}); processes alive 2 s later: {c['orphans']}")  # fmt: skip
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
