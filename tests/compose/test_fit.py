@@ -67,7 +67,7 @@ def test_format_bytes_are_the_weight_kinds_bytes(fmt: str) -> None:
         qw = Int8Weight(w)
         held = sum(b.nbytes for b in qw.buffers())
     else:
-        bits, g, _ = parse_format(fmt)
+        bits, g = parse_format(fmt)
         qw = Int4Weight(w, g) if bits == 4 else IntNWeight(w, bits, g, symmetric=False)
         held = sum(b.nbytes for b in qw.buffers())
     assert format_bytes(fmt, 96, 256) == held
