@@ -669,6 +669,7 @@ def fit(
         raise MemoptError(f"{source.name}: fit --task generate needs a causal language model")
     units = units_of(meta.model, decode_engine=True)
     positions = seq + max_new_tokens
+    plan_inference(meta, limit, units, positions)  # under the smallest plan: refused, nothing read
     measured_costs = has_weights(source)
     if measured_costs:
         if calib is None:  # one calibration for the sensitivities and GPTQ alike

@@ -246,6 +246,7 @@ def fit_inference(
     units = units_of(meta.model)
     fixed = other_bytes(meta.model, units)
     activations = step_activations(meta, batch, seq)
+    plan_infer(source.name, limit, units, fixed, activations)  # under the smallest: refused first
     measured_costs = has_weights(source)
     if measured_costs:
         if calib is None:  # one calibration for the costs and GPTQ alike
