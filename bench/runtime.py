@@ -177,6 +177,9 @@ def _files(work: Path) -> dict[str, Path]:
     files["q8_0"] = _requantize(gguf, work / "smollm2-q8_0.gguf", "MOSTLY_Q8_0")
     files["f32"] = _requantize(gguf, work / "smollm2-f32.gguf", "ALL_F32")
     files["q4_0"] = _requantize(gguf, work / "smollm2-q4_0.gguf", "MOSTLY_Q4_0")
+    # the most downloaded GGUF kind (Q4_K / Q6_K; a 576-wide row is not whole 256-value blocks,
+    # so llama.cpp falls back to Q5_0 / Q8_0 for those tensors), from the float32 file
+    files["q4_k_m"] = _requantize(files["f32"], work / "smollm2-q4_k_m.gguf", "MOSTLY_Q4_K_M")
     for name, method in (("int8", ["--method", "int8"]),
                          ("int4", ["--method", "int4", "--algo", "rtn", "--group-size", "32"])):  # fmt: skip
         out = work / f"smollm2-{name}"
@@ -198,6 +201,7 @@ def speed(work: Path, tokens: int, rounds: int, threads: list[int]) -> list[dict
         ("GGUF as shipped (Q4_1 + Q8_0 embedding), same file", files["q4_1"], files["q4_1"]),
         ("Q8_0 GGUF (requantized by llama.cpp), same file", files["q8_0"], files["q8_0"]),
         ("F32 GGUF, same file", files["f32"], files["f32"]),
+        ("Q4_K_M GGUF (llama.cpp's quantizer), same file", files["q4_k_m"], files["q4_k_m"]),
         ("memopt int8 folder vs llama.cpp Q8_0", files["int8"], files["q8_0"]),
         ("memopt int4 g32 folder vs llama.cpp Q4_0", files["int4"], files["q4_0"]),
     ]

@@ -19,20 +19,47 @@ from memopt.weights import GGMLWeight, QEmbedding, QLinear, kernels
 IDS = [5, 77, 301, 12, 9, 411, 250, 3, 64, 128, 7, 499]
 
 
+# gguf.quants cannot quantize to the K-quants: their blocks are random bytes (every code and
+# scale pattern), with the float16 super-block scales (byte offsets) set so values stay ~0.05
+_K_SCALES = {"Q2_K": ((80, 82), 0.05 / 45), "Q3_K": ((108,), 0.05 / 128),
+             "Q4_K": ((0, 2), 0.05 / 945), "Q5_K": ((0, 2), 0.05 / 1953),
+             "Q6_K": ((208,), 0.05 / 4064)}  # fmt: skip
+
+
+def _blocks(w: np.ndarray, ggml_type: str, seed: int = 0) -> torch.Tensor:
+    """(N, K) float32 as GGML blocks of ``ggml_type``: (N, row bytes) uint8."""
+    if ggml_type not in _K_SCALES:
+        return torch.from_numpy(quants.quantize(w, GGMLQuantizationType[ggml_type]))
+    values, nbytes = quants.GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
+    n, k = w.shape
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n, k // values, nbytes), dtype=np.uint8)
+    offsets, top = _K_SCALES[ggml_type]
+    for off in offsets:
+        d = rng.uniform(0.2, 1.0, raw.shape[:2]) * top
+        raw[..., off : off + 2] = d.astype(np.float16)[..., None].view(np.uint8)
+    return torch.from_numpy(raw.reshape(n, -1))
+
+
 def _ggml_(model: nn.Module, ggml_type: str) -> None:
     """Every Linear and the embedding as GGML blocks of ``ggml_type`` (a tied head shares them)."""
-    qtype = GGMLQuantizationType[ggml_type]
     shared: dict[int, GGMLWeight] = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             key = id(m.weight)  # the Parameter: one object for a tied embedding and head
             if key not in shared:
                 w = m.weight.detach().numpy().astype(np.float32)
-                blocks = torch.from_numpy(quants.quantize(w, qtype))
+                blocks = _blocks(w, ggml_type, seed=len(shared))
                 shared[key] = GGMLWeight(blocks, ggml_type, tuple(w.shape))
             qw = shared[key]
             new = QEmbedding(qw) if isinstance(m, nn.Embedding) else QLinear(qw, m.bias)
             set_module(model, name, new)
+
+
+# the GGUF block types the engine reads directly; the K-quants need rows of whole 256-value blocks
+GGML_KINDS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+K_WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+          "num_key_value_heads": 2}  # fmt: skip
 
 
 def _make(kind: str):
@@ -47,7 +74,7 @@ def _make(kind: str):
                           architectures=["Qwen2ForCausalLM"])  # fmt: skip
         torch.manual_seed(0)
         return LoadedModel(Qwen2ForCausalLM(cfg).eval(), "causal-lm", "tiny-qwen2", cfg)
-    loaded = tiny_llama(seed=1)
+    loaded = tiny_llama(seed=1, **(K_WIDE if kind.endswith("_K") else {}))
     configs = {
         "int8": Int8WeightOnly(),
         "int8-g32": Int8WeightOnly(group_size=32),
@@ -55,14 +82,12 @@ def _make(kind: str):
     }
     if kind in configs:
         quantize_(loaded.model, configs[kind])
-    elif kind in ("Q4_0", "Q4_1", "Q8_0"):
+    elif kind in GGML_KINDS:
         _ggml_(loaded.model, kind)
     return loaded
 
 
-@pytest.mark.parametrize(
-    "kind", ["float32", "qwen2", "int8", "int8-g32", "int4", "Q4_0", "Q4_1", "Q8_0"]
-)
+@pytest.mark.parametrize("kind", ["float32", "qwen2", "int8", "int8-g32", "int4", *GGML_KINDS])
 def test_engine_logits_are_transformers(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = _make(kind)
     if kind == "int4":  # the float32 path of the int4 kernels, the exact reference
@@ -81,6 +106,27 @@ def test_engine_logits_are_transformers(kind: str, monkeypatch: pytest.MonkeyPat
     # float32 activations: only the order of float32 sums differs
     assert (got - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), kind
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("kind", GGML_KINDS)
+def test_engine_values_are_gguf_dequantize_bit_for_bit(kind: str) -> None:
+    """The engine's own dequantized rows (its embedding lookup) equal gguf.quants.dequantize."""
+    import ctypes
+
+    from memopt.engine import llama
+
+    lib = llama.library()
+    if lib is None:
+        pytest.skip("no C compiler here")
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((24, 512)) * rng.uniform(0.01, 2.0, (24, 1))).astype(np.float32)
+    blocks = _blocks(w, kind)
+    keep: list[torch.Tensor] = []
+    qmat = llama._qmat(GGMLWeight(blocks, kind, (24, 512)), None, keep)
+    out = torch.empty(24, 512)
+    lib.memopt_dequant_rows(ctypes.byref(qmat), 0, 24, out.data_ptr())
+    ref = quants.dequantize(blocks.numpy(), GGMLQuantizationType[kind]).reshape(24, 512)
+    assert np.array_equal(out.numpy(), ref), kind
 
 
 def test_generate_uses_the_engine_and_gives_transformers_tokens() -> None:

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from memopt.core.errors import MemoptError
-from memopt.engine.llama import Engine, Weight, _Unsupported, arch_of, build, library
+from memopt.engine.llama import (
+    GGML_TYPES,
+    Engine,
+    Weight,
+    _Unsupported,
+    arch_of,
+    build,
+    library,
+)
 from memopt.formats.manifest import MANIFEST, read_manifest
 from memopt.formats.safetensors import SafetensorsReader
 from memopt.weights import empty_weight, fill_weight
@@ -233,7 +241,7 @@ def _gguf_file(path: Path, max_seq: int) -> LeanModel:
     from memopt.weights.ggml import GGMLWeight
 
     types = set(gguf_tensor_types(path).values())
-    if not types <= {"F32", "Q4_0", "Q4_1", "Q8_0"}:  # the engine's kernels
+    if not types <= {"F32"} | GGML_TYPES:  # the engine's kernels
         raise _Unsupported(f"GGML types {sorted(types)}")
     meta = gguf_metadata(path)
     arch = meta.get("general.architecture")

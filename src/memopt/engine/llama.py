@@ -32,6 +32,7 @@ __all__ = [
     "PROJECTIONS",
     "Arch",
     "Engine",
+    "GGML_TYPES",
     "arch_of",
     "build",
     "default_inv_freq",
@@ -42,7 +43,10 @@ __all__ = [
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
-_KIND = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "I8": 100, "I4": 101}
+_KIND = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
+         "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "I8": 100, "I4": 101}  # fmt: skip
+# the GGUF tensor types the engine runs as they are stored (GGML's type ids in the C source)
+GGML_TYPES = frozenset(k for k in _KIND if k not in ("I8", "I4"))
 
 _lock = threading.Lock()
 _lib: Any = False  # False: not built yet; None: cannot be built here
@@ -105,6 +109,9 @@ def library() -> Any:
                 lib.memopt_forward.restype = ctypes.c_int
                 lib.memopt_scratch_floats.argtypes = [ctypes.POINTER(_Model)]
                 lib.memopt_scratch_floats.restype = ctypes.c_int64
+                lib.memopt_dequant_rows.argtypes = [ctypes.POINTER(_QMat), ctypes.c_int64,
+                                                    ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
+                lib.memopt_dequant_rows.restype = None
             _lib = lib
         return _lib
 
@@ -144,9 +151,9 @@ def _qmat(weight: Weight, bias: torch.Tensor | None, keep: list[torch.Tensor]) -
         return _QMat(_KIND["F32"], 0, 0, 0, w.shape[0], w.shape[1], w.data_ptr(), None, _ptr(bias))
     qw = weight
     n, k = qw.shape
-    if isinstance(qw, GGMLWeight) and qw.ggml_type in ("Q4_0", "Q4_1", "Q8_0"):
+    if isinstance(qw, GGMLWeight) and qw.ggml_type in GGML_TYPES:
         keep.append(_cpu(qw.blocks))
-        return _QMat(_KIND[qw.ggml_type], 32, 0, 0, n, k, qw.blocks.data_ptr(), None, _ptr(bias))
+        return _QMat(_KIND[qw.ggml_type], 0, 0, 0, n, k, qw.blocks.data_ptr(), None, _ptr(bias))
     if isinstance(qw, Int8Weight):
         g = qw.group_size or 0
         scale = _f32(qw.scale)

@@ -2,7 +2,8 @@
 
 One call computes one token of a Llama-family decoder (Llama, Mistral, Qwen2: RMSNorm, rotary
 attention with grouped KV heads, SiLU-gated MLP) from its weights as they are held in memory:
-float32, GGUF blocks (Q4_0, Q4_1, Q8_0), memopt int8 (per channel or grouped) and memopt int4 (the
+float32, GGUF blocks (Q4_0, Q4_1, Q8_0 fused into the dot products; Q5_0, Q5_1 and the K-quants
+Q2_K..Q6_K dequantized a block at a time on the stack), memopt int8 (per channel or grouped) and memopt int4 (the
 CPU kernel's row-interleaved layout). The whole token runs inside one OpenMP parallel region:
 matrix-vector products split their rows over the threads, attention its heads, and the small
 elementwise steps run on one thread between barriers. Why C: at batch 1 a small model's token is
@@ -33,7 +34,9 @@ SOURCE = r"""
 #define MEMOPT_AVX512 1
 #endif
 
-enum { W_F32 = 0, W_Q4_0 = 2, W_Q4_1 = 3, W_Q8_0 = 8, W_I8 = 100, W_I4 = 101 };
+/* GGML's type ids for GGUF blocks; memopt's own kinds from 100 */
+enum { W_F32 = 0, W_Q4_0 = 2, W_Q4_1 = 3, W_Q5_0 = 6, W_Q5_1 = 7, W_Q8_0 = 8, W_Q2_K = 10,
+       W_Q3_K = 11, W_Q4_K = 12, W_Q5_K = 13, W_Q6_K = 14, W_I8 = 100, W_I4 = 101 };
 
 typedef struct {
     int32_t kind;
@@ -210,6 +213,268 @@ static float dot_i8(const int8_t *q, const float *scale, const float *x, int64_t
     }
     return out;
 }
+
+/* ---- blocks dequantized one at a time: Q5_0, Q5_1 (32 values) and the K-quants (256) ----
+   Each deq_* writes one block's values exactly as memopt.formats.gguf (and gguf.quants) compute
+   them: the scale products first, then one multiply (and one subtract) per value, each rounded
+   to float32 (fp-contract off: a fused multiply-add would round once and differ in the last bit).
+   The row's dot product then runs over the block's float32 values (dot_blocks). */
+
+#define MEMOPT_EXACT __attribute__((optimize("fp-contract=off")))
+
+/* Q5_0 (22 bytes): d f16 | qh u32 (bit j: 5th bit of value j) | 16 bytes; (q - 16) * d */
+static MEMOPT_EXACT void deq_q5_0(const uint8_t *b, float *y) {
+    float d = f16_to_f32(rd16(b)); uint32_t qh; memcpy(&qh, b + 2, 4);
+    for (int j = 0; j < 16; j++) {
+        y[j] = (float)((int)((b[6 + j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16) * d;
+        y[j + 16] = (float)((int)((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16) * d;
+    }
+}
+
+/* Q5_1 (24 bytes): d f16 | m f16 | qh u32 | 16 bytes; q * d + m */
+static MEMOPT_EXACT void deq_q5_1(const uint8_t *b, float *y) {
+    float d = f16_to_f32(rd16(b)), m = f16_to_f32(rd16(b + 2)); uint32_t qh; memcpy(&qh, b + 4, 4);
+    for (int j = 0; j < 16; j++) {
+        y[j] = (float)((b[8 + j] & 0x0F) | (((qh >> j) & 1) << 4)) * d + m;
+        y[j + 16] = (float)((b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) * d + m;
+    }
+}
+
+/* Q2_K (84 bytes): 16 scale bytes (scale low nibble, min high) | 64 bytes of 2-bit codes | d f16 |
+   dmin f16. Value i = h*128 + s*32 + l takes bits 2s of byte h*32 + l; sub-block i / 16;
+   (d * scale) * q - dmin * min. */
+static MEMOPT_EXACT void deq_q2_k(const uint8_t *b, float *y) {
+    float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82)), dl[16], ml[16];
+    for (int i = 0; i < 16; i++) { dl[i] = d * (float)(b[i] & 0x0F); ml[i] = dmin * (float)(b[i] >> 4); }
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++)
+            for (int l = 0; l < 32; l++) {
+                int i = h * 128 + s * 32 + l;
+                y[i] = dl[i / 16] * (float)((b[16 + h * 32 + l] >> (2 * s)) & 3) - ml[i / 16];
+            }
+}
+
+/* Q3_K (110 bytes): hmask 32 | 64 bytes of 2-bit codes | 12 bytes of 6-bit scales | d f16.
+   Low 2 bits as Q2_K; value i's third bit is bit i / 32 of hmask[i % 32], and a clear bit
+   subtracts 4; scale j: low nibble of byte j % 8 (shifted by 4 for j >= 8), top 2 bits from
+   byte 8 + j % 4 (shifted by 2 * (j / 4)), minus 32; (d * scale) * q. */
+static MEMOPT_EXACT void deq_q3_k(const uint8_t *b, float *y) {
+    const uint8_t *hm = b, *qs = b + 32, *sc = b + 96;
+    float d = f16_to_f32(rd16(b + 108)), dl[16];
+    for (int j = 0; j < 16; j++) {
+        int lo = (sc[j % 8] >> (4 * (j / 8))) & 0x0F, hi = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+        dl[j] = d * (float)((lo | (hi << 4)) - 32);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++)
+            for (int l = 0; l < 32; l++) {
+                int i = h * 128 + s * 32 + l;
+                int q = ((qs[h * 32 + l] >> (2 * s)) & 3) - (((hm[i % 32] >> (i / 32)) & 1) ? 0 : 4);
+                y[i] = dl[i / 16] * (float)q;
+            }
+}
+
+/* Q4_K / Q5_K's 8 (scale, min) pairs of 6 bits in 12 bytes (memopt.formats.gguf._k_scales) */
+static void k_scale_min(const uint8_t *s, int *sc, int *mn) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63; mn[j] = s[4 + j] & 63;
+        sc[4 + j] = (s[8 + j] & 0x0F) | ((s[j] >> 2) & 0x30);
+        mn[4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 2) & 0x30);
+    }
+}
+
+/* Q4_K (144 bytes): d f16 | dmin f16 | 12 scale bytes | 128 bytes of nibbles. Value
+   c*64 + n*32 + l is nibble n of byte c*32 + l, sub-block c*2 + n; (d * sc) * q - dmin * mn. */
+static MEMOPT_EXACT void deq_q4_k(const uint8_t *b, float *y) {
+    float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
+    int sc[8], mn[8];
+    k_scale_min(b + 4, sc, mn);
+    for (int c = 0; c < 4; c++)
+        for (int n = 0; n < 2; n++) {
+            float dl = d * (float)sc[c * 2 + n], ml = dmin * (float)mn[c * 2 + n];
+            for (int l = 0; l < 32; l++)
+                y[c * 64 + n * 32 + l] = dl * (float)((b[16 + c * 32 + l] >> (4 * n)) & 0x0F) - ml;
+        }
+}
+
+/* Q5_K (176 bytes): as Q4_K with qh 32 bytes before the nibbles: value i's 5th bit is bit
+   i / 32 of qh[i % 32]. */
+static MEMOPT_EXACT void deq_q5_k(const uint8_t *b, float *y) {
+    float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
+    int sc[8], mn[8];
+    k_scale_min(b + 4, sc, mn);
+    const uint8_t *qh = b + 16, *qs = b + 48;
+    for (int c = 0; c < 4; c++)
+        for (int n = 0; n < 2; n++) {
+            float dl = d * (float)sc[c * 2 + n], ml = dmin * (float)mn[c * 2 + n];
+            for (int l = 0; l < 32; l++) {
+                int i = c * 64 + n * 32 + l;
+                int q = ((qs[c * 32 + l] >> (4 * n)) & 0x0F) | (((qh[l] >> (i / 32)) & 1) << 4);
+                y[i] = dl * (float)q - ml;
+            }
+        }
+}
+
+/* Q6_K (210 bytes): ql 128 | qh 64 | 16 int8 scales | d f16. Value h*128 + n*64 + j takes
+   nibble n of ql[h*64 + j]; value h*128 + s*32 + l takes bits 2s of qh[h*32 + l] as its top two;
+   (d * scale) * (q - 32). */
+static MEMOPT_EXACT void deq_q6_k(const uint8_t *b, float *y) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    float d = f16_to_f32(rd16(b + 208)), dl[16];
+    for (int j = 0; j < 16; j++) dl[j] = d * (float)sc[j];
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 128; j++) {
+            int i = h * 128 + j, n = j / 64, s = j / 32, l = j % 32;
+            int lo = (ql[h * 64 + j % 64] >> (4 * n)) & 0x0F, hi = (qh[h * 32 + l] >> (2 * s)) & 3;
+            y[i] = dl[i / 16] * (float)((lo | (hi << 4)) - 32);
+        }
+}
+
+typedef void (*deq_fn)(const uint8_t *, float *);
+
+/* the block form of a kind dequantized a block at a time: values, bytes, function (0: not one) */
+static int blocked(int kind, int *values, int *bytes, deq_fn *fn) {
+    switch (kind) {
+    case W_Q5_0: *values = 32; *bytes = 22; *fn = deq_q5_0; return 1;
+    case W_Q5_1: *values = 32; *bytes = 24; *fn = deq_q5_1; return 1;
+    case W_Q2_K: *values = 256; *bytes = 84; *fn = deq_q2_k; return 1;
+    case W_Q3_K: *values = 256; *bytes = 110; *fn = deq_q3_k; return 1;
+    case W_Q4_K: *values = 256; *bytes = 144; *fn = deq_q4_k; return 1;
+    case W_Q5_K: *values = 256; *bytes = 176; *fn = deq_q5_k; return 1;
+    case W_Q6_K: *values = 256; *bytes = 210; *fn = deq_q6_k; return 1;
+    }
+    return 0;
+}
+
+/* dot(W[row], x) of a blocked kind: each block dequantized to float32 on the stack, then FMAs */
+static float dot_blocks(const uint8_t *row, const float *x, int64_t k, int bv, int bb, deq_fn fn) {
+    float buf[256], s = 0.f;
+#ifdef MEMOPT_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < k / bv; b++) {
+        fn(row + b * bb, buf);
+        const float *xb = x + b * bv;
+        for (int i = 0; i < bv; i += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(buf + i), _mm512_loadu_ps(xb + i), acc);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#else
+    for (int64_t b = 0; b < k / bv; b++) {
+        fn(row + b * bb, buf);
+        for (int i = 0; i < bv; i++) s += buf[i] * x[b * bv + i];
+    }
+#endif
+    return s;
+}
+
+#ifdef MEMOPT_AVX512
+/* Fused AVX-512 dot products of the common blocked kinds (a Q4_K_M file is Q4_K, Q6_K and, for
+   rows that are not whole 256-value blocks, Q5_0 / Q8_0). As in dot_q4_0: the codes times x
+   summed per scale, then one multiply by the scale; a per-block minimum or offset times the
+   block's sum of x (xs, per 32 inputs). Measured on smollm2 Q4_K_M (llama.cpp's quantizer:
+   Q5_0, Q8_0, Q4_K, Q6_K), 1 thread: 89 ms a token through dot_blocks (each block dequantized
+   to the stack by scalar code), 16 ms fused (llama.cpp: 15-18 ms on the same file). */
+
+static inline __m512 cvt_i32(__m512i v) { return _mm512_cvtepi32_ps(v); }
+
+/* the 5th bits of 16 values: bit (shift + lane) of qh, at bit 4 (a mask register, one move) */
+static inline __m512i bits5(uint32_t qh, int shift) {
+    return _mm512_maskz_mov_epi32((__mmask16)(qh >> shift), _mm512_set1_epi32(16));
+}
+
+/* Q5_0 / Q5_1: sum over blocks of d * sum(q x) (+ m, or - 16 d, times the block's sum of x) */
+static float dot_q5(const uint8_t *row, const float *x, const float *xs, int64_t nb, int q51) {
+    const int64_t bb = q51 ? 24 : 22, off = q51 ? 4 : 2;
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    __m512 acc = _mm512_setzero_ps();
+    float tail = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        float d = f16_to_f32(rd16(blk));
+        uint32_t qh; memcpy(&qh, blk + off, 4);
+        __m128i raw = _mm_loadu_si128((const __m128i *)(blk + off + 4));
+        __m512i lo = _mm512_or_si512(_mm512_cvtepu8_epi32(_mm_and_si128(raw, m4)), bits5(qh, 0));
+        __m512i hi = _mm512_or_si512(
+            _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m4)), bits5(qh, 16));
+        __m512 t = _mm512_mul_ps(cvt_i32(lo), _mm512_loadu_ps(x + b * 32));
+        t = _mm512_fmadd_ps(cvt_i32(hi), _mm512_loadu_ps(x + b * 32 + 16), t);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), t, acc);
+        tail += q51 ? f16_to_f32(rd16(blk + 2)) * xs[b] : -16.f * d * xs[b];
+    }
+    return _mm512_reduce_add_ps(acc) + tail;
+}
+
+/* Q4_K (q5 = 0) / Q5_K (q5 = 1): per 64 values, two sub-blocks of 32 (low, high nibbles) */
+static float dot_q45_k(const uint8_t *row, const float *x, const float *xs, int64_t nb, int q5) {
+    const int64_t bb = q5 ? 176 : 144;
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512 acc = _mm512_setzero_ps();
+    float tail = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb, *qh = blk + 16, *qs = blk + (q5 ? 48 : 16);
+        float d = f16_to_f32(rd16(blk)), dmin = f16_to_f32(rd16(blk + 2));
+        int sc[8], mn[8];
+        k_scale_min(blk + 4, sc, mn);
+        const float *xb = x + b * 256;
+        __m512i h0 = _mm512_setzero_si512(), h1 = h0;
+        if (q5) {
+            h0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qh));
+            h1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + 16)));
+        }
+        for (int c = 0; c < 4; c++) {
+            __m128i b0 = _mm_loadu_si128((const __m128i *)(qs + c * 32));
+            __m128i b1 = _mm_loadu_si128((const __m128i *)(qs + c * 32 + 16));
+            for (int n = 0; n < 2; n++) {
+                __m128i s0 = n ? _mm_srli_epi16(b0, 4) : b0, s1 = n ? _mm_srli_epi16(b1, 4) : b1;
+                __m512i q0 = _mm512_cvtepu8_epi32(_mm_and_si128(s0, m4));
+                __m512i q1 = _mm512_cvtepu8_epi32(_mm_and_si128(s1, m4));
+                if (q5) {
+                    __m128i cnt = _mm_cvtsi32_si128(2 * c + n);
+                    q0 = _mm512_or_si512(q0, _mm512_slli_epi32(
+                        _mm512_and_si512(_mm512_srl_epi32(h0, cnt), one), 4));
+                    q1 = _mm512_or_si512(q1, _mm512_slli_epi32(
+                        _mm512_and_si512(_mm512_srl_epi32(h1, cnt), one), 4));
+                }
+                const float *xv = xb + c * 64 + n * 32;
+                __m512 t = _mm512_mul_ps(cvt_i32(q0), _mm512_loadu_ps(xv));
+                t = _mm512_fmadd_ps(cvt_i32(q1), _mm512_loadu_ps(xv + 16), t);
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(d * (float)sc[2 * c + n]), t, acc);
+                tail -= dmin * (float)mn[2 * c + n] * xs[b * 8 + 2 * c + n];
+            }
+        }
+    }
+    return _mm512_reduce_add_ps(acc) + tail;
+}
+
+/* Q6_K: 16 values a scale, so one vector of 16 a scale */
+static float dot_q6_k(const uint8_t *row, const float *x, int64_t nb) {
+    const __m512i m4 = _mm512_set1_epi32(0x0F), m2 = _mm512_set1_epi32(3);
+    const __m512i c32 = _mm512_set1_epi32(32);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 210, *ql = blk, *qh = blk + 128;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float d = f16_to_f32(rd16(blk + 208));
+        const float *xb = x + b * 256;
+        for (int h = 0; h < 2; h++)
+            for (int j0 = 0; j0 < 128; j0 += 16) {
+                int n = j0 / 64, s = j0 / 32;
+                __m512i lo = _mm512_cvtepu8_epi32(
+                    _mm_loadu_si128((const __m128i *)(ql + h * 64 + j0 % 64)));
+                __m512i hi = _mm512_cvtepu8_epi32(
+                    _mm_loadu_si128((const __m128i *)(qh + h * 32 + j0 % 32)));
+                lo = _mm512_and_si512(_mm512_srl_epi32(lo, _mm_cvtsi32_si128(4 * n)), m4);
+                hi = _mm512_and_si512(_mm512_srl_epi32(hi, _mm_cvtsi32_si128(2 * s)), m2);
+                __m512i q = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), c32);
+                __m512 t = _mm512_mul_ps(cvt_i32(q), _mm512_loadu_ps(xb + h * 128 + j0));
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(d * (float)sc[(h * 128 + j0) / 16]), t, acc);
+            }
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#endif
 
 /* ---- matrix-vector products, rows split over the team of the enclosing parallel region ---- */
 
@@ -403,7 +668,9 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
 #else
     const int vnni = 0;
 #endif
-    if (w->kind == W_Q4_0 || w->kind == W_Q4_1 || vnni) {
+    const int sums = w->kind == W_Q4_0 || w->kind == W_Q4_1 || w->kind == W_Q5_0 ||
+                     w->kind == W_Q5_1 || w->kind == W_Q4_K || w->kind == W_Q5_K;
+    if (sums || vnni) {
 #pragma omp single
         {
             block_sums(x, k, xs);
@@ -459,6 +726,36 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
         }
         break;
     }
+#ifdef MEMOPT_AVX512
+    case W_Q5_0: case W_Q5_1: {
+        const int q51 = w->kind == W_Q5_1;
+        const uint8_t *d = (const uint8_t *)w->data; const int64_t rb = k / 32 * (q51 ? 24 : 22);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] = dot_q5(d + r * rb, x, xs, k / 32, q51);
+        break;
+    }
+    case W_Q4_K: case W_Q5_K: {
+        const int q5 = w->kind == W_Q5_K;
+        const uint8_t *d = (const uint8_t *)w->data; const int64_t rb = k / 256 * (q5 ? 176 : 144);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] = dot_q45_k(d + r * rb, x, xs, k / 256, q5);
+        break;
+    }
+    case W_Q6_K: {
+        const uint8_t *d = (const uint8_t *)w->data; const int64_t rb = k / 256 * 210;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] = dot_q6_k(d + r * rb, x, k / 256);
+        break;
+    }
+#endif
+    default: {  /* the other blocked kinds (Q2_K, Q3_K; all of them without AVX-512) */
+        int bv, bb; deq_fn fn;
+        if (!blocked(w->kind, &bv, &bb, &fn)) break;
+        const uint8_t *d = (const uint8_t *)w->data; const int64_t rb = k / bv * bb;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] = dot_blocks(d + r * rb, x, k, bv, bb, fn);
+        break;
+    }
     }
     if (w->bias) {
 #pragma omp for schedule(static)
@@ -512,7 +809,19 @@ static void embed_row(const qmat *w, int64_t r, float *out) {
         }
         break;
     }
+    default: {
+        int bv, bb; deq_fn fn;
+        if (!blocked(w->kind, &bv, &bb, &fn)) break;
+        const uint8_t *row = (const uint8_t *)w->data + r * (k / bv * bb);
+        for (int64_t b = 0; b < k / bv; b++) fn(row + b * bb, out + b * bv);
+        break;
     }
+    }
+}
+
+/* rows r0..r1 of a weight, dequantized into out (r1 - r0, K): the engine's own values (tests) */
+void memopt_dequant_rows(const qmat *w, int64_t r0, int64_t r1, float *out) {
+    for (int64_t r = r0; r < r1; r++) embed_row(w, r, out + (r - r0) * w->k);
 }
 
 static void rmsnorm(const float *x, const float *w, float *out, int64_t n, float eps) {
