@@ -80,4 +80,10 @@ def test_what_lean_cannot_read_is_none(tmp_path: Path) -> None:
     loaded = tiny_llama(seed=2)
     loaded.model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
     _tokenizer_files(tmp_path / "bf16")
-    assert open_model(tmp_path / "bf16", 16) is None  # bfloat16 weights: the full path
+    lean = open_model(tmp_path / "bf16", 16)  # bfloat16 weights: read as stored
+    assert lean is not None
+    assert {t.dtype for t in lean.engine.keep} >= {torch.bfloat16}
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]  # an architecture the engine does not run
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(config))
+    assert open_model(tmp_path / "bf16", 16) is None

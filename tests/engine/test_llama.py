@@ -129,6 +129,26 @@ def test_engine_values_are_gguf_dequantize_bit_for_bit(kind: str) -> None:
     assert np.array_equal(out.numpy(), ref), kind
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_engine_reads_16_bit_weights_as_stored(dtype: torch.dtype) -> None:
+    """A 16-bit checkpoint runs in the engine without a float32 copy of its matrices: its logits
+    are float32 transformers' on the same (16-bit) values, activations in float32."""
+    import copy
+
+    loaded = tiny_llama(seed=1)
+    half = copy.deepcopy(loaded.model).to(dtype)
+    ref_model = half.float()  # the same values, widened
+    half = copy.deepcopy(loaded.model).to(dtype)
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.tensor([IDS])).logits[0].float()  # (T, V)
+    eng = engine_for(half, loaded.config, 32)
+    assert eng is not None, f"the engine declined {dtype}"
+    held = {t.data_ptr() for t in eng.keep}
+    assert half.model.layers[0].mlp.up_proj.weight.data_ptr() in held  # read in place
+    got = torch.stack([eng.forward(t, p).clone() for p, t in enumerate(IDS)])  # (T, V)
+    assert (got - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item())
+
+
 def test_generate_uses_the_engine_and_gives_transformers_tokens() -> None:
     loaded = _make("Q4_1")
     fast = generate(loaded, IDS, 16, stop_at_eos=False)

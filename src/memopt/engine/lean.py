@@ -100,8 +100,9 @@ def _clean_up(text: str) -> str:
 
 
 def open_model(path: str | Path, max_seq: int) -> LeanModel | None:
-    """The engine over a GGUF file, a memopt folder or a Hugging Face folder of float32 weights,
-    for ``max_seq`` positions; None when this path cannot run it (use the full one)."""
+    """The engine over a GGUF file, a memopt folder or a Hugging Face folder of float32, float16
+    or bfloat16 weights, for ``max_seq`` positions; None when this path cannot run it (use the
+    full one)."""
     path = Path(path)
     if library() is None:
         return None
@@ -214,9 +215,9 @@ def _hf_folder(folder: Path, max_seq: int) -> LeanModel:
         if name not in names:
             raise _Unsupported(f"no tensor {name}")
         t = reader.get(name)
-        if t.dtype != torch.float32:
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise _Unsupported(f"{t.dtype} weights")
-        return t
+        return t  # a 16-bit checkpoint's matrices read as stored (the engine widens them)
 
     def get(name: str) -> tuple[Weight, torch.Tensor | None]:
         bias = f"{name}.bias"
@@ -241,7 +242,7 @@ def _gguf_file(path: Path, max_seq: int) -> LeanModel:
     from memopt.weights.ggml import GGMLWeight
 
     types = set(gguf_tensor_types(path).values())
-    if not types <= {"F32"} | GGML_TYPES:  # the engine's kernels
+    if not types <= GGML_TYPES:  # the engine's kernels
         raise _Unsupported(f"GGML types {sorted(types)}")
     meta = gguf_metadata(path)
     arch = meta.get("general.architecture")
@@ -268,8 +269,9 @@ def _gguf_file(path: Path, max_seq: int) -> LeanModel:
         if name not in made:
             ggml_type, raw = src.raw(name)
             blocks = torch.from_numpy(raw) if raw.flags.writeable else _view(raw)
-            if ggml_type in ("F32",):
-                made[name] = blocks.view(torch.float32).reshape(src.shape(name))
+            floats = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+            if ggml_type in floats:
+                made[name] = blocks.view(floats[ggml_type]).reshape(src.shape(name))
             else:
                 made[name] = GGMLWeight(blocks, ggml_type, src.shape(name))
         return made[name]

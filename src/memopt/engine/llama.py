@@ -43,8 +43,9 @@ __all__ = [
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
-_KIND = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
-         "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "I8": 100, "I4": 101}  # fmt: skip
+_KIND = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
+         "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30, "I8": 100, "I4": 101}  # fmt: skip
+_FLOAT_KIND = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 # the GGUF tensor types the engine runs as they are stored (GGML's type ids in the C source)
 GGML_TYPES = frozenset(k for k in _KIND if k not in ("I8", "I4"))
 
@@ -137,18 +138,29 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return _cpu(t)
 
 
+def _f32_copy(t: torch.Tensor) -> torch.Tensor:
+    """A vector (a norm's weight, a bias: ``dim`` values) as float32, copied when it is not: a
+    bfloat16 checkpoint's norms cost the engine ``4 x dim`` bytes each, not a fallback."""
+    if t.dtype not in _FLOAT_KIND:
+        raise _Unsupported(f"a {t.dtype} tensor")
+    return _cpu(t.float().contiguous() if t.dtype != torch.float32 else t)
+
+
 Weight = torch.Tensor | QuantizedWeight  # a float weight (N, K), or a quantized one
 
 
 def _qmat(weight: Weight, bias: torch.Tensor | None, keep: list[torch.Tensor]) -> _QMat:
     """The engine's view of one projection (or embedding), without copying its weight."""
     if bias is not None:
-        bias = _f32(bias.detach())
+        bias = _f32_copy(bias.detach())
         keep.append(bias)
-    if isinstance(weight, torch.Tensor):
-        w = _f32(weight.detach())
+    if isinstance(weight, torch.Tensor):  # float32, float16 or bfloat16, read as stored
+        w = _cpu(weight.detach())
+        if w.dtype not in _FLOAT_KIND:
+            raise _Unsupported(f"{w.dtype} weights")
         keep.append(w)
-        return _QMat(_KIND["F32"], 0, 0, 0, w.shape[0], w.shape[1], w.data_ptr(), None, _ptr(bias))
+        kind = _KIND[_FLOAT_KIND[w.dtype]]
+        return _QMat(kind, 0, 0, 0, w.shape[0], w.shape[1], w.data_ptr(), None, _ptr(bias))
     qw = weight
     n, k = qw.shape
     if isinstance(qw, GGMLWeight) and qw.ggml_type in GGML_TYPES:
@@ -222,14 +234,15 @@ def build(arch: Arch, get: Provider, norm: Callable[[str], torch.Tensor], max_se
                 raise _Unsupported(f"{proj} bias")
             mats.append(_qmat(weight, bias, keep))
         norms = [
-            _f32(norm(pre + n).detach()) for n in ("input_layernorm", "post_attention_layernorm")
+            _f32_copy(norm(pre + n).detach())
+            for n in ("input_layernorm", "post_attention_layernorm")
         ]
         keep += norms
         arr[i] = _Layer(*mats, norms[0].data_ptr(), norms[1].data_ptr())
     inv_freq = _f32(arch.inv_freq.detach().float().contiguous())
     if inv_freq.numel() != arch.head_dim // 2:
         raise _Unsupported("rotary embedding")
-    final = _f32(norm("model.norm").detach())
+    final = _f32_copy(norm("model.norm").detach())
     keep += [inv_freq, final]
     embed, _ = get("model.embed_tokens")
     head, head_bias = get("lm_head")

@@ -2,7 +2,7 @@
 
 One call computes one token of a Llama-family decoder (Llama, Mistral, Qwen2: RMSNorm, rotary
 attention with grouped KV heads, SiLU-gated MLP) from its weights as they are held in memory:
-float32, GGUF blocks (Q4_0, Q4_1, Q8_0 fused into the dot products; Q5_0, Q5_1 and the K-quants
+float32, float16 and bfloat16 (widened as they are read), GGUF blocks (Q4_0, Q4_1, Q8_0 fused into the dot products; Q5_0, Q5_1 and the K-quants
 Q2_K..Q6_K dequantized a block at a time on the stack), memopt int8 (per channel or grouped) and memopt int4 (the
 CPU kernel's row-interleaved layout). The whole token runs inside one OpenMP parallel region:
 matrix-vector products split their rows over the threads, attention its heads, and the small
@@ -35,8 +35,8 @@ SOURCE = r"""
 #endif
 
 /* GGML's type ids for GGUF blocks; memopt's own kinds from 100 */
-enum { W_F32 = 0, W_Q4_0 = 2, W_Q4_1 = 3, W_Q5_0 = 6, W_Q5_1 = 7, W_Q8_0 = 8, W_Q2_K = 10,
-       W_Q3_K = 11, W_Q4_K = 12, W_Q5_K = 13, W_Q6_K = 14, W_I8 = 100, W_I4 = 101 };
+enum { W_F32 = 0, W_F16 = 1, W_Q4_0 = 2, W_Q4_1 = 3, W_Q5_0 = 6, W_Q5_1 = 7, W_Q8_0 = 8, W_Q2_K = 10,
+       W_Q3_K = 11, W_Q4_K = 12, W_Q5_K = 13, W_Q6_K = 14, W_BF16 = 30, W_I8 = 100, W_I4 = 101 };
 
 typedef struct {
     int32_t kind;
@@ -111,6 +111,27 @@ static float dot_f32(const float *w, const float *x, int64_t k) {
     s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
     for (; i < k; i++) s += w[i] * x[i];
+    return s;
+}
+
+/* a float16 (bf = 0) or bfloat16 (bf = 1) row: each value widened to float32 exactly */
+static float dot_h16(const uint16_t *w, const float *x, int64_t k, int bf) {
+    int64_t i = 0; float s = 0.f;
+#ifdef MEMOPT_AVX512
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= k; i += 32) {
+        __m256i h0 = _mm256_loadu_si256((const __m256i *)(w + i));
+        __m256i h1 = _mm256_loadu_si256((const __m256i *)(w + i + 16));
+        __m512 w0 = bf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h0), 16))
+                       : _mm512_cvtph_ps(h0);
+        __m512 w1 = bf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h1), 16))
+                       : _mm512_cvtph_ps(h1);
+        a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), a1);
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+    for (; i < k; i++) s += (bf ? bf16_to_f32(w[i]) : f16_to_f32(w[i])) * x[i];
     return s;
 }
 
@@ -684,6 +705,12 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
         for (int64_t r = 0; r < n; r++) y[r] = dot_f32(d + r * k, x, k);
         break;
     }
+    case W_F16: case W_BF16: {
+        const uint16_t *d = (const uint16_t *)w->data; const int bf = w->kind == W_BF16;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) y[r] = dot_h16(d + r * k, x, k, bf);
+        break;
+    }
     case W_Q4_0: {
         const uint8_t *d = (const uint8_t *)w->data; const int64_t rb = k / 32 * 18;
 #pragma omp for schedule(static)
@@ -768,6 +795,11 @@ static void embed_row(const qmat *w, int64_t r, float *out) {
     const int64_t k = w->k;
     switch (w->kind) {
     case W_F32: memcpy(out, (const float *)w->data + r * k, k * 4); break;
+    case W_F16: case W_BF16: {
+        const uint16_t *h = (const uint16_t *)w->data + r * k;
+        for (int64_t i = 0; i < k; i++) out[i] = w->kind == W_BF16 ? bf16_to_f32(h[i]) : f16_to_f32(h[i]);
+        break;
+    }
     case W_Q8_0: {
         const uint8_t *row = (const uint8_t *)w->data + r * (k / 32 * 34);
         for (int64_t b = 0; b < k / 32; b++) {
