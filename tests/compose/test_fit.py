@@ -335,8 +335,9 @@ def _gptq_(model: torch.nn.Module, unit, ids: torch.Tensor, g: int) -> None:
         wq = (codes.float() - 8) * scale.float().repeat_interleave(g, 1)
         wq += zero.float().repeat_interleave(g, 1)
         r = rtn(w, f"int4-g{g}")
-        err = lambda q: float((((q - w) @ h) * (q - w)).sum())  # noqa: E731
-        m.weight.data = wq if err(wq) <= err(r) else r
+        e_gptq = float((((wq - w) @ h) * (wq - w)).sum())
+        e_rtn = float((((r - w) @ h) * (r - w)).sum())
+        m.weight.data = wq if e_gptq <= e_rtn else r
 
 
 def test_scaled_costs_follow_the_measured_kl() -> None:
