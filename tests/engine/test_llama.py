@@ -97,11 +97,11 @@ def test_engine_logits_are_transformers(kind: str, monkeypatch: pytest.MonkeyPat
     eng = engine_for(loaded.model, loaded.config, 32)
     assert eng is not None, f"the engine declined {kind}"
     got = torch.stack([eng.forward(t, p).clone() for p, t in enumerate(IDS)])  # (T, V)
-    if kind == "int4":
-        # memopt int4 runs on int8 activations (a block of 32 per scale, as llama.cpp's Q4 dot
-        # products do): an error of the activations' rounding, measured as SQNR
+    if kind.startswith("int"):
+        # memopt int8 / int4 run on int8 activations (a block of 32 per scale, as llama.cpp's Q8_0
+        # / Q4 dot products do): an error of the activations' rounding, measured as SQNR
         sqnr = 20 * torch.log10(ref.norm() / (got - ref).norm()).item()
-        assert sqnr > 30.0, f"int4: SQNR {sqnr:.1f} dB"
+        assert sqnr > 30.0, f"{kind}: SQNR {sqnr:.1f} dB"
         return
     # float32 activations: only the order of float32 sums differs
     assert (got - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), kind
