@@ -26,7 +26,7 @@ import torch
 from memopt.core.errors import MemoptError
 from memopt.formats.safetensors import dtype_name
 from memopt.keras.backend import keras_module
-from memopt.weights import QuantizedWeight, kernels
+from memopt.weights import Int4Weight, QuantizedWeight, kernels
 from memopt.weights.quantized import int4_relayout, kind_of
 
 keras = keras_module()
@@ -118,11 +118,20 @@ def _tensor(v: Any) -> torch.Tensor:
 
 
 def _linear(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
-    """``x (M, K) @ W.T`` on memopt's kernel. On the meta device (memopt's estimate) the output
-    alone: the CPU kernel's choice is made by timing, which a meta tensor cannot do, and its
-    temporaries are a few rows of the output's size."""
+    """``x (M, K) @ W.T`` on memopt's kernel.
+
+    An int4 weight that the CPU's int4 kernel has no layout for (fewer than 16 outputs, or not a
+    multiple of 16: a classifier's 10) runs the blocked dequantize in float32 directly, on the CPU
+    and on the meta device alike (memopt's estimate), so the estimate counts its temporaries, the
+    dequantized ``(N, K)`` row block and the unpacked codes, exactly: a timed choice among its
+    candidates could not be repeated on meta (the bfloat16 one has other temporaries). Otherwise,
+    on the meta device, the output alone: the kernel is chosen by timing, which a meta tensor
+    cannot do, and its temporaries are a few rows of the output's size."""
+    n, k = qw.shape
+    if isinstance(qw, Int4Weight) and kernels.int4_block_n(n) is None:
+        return kernels.dequant_linear(x, qw.dequantize_rows, n, k, torch.float32)
     if x.is_meta:
-        return x.new_empty((x.shape[0], qw.shape[0]))
+        return x.new_empty((x.shape[0], n))
     return qw.linear(x)
 
 
