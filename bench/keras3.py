@@ -31,6 +31,7 @@ the same bench run, printed beside memopt's figures.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -46,7 +47,8 @@ import memopt.keras  # noqa: F401  (KERAS_BACKEND=torch before keras)
 
 import keras  # isort: skip
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "brief"))
+BRIEF = Path(__file__).resolve().parents[1] / "examples" / "brief"
+sys.path.insert(0, str(BRIEF))
 
 from data import digits_32x32x3, topic_paragraphs  # noqa: E402
 
@@ -63,32 +65,17 @@ from memopt.keras import (  # noqa: E402
 from memopt.keras.rebuild import rebuild  # noqa: E402
 
 
-def cnn() -> keras.Model:
-    m = keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-    m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return m
+def _example(name: str) -> Any:
+    """examples/brief/<name>.py as a module: the bench trains the brief's models as written."""
+    path = BRIEF / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"brief_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def text_model(dtype: str = "float32") -> keras.Model:
-    m = keras.Sequential(
-        [
-            keras.Input((50,), dtype="int32"),
-            keras.layers.Embedding(1000, 16, dtype=dtype),
-            keras.layers.Bidirectional(keras.layers.LSTM(32, dtype=dtype), dtype=dtype),
-            keras.layers.Dense(16, activation="relu", dtype=dtype),
-            keras.layers.Dense(1, activation="sigmoid", dtype=dtype),
-        ]
-    )
-    m.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
-    return m
+cnn = _example("case1_keras").build_model  # cases 1 and 3: () -> the compiled CNN
+text_model = _example("case2_keras").build_model  # case 2: (dtype) -> the compiled text model
 
 
 def sqnr(ref: np.ndarray, out: np.ndarray) -> float:

@@ -34,6 +34,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def build_model():  # noqa: ANN201  (a keras.Model: keras is imported here, not at the top)
+    """The brief's model, compiled as the brief compiles it (``input_shape=`` as
+    ``keras.Input``: Keras 3's form). Cases 1 and 3 and bench/keras3.py build it from here."""
+    import memopt.keras  # noqa: F401  sets KERAS_BACKEND=torch before keras is imported
+
+    import keras  # isort: skip
+
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(32, (3, 3), activation="relu"),
+            keras.layers.MaxPooling2D((2, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
 def run(variant: str, epochs: int) -> dict:
     sys.path.insert(0, str(HERE))
     import memopt.keras  # noqa: F401  sets KERAS_BACKEND=torch before keras is imported
@@ -48,17 +68,7 @@ def run(variant: str, epochs: int) -> dict:
     torch.set_num_threads(1)
     train_images, train_labels, test_images, test_labels = digits_32x32x3()
     keras.utils.set_random_seed(0)
-    # the brief's model (input_shape= as keras.Input: Keras 3's form)
-    model = keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = build_model()
     step = memopt.StepSpec(task="train", batch=32)  # Keras's default batch size
     predicted = memopt.estimate(model, step)
     if variant == "preallocated":
