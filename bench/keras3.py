@@ -11,8 +11,9 @@ upscaled to 32x32x3; Python-documentation paragraphs labelled by topic group).
    holds) and *live*: every tensor torch sees as a parameter of the model, Keras's
    ``_torch_params`` included (the float kernels Keras's quantize leaves there show up); the
    ``.keras`` file. Quality: SQNR (dB) of the outputs against float32 and held-out accuracy.
-   Speed: batch 1, rounds that alternate each variant with float32 (best median of each), as a
-   ratio (> 1: faster than float32). Forward peak: memopt's tracker over one batch-1 forward.
+   Speed: batch 1, single calls alternated with float32's (``--rounds`` rounds of 50 pairs),
+   the ratio of each one's fastest call (> 1: faster than float32), with the spread of the
+   rounds' ratios of medians. Forward peak: memopt's tracker over one batch-1 forward.
 2. Case 2's cast float64 -> float32 (:func:`memopt.keras.cast`): bytes of the weights, of Adam's
    state and of the .keras file; accuracy before and after.
 3. Case 3's pruning to 80 % during ``fit`` (:class:`memopt.keras.PruneDuringFit`) against dense
@@ -96,27 +97,38 @@ def disk_bytes(model: keras.Model, tmp: Path, name: str) -> int:
     return path.stat().st_size
 
 
-def median_time(model: keras.Model, x: torch.Tensor, n: int) -> float:
-    ts = []
-    with torch.no_grad():
-        for _ in range(n):
-            t = time.perf_counter()
-            model(x, training=False)
-            ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def speed_ratio(model: keras.Model, ref: keras.Model, x: torch.Tensor, rounds: int) -> float:
-    """float32's best median over the variant's: > 1 is faster than float32."""
+def speed(model: keras.Model, ref: keras.Model, x: torch.Tensor, rounds: int) -> dict[str, Any]:
+    """Batch-1 forward speed of ``model`` against ``ref`` (float32): single calls alternated
+    A, B, A, B, ``rounds`` rounds of 50 pairs. The figure is the ratio of each one's fastest call
+    (> 1: faster than float32): load from other processes only ever adds time, so the minimum of
+    many calls is a model's own cost, where a median is whatever the load was. Beside it, the
+    spread: each round's ratio of medians (min, median, max over the rounds)."""
     with torch.no_grad():
         for _ in range(20):  # warm-up: kernel choice, Keras's first-call work
             model(x, training=False)
             ref(x, training=False)
-    a, b = [], []
-    for _ in range(rounds):
-        a.append(median_time(model, x, 30))
-        b.append(median_time(ref, x, 30))
-    return min(b) / min(a)
+        a: list[list[float]] = []
+        b: list[list[float]] = []
+        for _ in range(rounds):
+            ta, tb = [], []
+            for _ in range(50):
+                t = time.perf_counter()
+                model(x, training=False)
+                t1 = time.perf_counter()
+                ref(x, training=False)
+                tb.append(time.perf_counter() - t1)
+                ta.append(t1 - t)
+            a.append(ta)
+            b.append(tb)
+    per_round = sorted(
+        statistics.median(tb) / statistics.median(ta) for ta, tb in zip(a, b, strict=True)
+    )
+    best_a, best_b = min(map(min, a)), min(map(min, b))
+    return {
+        "x": best_b / best_a,
+        "best_us": (best_a * 1e6, best_b * 1e6),
+        "rounds": (per_round[0], statistics.median(per_round), per_round[-1]),
+    }
 
 
 def forward_peak(model: keras.Model) -> int:
@@ -158,7 +170,7 @@ def quant_rows(name, model, x_eval, y_eval, x1, tmp, rounds) -> list[dict[str, A
                 "disk_bytes": disk_bytes(m, tmp, f"{name}-{label.replace(' ', '-')}"),
                 "sqnr_db": sqnr(ref_out, out) if m is not model else None,
                 "accuracy": accuracy(m, x_eval, y_eval),
-                "speed_x": speed_ratio(m, model, x1, rounds) if m is not model else 1.0,
+                "speed": speed(m, model, x1, rounds) if m is not model else None,
                 # an inference copy of the float model: the trained one also holds Adam's state
                 # and the gradients that fit leaves on its parameters
                 "forward_peak_bytes": forward_peak(rebuild(m, {}) if m is model else m),
@@ -240,7 +252,7 @@ def mb(n: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--tfmot-python", metavar="PATH", help="a Python with tf-keras + tfmot")
@@ -279,9 +291,14 @@ def main() -> int:
             print(f"| {r['model']} | {r['variant']} | | | | | | | | {r['note']} |")
             continue
         q = "–" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+        sp = r["speed"]
+        fast = "1.00" if sp is None else (
+            f"{sp['x']:.2f} ({sp['best_us'][0]:.0f} / {sp['best_us'][1]:.0f} µs; rounds "
+            f"{sp['rounds'][0]:.2f}–{sp['rounds'][2]:.2f}, median {sp['rounds'][1]:.2f})"
+        )  # fmt: skip
         print(
             f"| {r['model']} | {r['variant']} | {mb(r['live_bytes'])} | {r['x_float32']:.3f} | "
-            f"{mb(r['disk_bytes'])} | {q} | {r['accuracy']:.4f} | {r['speed_x']:.2f} | "
+            f"{mb(r['disk_bytes'])} | {q} | {r['accuracy']:.4f} | {fast} | "
             f"{mb(r['forward_peak_bytes'])} | {r['note']} |"
         )
     c2 = out["case2_cast"]
