@@ -1,4 +1,4 @@
-"""The int8 x float32 kernel for a few input rows (memopt.weights._int8_gemv) against float64.
+"""The int8 x float32 kernel for a few input rows (memopt.weights.int8_gemv) against float64.
 
 Tolerance: float32 sums in another order than a float matmul's, so the kernel is compared with the
 float64 product of the same int8 codes and scales: SQNR >= 120 dB (float32 rounding of a dot
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from memopt.weights import Int8Weight
-from memopt.weights import _int8_gemv as g
+from memopt.weights import int8_gemv as g
 from memopt.weights.primitives import sqnr
 
 pytestmark = pytest.mark.skipif(not g.available(), reason="no C compiler with OpenMP here")

@@ -26,7 +26,7 @@ import torch
 from memopt.core.errors import MemoptError
 from memopt.formats.safetensors import dtype_name
 from memopt.keras.backend import keras_module
-from memopt.weights import Int4Weight, Int8Weight, QuantizedWeight, _int8_gemv, kernels
+from memopt.weights import Int4Weight, Int8Weight, QuantizedWeight, int8_gemv, kernels
 from memopt.weights.quantized import int4_relayout, kind_of
 
 keras = keras_module()
@@ -121,7 +121,7 @@ def _linear(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None = No
     """``x (M, K) @ W.T + bias`` on memopt's kernels.
 
     An int8 weight (one scale per output) times at most ``MAX_ROWS`` float32 input rows on the
-    CPU (a batch-1 call): :func:`memopt.weights._int8_gemv.int8_gemv`, the codes read as stored,
+    CPU (a batch-1 call): :func:`memopt.weights.int8_gemv.int8_gemv`, the codes read as stored,
     float32 activations, scale and bias applied in the same pass (faster than torch's float32
     matmul of the same shape, where torch's int8 kernel is slower: measured in its module).
 
@@ -136,13 +136,13 @@ def _linear(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None = No
     if (
         isinstance(qw, Int8Weight)
         and qw.group_size is None
-        and x.shape[0] <= _int8_gemv.MAX_ROWS
+        and x.shape[0] <= int8_gemv.MAX_ROWS
         and x.dtype == torch.float32
         and x.device.type == "cpu"
-        and _int8_gemv.available()
+        and int8_gemv.available()
     ):
         b = None if bias is None or bias.dtype != torch.float32 else bias
-        y = _int8_gemv.int8_gemv(qw.qdata, qw.scale[:, 0], x, b)
+        y = int8_gemv.int8_gemv(qw.qdata, qw.scale[:, 0], x, b)
         return y if bias is None or b is not None else y + bias
     if isinstance(qw, Int4Weight) and kernels.int4_block_n(n) is None:
         y = kernels.dequant_linear(x, qw.dequantize_rows, n, k, torch.float32)
