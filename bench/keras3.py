@@ -19,7 +19,8 @@ upscaled to 32x32x3; Python-documentation paragraphs labelled by topic group).
 3. Case 3's pruning to 80 % during ``fit`` (:class:`memopt.keras.PruneDuringFit`) against dense
    training of the same epochs: held-out accuracy, the tracker's peak during training, the
    stripped model's bytes in memory and on disk (no gzip).
-4. Case 1's training step: memopt's estimate (meta device) against its profile (real weights).
+4. Case 1's training step: memopt's estimate (meta device) against its profile (real weights);
+   allocator calls a step (memopt's count), Keras's Adam against memopt's in-place Adam.
 
 tfmot does not accept Keras 3 models (tensorflow/model-optimization#1119) and TensorFlow pins
 package versions memopt's environment does not use: ``--tfmot-python PATH`` runs case 3 with
@@ -58,12 +59,14 @@ from memopt.keras import (  # noqa: E402
     PolynomialDecay,
     PruneDuringFit,
     cast,
+    in_place_adam,
     live_parameter_bytes,
     quantize,
     strip,
     variable_bytes,
 )
 from memopt.keras.rebuild import rebuild  # noqa: E402
+from memopt.plan.alloc import count_allocations  # noqa: E402
 
 
 def _example(name: str) -> Any:
@@ -245,6 +248,24 @@ def case1_estimate(model) -> dict[str, Any]:  # noqa: ANN001
     return {"estimate": est.peak_bytes, "profile": prof.peak_bytes, "breakdown": prof.breakdown}
 
 
+def case1_allocations(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Allocator calls of one training step at batch 32 (memopt's count: every c10 CPU
+    allocation, under the profiler), Keras's Adam against :func:`memopt.keras.in_place_adam`
+    (what examples/brief/case1_keras.py's preallocated variant adds to the reserved heap)."""
+    xb, yb = torch.as_tensor(x[:32]), torch.as_tensor(y[:32])
+    out = {}
+    for name in ("keras adam", "in-place adam"):
+        keras.utils.set_random_seed(0)
+        model = cnn()
+        if name == "in-place adam":
+            in_place_adam(model)
+        for _ in range(3):  # the optimizer's variables built, kernels chosen
+            model.train_step((xb, yb))
+        report = count_allocations(lambda m=model: m.train_step((xb, yb)), repeat=5)
+        out[name] = {"count": report.count, "bytes": report.bytes}
+    return out
+
+
 def mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
 
@@ -270,6 +291,7 @@ def main() -> int:
         m2 = text_model()
         m2.fit(xs, ys, epochs=args.epochs * 3, batch_size=32, verbose=0)
         out["case1_estimate"] = case1_estimate(m1)
+        out["case1_allocations"] = case1_allocations(xd, yd)
         rows = quant_rows("CNN (cases 1, 3)", m1, xdt, ydt, torch.as_tensor(xdt[:1]), tmp,
                           args.rounds)  # fmt: skip
         rows += quant_rows("text (case 2)", m2, xst, yst, torch.as_tensor(xst[:1]), tmp,
@@ -336,6 +358,9 @@ def main() -> int:
     c1 = out["case1_estimate"]
     print(f"\ncase 1, one training step at batch 32: estimate {c1['estimate']:,} B, profile "
           f"{c1['profile']:,} B ({c1['estimate'] / c1['profile']:.4f}x)")  # fmt: skip
+    a0, a1 = out["case1_allocations"]["keras adam"], out["case1_allocations"]["in-place adam"]
+    print(f"  allocator calls a step: Keras's Adam {a0['count']} ({a0['bytes']:,} B), "
+          f"memopt.keras.in_place_adam {a1['count']} ({a1['bytes']:,} B)")  # fmt: skip
     return 0
 
 
