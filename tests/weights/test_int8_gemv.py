@@ -44,3 +44,13 @@ def test_int8_gemv_reads_only_its_rows() -> None:
     x = torch.randn(1, 40, generator=gen)
     ref = x.double() @ (q.double() * s.double()[:, None]).t()
     assert sqnr(ref, g.int8_gemv(q, s, x).double()) >= 120.0
+
+
+def test_int8_gemv_strided_inputs() -> None:
+    """Strided scale and input views are read by value, not by their storage's layout."""
+    gen = torch.Generator().manual_seed(2)
+    qw = Int8Weight(torch.randn(6, 48, generator=gen))
+    scale = torch.stack([qw.scale[:, 0], torch.zeros(6)], 1)[:, 0]  # stride 2
+    x = torch.randn(48, 2, generator=gen).t()  # (2, 48), not contiguous
+    ref = x.double() @ (qw.qdata.double() * qw.scale.double()).t()
+    assert sqnr(ref, g.int8_gemv(qw.qdata, scale, x).double()) >= 120.0

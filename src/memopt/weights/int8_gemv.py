@@ -115,9 +115,10 @@ def int8_gemv(
     q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``x (M, K) float32 @ (q (N, K) int8 * scale (N,) float32).T + bias (N,)`` -> ``(M, N)``
-    float32. CPU tensors; ``q``, ``scale`` and ``bias`` contiguous (as stored); check
+    float32. CPU tensors (made contiguous here: no copy when they are, as stored); check
     :func:`available` first."""
-    x = x.contiguous()
+    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
     m, k = x.shape
     n = q.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
