@@ -54,3 +54,20 @@ def test_int8_gemv_strided_inputs() -> None:
     x = torch.randn(48, 2, generator=gen).t()  # (2, 48), not contiguous
     ref = x.double() @ (qw.qdata.double() * qw.scale.double()).t()
     assert sqnr(ref, g.int8_gemv(qw.qdata, scale, x).double()) >= 120.0
+
+
+def test_kernels_off_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MEMOPT_KERNELS=0``: the library is not used (``available`` is False) and memopt's Keras
+    Dense takes torch's int8 kernel instead, to the same outputs within int8's rounding."""
+    from memopt.keras.layers import _linear
+
+    gen = torch.Generator().manual_seed(3)
+    qw = Int8Weight(torch.randn(10, 200, generator=gen))
+    x = torch.randn(1, 200, generator=gen)
+    ref = x.double() @ (qw.qdata.double() * qw.scale.double()).t()
+    fast = _linear(qw, x)
+    monkeypatch.setenv("MEMOPT_KERNELS", "0")
+    assert not g.available()
+    slow = _linear(qw, x)  # torch's kernels (bfloat16 activations at batch 1)
+    assert sqnr(ref, fast.double()) >= 120.0
+    assert sqnr(ref, slow.double()) >= 35.0

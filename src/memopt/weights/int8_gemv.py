@@ -21,12 +21,10 @@ kernels read it once for all of them.
 from __future__ import annotations
 
 import ctypes
-import threading
-from typing import Any
 
 import torch
 
-from memopt.core.cbuild import compile_library, kernels_enabled
+from memopt.core.cbuild import LazyLibrary
 
 __all__ = ["MAX_ROWS", "available", "int8_gemv"]
 
@@ -87,28 +85,15 @@ void int8_gemv_f32(const int8_t *q, const float *scale, const float *bias, const
 """
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
-_lock = threading.Lock()
-_lib: Any = False  # False: not tried yet; None: cannot be built here
-_fn: Any = None
-
-
-def _load() -> Any:
-    global _lib, _fn
-    with _lock:
-        if _lib is False:
-            lib = compile_library("int8_gemv", _SOURCE, _FLAGS)
-            if lib is not None:
-                vp, i64 = ctypes.c_void_p, ctypes.c_int64
-                lib.int8_gemv_f32.argtypes = [vp] * 5 + [i64] * 3 + [ctypes.c_int]
-                lib.int8_gemv_f32.restype = None
-                _fn = lib.int8_gemv_f32
-            _lib = lib
-        return _lib
+_VP, _I64 = ctypes.c_void_p, ctypes.c_int64
+_LIB = LazyLibrary(
+    "int8_gemv", _SOURCE, _FLAGS, {"int8_gemv_f32": ([_VP] * 5 + [_I64] * 3 + [ctypes.c_int], None)}
+)
 
 
 def available() -> bool:
     """True when the kernel is built (a C compiler with OpenMP; not ``MEMOPT_KERNELS=0``)."""
-    return kernels_enabled() and _load() is not None
+    return _LIB.get() is not None
 
 
 def int8_gemv(
@@ -122,7 +107,7 @@ def int8_gemv(
     m, k = x.shape
     n = q.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    _fn(
+    _LIB.get().int8_gemv_f32(
         q.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(),
         y.data_ptr(), m, n, k, torch.get_num_threads(),
     )  # fmt: skip
