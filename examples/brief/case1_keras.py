@@ -6,16 +6,19 @@ The brief's code, with ``import keras`` (Keras 3 on its torch backend) and these
   device first) and asks for the opposite of preallocation. memopt predicts the training step's
   peak on the meta device (no weight read), reserves that much memory up front with
   :func:`memopt.keras.set_memory_growth` (``enable=False``; on the CPU glibc then keeps freed
-  blocks instead of returning them with ``munmap``) and then measures the real ``fit`` steps
-  against the prediction.
+  blocks instead of returning them with ``munmap``), has Adam update in place into its
+  preallocated moments (:func:`memopt.keras.in_place_adam`: torch's fused kernel instead of
+  Keras's five weight-sized temporaries per weight and step) and then measures the real ``fit``
+  steps against the prediction.
 - ``train_images`` / ``train_labels`` are not defined in the brief: here scikit-learn's digits,
   upscaled to 32x32x3 (examples/brief/data.py), 360 images held out.
 
 Each variant runs in a fresh child process (``--variant plain|preallocated``), so page faults and
 peak RSS are its own. Printed: the estimate against the profile of a training step, allocator
-calls of a training step (the profiler's count: a reserved heap does not change how many tensors
-Keras asks for, only whether their pages must be faulted in again), minor page faults per ``fit``
-step, median step time, peak RSS, held-out accuracy.
+calls of a training step (the profiler's count of every c10 allocation: the in-place Adam removes
+its temporaries; a reserved heap does not change how many tensors Keras asks for, only whether
+their pages must be faulted in again), minor page faults per ``fit`` step, median step time, peak
+RSS, held-out accuracy.
 
     python examples/brief/case1_keras.py [--epochs 10]
 """
@@ -34,21 +37,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run(variant: str, epochs: int) -> dict:
-    sys.path.insert(0, str(HERE))
+def build_model():  # noqa: ANN201  (a keras.Model: keras is imported here, not at the top)
+    """The brief's model, compiled as the brief compiles it (``input_shape=`` as
+    ``keras.Input``: Keras 3's form). Cases 1 and 3 and bench/keras3.py build it from here."""
     import memopt.keras  # noqa: F401  sets KERAS_BACKEND=torch before keras is imported
 
     import keras  # isort: skip
-    import torch
-    from data import digits_32x32x3
 
-    import memopt
-    from memopt.keras import FitMarker, set_memory_growth
-
-    torch.set_num_threads(1)
-    train_images, train_labels, test_images, test_labels = digits_32x32x3()
-    keras.utils.set_random_seed(0)
-    # the brief's model (input_shape= as keras.Input: Keras 3's form)
     model = keras.Sequential(
         [
             keras.Input((32, 32, 3)),
@@ -59,6 +54,24 @@ def run(variant: str, epochs: int) -> dict:
         ]
     )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def run(variant: str, epochs: int) -> dict:
+    sys.path.insert(0, str(HERE))
+    import memopt.keras  # noqa: F401  sets KERAS_BACKEND=torch before keras is imported
+
+    import keras  # isort: skip
+    import torch
+    from data import digits_32x32x3
+
+    import memopt
+    from memopt.keras import FitMarker, in_place_adam, set_memory_growth
+
+    torch.set_num_threads(1)
+    train_images, train_labels, test_images, test_labels = digits_32x32x3()
+    keras.utils.set_random_seed(0)
+    model = build_model()
     step = memopt.StepSpec(task="train", batch=32)  # Keras's default batch size
     predicted = memopt.estimate(model, step)
     if variant == "preallocated":
@@ -66,6 +79,7 @@ def run(variant: str, epochs: int) -> dict:
         # off (a pool reserved up front: the predicted peak, with room for Keras's temporaries)
         device = "GPU:0" if torch.cuda.is_available() else "CPU"
         set_memory_growth(device, False, memory_limit=2 * predicted.peak_bytes)
+        in_place_adam(model)  # Adam's update written into its preallocated moments
     faults: list[int] = []
     times: list[float] = []
 

@@ -36,7 +36,9 @@ import memopt  # noqa: E402
 from memopt.keras import cast, quantize, variable_bytes  # noqa: E402
 
 
-def build(dtype: str) -> keras.Model:
+def build_model(dtype: str = "float32") -> keras.Model:
+    """The brief's text model, every layer (the Bidirectional's LSTMs too) in ``dtype``; also
+    built by bench/keras3.py."""
     model = keras.Sequential(
         [
             keras.Input((50,), dtype="int32"),
@@ -56,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     train_data, train_labels, test_data, test_labels = topic_paragraphs()
     keras.utils.set_random_seed(0)
-    model = build("float64")
+    model = build_model("float64")
     model.fit(train_data, train_labels.astype("float64"), epochs=args.epochs, verbose=0)
     m32 = cast(model, "float32")  # the fix: Keras's dtypes, optimizer state and save agree
     q8, report = quantize(m32, "int8")

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memopt.keras  # noqa: E402, F401  sets KERAS_BACKEND=torch before keras is imported
 
 import keras  # noqa: E402  # isort: skip
+from case1_keras import build_model  # noqa: E402  the brief's case-1 CNN, as case 3 prunes it
 from data import digits_32x32x3  # noqa: E402
 
 import memopt  # noqa: E402
@@ -41,20 +42,6 @@ from memopt.keras import (  # noqa: E402
     variable_bytes,
 )
 from memopt.keras.rebuild import rebuild  # noqa: E402
-
-
-def build() -> keras.Model:
-    model = keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            keras.layers.Conv2D(32, (3, 3), activation="relu"),
-            keras.layers.MaxPooling2D((2, 2)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
 
 
 def fit(model: keras.Model, x, y, epochs: int, callbacks: list) -> int:  # noqa: ANN001
@@ -71,10 +58,10 @@ def main() -> None:
     train_images, train_labels, test_images, test_labels = digits_32x32x3()
     half = max(1, args.epochs // 2)
     keras.utils.set_random_seed(0)
-    dense = build()
+    dense = build_model()
     dense_peak = fit(dense, train_images, train_labels, args.epochs, [])
     keras.utils.set_random_seed(0)
-    model = build()
+    model = build_model()
     fit(model, train_images, train_labels, half, [])
     steps = (args.epochs - half) * -(-len(train_images) // 32)
     schedule = PolynomialDecay(0.0, args.sparsity, begin_step=0, end_step=steps // 2, frequency=20)

@@ -18,11 +18,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 from memopt.core.atomic import atomic_path
 
-__all__ = ["cache_dir", "compile_library", "kernels_enabled"]
+__all__ = ["LazyLibrary", "cache_dir", "compile_library", "kernels_enabled"]
 
 
 def cache_dir() -> Path:
@@ -71,3 +73,36 @@ def compile_library(
         return ctypes.CDLL(str(target))
     except OSError:  # a cache folder that cannot be written, a library that cannot load
         return None
+
+
+class LazyLibrary:
+    """A library of :func:`compile_library`, built on the first :meth:`get` (once a process, under a
+    lock), its functions given their ctypes signatures: ``signatures[name] = (argtypes, restype)``.
+    :meth:`get` returns None where it cannot be built (and with ``MEMOPT_KERNELS=0``)."""
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        flags: list[str],
+        signatures: dict[str, tuple[list[Any], Any]],
+        libs: list[str] = (),
+    ) -> None:
+        self.name, self.source, self.flags, self.libs = name, source, flags, libs
+        self.signatures = signatures
+        self._lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+        self._lock = threading.Lock()
+
+    def get(self) -> ctypes.CDLL | None:
+        if not kernels_enabled():
+            return None
+        if self._lib is not False:  # built (or failed) already: no lock on a kernel's call path
+            return self._lib
+        with self._lock:
+            if self._lib is False:
+                lib = compile_library(self.name, self.source, self.flags, self.libs)
+                for fname, (argtypes, restype) in self.signatures.items() if lib else ():
+                    fn = getattr(lib, fname)
+                    fn.argtypes, fn.restype = argtypes, restype
+                self._lib = lib
+            return self._lib

@@ -31,6 +31,7 @@ _HOME = {
     "strip": "memopt.keras.prune",
     # allocation
     "set_memory_growth": "memopt.keras.memory",
+    "in_place_adam": "memopt.keras.fused",
     # files and layers
     "load_keras": "memopt.keras.files",
     "live_parameter_bytes": "memopt.keras.rebuild",

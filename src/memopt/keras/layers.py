@@ -26,7 +26,7 @@ import torch
 from memopt.core.errors import MemoptError
 from memopt.formats.safetensors import dtype_name
 from memopt.keras.backend import keras_module
-from memopt.weights import QuantizedWeight, kernels
+from memopt.weights import Int4Weight, Int8Weight, QuantizedWeight, int8_gemv, kernels
 from memopt.weights.quantized import int4_relayout, kind_of
 
 keras = keras_module()
@@ -117,19 +117,68 @@ def _tensor(v: Any) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else v.value
 
 
-def _linear(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
-    """``x (M, K) @ W.T`` on memopt's kernel. On the meta device (memopt's estimate) the output
-    alone: the CPU kernel's choice is made by timing, which a meta tensor cannot do, and its
-    temporaries are a few rows of the output's size."""
-    if x.is_meta:
-        return x.new_empty((x.shape[0], qw.shape[0]))
-    return qw.linear(x)
+def _linear(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (M, K) @ W.T + bias`` on memopt's kernels.
+
+    An int8 weight (one scale per output) times at most ``MAX_ROWS`` float32 input rows on the
+    CPU (a batch-1 call): :func:`memopt.weights.int8_gemv.int8_gemv`, the codes read as stored,
+    float32 activations, scale and bias applied in the same pass (faster than torch's float32
+    matmul of the same shape, where torch's int8 kernel is slower: measured in its module).
+
+    An int4 weight that the CPU's int4 kernel has no layout for (fewer than 16 outputs, or not a
+    multiple of 16: a classifier's 10) runs the blocked dequantize in float32 directly, on the CPU
+    and on the meta device alike (memopt's estimate), so the estimate counts its temporaries, the
+    dequantized ``(N, K)`` row block and the unpacked codes, exactly: a timed choice among its
+    candidates could not be repeated on meta (the bfloat16 one has other temporaries). Otherwise,
+    on the meta device, the output alone: the kernel is chosen by timing, which a meta tensor
+    cannot do, and its temporaries are a few rows of the output's size."""
+    n, k = qw.shape
+    if (
+        isinstance(qw, Int8Weight)
+        and qw.group_size is None
+        and x.shape[0] <= int8_gemv.MAX_ROWS
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and int8_gemv.available()
+    ):
+        b = None if bias is None or bias.dtype != torch.float32 else bias
+        y = int8_gemv.int8_gemv(qw.qdata, qw.scale[:, 0], x, b)
+        return y if bias is None or b is not None else y + bias
+    if isinstance(qw, Int4Weight) and kernels.int4_block_n(n) is None:
+        y = kernels.dequant_linear(x, qw.dequantize_rows, n, k, torch.float32)
+    elif x.is_meta:
+        y = x.new_empty((x.shape[0], n))
+    else:
+        y = qw.linear(x)
+    return y if bias is None else y + bias
 
 
 def _torch_fn(fn: Any) -> Any:
     """Keras's tanh / sigmoid as torch's own (no Keras dispatch per time step); others as given."""
     name = getattr(fn, "__name__", "")
     return {"tanh": torch.tanh, "sigmoid": torch.sigmoid}.get(name, fn)
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    y = torch.softmax(x, -1)
+    y._keras_logits = x  # as Keras's softmax does: its crossentropy loss reads the logits
+    return y
+
+
+_ACTIVATIONS = {
+    keras.activations.relu: torch.relu,  # with its defaults: Keras's is torch's relu
+    keras.activations.softmax: _softmax,  # axis -1, Keras's default
+    keras.activations.tanh: torch.tanh,
+    keras.activations.sigmoid: torch.sigmoid,
+    keras.activations.linear: lambda x: x,
+}
+
+
+def _activate(fn: Any, y: torch.Tensor) -> torch.Tensor:
+    """``fn(y)``; Keras's own relu, softmax, tanh, sigmoid and linear on a float32 tensor as the
+    torch function they end in, without Keras's dispatch (a measurable share of a batch-1 call)."""
+    fast = _ACTIVATIONS.get(fn) if y.dtype == torch.float32 else None
+    return fast(y) if fast is not None else fn(y)
 
 
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
@@ -160,11 +209,9 @@ class QDense(StoredWeightLayer):
     def call(self, inputs: Any) -> Any:
         x = _float(inputs)
         lead = x.shape[:-1]
-        y = _linear(self.stored("kernel"), x.reshape(-1, x.shape[-1]))  # (M, N)
-        y = y.reshape(*lead, self.units)
-        if self.use_bias:
-            y = y + _tensor(self.bias)
-        return self.activation(y)
+        bias = _tensor(self.bias) if self.use_bias else None
+        y = _linear(self.stored("kernel"), x.reshape(-1, x.shape[-1]), bias)  # (M, N)
+        return _activate(self.activation, y.reshape(*lead, self.units))
 
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
         return (*input_shape[:-1], self.units)
@@ -235,7 +282,7 @@ class QEinsumDense(StoredWeightLayer):
         y = y.reshape(*lead, *self.kernel_out)
         if self.bias_shape is not None:
             y = y + self.bias.value
-        return self.activation(y)
+        return _activate(self.activation, y)
 
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
         return (*input_shape[: self.kept], *self.kernel_out)
@@ -325,7 +372,14 @@ class QConv(StoredWeightLayer):
     def _dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
         """``(cout, kh * kw * cin)`` float for this call (padding dropped), and cin."""
         qw = self.stored("kernel")
-        w = qw.dequantize(dtype)
+        if isinstance(qw, Int8Weight) and qw.group_size is None:
+            # codes x their row's scale, in place in the one float32 copy: the values of
+            # qw.dequantize (the same products), without its grouped reshapes (17 us -> 5 us
+            # for the brief's 32 x 27 kernel)
+            w = qw.qdata.to(torch.float32).mul_(qw.scale)
+            w = w if dtype == torch.float32 else w.to(dtype)
+        else:
+            w = qw.dequantize(dtype)
         if self.inputs is not None:
             w = w[:, : self.inputs]
         return w, w.shape[1] // math.prod(self.kernel_size)
@@ -364,7 +418,11 @@ class QConv(StoredWeightLayer):
         xt = x.permute(*order)  # (B, C, *spatial): a view
         conv = torch.nn.functional.conv2d if nd == 2 else torch.nn.functional.conv1d
         groups = xt.shape[1] // cin
-        y = conv(xt, w, None, strides, self.padding, dilation, groups)  # (B, cout, *spatial')
+        bias = _tensor(self.bias) if self.use_bias else None
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        # the bias added by the convolution itself (no second pass over the output)
+        y = conv(xt, w, bias, strides, self.padding, dilation, groups)  # (B, cout, *spatial')
         return y.permute(0, *range(2, nd + 2), 1)  # (B, *spatial', cout)
 
     def call(self, inputs: Any) -> Any:
@@ -379,12 +437,12 @@ class QConv(StoredWeightLayer):
                 data_format=self.data_format,
                 dilation_rate=self.dilation_rate,
             )
-        if self.use_bias:
-            shape = (1,) * (y.dim() - 1) + (self.filters,)
-            if self.data_format == "channels_first":
-                shape = (1, self.filters) + (1,) * (y.dim() - 2)
-            y = y + _tensor(self.bias).reshape(shape)
-        return self.activation(y)
+            if self.use_bias:
+                shape = (1,) * (y.dim() - 1) + (self.filters,)
+                if self.data_format == "channels_first":
+                    shape = (1, self.filters) + (1,) * (y.dim() - 2)
+                y = y + _tensor(self.bias).reshape(shape)
+        return _activate(self.activation, y)
 
     def compute_output_spec(self, inputs: Any) -> Any:
         # the shape rule of Keras's own convolution, on a kernel of the right shape (no data)

@@ -24,8 +24,9 @@ the last step; ``profile`` counts them as ``grads``, ``model.zero_grad(set_to_no
 them).
 
 memopt's own int8 / int4 / sparse layers (:mod:`memopt.keras.layers`) count their output on the
-meta device, not their kernel's temporaries: exact for int8 and sparse layers here, under by the
-dequantized row block for an int4 layer of fewer than 16 outputs (no CPU int4 kernel layout).
+meta device, not their kernel's temporaries (a few rows of the output's size, freed before the
+next layer); an int4 layer with no CPU int4 kernel layout (fewer than 16 outputs, or not a
+multiple of 16) runs its blocked dequantize on meta as on the CPU, so its dequantized rows count.
 """
 
 from __future__ import annotations
@@ -190,16 +191,21 @@ def _meta_device() -> Iterator[None]:
         global_state.set_global_attribute("torch_device", previous)
 
 
-def meta_build(config: dict[str, Any], compile: bool = True) -> Any:
+def meta_build(config: dict[str, Any], compile: bool | str = True) -> Any:
     """A model built from its serialized config on the meta device, with no data anywhere;
-    compiled as its ``compile_config`` says when ``compile`` (an inference step has no optimizer
-    state, whose variables compiling builds)."""
+    compiled as its ``compile_config`` says when ``compile`` (deserializing it also builds the
+    optimizer's state); ``compile="unbuilt"``: compiled with its optimizer not built (its
+    iteration counter and learning rate only, as a compiled model that never trained holds)."""
     config = dict(config)
-    if not compile:
+    compile_config = config.get("compile_config")
+    if compile is not True:
         config.pop("compile_config", None)  # deserializing it compiles and builds the optimizer
     try:
         with keras.device("meta"):
-            return keras.saving.deserialize_keras_object(config)
+            model = keras.saving.deserialize_keras_object(config)
+            if compile == "unbuilt" and compile_config:
+                model.compile(**keras.saving.deserialize_keras_object(compile_config))
+            return model
     except (ValueError, TypeError, KeyError) as exc:
         raise MemoptError(f"cannot build the Keras model from its config: {exc}") from exc
 
@@ -214,19 +220,26 @@ def estimate(model: Any, spec: StepSpec | None = None) -> MemoryReport:
     spec = spec or StepSpec()
     config = keras.saving.serialize_keras_object(model)
     opt = getattr(model, "optimizer", None)
-    # a trained model holds its optimizer's state through inference too: built alike on meta
-    return estimate_config(config, spec, with_optimizer=opt is not None and opt.built)
+    # a trained model holds its optimizer's state through inference too: built alike on meta; a
+    # compiled one that never trained, the optimizer's scalars
+    held = None if opt is None else "built" if opt.built else "unbuilt"
+    return estimate_config(config, spec, with_optimizer=held)
 
 
 def estimate_config(
-    config: dict[str, Any], spec: StepSpec | None = None, with_optimizer: bool = False
+    config: dict[str, Any], spec: StepSpec | None = None, with_optimizer: bool | str | None = False
 ) -> MemoryReport:
     """Predict one step's memory of the model that ``config`` describes (a ``.keras`` file's
-    ``config.json``), built on the meta device; ``with_optimizer``: its optimizer's state built
-    for an inference step too (a trained model in memory holds it)."""
+    ``config.json``), built on the meta device; ``with_optimizer``: for an inference step, the
+    optimizer the model in memory holds: its state built (True or ``"built"``: a trained model),
+    its scalars only (``"unbuilt"``: compiled, never trained) or none (False, None)."""
     spec = spec or StepSpec()
     start = time.perf_counter()
-    clone = meta_build(config, compile=spec.task == "train" or with_optimizer)
+    if spec.task == "train" or with_optimizer in (True, "built"):
+        compile: bool | str = True
+    else:
+        compile = "unbuilt" if with_optimizer == "unbuilt" else False
+    clone = meta_build(config, compile=compile)
     with _meta_device(), _CpuConvolutionFormat():
         x, y = example_batch(clone, spec, device="meta")
         with MemoryTracker(clone) as tracker:

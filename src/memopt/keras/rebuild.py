@@ -148,6 +148,6 @@ def rebuild(model: Any, plan: dict[str, Replacement]) -> Any:
             if tuple(src.shape) != tuple(v.shape):
                 raise MemoptError(f"variable {v.path}: shape {v.shape}, its source {src.shape}")
             v.value.copy_(src.value)
-    if compile_config is not None:
+    if compile_config:  # an uncompiled model's is {}: compile() would add RMSprop's variables
         new.compile(**keras.saving.deserialize_keras_object(compile_config))
     return new

@@ -22,12 +22,11 @@ agrees with ``x @ W.T`` to float32 rounding (tests/weights/test_sparse_kernel.py
 from __future__ import annotations
 
 import ctypes
-import threading
 from typing import Any
 
 import torch
 
-from memopt.core.cbuild import compile_library, kernels_enabled
+from memopt.core.cbuild import LazyLibrary
 
 __all__ = ["MAX_ROWS", "available", "bitmask_linear", "row_starts"]
 
@@ -171,28 +170,25 @@ void sparse_row_starts(const uint8_t *mask, int64_t n, int64_t k, int64_t *row_s
 """
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
-_lock = threading.Lock()
-_lib: Any = False  # False: not tried yet; None: cannot be built here
+_VP, _I64 = ctypes.c_void_p, ctypes.c_int64
+_LIB = LazyLibrary(
+    "sparse",
+    _SOURCE,
+    _FLAGS,
+    {
+        "sparse_bitmask_f32": ([_VP] * 6 + [_I64] * 3 + [ctypes.c_int], None),
+        "sparse_row_starts": ([_VP, _I64, _I64, _VP], None),
+    },
+)
 
 
 def _load() -> Any:
-    global _lib
-    with _lock:
-        if _lib is False:
-            lib = compile_library("sparse", _SOURCE, _FLAGS)
-            if lib is not None:
-                vp, i64 = ctypes.c_void_p, ctypes.c_int64
-                lib.sparse_bitmask_f32.argtypes = [vp] * 6 + [i64] * 3 + [ctypes.c_int]
-                lib.sparse_bitmask_f32.restype = None
-                lib.sparse_row_starts.argtypes = [vp, i64, i64, vp]
-                lib.sparse_row_starts.restype = None
-            _lib = lib
-        return _lib
+    return _LIB.get()
 
 
 def available() -> bool:
     """True when the kernel is built (a C compiler with OpenMP; not ``MEMOPT_KERNELS=0``)."""
-    return kernels_enabled() and _load() is not None
+    return _load() is not None
 
 
 def row_starts(mask: torch.Tensor, n: int, k: int) -> torch.Tensor:
