@@ -75,6 +75,19 @@ def test_lean_does_not_import_transformers(folder: Path) -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_memopt_run_imports_neither_transformers_nor_the_fit(folder: Path) -> None:
+    """``memopt run`` of a folder the engine runs: its start-up is the engine's (the fit's check
+    for a run plan reads fit.json without importing memopt.compose and PyTorch's memory tools,
+    which took 7 s of a 9 s start under load)."""
+    code = (
+        "import sys; from memopt.app.cli import main; "
+        f"rc = main(['run', {str(folder)!r}, '--prompt', 'x y', '--max-new-tokens', '2', "
+        "'--json']); print(rc, 'transformers' in sys.modules, 'memopt.compose' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "0 False False"
+
+
 def test_what_lean_cannot_read_is_none(tmp_path: Path) -> None:
     assert open_model(tmp_path, 16) is None  # no model there
     loaded = tiny_llama(seed=2)

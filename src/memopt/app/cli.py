@@ -628,7 +628,7 @@ def _fitted(args: argparse.Namespace) -> dict | None:
     """The run plan of a folder that ``memopt fit`` made, when no --max-memory overrides it."""
     if args.max_memory is not None:
         return None
-    from memopt.compose.fit import fitted_run
+    from memopt.formats.fit_plan import fitted_run
 
     return fitted_run(args.model)
 

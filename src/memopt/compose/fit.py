@@ -51,6 +51,7 @@ from memopt.core.errors import MemoptError
 from memopt.core.modules import find_blocks
 from memopt.core.units import parse_size
 from memopt.engine.runtime import INT4_EMBEDDING_TRANSIENT, RUNTIME_BYTES, RUNTIME_INT4_BYTES
+from memopt.formats.fit_plan import fitted_run
 
 __all__ = [
     "BYTES_STEP",
@@ -944,20 +945,3 @@ def _write_plan(folder: Path, result: dict[str, Any]) -> None:
                      "positions": result["seq"] + result["max_new_tokens"],
                      "engine": result["plan"]["path"] != "transformers"}  # fmt: skip
     atomic_write_text(folder / "fit.json", json.dumps(result, indent=1, default=str))
-
-
-def fitted_run(model: str | Path) -> dict[str, Any] | None:
-    """The run plan that ``memopt fit`` saved with a generation model (``max_memory_bytes``: the
-    budget over the import baseline, ``positions``: prompt + new tokens it was measured at,
-    ``engine``), or None for any other model. A fit.json that is not a fit's is ignored."""
-    path = Path(model) / "fit.json"
-    if not path.is_file():
-        return None
-    try:
-        run = json.loads(path.read_text()).get("run")
-        budget, positions = int(run["max_memory_bytes"]), int(run["positions"])
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-    if budget <= 0 or positions <= 0:
-        return None
-    return {"max_memory_bytes": budget, "positions": positions, "engine": bool(run.get("engine"))}
