@@ -11,7 +11,11 @@ beside it (temporary folders, lock files)?
 Part 2, children: ``memopt profile`` (which measures in a child process) SIGKILLed while its
 child runs; 2 s later, is any memopt process of that run alive?
 
-    PYTHONPATH=src .venv/bin/python bench/kill.py [--kills 100] [--parents 20] [--seed 0]
+Part 3, two writers started together into one output; part 4, a disk that fills (tmpfs mounts of a
+few sizes, root only).
+
+    PYTHONPATH=src .venv/bin/python bench/kill.py [--kills 100] [--parents 20] [--writers 10]
+        [--enospc 8,24,40,56,72,88,100] [--seed 0]
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def _litter(out: Path) -> list[str]:
 
 
 def outputs(model: Path, kills: int, rng: random.Random) -> dict[str, int]:
-    counts = dict(kills=0, aimed=0, in_window=0, partial=0, litter_after_kill=0,
+    counts = dict(trials=0, kills=0, aimed=0, in_window=0, partial=0, litter_after_kill=0,
                   litter_after_next=0, next_failed=0)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="memopt-kill-") as tmp:
         out = Path(tmp) / "out"
@@ -76,9 +80,13 @@ def outputs(model: Path, kills: int, rng: random.Random) -> dict[str, int]:
             t0 = time.perf_counter()
             subprocess.run(_cmd(kind, model, out), env=ENV, capture_output=True, check=True)
             durations[kind] = time.perf_counter() - t0
-        for i in range(kills):
-            kind = ("quantize", "prune")[i % 2]
-            aimed = i % 4 >= 2
+        trials = 0
+        # Trials until ``kills`` runs were killed (a random time can fall after a run has ended),
+        # half of the kills aimed at the write window: aimed whenever aimed kills are not ahead.
+        while counts["kills"] < kills and trials < 3 * kills:
+            kind = ("quantize", "prune")[trials % 2]
+            aimed = 2 * counts["aimed"] <= counts["kills"]
+            trials += 1
             proc = subprocess.Popen(_cmd(kind, model, out), env=ENV, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)  # fmt: skip
             in_window = False
@@ -104,8 +112,10 @@ def outputs(model: Path, kills: int, rng: random.Random) -> dict[str, int]:
             counts["next_failed"] += done.returncode != 0
             counts["litter_after_next"] += bool(_litter(out))
             counts["partial"] += _partial(out)
-            print(f"  {i + 1}/{kills} {kind} {'aimed' if aimed else 'random'}: left {_litter(out)}",
+            print(f"  trial {trials}, kill {counts['kills']}/{kills} {kind} "
+                  f"{'aimed' if aimed else 'random'}: left {_litter(out)}",
                   file=sys.stderr, flush=True)  # fmt: skip
+        counts["trials"] = trials
     return counts
 
 
@@ -133,10 +143,62 @@ def parents(model: Path, trials: int, rng: random.Random) -> dict[str, int]:
     return counts
 
 
+def writers(model: Path, trials: int) -> dict[str, int]:
+    """Two ``memopt quantize`` runs started together into one output: exactly one exits 0, the
+    other exits 2 in one line naming the lock; nothing but the output is left beside it."""
+    counts = dict(trials=0, one_succeeded=0, other_named_lock=0, litter=0)
+    for _ in range(trials):
+        with tempfile.TemporaryDirectory(prefix="memopt-writers-") as tmp:
+            out = Path(tmp) / "out"
+            procs = [subprocess.Popen(_cmd("quantize", model, out), env=ENV, text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                     for _ in range(2)]  # fmt: skip
+            errs = [p.communicate(timeout=300)[1] for p in procs]
+            codes = sorted(p.returncode for p in procs)
+            counts["trials"] += 1
+            counts["one_succeeded"] += codes == [0, 2]
+            for p, err in zip(procs, errs, strict=True):
+                lines = err.strip().splitlines()
+                counts["other_named_lock"] += (
+                    p.returncode == 2 and len(lines) == 1 and ".out.lock" in lines[0]
+                )
+            counts["litter"] += sorted(q.name for q in Path(tmp).iterdir()) != ["out"]
+    return counts
+
+
+def disk_full(model: Path, sizes_kib: list[int]) -> dict[str, int] | None:
+    """``memopt quantize`` into a tmpfs too small for its output (106 KiB: ``sizes_kib`` below
+    that), one run per size (the disk fills at different points of the write): exit 2, one line
+    on stderr, an empty tmpfs after. None when a tmpfs cannot be mounted (not root)."""
+    counts = dict(runs=0, exit2=0, one_line=0, no_space_named=0, left_behind=0)
+    for kib in sizes_kib:
+        with tempfile.TemporaryDirectory(prefix="memopt-enospc-") as tmp:
+            mnt = Path(tmp)
+            mount = ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)]
+            if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode:
+                return None
+            try:
+                done = subprocess.run(_cmd("quantize", model, mnt / "out"), env=ENV, text=True,
+                                      capture_output=True, timeout=300)  # fmt: skip
+                lines = done.stderr.strip().splitlines()
+                counts["runs"] += 1
+                counts["exit2"] += done.returncode == 2
+                counts["one_line"] += len(lines) == 1
+                counts["no_space_named"] += "No space left on device" in done.stderr
+                counts["left_behind"] += bool(list(mnt.iterdir()))
+            finally:
+                subprocess.run(["umount", str(mnt)], check=False)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=100)
     ap.add_argument("--parents", type=int, default=20)
+    ap.add_argument("--writers", type=int, default=10, help="trials of two concurrent writers")
+    ap.add_argument(
+        "--enospc", default="8,24,40,56,72,88,100", help="tmpfs sizes (KiB), one run each"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "memopt-fuzz-originals"))
     args = ap.parse_args(argv)
@@ -147,10 +209,14 @@ def main(argv: list[str] | None = None) -> None:
         result["outputs"] = outputs(model, args.kills, rng)
     if args.parents:
         result["children"] = parents(model, args.parents, rng)
+    if args.writers:
+        result["writers"] = writers(model, args.writers)
+    if args.enospc:
+        result["disk_full"] = disk_full(model, [int(k) for k in args.enospc.split(",")])
     o = result.get("outputs")
     if o:
-        print(f"SIGKILLs of quantize/prune runs: {o['kills']} ({o['aimed']} aimed at the write "
-              f"window, {o['in_window']} landed in it)")  # fmt: skip
+        print(f"SIGKILLs of quantize/prune runs: {o['kills']} in {o['trials']} trials "
+              f"({o['aimed']} aimed at the write window, {o['in_window']} landed in it)")  # fmt: skip
         print(f"  partial outputs under the final name: {o['partial']}")
         print(f"  runs that left temporaries or a lock when killed: {o['litter_after_kill']}")
         print(f"  ... still there after the next (complete) run: {o['litter_after_next']}")
@@ -159,6 +225,20 @@ def main(argv: list[str] | None = None) -> None:
     if c:
         print(f"SIGKILLs of `memopt profile` while its child runs: {c['trials']} (child seen in "
               f"{c['child_seen']}); processes alive 2 s later: {c['orphans']}")  # fmt: skip
+    w = result.get("writers")
+    if w:
+        print(f"Two writers into one output: {w['trials']} trials; exactly one succeeded in "
+              f"{w['one_succeeded']}, the other exited 2 naming the lock in "
+              f"{w['other_named_lock']}; trials that left anything beside the output: "
+              f"{w['litter']}")  # fmt: skip
+    if "disk_full" in result:
+        d = result["disk_full"]
+        if d is None:
+            print("Disk full: not run (mounting a tmpfs needs root)")
+        else:
+            print(f"Disk full (tmpfs of {args.enospc} KiB): {d['runs']} runs, exit 2 in "
+                  f"{d['exit2']}, one line in {d['one_line']} (naming ENOSPC in "
+                  f"{d['no_space_named']}), anything left behind in {d['left_behind']}")  # fmt: skip
     print(json.dumps(result))
 
 
