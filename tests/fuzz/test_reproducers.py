@@ -239,33 +239,58 @@ def _manifest(orig: fuzz.Originals, tmp: Path, which: str, edit: Callable[[dict]
 Q = "model.layers.0.self_attn.q_proj"
 
 
+W = f"$.weights['{Q}.qweight']"
+M = f"$.modules['{Q}']"
+
+
 @pytest.mark.parametrize(
-    ("which", "edit"),
+    ("which", "edit", "field"),
     [
-        ("int8", lambda m: m["weights"].pop(f"{Q}.qweight")),
-        ("int8", lambda m: m["weights"][f"{Q}.qweight"].pop("tensors")),
-        ("int8", lambda m: m["weights"][f"{Q}.qweight"]["tensors"].pop("scale")),
-        ("int8", lambda m: m["weights"][f"{Q}.qweight"].update(shape=[-64, 64])),
-        ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(group_size=0)),
-        ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(block_n=0)),
-        ("int4", lambda m: m["weights"][f"{Q}.qweight"].pop("block_n")),
-        ("int8", lambda m: m.pop("files")),
-        ("int8", lambda m: m["cast_hooks"].update({"model.nowhere": ["float32", "float32"]})),
-        ("int8", lambda m: m["cast_hooks"].update({Q: ["float32"]})),
-        ("int8", lambda m: m["modules"][Q].update({"class": "QEmbedding"})),
-        ("int8", lambda m: m["modules"][Q].update(dynamic="yes")),
-        ("int8", lambda m: m.update(task="foo")),
-        ("int8", lambda m: m.update(task="")),
-        ("int8", lambda m: m.update(format_version=True)),
-        ("int8", lambda m: m["files"].update(tokenizer=["tokenizer.json"])),
-        ("int8", lambda m: m["files"].update(weights="other.safetensors")),
-        ("int8", lambda m: m.update(quantization=1.5)),
-        ("int8", lambda m: m["tensors"].append(m["tensors"][0])),
+        ("int8", lambda m: m["weights"].pop(f"{Q}.qweight"), f"{M}.weight"),
+        ("int8", lambda m: m["weights"][f"{Q}.qweight"].pop("tensors"), f"{W}.tensors"),
+        ("int8", lambda m: m["weights"][f"{Q}.qweight"]["tensors"].pop("scale"), f"{W}.tensors"),
+        ("int8", lambda m: m["weights"][f"{Q}.qweight"].update(shape=[-64, 64]), f"{W}.shape[0]"),
+        ("int8", lambda m: m["weights"][f"{Q}.qweight"].update(shape=[64.0, 64]), f"{W}.shape[0]"),
+        ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(group_size=0), f"{W}.group_size"),
+        ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(block_n=0), f"{W}.block_n"),
+        ("int4", lambda m: m["weights"][f"{Q}.qweight"].pop("block_n"), W),
+        ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(symmetric=1), f"{W}.symmetric"),
+        ("int8", lambda m: m.pop("files"), "$.files"),
+        (
+            "int8",
+            lambda m: m["cast_hooks"].update({"model.nowhere": ["float32", "float32"]}),
+            "$.cast_hooks['model.nowhere']",
+        ),  # fmt: skip
+        ("int8", lambda m: m["cast_hooks"].update({Q: ["float32"]}), f"$.cast_hooks['{Q}']"),
+        ("int8", lambda m: m["modules"][Q].update({"class": "QEmbedding"}), M),
+        ("int8", lambda m: m["modules"][Q].update({"class": "QFoo"}), f"{M}.class"),
+        ("int8", lambda m: m["modules"][Q].update(dynamic="yes"), f"{M}.dynamic"),
+        (
+            "int8",
+            lambda m: m["modules"].update({"model.nowhere": m["modules"][Q]}),
+            "$.modules['model.nowhere']",
+        ),  # fmt: skip
+        ("int8", lambda m: m.update(task="foo"), "$.task"),
+        ("int8", lambda m: m.update(task=""), "$.task"),
+        ("int8", lambda m: m.update(format_version=True), "$.format_version"),
+        ("int8", lambda m: m.pop("format_version"), "$.format_version"),
+        ("int8", lambda m: m["files"].update(tokenizer=["tokenizer.json"]), "$.files.tokenizer"),
+        ("int8", lambda m: m["files"].update(tokenizer=["../config.json"]), "$.files.tokenizer[0]"),
+        ("int8", lambda m: m["files"].update(weights="other.safetensors"), "$.files.weights"),
+        ("int8", lambda m: m.update(quantization=1.5), "$.quantization"),
+        ("int8", lambda m: m["tensors"].append(m["tensors"][0]), "$.tensors"),
+        (
+            "int8",
+            lambda m: m["aliases"].update({"lm_head.weight": "nowhere"}),
+            "$.aliases['lm_head.weight']",
+        ),  # fmt: skip
     ],
 )
-def test_manifest(orig: fuzz.Originals, tmp_path: Path, which: str, edit) -> None:
+def test_manifest(orig: fuzz.Originals, tmp_path: Path, which: str, edit, field: str) -> None:
+    """Refused in one line naming the file and the field as a JSON path (the schema's checks and
+    those after it alike)."""
     folder = _manifest(orig, tmp_path, which, edit)
-    _refused(lambda: load_model(folder), "memopt.json")
+    _refused(lambda: load_model(folder), "memopt.json", f"corrupt manifest ({field}")
 
 
 def test_untouched_originals_load(orig: fuzz.Originals) -> None:
