@@ -22,8 +22,17 @@ import torch
 from torch import nn
 
 from memopt.core.errors import MemoptError, flat, one_line
+from memopt.core.memcap import build_limits
 from memopt.core.modules import numel
-from memopt.formats.limits import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH
+from memopt.formats.limits import (
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_MODULES,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    build_memory,
+)
 from memopt.formats.safetensors import DTYPES, SafetensorsReader, read_header
 
 __all__ = [
@@ -191,6 +200,13 @@ def load_config(source: ModelSource) -> Any:
 
 _SIZES = (
     ("num_hidden_layers", MAX_LAYERS),
+    # the other names a layer count goes by (encoder-decoders count their halves apart)
+    ("num_layers", MAX_LAYERS),
+    ("n_layer", MAX_LAYERS),
+    ("n_layers", MAX_LAYERS),
+    ("encoder_layers", MAX_LAYERS),
+    ("decoder_layers", MAX_LAYERS),
+    ("num_decoder_layers", MAX_LAYERS),
     ("hidden_size", MAX_WIDTH),
     ("intermediate_size", MAX_WIDTH),
     ("n_inner", MAX_WIDTH),
@@ -278,6 +294,8 @@ def architecture(config: Any, task: Task) -> nn.Module:
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     try:
         return auto.from_config(config)
+    except MemoptError:  # the build's own limits (memopt.core.memcap), already one line
+        raise
     except (ValueError, KeyError) as exc:
         raise MemoptError(
             f"unsupported architecture {config.model_type!r}: {one_line(exc)}"
@@ -308,6 +326,15 @@ def build_meta(
     dtype (its float tensors, the norms, in ``dtype``). Other sources ignore ``dequantize``.
     """
     source = spec if isinstance(spec, ModelSource) else resolve(spec)
+    # Under a bound on modules and a memory limit of its own (formats.limits), whatever count
+    # in the file makes it large.
+    with build_limits(source.name, max_modules=MAX_MODULES, max_growth=build_memory()):
+        return _build_meta(source, dtype, dequantize)
+
+
+def _build_meta(
+    source: ModelSource, dtype: torch.dtype | None, dequantize: bool | None
+) -> LoadedModel:
     if (
         source.kind == "memopt"
     ):  # quantized modules in place, from the manifest (memopt.models.saved)
