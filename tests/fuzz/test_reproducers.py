@@ -88,9 +88,12 @@ def test_safetensors_header(orig: fuzz.Originals, tmp_path: Path, edit) -> None:
     _refused(lambda: load_model(folder), "model.safetensors")
 
 
-def test_safetensors_int32_in_place_of_float32(orig: fuzz.Originals, tmp_path: Path) -> None:
-    folder = _hf_with_header(orig, tmp_path, lambda h: h[NAME].update(dtype="I32"))
-    _refused(lambda: load_model(folder), NAME, "int32")
+@pytest.mark.parametrize(("code", "name"), [("I32", "int32"), ("U32", "U32")])
+def test_safetensors_int32_in_place_of_float32(
+    orig: fuzz.Originals, tmp_path: Path, code: str, name: str
+) -> None:
+    folder = _hf_with_header(orig, tmp_path, lambda h: h[NAME].update(dtype=code))
+    _refused(lambda: load_model(folder), NAME, name)
 
 
 def test_safetensors_block_beyond_the_config(orig: fuzz.Originals, tmp_path: Path) -> None:
@@ -340,3 +343,32 @@ def test_gguf_absurd_offset_refused_without_a_warning(orig: fuzz.Originals, tmp_
         warnings.simplefilter("always")
         _refused(lambda: load_model(path), "m.gguf")
     assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], seen
+
+
+# -- the command line: each of these an exit 2 in one line (it was exit 1, "internal error") -----
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf", "manifest", "config"])
+def test_cli_refuses_with_exit_2_in_one_line(
+    orig: fuzz.Originals, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    from memopt.app.cli import main
+
+    if fmt == "safetensors":
+        model = _hf_with_header(orig, tmp_path, lambda h: h[NAME].update(data_offsets=[]))
+    elif fmt == "gguf":
+        model = _gguf(orig, tmp_path, _kv("llama.attention.head_count", fuzz.U32, 0))
+    elif fmt == "manifest":
+        model = _manifest(
+            orig, tmp_path, "int8", lambda m: m["weights"][f"{Q}.qweight"].pop("tensors")
+        )
+    else:
+        model = _config(orig, tmp_path, True, hidden_size=-64)
+    capsys.readouterr()
+    if fmt in ("safetensors", "gguf"):  # weights are read by a transform, not by an estimate
+        code = main(["quantize", str(model), "--method", "int8", "-o", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists()
+    else:
+        code = main(["estimate", str(model)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("memopt: error: "), err
