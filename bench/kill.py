@@ -12,7 +12,8 @@ Part 2, children: ``memopt profile`` (which measures in a child process) SIGKILL
 child runs; 2 s later, is any memopt process of that run alive?
 
 Part 3, two writers started together into one output; part 4, a disk that fills (tmpfs mounts of a
-few sizes, root only).
+few sizes, root only). ``--exports N``: part 1 for ``memopt export --format safetensors`` of an
+int8 folder (a transformers folder, weights dequantized).
 
     PYTHONPATH=src .venv/bin/python bench/kill.py [--kills 100] [--parents 20] [--writers 10]
         [--enospc 8,24,40,56,72,88,100] [--seed 0]
@@ -46,12 +47,15 @@ def _cmd(kind: str, model: Path, out: Path) -> list[str]:
     base = [sys.executable, "-m", "memopt"]
     if kind == "quantize":
         return [*base, "quantize", str(model), "--method", "int8", "-o", str(out), "--json"]
+    if kind == "export":  # model: an int8 memopt folder; out: a transformers folder
+        return [*base, "export", str(model), "--format", "safetensors", "-o", str(out), "--json"]
     return [*base, "prune", str(model), "--method", "magnitude", "--sparsity", "0.5",
             "-o", str(out), "--json"]  # fmt: skip
 
 
 def _partial(out: Path) -> bool:
-    """Whether ``out`` exists but is not a complete memopt folder."""
+    """Whether ``out`` exists but is not a complete memopt folder (or an exported one: a config
+    and a weights file whose header checks out)."""
     if not out.exists():
         return False
     from memopt.core.errors import MemoptError
@@ -59,8 +63,11 @@ def _partial(out: Path) -> bool:
     from memopt.formats.safetensors import read_header
 
     try:
-        read_manifest(out)
-        read_header(out / "model.safetensors")
+        if not (out / "memopt.json").exists() and (out / "config.json").is_file():
+            read_header(out / "model.safetensors")  # an export for transformers
+        else:
+            read_manifest(out)
+            read_header(out / "model.safetensors")
     except (MemoptError, OSError):
         return True
     return False
@@ -70,13 +77,20 @@ def _litter(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
-def outputs(model: Path, kills: int, rng: random.Random) -> dict[str, int]:
+def _writing(out: Path) -> bool:
+    """Whether a run's temporary folder (``.OUT.tmp-*``) exists."""
+    return any(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def outputs(
+    model: Path, kills: int, rng: random.Random, kinds: tuple[str, ...] = ("quantize", "prune")
+) -> dict[str, int]:
     counts = dict(trials=0, kills=0, aimed=0, in_window=0, partial=0, litter_after_kill=0,
                   litter_after_next=0, next_failed=0)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="memopt-kill-") as tmp:
         out = Path(tmp) / "out"
         durations = {}
-        for kind in ("quantize", "prune"):  # one complete run of each: its duration
+        for kind in kinds:  # one complete run of each: its duration
             t0 = time.perf_counter()
             subprocess.run(_cmd(kind, model, out), env=ENV, capture_output=True, check=True)
             durations[kind] = time.perf_counter() - t0
@@ -84,7 +98,7 @@ def outputs(model: Path, kills: int, rng: random.Random) -> dict[str, int]:
         # Trials until ``kills`` runs were killed (a random time can fall after a run has ended),
         # half of the kills aimed at the write window: aimed whenever aimed kills are not ahead.
         while counts["kills"] < kills and trials < 3 * kills:
-            kind = ("quantize", "prune")[trials % 2]
+            kind = kinds[trials % len(kinds)]
             aimed = 2 * counts["aimed"] <= counts["kills"]
             trials += 1
             proc = subprocess.Popen(_cmd(kind, model, out), env=ENV, stdout=subprocess.DEVNULL,
@@ -93,7 +107,7 @@ def outputs(model: Path, kills: int, rng: random.Random) -> dict[str, int]:
             if aimed:
                 deadline = time.monotonic() + 4 * durations[kind]
                 while time.monotonic() < deadline and proc.poll() is None:
-                    if any(out.parent.glob(".out.tmp-*")):
+                    if _writing(out):
                         in_window = True
                         time.sleep(rng.uniform(0, 0.03))
                         break
@@ -104,7 +118,7 @@ def outputs(model: Path, kills: int, rng: random.Random) -> dict[str, int]:
                 proc.send_signal(signal.SIGKILL)
                 counts["kills"] += 1
                 counts["aimed"] += aimed
-                counts["in_window"] += in_window and any(out.parent.glob(".out.tmp-*"))
+                counts["in_window"] += in_window and _writing(out)
             proc.wait()
             counts["partial"] += _partial(out)
             counts["litter_after_kill"] += bool(_litter(out))
@@ -195,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=100)
     ap.add_argument("--parents", type=int, default=20)
+    ap.add_argument("--exports", type=int, default=0, help="kills of `memopt export` runs")
     ap.add_argument("--writers", type=int, default=10, help="trials of two concurrent writers")
     ap.add_argument(
         "--enospc", default="8,24,40,56,72,88,100", help="tmpfs sizes (KiB), one run each"
@@ -203,12 +218,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "memopt-fuzz-originals"))
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
-    model = fuzz.build_originals(Path(args.root))["hf"]
+    originals = fuzz.build_originals(Path(args.root))
+    model = originals["hf"]
     result = {}
     if args.kills:
         result["outputs"] = outputs(model, args.kills, rng)
     if args.parents:
         result["children"] = parents(model, args.parents, rng)
+    if args.exports:
+        result["exports"] = outputs(originals["int8"], args.exports, rng, ("export",))
     if args.writers:
         result["writers"] = writers(model, args.writers)
     if args.enospc:
@@ -221,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  runs that left temporaries or a lock when killed: {o['litter_after_kill']}")
         print(f"  ... still there after the next (complete) run: {o['litter_after_next']}")
         print(f"  next runs that failed: {o['next_failed']}")
+    e = result.get("exports")
+    if e:
+        print(f"SIGKILLs of `memopt export --format safetensors` runs: {e['kills']} in {e['trials']} "
+              f"trials ({e['aimed']} aimed, {e['in_window']} landed in the write window); partial "
+              f"outputs: {e['partial']}; left when killed: {e['litter_after_kill']}, after the "
+              f"next run: {e['litter_after_next']}; next runs that failed: {e['next_failed']}")  # fmt: skip
     c = result.get("children")
     if c:
         print(f"SIGKILLs of `memopt profile` while its child runs: {c['trials']} (child seen in "
