@@ -287,13 +287,16 @@ def task_of(config: Any) -> Task:
     return "causal-lm" if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else "encoder"
 
 
-def architecture(config: Any, task: Task) -> nn.Module:
-    """The transformers model for ``config`` (built on whatever device is current: meta here)."""
+def architecture(config: Any, task: Task, name: str = "config.json") -> nn.Module:
+    """The transformers model for ``config`` (built on whatever device is current: meta here),
+    under a bound on its modules and a memory limit of its own (formats.limits, core.memcap):
+    whatever count in the config makes it large, the build stops in one line naming ``name``."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     try:
-        return auto.from_config(config)
+        with build_limits(name, max_modules=MAX_MODULES, max_growth=build_memory()):
+            return auto.from_config(config)
     except MemoptError:  # the build's own limits (memopt.core.memcap), already one line
         raise
     except (ValueError, KeyError) as exc:
@@ -326,15 +329,6 @@ def build_meta(
     dtype (its float tensors, the norms, in ``dtype``). Other sources ignore ``dequantize``.
     """
     source = spec if isinstance(spec, ModelSource) else resolve(spec)
-    # Under a bound on modules and a memory limit of its own (formats.limits), whatever count
-    # in the file makes it large.
-    with build_limits(source.name, max_modules=MAX_MODULES, max_growth=build_memory()):
-        return _build_meta(source, dtype, dequantize)
-
-
-def _build_meta(
-    source: ModelSource, dtype: torch.dtype | None, dequantize: bool | None
-) -> LoadedModel:
     if (
         source.kind == "memopt"
     ):  # quantized modules in place, from the manifest (memopt.models.saved)
@@ -347,7 +341,7 @@ def _build_meta(
     config = load_config(source)
     task = task_of(config)
     with torch.device("meta"):
-        model = architecture(config, task)
+        model = architecture(config, task, source.name)
     model.to(dtype or stored_dtype(source, config))
     tie_weights(model)
     if keeps_blocks(source, dtype, dequantize):

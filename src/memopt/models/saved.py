@@ -363,7 +363,7 @@ def _float_meta(folder: Path, manifest: dict[str, Any], name: str) -> tuple[nn.M
     source = ModelSource("memopt", folder, name)
     config = load_config(source)
     with torch.device("meta"):
-        model = architecture(config, manifest["task"])
+        model = architecture(config, manifest["task"], name)
     tie_weights(model)
     return model, config
 
