@@ -116,3 +116,13 @@ def test_a_huge_manifest_is_checked_quickly(saved: Path, tmp_path: Path) -> None
     t0 = time.perf_counter()
     read_manifest(folder)  # the names resolve in the manifest; the architecture is not built
     assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (ROOT / "tests/fixtures/v1").iterdir() if p.is_dir())
+)
+def test_folders_an_earlier_memopt_wrote_pass(name: str) -> None:
+    """The schema states format version 1 as it was written: the v1 fixtures (int8, int4, int3,
+    sparse, casts) pass it unchanged."""
+    manifest = read_manifest(ROOT / "tests/fixtures/v1" / name)
+    assert manifest["format_version"] == 1

@@ -372,12 +372,11 @@ def quantized_meta(
     model: nn.Module, modules: dict[str, dict[str, Any]], weights: dict[str, dict[str, Any]]
 ) -> dict[str, QuantizedWeight]:
     """Swap the named modules of a (meta) float model for their quantized classes, with empty
-    weights (one per weight key: tied modules share it). Returns weight key -> weight."""
+    weights (one per weight key: tied modules share it). Returns weight key -> weight. ``modules``
+    and ``weights`` as :func:`~memopt.formats.manifest.read_manifest` checked them."""
     made: dict[str, QuantizedWeight] = {}
     for mname, info in modules.items():
-        key = info.get("weight")
-        if key not in weights:
-            raise MemoptError(f"$.modules[{mname!r}].weight: {key!r} is not in weights")
+        key = info["weight"]  # a key of weights: read_manifest checked it
         qw = made.get(key)
         if qw is None:
             try:
