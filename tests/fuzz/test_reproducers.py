@@ -88,9 +88,12 @@ def test_safetensors_header(orig: fuzz.Originals, tmp_path: Path, edit) -> None:
     _refused(lambda: load_model(folder), "model.safetensors")
 
 
-def test_safetensors_int32_in_place_of_float32(orig: fuzz.Originals, tmp_path: Path) -> None:
-    folder = _hf_with_header(orig, tmp_path, lambda h: h[NAME].update(dtype="I32"))
-    _refused(lambda: load_model(folder), NAME, "int32")
+@pytest.mark.parametrize(("code", "name"), [("I32", "int32"), ("U32", "U32")])
+def test_safetensors_int32_in_place_of_float32(
+    orig: fuzz.Originals, tmp_path: Path, code: str, name: str
+) -> None:
+    folder = _hf_with_header(orig, tmp_path, lambda h: h[NAME].update(dtype=code))
+    _refused(lambda: load_model(folder), NAME, name)
 
 
 def test_safetensors_block_beyond_the_config(orig: fuzz.Originals, tmp_path: Path) -> None:
@@ -239,33 +242,58 @@ def _manifest(orig: fuzz.Originals, tmp: Path, which: str, edit: Callable[[dict]
 Q = "model.layers.0.self_attn.q_proj"
 
 
+W = f"$.weights['{Q}.qweight']"
+M = f"$.modules['{Q}']"
+
+
 @pytest.mark.parametrize(
-    ("which", "edit"),
+    ("which", "edit", "field"),
     [
-        ("int8", lambda m: m["weights"].pop(f"{Q}.qweight")),
-        ("int8", lambda m: m["weights"][f"{Q}.qweight"].pop("tensors")),
-        ("int8", lambda m: m["weights"][f"{Q}.qweight"]["tensors"].pop("scale")),
-        ("int8", lambda m: m["weights"][f"{Q}.qweight"].update(shape=[-64, 64])),
-        ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(group_size=0)),
-        ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(block_n=0)),
-        ("int4", lambda m: m["weights"][f"{Q}.qweight"].pop("block_n")),
-        ("int8", lambda m: m.pop("files")),
-        ("int8", lambda m: m["cast_hooks"].update({"model.nowhere": ["float32", "float32"]})),
-        ("int8", lambda m: m["cast_hooks"].update({Q: ["float32"]})),
-        ("int8", lambda m: m["modules"][Q].update({"class": "QEmbedding"})),
-        ("int8", lambda m: m["modules"][Q].update(dynamic="yes")),
-        ("int8", lambda m: m.update(task="foo")),
-        ("int8", lambda m: m.update(task="")),
-        ("int8", lambda m: m.update(format_version=True)),
-        ("int8", lambda m: m["files"].update(tokenizer=["tokenizer.json"])),
-        ("int8", lambda m: m["files"].update(weights="other.safetensors")),
-        ("int8", lambda m: m.update(quantization=1.5)),
-        ("int8", lambda m: m["tensors"].append(m["tensors"][0])),
+        ("int8", lambda m: m["weights"].pop(f"{Q}.qweight"), f"{M}.weight"),
+        ("int8", lambda m: m["weights"][f"{Q}.qweight"].pop("tensors"), f"{W}.tensors"),
+        ("int8", lambda m: m["weights"][f"{Q}.qweight"]["tensors"].pop("scale"), f"{W}.tensors"),
+        ("int8", lambda m: m["weights"][f"{Q}.qweight"].update(shape=[-64, 64]), f"{W}.shape[0]"),
+        ("int8", lambda m: m["weights"][f"{Q}.qweight"].update(shape=[64.0, 64]), f"{W}.shape[0]"),
+        ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(group_size=0), f"{W}.group_size"),
+        ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(block_n=0), f"{W}.block_n"),
+        ("int4", lambda m: m["weights"][f"{Q}.qweight"].pop("block_n"), W),
+        ("int4", lambda m: m["weights"][f"{Q}.qweight"].update(symmetric=1), f"{W}.symmetric"),
+        ("int8", lambda m: m.pop("files"), "$.files"),
+        (
+            "int8",
+            lambda m: m["cast_hooks"].update({"model.nowhere": ["float32", "float32"]}),
+            "$.cast_hooks['model.nowhere']",
+        ),  # fmt: skip
+        ("int8", lambda m: m["cast_hooks"].update({Q: ["float32"]}), f"$.cast_hooks['{Q}']"),
+        ("int8", lambda m: m["modules"][Q].update({"class": "QEmbedding"}), M),
+        ("int8", lambda m: m["modules"][Q].update({"class": "QFoo"}), f"{M}.class"),
+        ("int8", lambda m: m["modules"][Q].update(dynamic="yes"), f"{M}.dynamic"),
+        (
+            "int8",
+            lambda m: m["modules"].update({"model.nowhere": m["modules"][Q]}),
+            "$.modules['model.nowhere']",
+        ),  # fmt: skip
+        ("int8", lambda m: m.update(task="foo"), "$.task"),
+        ("int8", lambda m: m.update(task=""), "$.task"),
+        ("int8", lambda m: m.update(format_version=True), "$.format_version"),
+        ("int8", lambda m: m.pop("format_version"), "$.format_version"),
+        ("int8", lambda m: m["files"].update(tokenizer=["tokenizer.json"]), "$.files.tokenizer"),
+        ("int8", lambda m: m["files"].update(tokenizer=["../config.json"]), "$.files.tokenizer[0]"),
+        ("int8", lambda m: m["files"].update(weights="other.safetensors"), "$.files.weights"),
+        ("int8", lambda m: m.update(quantization=1.5), "$.quantization"),
+        ("int8", lambda m: m["tensors"].append(m["tensors"][0]), "$.tensors"),
+        (
+            "int8",
+            lambda m: m["aliases"].update({"lm_head.weight": "nowhere"}),
+            "$.aliases['lm_head.weight']",
+        ),  # fmt: skip
     ],
 )
-def test_manifest(orig: fuzz.Originals, tmp_path: Path, which: str, edit) -> None:
+def test_manifest(orig: fuzz.Originals, tmp_path: Path, which: str, edit, field: str) -> None:
+    """Refused in one line naming the file and the field as a JSON path (the schema's checks and
+    those after it alike)."""
     folder = _manifest(orig, tmp_path, which, edit)
-    _refused(lambda: load_model(folder), "memopt.json")
+    _refused(lambda: load_model(folder), "memopt.json", f"corrupt manifest ({field}")
 
 
 def test_untouched_originals_load(orig: fuzz.Originals) -> None:
@@ -315,3 +343,32 @@ def test_gguf_absurd_offset_refused_without_a_warning(orig: fuzz.Originals, tmp_
         warnings.simplefilter("always")
         _refused(lambda: load_model(path), "m.gguf")
     assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], seen
+
+
+# -- the command line: each of these an exit 2 in one line (it was exit 1, "internal error") -----
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf", "manifest", "config"])
+def test_cli_refuses_with_exit_2_in_one_line(
+    orig: fuzz.Originals, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    from memopt.app.cli import main
+
+    if fmt == "safetensors":
+        model = _hf_with_header(orig, tmp_path, lambda h: h[NAME].update(data_offsets=[]))
+    elif fmt == "gguf":
+        model = _gguf(orig, tmp_path, _kv("llama.attention.head_count", fuzz.U32, 0))
+    elif fmt == "manifest":
+        model = _manifest(
+            orig, tmp_path, "int8", lambda m: m["weights"][f"{Q}.qweight"].pop("tensors")
+        )
+    else:
+        model = _config(orig, tmp_path, True, hidden_size=-64)
+    capsys.readouterr()
+    if fmt in ("safetensors", "gguf"):  # weights are read by a transform, not by an estimate
+        code = main(["quantize", str(model), "--method", "int8", "-o", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists()
+    else:
+        code = main(["estimate", str(model)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("memopt: error: "), err

@@ -12,12 +12,16 @@ The manifest records the task, the quantization configs that were applied, and, 
 weight, its format, shape, group size and the dtype/shape of each of its tensors, per quantized
 module its class and which weight it uses (a tied lm_head names the embedding's weight: stored
 once), float tensors shared by several names (``aliases``), the non-persistent buffers that were
-saved and the dtype casts at module boundaries (``cast_hooks``).
+saved and the dtype casts at module boundaries (``cast_hooks``). Its JSON Schema, one per format
+version, is ``manifest.v<N>.schema.json`` beside this module (package data), checked with the
+jsonschema library.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +30,13 @@ from memopt.core.errors import MemoptError, one_line
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
+    "SCHEMAS",
     "TASKS",
     "TOKENIZER_FILES",
     "WEIGHTS",
     "check_manifest",
     "read_manifest",
+    "schema",
 ]
 
 FORMAT_VERSION = 1
@@ -53,21 +59,87 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
-_REQUIRED = (
-    ("task", str),
-    ("tensors", list),
-    ("weights", dict),
-    ("modules", dict),
-    ("aliases", dict),
-    ("non_persistent", list),
-    ("cast_hooks", dict),
-)
-TASKS = ("causal-lm", "encoder")
+# The schema of each format version this memopt reads, shipped beside this module (package data).
+SCHEMAS = {1: "manifest.v1.schema.json"}
+
+
+@functools.cache
+def schema(version: int = FORMAT_VERSION) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a manifest of ``version``."""
+    return json.loads(resources.files(__package__).joinpath(SCHEMAS[version]).read_text())
+
+
+# The head a saved model is built with: the schema's enum, its one home.
+TASKS: tuple[str, ...] = tuple(schema()["properties"]["task"]["enum"])
+
+
+@functools.cache
+def _validator(version: int) -> Any:
+    from jsonschema import Draft202012Validator, validators
+
+    # JSON Schema counts 1.0 as an integer; a shape or a group size written 1.0 is not one here
+    # (type(x) is int also keeps true/false out, as the standard checker does).
+    strict = Draft202012Validator.TYPE_CHECKER.redefine("integer", lambda _, x: type(x) is int)
+    cls = validators.extend(Draft202012Validator, type_checker=strict)
+    return cls(schema(version))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _expected(err: Any) -> str:
+    """One schema error as ``got, expected what`` (jsonschema's own message for the rare rest)."""
+    kind, want, got = err.validator, err.validator_value, _short(err.instance)
+    if kind == "type":
+        want = want if isinstance(want, list) else [want]
+        return f"{got}, expected {' or '.join(want)}"
+    if kind == "enum":
+        return f"{got}, expected one of {', '.join(map(str, want))}"
+    if kind == "const":
+        return f"{got}, expected {json.dumps(want)}"
+    if kind in ("minimum", "maximum"):
+        return f"{got}, expected {'>=' if kind == 'minimum' else '<='} {want}"
+    if kind in ("minItems", "maxItems"):
+        count = "at least" if kind == "minItems" else "at most"
+        return f"{len(err.instance)} items, expected {count} {want}"
+    if kind == "minLength":
+        return f"{got}, expected a non-empty name"
+    if kind == "minProperties":
+        return f"{got}, expected at least {want} entry"
+    if kind == "uniqueItems":
+        return "an item listed twice, expected distinct items"
+    if kind == "pattern":
+        return f"{got}, expected a file name inside the folder"
+    if kind == "required":
+        return "missing (a required field)"
+    return one_line(err.message)[:120]
+
+
+def _path(err: Any) -> str:
+    """The failing field as a JSON path: ``$.weights['model.layers.0.mlp.up_proj.qweight'].shape[0]``
+    (jsonschema's own ``json_path`` joins keys with dots, and memopt's keys hold dots)."""
+    path = "$"
+    for part in err.absolute_path:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier():
+            path += f".{part}"
+        else:
+            path += f"[{part!r}]"
+    if "propertyNames" in err.schema_path:  # the error points at the object; the key is wrong
+        path += f"[{err.instance!r}] (a key)"
+    if err.validator == "required":  # the error points at the object; name the missing field
+        missing = next(k for k in err.validator_value if k not in err.instance)
+        path += f".{missing}" if missing.isidentifier() else f"[{missing!r}]"
+    return path
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a saved folder, every field a load reads checked (:func:`check_manifest`);
-    MemoptError in one line naming the file, the field and what was expected otherwise."""
+    """The manifest of a saved folder, checked against the schema of its format version and by
+    :func:`check_manifest`; MemoptError in one line naming the file, the field (a JSON path) and
+    what was expected otherwise."""
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -80,107 +152,50 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != "memopt":
         raise MemoptError(f"{path}: not a memopt manifest")
     version = manifest.get("format_version")
-    if type(version) is not int or version < 1:
-        raise MemoptError(f"{path}: corrupt manifest (format_version {version!r})")
-    if version > FORMAT_VERSION:
+    if type(version) is int and version > FORMAT_VERSION:
         raise MemoptError(
             f"{path}: format version {version} was written by a newer memopt "
             f"(this one reads up to {FORMAT_VERSION})"
         )
-    for key, kind in _REQUIRED:
-        if not isinstance(manifest.get(key), kind):
-            raise MemoptError(
-                f"{path}: corrupt manifest ({key!r} missing or not a {kind.__name__})"
-            )
+    # Any other version (missing, 0, true, "1") fails the schema's const: checked against v1's.
+    from jsonschema.exceptions import best_match
+
+    try:
+        known = type(version) is int and version in SCHEMAS
+        err = best_match(_validator(version if known else FORMAT_VERSION).iter_errors(manifest))
+    except RecursionError:
+        raise MemoptError(f"{path}: corrupt manifest (JSON nested too deep)") from None
+    if err is not None:
+        raise MemoptError(f"{path}: corrupt manifest ({_path(err)}: {_expected(err)})")
     problem = check_manifest(manifest, Path(folder))
     if problem:
         raise MemoptError(f"{path}: corrupt manifest ({problem})")
     return manifest
 
 
-def _names(v: Any) -> bool:
-    return isinstance(v, str) and bool(v)
-
-
-def _dims(v: Any, least: int) -> bool:
-    return isinstance(v, list) and all(type(d) is int and d >= least for d in v)
-
-
 def check_manifest(m: dict[str, Any], folder: Path) -> str:
-    """What is wrong with a manifest's fields (``""``: nothing), the schema of format version 1:
-
-    ``task`` one of TASKS; ``tensors`` distinct names; ``weights``: name -> {``format``: str,
-    ``shape``: [rows, columns] >= 1, ``dtype``: str, ``group_size``: null or >= 1, ``tensors``:
-    suffix -> {``dtype``: str, ``shape``: [>= 0...]}}, each of its tensors listed in ``tensors``;
-    ``modules``: name -> {``class``: str, ``weight``: a key of ``weights``}; ``aliases``: name ->
-    name in ``tensors``; ``non_persistent``: names; ``cast_hooks``: name -> [inner, outer] dtype
-    names; ``files``: ``weights`` and ``config`` the folder's two files, ``tokenizer`` names of
-    files in the folder. Checked against the folder and the weights' file by the loader
-    (memopt.models.saved), which resolves every name before anything is assigned."""
-    if m["task"] not in TASKS:
-        return f"task {m['task']!r}, expected one of {', '.join(TASKS)}"
-    tensors = m["tensors"]
-    if not all(_names(t) for t in tensors):
-        return "tensors: not a list of names"
-    if len(set(tensors)) != len(tensors):
-        return "tensors: a name listed twice"
-    listed = set(tensors)
+    """What is wrong in a manifest that passed its schema (``""``: nothing): what a schema cannot
+    say, the names that point at other names. Each tensor of a weight listed in ``tensors``;
+    each module's weight a key of ``weights``, each weight used by a module; each alias naming a
+    tensor; each tokenizer file present in the folder. The loader (memopt.models.saved) then
+    checks each weight entry against the layout its class makes and the safetensors header, and
+    resolves every module and hook name in the architecture before anything is assigned."""
+    listed = set(m["tensors"])
     for key, spec in m["weights"].items():
-        where = f"weights[{key!r}]"
-        if not isinstance(spec, dict):
-            return f"{where} is not an object"
-        if not _names(spec.get("format")) or not _names(spec.get("dtype")):
-            return f"{where}: format and dtype must be names"
-        shape = spec.get("shape")
-        if not _dims(shape, 1) or len(shape) != 2:
-            return f"{where}: shape {shape!r}, expected [rows, columns] of at least 1"
-        group = spec.get("group_size")
-        if group is not None and (type(group) is not int or group < 1):
-            return f"{where}: group_size {group!r}, expected null or a whole number >= 1"
-        parts = spec.get("tensors")
-        if not isinstance(parts, dict) or not parts:
-            return f"{where}: tensors missing or not an object"
-        for suffix, info in parts.items():
-            if (
-                not isinstance(info, dict)
-                or not _names(info.get("dtype"))
-                or not _dims(info.get("shape"), 0)
-            ):
-                return f"{where}.tensors[{suffix!r}]: expected {{dtype, shape}}"
+        for suffix in spec["tensors"]:
             if f"{key}.{suffix}" not in listed:
-                return f"{where}: its tensor {key}.{suffix} is not in tensors"
+                return f"$.weights[{key!r}].tensors: its tensor {key}.{suffix} is not in tensors"
     for name, info in m["modules"].items():
-        if not isinstance(info, dict) or not _names(info.get("class")):
-            return f"modules[{name!r}]: expected an object with a class"
-        if not isinstance(info.get("weight"), str) or info["weight"] not in m["weights"]:
-            return f"modules[{name!r}]: weight {info.get('weight')!r} is not in weights"
+        if info["weight"] not in m["weights"]:
+            return f"$.modules[{name!r}].weight: {info['weight']!r} is not in weights"
     used = {info["weight"] for info in m["modules"].values()}
     unused = [k for k in m["weights"] if k not in used]
     if unused:
-        return f"weights[{unused[0]!r}]: no module uses it"
+        return f"$.weights[{unused[0]!r}]: no module uses it"
     for alias, first in m["aliases"].items():
-        if not _names(alias) or first not in listed:
-            return f"aliases[{alias!r}]: {first!r} is not in tensors"
-    if not all(_names(n) for n in m["non_persistent"]):
-        return "non_persistent: not a list of names"
-    quantization = m.get("quantization", [])
-    if not isinstance(quantization, list) or not all(isinstance(q, dict) for q in quantization):
-        return "quantization: not a list of objects"
-    for name, pair in m["cast_hooks"].items():
-        if not isinstance(pair, list) or len(pair) != 2 or not all(_names(d) for d in pair):
-            return f"cast_hooks[{name!r}]: expected [inner dtype, outer dtype]"
-    return _check_files(m.get("files"), folder)  # written by every memopt since the first
-
-
-def _check_files(files: Any, folder: Path) -> str:
-    if not isinstance(files, dict):
-        return "files is not an object"
-    if files.get("weights") != WEIGHTS or files.get("config") != "config.json":
-        return f"files: weights and config must be {WEIGHTS} and config.json"
-    tokenizer = files.get("tokenizer", [])
-    if not isinstance(tokenizer, list):
-        return "files: tokenizer is not a list"
-    for name in tokenizer:
-        if not _names(name) or "/" in name or name.startswith(".") or not (folder / name).is_file():
-            return f"files: tokenizer file {name!r} is not in the folder"
+        if first not in listed:
+            return f"$.aliases[{alias!r}]: {first!r} is not in tensors"
+    for name in m["files"].get("tokenizer", []):
+        if not (folder / name).is_file():
+            return f"$.files.tokenizer: {name!r} is not in the folder"
     return ""

@@ -22,8 +22,17 @@ import torch
 from torch import nn
 
 from memopt.core.errors import MemoptError, flat, one_line
+from memopt.core.memcap import build_limits
 from memopt.core.modules import numel
-from memopt.formats.limits import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH
+from memopt.formats.limits import (
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_MODULES,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    build_memory,
+)
 from memopt.formats.safetensors import DTYPES, SafetensorsReader, read_header
 
 __all__ = [
@@ -191,6 +200,13 @@ def load_config(source: ModelSource) -> Any:
 
 _SIZES = (
     ("num_hidden_layers", MAX_LAYERS),
+    # the other names a layer count goes by (encoder-decoders count their halves apart)
+    ("num_layers", MAX_LAYERS),
+    ("n_layer", MAX_LAYERS),
+    ("n_layers", MAX_LAYERS),
+    ("encoder_layers", MAX_LAYERS),
+    ("decoder_layers", MAX_LAYERS),
+    ("num_decoder_layers", MAX_LAYERS),
     ("hidden_size", MAX_WIDTH),
     ("intermediate_size", MAX_WIDTH),
     ("n_inner", MAX_WIDTH),
@@ -271,13 +287,18 @@ def task_of(config: Any) -> Task:
     return "causal-lm" if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else "encoder"
 
 
-def architecture(config: Any, task: Task) -> nn.Module:
-    """The transformers model for ``config`` (built on whatever device is current: meta here)."""
+def architecture(config: Any, task: Task, name: str = "config.json") -> nn.Module:
+    """The transformers model for ``config`` (built on whatever device is current: meta here),
+    under a bound on its modules and a memory limit of its own (formats.limits, core.memcap):
+    whatever count in the config makes it large, the build stops in one line naming ``name``."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     try:
-        return auto.from_config(config)
+        with build_limits(name, max_modules=MAX_MODULES, max_growth=build_memory()):
+            return auto.from_config(config)
+    except MemoptError:  # the build's own limits (memopt.core.memcap), already one line
+        raise
     except (ValueError, KeyError) as exc:
         raise MemoptError(
             f"unsupported architecture {config.model_type!r}: {one_line(exc)}"
@@ -320,7 +341,7 @@ def build_meta(
     config = load_config(source)
     task = task_of(config)
     with torch.device("meta"):
-        model = architecture(config, task)
+        model = architecture(config, task, source.name)
     model.to(dtype or stored_dtype(source, config))
     tie_weights(model)
     if keeps_blocks(source, dtype, dequantize):

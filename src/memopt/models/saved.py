@@ -363,7 +363,7 @@ def _float_meta(folder: Path, manifest: dict[str, Any], name: str) -> tuple[nn.M
     source = ModelSource("memopt", folder, name)
     config = load_config(source)
     with torch.device("meta"):
-        model = architecture(config, manifest["task"])
+        model = architecture(config, manifest["task"], name)
     tie_weights(model)
     return model, config
 
@@ -372,26 +372,33 @@ def quantized_meta(
     model: nn.Module, modules: dict[str, dict[str, Any]], weights: dict[str, dict[str, Any]]
 ) -> dict[str, QuantizedWeight]:
     """Swap the named modules of a (meta) float model for their quantized classes, with empty
-    weights (one per weight key: tied modules share it). Returns weight key -> weight."""
+    weights (one per weight key: tied modules share it). Returns weight key -> weight. ``modules``
+    and ``weights`` as :func:`~memopt.formats.manifest.read_manifest` checked them."""
     made: dict[str, QuantizedWeight] = {}
     for mname, info in modules.items():
-        key = info.get("weight")
-        if key not in weights:
-            raise MemoptError(f"manifest: module {mname} names an unknown weight {key!r}")
+        key = info["weight"]  # a key of weights: read_manifest checked it
         qw = made.get(key)
         if qw is None:
-            qw = made[key] = empty_weight(weights[key])
+            try:
+                qw = made[key] = empty_weight(weights[key])
+            except MemoptError as exc:
+                raise MemoptError(f"$.weights[{key!r}]: {exc}") from None
         try:
             old = model.get_submodule(mname)
         except AttributeError:
-            raise MemoptError(f"manifest: the architecture has no module {mname!r}") from None
+            raise MemoptError(
+                f"$.modules[{mname!r}]: the architecture has no such module"
+            ) from None
         kind = MODULE_KINDS.get(info.get("class"))
         if kind is None:
-            raise MemoptError(f"manifest: module {mname} has unknown class {info.get('class')!r}")
+            raise MemoptError(
+                f"$.modules[{mname!r}].class: {info.get('class')!r}, expected one of "
+                f"{', '.join(MODULE_KINDS)}"
+            )
         try:
             new = kind.from_manifest(old, qw, info)
         except MemoptError as exc:
-            raise MemoptError(f"manifest: {mname} {exc}") from None
+            raise MemoptError(f"$.modules[{mname!r}]: {exc}") from None
         set_module(model, mname, new)
     return made
 
@@ -407,16 +414,16 @@ def _quantized_meta_checked(
         try:
             layout = disk_layout(spec)
         except MemoptError as exc:
-            raise MemoptError(f"{where}: corrupt manifest (weights[{key!r}]: {exc})") from None
+            raise MemoptError(f"{where}: corrupt manifest ($.weights[{key!r}]: {exc})") from None
         except Exception as exc:  # the class computing its layout from the entry's fields
             raise MemoptError(
-                f"{where}: corrupt manifest (weights[{key!r}]: {type(exc).__name__}: "
+                f"{where}: corrupt manifest ($.weights[{key!r}]: {type(exc).__name__}: "
                 f"{one_line(exc)})"
             ) from None
         want = {s: {"dtype": dtype_name(dt), "shape": list(sh)} for s, (dt, sh) in layout.items()}
         if spec["tensors"] != want:
             raise MemoptError(
-                f"{where}: corrupt manifest (weights[{key!r}]: tensors {spec['tensors']}, its "
+                f"{where}: corrupt manifest ($.weights[{key!r}].tensors: {spec['tensors']}, its "
                 f"format {spec['format']!r} makes {want})"
             )
     names = {n for n, _ in model.named_modules()}
@@ -424,7 +431,8 @@ def _quantized_meta_checked(
         for mname in table:
             if mname not in names:
                 raise MemoptError(
-                    f"{where}: corrupt manifest ({kind}: the architecture has no module {mname!r})"
+                    f"{where}: corrupt manifest ($.{kind}[{mname!r}]: the architecture has no "
+                    "such module)"
                 )
     try:
         return quantized_meta(model, manifest["modules"], manifest["weights"])

@@ -78,9 +78,7 @@ class QLinear(QModule):
             raise MemoptError(
                 f"weight {tuple(qw.shape)} does not fit the architecture's {tuple(weight.shape)}"
             )
-        bias, dynamic = info.get("bias", False), info.get("dynamic", False)
-        if not isinstance(bias, bool) or not isinstance(dynamic, bool):
-            raise MemoptError(f"bias {bias!r} / dynamic {dynamic!r}: expected true or false")
+        bias, dynamic = info.get("bias", False), info.get("dynamic", False)  # booleans: the schema
         if bias and getattr(old, "bias", None) is None:
             raise MemoptError("has a bias the architecture does not have")
         if dynamic and not isinstance(qw, Int8Weight):

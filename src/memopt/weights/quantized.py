@@ -291,8 +291,6 @@ class Int4Weight(QuantizedWeight):
             raise MemoptError(f"int4 block_n {b!r}: expected null or an even divisor of {n} rows")
         if k % 2 or k % g:
             raise MemoptError(f"int4 weight of {k} columns in groups of {g}: not whole groups")
-        if not isinstance(spec.get("symmetric", False), bool):
-            raise MemoptError(f"int4 symmetric {spec['symmetric']!r}: expected true or false")
         qw.register_buffer("packed", torch.empty((n, k // 2), dtype=torch.uint8, device=device))
         sz = torch.empty((k // qw.group_size, n, 2), dtype=torch.bfloat16, device=device)
         qw.register_buffer("scale_zero", sz)
