@@ -136,6 +136,27 @@ def _path(err: Any) -> str:
     return path
 
 
+def _seen_valid(path: Path, version: int, mark: bool = False) -> bool:
+    """Whether these exact manifest bytes passed the schema of ``version`` on this machine before
+    (a marker named by the SHA-256 of the bytes and of the schema, in memopt's cache folder); with
+    ``mark``, record that they did. Why: jsonschema walks every weight entry in Python, 0.3 s of
+    a 2-3 s ``memopt run`` for SmolLM2's 211 weights, paid again at every start."""
+    import hashlib
+
+    from memopt.core.cbuild import cache_dir
+
+    try:
+        h = hashlib.sha256(path.read_bytes())
+        h.update(resources.files(__package__).joinpath(SCHEMAS[version]).read_bytes())
+        marker = cache_dir() / "manifests" / h.hexdigest()
+        if mark:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        return marker.is_file()
+    except OSError:  # an unwritable cache: validate every time
+        return False
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of a saved folder, checked against the schema of its format version and by
     :func:`check_manifest`; MemoptError in one line naming the file, the field (a JSON path) and
@@ -158,15 +179,18 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"(this one reads up to {FORMAT_VERSION})"
         )
     # Any other version (missing, 0, true, "1") fails the schema's const: checked against v1's.
-    from jsonschema.exceptions import best_match
+    known = type(version) is int and version in SCHEMAS
+    checked = version if known else FORMAT_VERSION
+    if not _seen_valid(path, checked):
+        from jsonschema.exceptions import best_match
 
-    try:
-        known = type(version) is int and version in SCHEMAS
-        err = best_match(_validator(version if known else FORMAT_VERSION).iter_errors(manifest))
-    except RecursionError:
-        raise MemoptError(f"{path}: corrupt manifest (JSON nested too deep)") from None
-    if err is not None:
-        raise MemoptError(f"{path}: corrupt manifest ({_path(err)}: {_expected(err)})")
+        try:
+            err = best_match(_validator(checked).iter_errors(manifest))
+        except RecursionError:
+            raise MemoptError(f"{path}: corrupt manifest (JSON nested too deep)") from None
+        if err is not None:
+            raise MemoptError(f"{path}: corrupt manifest ({_path(err)}: {_expected(err)})")
+        _seen_valid(path, checked, mark=True)
     problem = check_manifest(manifest, Path(folder))
     if problem:
         raise MemoptError(f"{path}: corrupt manifest ({problem})")
