@@ -149,6 +149,26 @@ def test_engine_reads_16_bit_weights_as_stored(dtype: torch.dtype) -> None:
     assert (got - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item())
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
+def test_ggml_linear_at_decode_reads_the_blocks(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF weight's linear for a few rows (a streamed model's decode) runs the engine's
+    matrix-vector products over its blocks, not a dequantized copy: the values of the blocked
+    dequantize + matmul path within float32 rounding."""
+    import memopt.engine.llama  # noqa: F401  (registers the kernel)
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((96, 512)) * 0.05).astype(np.float32)
+    qw = GGMLWeight(_blocks(w, kind), kind, (96, 512))
+    x = torch.randn(3, 512)
+    calls = []
+    monkeypatch.setattr(kernels, "ggml_linear", lambda *a: calls.append(a) or None)
+    with torch.no_grad():
+        got = qw.linear(x)  # (3, 96)
+    assert not calls, "the dequantizing path ran"
+    ref = x @ qw.dequantize(torch.float32).t()
+    assert (got - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
 def test_generate_uses_the_engine_and_gives_transformers_tokens() -> None:
     loaded = _make("Q4_1")
     fast = generate(loaded, IDS, 16, stop_at_eos=False)

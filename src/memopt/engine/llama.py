@@ -23,6 +23,7 @@ from torch import nn
 from memopt.core.cbuild import compile_library
 from memopt.core.errors import MemoptError
 from memopt.engine.source import SOURCE
+from memopt.weights import kernels
 from memopt.weights.ggml import GGMLWeight
 from memopt.weights.modules import QEmbedding, QLinear
 from memopt.weights.quantized import Int4Weight, Int8Weight, QuantizedWeight
@@ -38,6 +39,7 @@ __all__ = [
     "default_inv_freq",
     "engine_for",
     "library",
+    "linear",
 ]
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -113,6 +115,12 @@ def library() -> Any:
                 lib.memopt_dequant_rows.argtypes = [ctypes.POINTER(_QMat), ctypes.c_int64,
                                                     ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
                 lib.memopt_dequant_rows.restype = None
+                lib.memopt_linear.argtypes = [ctypes.POINTER(_QMat), ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                              ctypes.c_int32]  # fmt: skip
+                lib.memopt_linear.restype = None
+                lib.memopt_xs_floats.argtypes = [ctypes.c_int64]
+                lib.memopt_xs_floats.restype = ctypes.c_int64
             _lib = lib
         return _lib
 
@@ -344,6 +352,30 @@ class _Threads:
         if best is not None and old is not None and seconds < best:
             self.every = self.EXPLORE_EVERY  # the tried count won: watch closely again
         self.seconds[count] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+
+def linear(weight: Weight, x: torch.Tensor) -> torch.Tensor | None:
+    """``x (M, K) @ W.T`` for a weight as it is held, by the engine's matrix-vector products (the
+    kernel memopt.weights.kernels.gemv calls: a streamed model's layers run through transformers'
+    forward, whose blocked dequantize + matmul rebuilt every GGUF weight at every token), or None
+    where the engine cannot (no compiler, a kind it does not run)."""
+    lib = library()
+    if lib is None:
+        return None
+    keep: list[torch.Tensor] = []
+    try:
+        qm = _qmat(weight, None, keep)
+    except _Unsupported:
+        return None
+    x = x.contiguous()  # (M, K) float32
+    y = torch.empty(x.shape[0], qm.n)  # (M, N)
+    xs = torch.empty(int(lib.memopt_xs_floats(qm.k)))
+    lib.memopt_linear(ctypes.byref(qm), x.data_ptr(), y.data_ptr(), x.shape[0], xs.data_ptr(),
+                      torch.get_num_threads())  # fmt: skip
+    return y
+
+
+kernels.register_gemv(linear)
 
 
 def engine_for(model: nn.Module, config: Any, max_seq: int) -> Engine | None:

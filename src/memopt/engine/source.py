@@ -882,6 +882,19 @@ static void embed_row(const qmat *w, int64_t r, float *out) {
     }
 }
 
+/* the activations' forms of matvec for K inputs: sums, int8 scales, int8 values (+ padding) */
+#define XS_FLOATS(K) (2 * ((K) / 32 + 1) + (K) / 4 + 16)
+
+/* y (M, N) = x (M, K) @ W.T (+ bias) one row of x at a time, for a layer outside the engine's
+   token (transformers' forward of a streamed model): the same matrix-vector products, no
+   dequantized copy of W. xs: XS_FLOATS(K) floats of scratch. */
+void memopt_linear(const qmat *w, const float *x, float *y, int64_t m, float *xs, int32_t threads) {
+#pragma omp parallel num_threads(threads)
+    for (int64_t i = 0; i < m; i++) matvec(w, x + i * w->k, y + i * w->n, xs);
+}
+
+int64_t memopt_xs_floats(int64_t k) { return XS_FLOATS(k); }
+
 /* rows r0..r1 of a weight, dequantized into out (r1 - r0, K): the engine's own values (tests) */
 void memopt_dequant_rows(const qmat *w, int64_t r0, int64_t r1, float *out) {
     for (int64_t r = r0; r < r1; r++) embed_row(w, r, out + (r - r0) * w->k);
@@ -907,8 +920,6 @@ static void rope(float *v, int n_heads, int head_dim, const float *cs, const flo
     }
 }
 
-/* the activations' forms of matvec for K inputs: sums, int8 scales, int8 values (+ padding) */
-#define XS_FLOATS(K) (2 * ((K) / 32 + 1) + (K) / 4 + 16)
 
 /* Scratch (floats): x dim | xb dim | q n_heads*hd | k,v kvd | att n_heads*max_seq | hb, hb2
    hidden | xs XS_FLOATS(max(dim, hidden)) | cos, sin head_dim/2 | ab n_heads*hd | tmp */

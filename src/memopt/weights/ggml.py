@@ -79,6 +79,10 @@ class GGMLWeight(QuantizedWeight):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape
+        lead = x.shape[:-1]
+        y = kernels.gemv(self, x.reshape(-1, k))  # decode: the blocks read as they are
+        if y is not None:
+            return y.reshape(*lead, n)
         return kernels.ggml_linear(x, self.blocks, self.ggml_type, n, k, self.dequantize_rows)
 
     def extra_repr(self) -> str:

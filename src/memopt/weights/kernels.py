@@ -54,12 +54,13 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from memopt.core.atomic import atomic_write_text
-from memopt.core.cbuild import cache_dir
+from memopt.core.cbuild import cache_dir, kernels_enabled
 from memopt.weights.primitives import pack_int4_nblock
 
 __all__ = [
@@ -73,10 +74,12 @@ __all__ = [
     "default_kernels",
     "dequant_linear",
     "ggml_linear",
+    "gemv",
     "int4_block_n",
     "int8_dynamic_linear",
     "int8_linear",
     "int4_linear",
+    "register_gemv",
     "row_block",
     "set_untimed",
 ]
@@ -603,6 +606,35 @@ def int4_linear(
 
 
 # ---- GGML blocks (GGUF's Q8_0, Q4_0, Q4_1, ...): (N, row_bytes) uint8 ----
+
+
+# A matrix-vector kernel over a weight as it is held (memopt.engine registers its C one when it is
+# imported: the engine sits above this layer); used for decode-sized calls (GEMV_ROWS rows or fewer)
+# where dequantizing the whole weight for each call costs more than the product.
+_GEMV: Callable[[Any, torch.Tensor], torch.Tensor | None] | None = None
+GEMV_ROWS = 8
+
+
+def register_gemv(fn: Callable[[Any, torch.Tensor], torch.Tensor | None]) -> None:
+    """Set the kernel :func:`gemv` calls: ``fn(weight, x (M, K) float32) -> (M, N)`` or None."""
+    global _GEMV
+    _GEMV = fn
+
+
+def gemv(weight: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """``x @ W.T`` by the registered matrix-vector kernel, or None where it does not apply (no
+    kernel, more than GEMV_ROWS rows, autograd, not float32 on the CPU): then the caller's path."""
+    if (
+        _GEMV is None
+        or not kernels_enabled()
+        or x.dim() != 2
+        or x.shape[0] > GEMV_ROWS
+        or x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        return None
+    return _GEMV(weight, x)
 
 
 def ggml_linear(
