@@ -186,7 +186,7 @@ def _train(model: str, batch: int, seq: int, steps: int, share: float) -> dict[s
 
 def _checks(uniform: list[dict], fits: list[dict]) -> dict[str, Any]:
     peak = {r["recipe"]: r for r in uniform}
-    g64, i8 = peak["int4 g64 GPTQ"], peak["int8"]
+    g64, i8 = peak.get("int4 g64 GPTQ", {}), peak.get("int8", {})  # absent with --recipes
     done = [f for f in fits if "refused" not in f]
     by = {f["label"]: f for f in done}
     at_g64, at_i8 = by.get("int4 g64 weights"), by.get("int8 weights")
@@ -195,15 +195,15 @@ def _checks(uniform: list[dict], fits: list[dict]) -> dict[str, Any]:
     return {
         "refused": [f["label"] for f in fits if "refused" in f],
         "every_budget_kept": all(f["within_budget"] for f in done),
-        "worst_prediction_error": max(abs(f["prediction_error"]) for f in done),
+        "worst_prediction_error": max((abs(f["prediction_error"]) for f in done), default=None),
         "fit_at_int4_g64_weights_ppl": at_g64 and at_g64["ppl"],
-        "uniform_int4_g64_gptq_ppl": g64["ppl"],
-        "fit_beats_uniform_g64": bool(at_g64 and at_g64["ppl"] < g64["ppl"]),
+        "uniform_int4_g64_gptq_ppl": g64.get("ppl"),
+        "fit_beats_uniform_g64": bool(at_g64 and g64 and at_g64["ppl"] < g64["ppl"]),
         "monotone_int4_to_int8": all(a >= b for a, b in zip(ppls, ppls[1:], strict=False)),
         "ppl_between_int4_and_int8": ppls,
         "fit_at_int8_weights_ratio": at_i8 and at_i8["ratio"],
         "within_half_percent_at_int8": bool(at_i8 and at_i8["ratio"] <= 1.005),
-        "uniform_int8_ratio": i8["ratio"],
+        "uniform_int8_ratio": i8.get("ratio"),
     }
 
 
