@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as QT
 
 from conftest import write_llama_gguf
 from memopt.core.errors import MemoptError
+from memopt.engine.llama import GGML_TYPES
 from memopt.formats.gguf import GGUFSource
 from memopt.generate import generate
 from memopt.models import load_model
@@ -78,7 +79,7 @@ def _stored_bytes(path: Path) -> int:
 
 def _ggml_engine_types(path: Path) -> bool:
     src = GGUFSource(path)
-    return {src.ggml_type(n) for n in src.names()} <= {"F32", "Q4_0", "Q4_1", "Q8_0"}
+    return {src.ggml_type(n) for n in src.names()} <= GGML_TYPES
 
 
 def test_plan_counts_stored_bytes(gguf_file: Path) -> None:

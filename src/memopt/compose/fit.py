@@ -324,24 +324,12 @@ class Calibrated:
                 m.weight.data = data
 
     @torch.no_grad()
-    def output_errors(
-        self, units: list[Unit], progress: Callable[[int], None] | None = None
-    ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-        """Two maps unit -> format -> the summed squared error its quantized weights make in their
-        Linears' outputs on the calibration inputs, ``sum tr(dW H dW^T)`` (H = sum of x x^T of
-        each Linear's inputs), for the units inside the blocks: rounded to nearest, and as
-        :func:`fit` applies the format (int4: GPTQ, keeping round to nearest where that errs less,
-        as memopt.quant.calibrate does; the others round to nearest). One pass of each block (its
-        H captured by hooks, then dropped: one block's at a time); ``progress(i)`` after block i.
-
-        Why both: the KL is measured with round to nearest, and GPTQ's gain over it differs by
-        format (on SmolLM2, uniform int4 g64 goes from 1.43x float32 perplexity by RTN to 1.11x by
-        GPTQ, g32 from 1.07x to 1.02x), so costs scaled by RTN errors alone steer bytes to the
-        formats that GPTQ needs least."""
-        from memopt.quant.calibrate import gptq_quantize
-
-        rounded: dict[str, dict[str, float]] = {}
-        applied: dict[str, dict[str, float]] = {}
+    def output_errors(self, units: list[Unit]) -> dict[str, dict[str, float]]:
+        """unit -> format -> the summed squared error its rounded weights make in their Linears'
+        outputs on the calibration inputs, ``sum tr(dW H dW^T)`` (H = sum of x x^T of each Linear's
+        inputs), for the units inside the blocks. One pass of each block (its H captured by
+        hooks, then dropped: one block's at a time)."""
+        out: dict[str, dict[str, float]] = {}
         for i, block in enumerate(self.blocks):
             mine = [u for u in units if u.block == i]
             base = f"{self.prefix}.{i}."
@@ -364,30 +352,17 @@ class Calibrated:
             finally:
                 for h in handles:
                     h.remove()
-
-            def err(d: torch.Tensor, h: torch.Tensor) -> float:
-                return float(((d @ h) * d).sum())  # d (N, K), h (K, K)
-
             for u in mine:
-                r_errs: dict[str, float] = {}
-                a_errs: dict[str, float] = {}
+                errs = {}
                 for f in u.bytes:
-                    r_errs[f] = a_errs[f] = 0.0
-                    bits, g = parse_format(f)
+                    e = 0.0
                     for name in u.patterns:
                         w = lins[name].weight.detach().float()  # (N, K)
-                        e = err(rtn(w, f) - w, hs[name])
-                        r_errs[f] += e
-                        if bits == 4 and g and w.shape[1] % g == 0:
-                            codes, scale, zero = gptq_quantize(w, hs[name], g)  # (N, K), (N, K/G)
-                            wq = (codes.float() - 8) * scale.float().repeat_interleave(g, 1)
-                            wq += zero.float().repeat_interleave(g, 1)
-                            e = min(e, err(wq - w, hs[name]))
-                        a_errs[f] += e
-                rounded[u.name], applied[u.name] = r_errs, a_errs
-            if progress is not None:
-                progress(i)
-        return rounded, applied
+                        d = rtn(w, f) - w
+                        e += float(((d @ hs[name]) * d).sum())
+                    errs[f] = e
+                out[u.name] = errs
+        return out
 
 
 @torch.no_grad()
@@ -403,11 +378,14 @@ def sensitivities(
 
     A unit outside the blocks (the embedding, the head) is measured in every format. A block's
     unit is measured in one, its *reference*: its int4 format of the largest group (the largest
-    error of the engine's menu), rounded to nearest; its costs in every format scale that by the
-    output errors of the format as it will be applied (GPTQ for int4) over the reference's rounded
-    one (:meth:`Calibrated.output_errors`), KL_f = KL_ref x E_f / E_ref. A small perturbation's KL is
+    error of the engine's menu); its other formats' costs scale that by their output errors
+    (:meth:`Calibrated.output_errors`), KL_f = KL_ref x E_f / E_ref. A small perturbation's KL is
     quadratic in it, as E is: the scaling holds while the rounding is small against the weights
     (int8, int4), and is what makes the measure one forward a unit rather than one a format.
+    Tried and measured (2026-12-07, bench/fit.py at uniform int4 g64's bytes): scaling instead by
+    the output errors of GPTQ, as the fit applies int4, gave 16.328 against uniform GPTQ g64's
+    16.272, as far behind as these costs (16.133 against 16.072 on the earlier calibration), for
+    3 more minutes of GPTQ on SmolLM2; not kept.
 
     One float pass stores the hidden states entering every block; a block's KL then runs only
     that block and the ones after it (half the model on average), the output head from the final
@@ -437,11 +415,7 @@ def sensitivities(
         return torch.log_softmax(out.float(), -1)  # (B, T, V)
 
     ref = logits_from(len(blocks), inputs[-1])
-    todo = [(u, f) for u in units for f in u.bytes if f != "float32"
-            if u.block is None or f == reference_format(u)]  # fmt: skip
-    total = len(blocks) + len(todo)
-    tick = (lambda i: progress(i + 1, total)) if progress is not None else None
-    rounded, applied = cal.output_errors(units, tick)
+    errors = cal.output_errors(units)
 
     def kl(unit: Unit, fmt: str) -> float:
         with cal.rounded(unit, fmt):
@@ -451,16 +425,17 @@ def sensitivities(
                 out = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
         return max(0.0, (ref.exp() * (ref - out)).sum(-1).mean().item())  # KL(float || rounded)
 
+    todo = [(u, f) for u in units for f in u.bytes if f != "float32"
+            if u.block is None or f == reference_format(u)]  # fmt: skip
     for step, (unit, fmt) in enumerate(todo, 1):
-        kl_ref = kl(unit, fmt)
-        unit.cost[fmt] = kl_ref
-        if unit.block is not None:  # KL_ref (round to nearest) x E_applied(f) / E_rounded(ref)
-            e_ref, e = rounded[unit.name][fmt], applied[unit.name]
+        unit.cost[fmt] = kl(unit, fmt)
+        if unit.block is not None:
+            e = errors[unit.name]
             for f in unit.bytes:
-                if f != "float32":
-                    unit.cost[f] = kl_ref * e[f] / e_ref if e_ref > 0 else 0.0
+                if f not in ("float32", fmt):
+                    unit.cost[f] = unit.cost[fmt] * e[f] / e[fmt] if e[fmt] > 0 else 0.0
         if progress is not None:
-            progress(len(blocks) + step, total)
+            progress(step, len(todo))
 
 
 def reference_format(unit: Unit) -> str:
@@ -839,10 +814,6 @@ def has_weights(source: Any) -> bool:
     return source.kind != "hf" or any(source.path.glob("*.safetensors"))
 
 
-# the costs' definition, in the cache's key: a change of it measures again
-COST_MODEL = "KL at the reference, scaled by applied (GPTQ) over rounded output errors"
-
-
 def costs(
     source: Any,
     units: list[Unit],
@@ -862,7 +833,7 @@ def costs(
     from memopt.models import load_model
 
     files = [source.path] if source.path.is_file() else sorted(source.path.iterdir())
-    h = hashlib.sha256((tag + repr(FORMATS) + COST_MODEL).encode())
+    h = hashlib.sha256((tag + repr(FORMATS)).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())

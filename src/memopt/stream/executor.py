@@ -65,7 +65,7 @@ from memopt.core.pages import (
     release,
     span_of,
 )
-from memopt.engine.llama import arch_of, library
+from memopt.engine.llama import GGML_TYPES, arch_of, library
 from memopt.engine.runtime import INT4_EMBEDDING_TRANSIENT
 from memopt.engine.runtime import RUNTIME_BYTES as FOLDER_RUNTIME_BYTES
 from memopt.engine.runtime import RUNTIME_INT4_BYTES as FOLDER_RUNTIME_INT4_BYTES
@@ -471,8 +471,6 @@ class _GGUFReader(_Reader):
 
 _GGUF_HEADER_LEFTOVER = 12 << 20  # what a parsed GGUF header leaves behind, rounded up
 _GGML_ROW_TEMP = 1 << 20  # float32 rows a GGML linear dequantizes at a time (kernels.row_block)
-# The GGML types memopt's decode engine computes with (memopt.engine.llama); others run on torch.
-_ENGINE_GGML = ("Q4_0", "Q4_1", "Q8_0")
 
 
 def _readonly_tensor(raw: Any) -> torch.Tensor:
@@ -1131,14 +1129,14 @@ def _engine_reserve(layout: _Layout, reserve_bytes: int) -> int:
 
 
 def _engine_weight(module: QModule) -> bool:
-    """Whether the decode engine computes with ``module``'s weight as it is held: GGML Q4_0 /
-    Q4_1 / Q8_0 blocks, memopt's int8, or its int4 in row blocks the engine reads (up to 128
-    rows, dividing the rows), weight-only (memopt.engine.llama)."""
+    """Whether the decode engine computes with ``module``'s weight as it is held: GGUF blocks of
+    the types it reads (memopt.engine.llama.GGML_TYPES), memopt's int8, or its int4 in row blocks
+    the engine reads (up to 128 rows, dividing the rows), weight-only."""
     qw = module.qweight
     if getattr(module, "dynamic", False):
         return False
     if isinstance(qw, GGMLWeight):
-        return qw.ggml_type in _ENGINE_GGML
+        return qw.ggml_type in GGML_TYPES
     if isinstance(qw, Int8Weight):
         return True
     if isinstance(qw, Int4Weight):
