@@ -45,8 +45,9 @@ __all__ = [
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
-_KIND = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
-         "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30, "I8": 100, "I4": 101}  # fmt: skip
+_KIND = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+         "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30,
+         "I8": 100, "I4": 101}  # fmt: skip
 _FLOAT_KIND = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 # the GGUF tensor types the engine runs as they are stored (GGML's type ids in the C source)
 GGML_TYPES = frozenset(k for k in _KIND if k not in ("I8", "I4"))
