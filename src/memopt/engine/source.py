@@ -33,6 +33,8 @@ SOURCE = r"""
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define MEMOPT_AVX512 1
+#elif defined(__F16C__)
+#include <immintrin.h>  /* _cvtsh_ss (a CPU with F16C and no AVX-512) */
 #endif
 
 /* GGML's type ids for GGUF blocks; memopt's own kinds from 100 */
