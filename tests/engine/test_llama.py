@@ -3,6 +3,8 @@ the same greedy tokens through generate(), and declines what it cannot run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +175,47 @@ def test_ggml_linear_at_decode_reads_the_blocks(kind: str, monkeypatch: pytest.M
         assert sqnr > 35.0, f"{kind}: SQNR {sqnr:.1f} dB"
     else:
         assert (got - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("flags", [["-mavx2", "-mfma", "-mf16c"], []], ids=["avx2", "plain"])
+def test_builds_without_avx512_give_the_same_values(flags: list[str]) -> None:
+    """The engine built for a CPU without AVX-512 (AVX2 + F16C, or plain C): every GGUF block kind
+    decodes bit for bit as gguf.quants does and its matrix-vector product is the float one (the
+    scalar paths of the kinds this CPU runs vectorised)."""
+    import ctypes
+
+    from memopt.core.cbuild import compile_library
+    from memopt.engine import llama
+    from memopt.engine.source import SOURCE
+
+    info = Path("/proc/cpuinfo")
+    cpu = info.read_text() if info.is_file() else ""
+    if flags and not all(f in cpu.split() for f in ("avx2", "fma", "f16c")):
+        pytest.skip("this CPU cannot run an AVX2 build")
+    lib = compile_library("engine-test", SOURCE, ["-O2", "-fPIC", "-shared", "-fopenmp", *flags],
+                          ["-lm"])  # fmt: skip
+    if lib is None:
+        pytest.skip("no C compiler here")
+    lib.memopt_dequant_rows.argtypes = [ctypes.POINTER(llama._QMat), ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
+    lib.memopt_linear.argtypes = [ctypes.POINTER(llama._QMat), ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]  # fmt: skip
+    lib.memopt_xs_floats.argtypes = [ctypes.c_int64]
+    lib.memopt_xs_floats.restype = ctypes.c_int64
+    rng = np.random.default_rng(0)
+    x = torch.randn(2, 512)
+    for kind in GGML_KINDS:
+        w = (rng.standard_normal((24, 512)) * 0.05).astype(np.float32)
+        blocks, keep = _blocks(w, kind), []
+        qm = llama._qmat(GGMLWeight(blocks, kind, (24, 512)), None, keep)
+        out = torch.empty(24, 512)
+        lib.memopt_dequant_rows(ctypes.byref(qm), 0, 24, out.data_ptr())
+        ref = quants.dequantize(blocks.numpy(), GGMLQuantizationType[kind]).reshape(24, 512)
+        assert np.array_equal(out.numpy(), ref), kind
+        y, xs = torch.empty(2, 24), torch.empty(int(lib.memopt_xs_floats(512)))
+        lib.memopt_linear(ctypes.byref(qm), x.data_ptr(), y.data_ptr(), 2, xs.data_ptr(), 1)
+        yr = x @ torch.from_numpy(ref).t()
+        assert ((y - yr).norm() / yr.norm()).item() < 1e-5, kind
 
 
 def test_generate_uses_the_engine_and_gives_transformers_tokens() -> None:
