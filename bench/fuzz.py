@@ -580,19 +580,25 @@ def _get(obj: Any, path: tuple[Any, ...]) -> Any:
     return obj
 
 
+def _text_mutation(obj: Any, rng: random.Random) -> tuple[str, bytes, bool]:
+    """A JSON file's text broken as text: cut short, nested too deep, or not an object (each must
+    be refused)."""
+    text = json.dumps(obj)
+    op = rng.choice(["cut", "deep", "top"])
+    if op == "cut":
+        return "JSON cut", text[: rng.randrange(len(text))].encode(), True
+    if op == "deep":
+        return "deep JSON", _deep(rng).encode(), True
+    return "not an object", json.dumps(_junk(rng)).encode(), True
+
+
 def mutate_manifest(rng: random.Random, manifest: dict[str, Any]) -> tuple[str, bytes, bool]:
     """``(place, bytes of memopt.json, must_refuse)``."""
     m = copy.deepcopy(manifest)
     kind = rng.choice(["replace", "replace", "replace", "remove", "cut", "structured",
                        "structured", "structured", "text"])  # fmt: skip
     if kind == "text":
-        text = json.dumps(m)
-        op = rng.choice(["cut", "deep", "top"])
-        if op == "cut":
-            return "JSON cut", text[: rng.randrange(len(text))].encode(), True
-        if op == "deep":
-            return "deep JSON", _deep(rng).encode(), True
-        return "not an object", json.dumps(_junk(rng)).encode(), True
+        return _text_mutation(m, rng)
     # most paths lie in config (ignored by a load: the folder's config.json is read); pick
     # among the ones a load reads three times in four
     paths = [p for p in _paths(m) if p]
@@ -689,13 +695,7 @@ def mutate_config(rng: random.Random, cfg: dict[str, Any]) -> tuple[str, bytes, 
     c = copy.deepcopy(cfg)
     kind = rng.choice(["count", "count", "count", "any", "any", "remove", "text"])
     if kind == "text":
-        text = json.dumps(c)
-        op = rng.choice(["cut", "deep", "top"])
-        if op == "cut":
-            return "JSON cut", text[: rng.randrange(len(text))].encode(), True
-        if op == "deep":
-            return "deep JSON", _deep(rng).encode(), True
-        return "not an object", json.dumps(_junk(rng)).encode(), True
+        return _text_mutation(c, rng)
     if kind == "remove":  # transformers' default takes its place: still a config
         key = rng.choice(list(c))
         del c[key]
