@@ -16,7 +16,8 @@ from memopt.engine import engine_for
 from memopt.generate import generate
 from memopt.models.toy import tiny_llama
 from memopt.quant import Int4WeightOnly, Int8WeightOnly, IntNWeightOnly, quantize_
-from memopt.weights import GGMLWeight, QEmbedding, QLinear, kernels
+from memopt.engine import llama
+from memopt.weights import GGMLWeight, Int4Weight, Int8Weight, QEmbedding, QLinear, kernels
 
 IDS = [5, 77, 301, 12, 9, 411, 250, 3, 64, 128, 7, 499]
 
@@ -244,3 +245,48 @@ def test_positions_beyond_the_cache_are_refused() -> None:
     eng = engine_for(loaded.model, loaded.config, 4)
     with pytest.raises(Exception, match="out of range"):
         eng.forward(1, 4)
+
+
+def _vnni() -> bool:
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split()
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags)
+
+
+def _q8_1_form(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's Q8_0 / Q8_1 rounding of activations ``x (M, K)`` per block of 32: codes
+    ``(M, K/32, 32)`` = round(x * 127 / amax), scale float16(amax / 127), and Q8_1's sum term
+    float16(amax / 127 * sum of codes), each ``(M, K/32)``, as float64."""
+    xb = x.reshape(x.shape[0], -1, 32)  # (M, K/32, 32) float32
+    amax = xb.abs().amax(-1)  # (M, K/32)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv[..., None])  # float32 products, rounded half to even
+    d = amax / 127.0
+    s = (d * q.sum(-1)).half().double()
+    return q.double(), d.half().double(), s
+
+
+@pytest.mark.skipif(not _vnni(), reason="int8 activations need AVX-512 VNNI")
+@pytest.mark.parametrize("kind", ["int8-g32", "int4-g32"])
+def test_int8_activations_are_llama_cpps(kind: str) -> None:
+    """On int8 activations the engine multiplies exactly llama.cpp's rounded activations (Q8_0's
+    codes and float16 scale; for int4, Q8_1's float16 sum term with Q4_1's m = zero - 8 * scale),
+    so a model and its GGUF export multiply the same numbers: float64 reference, float32 sums."""
+    torch.manual_seed(0)
+    n, k = 128, 256
+    w, x = torch.randn(n, k) * 0.05, torch.randn(3, k) * 2.0
+    q, dx, xs = _q8_1_form(x)  # (M, K/32, 32), (M, K/32), (M, K/32)
+    if kind == "int8-g32":
+        qw = Int8Weight(w, 32)
+        codes = qw.qdata.double().reshape(n, -1, 32)  # (N, K/32, 32)
+        ref = torch.einsum("nbj,mbj,mb,nb->mn", codes, q, dx, qw.scale.double())
+    else:
+        qw = Int4Weight(w, 32, symmetric=False)
+        assert qw.block_n == 64  # the interleaved layout that runs on int8 activations
+        codes = qw.codes_rows(0, n).double().reshape(n, -1, 32)  # (N, K/32, 32) 0..15
+        s, z = (qw.scale_zero[..., i].t().double() for i in (0, 1))  # (N, K/32)
+        ref = torch.einsum("nbj,mbj,mb,nb->mn", codes, q, dx, s)
+        ref += torch.einsum("mb,nb->mn", xs, z - 8 * s)
+    got = llama.linear(qw, x)  # (M, N)
+    assert got is not None
+    err = (got.double() - ref).abs().max().item()
+    assert err < 1e-5 * ref.abs().max().item(), err

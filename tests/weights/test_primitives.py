@@ -134,3 +134,19 @@ def test_byte_counts_exact(make, expected):
     q = make(torch.randn(1024, 2048))
     assert q.nbytes == expected
     assert sum(b.nbytes for b in q.buffers()) == expected
+
+
+def test_int4_zero_makes_q4_1_m_a_float16() -> None:
+    # GGUF's Q4_1 stores m = zero - 8 * scale as a float16: memopt's int4 zeros are chosen so it
+    # holds it (and bfloat16 the zero), moving no zero by more than 1 % of its scale
+    torch.manual_seed(0)
+    for spread in (1e-3, 0.02, 1.0, 50.0):
+        w = torch.randn(512, 256) * spread + torch.randn(512, 1) * spread * 3  # (N, K)
+        s, z = choose_qparams(w, 4, 32, symmetric=False, scale_dtype=torch.bfloat16)
+        s, z = s.float(), z.float()
+        m = z - 8 * s
+        assert torch.equal(m.to(torch.float16).float(), m)
+        assert torch.equal(s.to(torch.float16).float(), s)
+        lo = w.reshape(512, 8, 32).amin(-1)
+        plain = (lo + 8 * s).to(torch.bfloat16).float()  # the zero before the move
+        assert ((z - plain).abs() / s).max() < 0.01

@@ -13,7 +13,8 @@ as their work; here there is none.
 Matrix-vector products compute in float32 from the stored codes: the values multiplied are exactly
 the dequantized weights (memopt.formats.gguf / memopt.weights), only the order of the sums differs
 from a float matmul. Exceptions, by measurement: memopt int8, memopt int4 in the 64-row interleaved
-layout and GGUF Q5_0 run on int8 activations (per block of 32, llama.cpp's Q8_0 form) with VNNI
+layout and GGUF Q5_0 run on int8 activations (per block of 32, rounded exactly as llama.cpp's Q8_0 /
+Q8_1 forms round them, so that a model and its GGUF export multiply the same numbers) with VNNI
 integer dot products where the CPU has them: converting each 4-bit code to float cost more than
 the whole token of llama.cpp's Q4_0 (which rounds its activations the same way), and int8's float
 path was 0.91x llama.cpp's Q8_0 on a 1 B model; the activations' rounding is the error they add
@@ -598,20 +599,33 @@ static float dot_i4k(const qmat *w, const float *x, int64_t r) {
     return out;
 }
 
-/* x as int8 per block of 32 (llama.cpp's Q8_0 form of the activations): xq = round(x / dx),
-   dx = max |x| / 127 of the block. */
-static void quantize_x(const float *x, int64_t k, int8_t *xq, float *dx) {
+#if defined(MEMOPT_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MEMOPT_VNNI 1
+static inline float f16_round(float v) { return _cvtsh_ss(_cvtss_sh(v, 0)); }
+
+/* x as int8 per block of 32, as llama.cpp's Q8_0 / Q8_1 forms of the activations round it, so
+   that a model run here and its GGUF export run by llama.cpp multiply the same activations:
+   xq = round(x * 127 / amax), dx = amax / 127 stored as a float16 value; qsum[b] = sum of the
+   block's codes; xs[b] = float16(amax / 127 * qsum) (Q8_1's sum term). The offsets of int4 and
+   Q5_0 then multiply the rounded activations' sums, as the codes do: each product is exactly
+   W q(x), where an exact sum of x would mix two roundings of the same activations. */
+static void quantize_x(const float *x, int64_t k, int8_t *xq, float *dx, float *xs, float *qsum) {
     for (int64_t b = 0; b < k / 32; b++) {
         float amax = 0.f;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
-        float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-        dx[b] = d;
-        for (int j = 0; j < 32; j++) xq[b * 32 + j] = (int8_t)lrintf(x[b * 32 + j] * inv);
+        float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t isum = 0;
+        for (int j = 0; j < 32; j++) {
+            int8_t c = (int8_t)lrintf(x[b * 32 + j] * inv);
+            xq[b * 32 + j] = c;
+            isum += c;
+        }
+        dx[b] = f16_round(d);
+        qsum[b] = (float)isum;
+        xs[b] = f16_round(d * (float)isum);
     }
 }
 
-#if defined(MEMOPT_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define MEMOPT_VNNI 1
 /* memopt int4 in the 64-row interleaved layout with int8 activations: 4 K positions of a row
    gathered into one 32-bit lane (a byte transpose of 4 x 32 bytes), then VNNI dot products of
    codes (u8) and activations (s8), 4 a lane. Rows land in the lanes as
@@ -713,8 +727,8 @@ static inline float hsum8(__m256 acc) {
    values Q5_0), 1 thread: 0.95x llama.cpp's speed with float32 activations, 1.07-1.13x with these.
    Q8_0 keeps float32 activations: already 1.3x llama.cpp, and then its greedy tokens are
    llama.cpp's (with int8 activations they part at a near tie). */
-static float dot_q5_0_vnni(const uint8_t *row, const int8_t *xq, const float *dx, const float *xs,
-                           int64_t nb) {
+static float dot_q5_0_vnni(const uint8_t *row, const int8_t *xq, const float *dx,
+                           const float *qsum, int64_t nb) {
     const __m128i m4 = _mm_set1_epi8(0x0F);
     const __m256i c16 = _mm256_set1_epi8(16);
     __m256 acc = _mm256_setzero_ps();
@@ -730,19 +744,20 @@ static float dot_q5_0_vnni(const uint8_t *row, const int8_t *xq, const float *dx
         __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
         __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[b]), acc);
-        tail -= 16.f * d * xs[b];
+        tail -= 16.f * d * dx[b] * qsum[b];
     }
     return hsum8(acc) + tail;
 }
 #endif
 
 /* y = W x (+ bias). Call from inside a parallel region (all threads): rows are shared out. xs:
-   scratch for the activations' forms, filled here by one thread: block sums (K / 32 + 1 floats),
-   then their int8 scales (K / 32 + 1 floats), then their int8 values (K bytes). */
+   scratch for the activations' forms, filled here by one thread: block sums (K / 32 + 1 floats;
+   on int8 activations, Q8_1's sums of the rounded activations), their int8 scales and their
+   codes' sums (K / 32 + 1 floats each), then their int8 values (K bytes). */
 static void matvec(const qmat *w, const float *x, float *y, float *xs) {
     const int64_t n = w->n, k = w->k;
-    float *dx = xs + k / 32 + 1;
-    int8_t *xq = (int8_t *)(dx + k / 32 + 1);
+    float *dx = xs + k / 32 + 1, *qsum = dx + k / 32 + 1;
+    int8_t *xq = (int8_t *)(qsum + k / 32 + 1);
 #ifdef MEMOPT_VNNI
     const int vnni = (w->kind == W_I4 && w->block_n == 64 && w->group % 32 == 0) ||
                      (w->kind == W_I8 && k % 32 == 0 && w->group % 32 == 0) ||
@@ -755,8 +770,11 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
     if (sums || vnni) {
 #pragma omp single
         {
+#ifdef MEMOPT_VNNI
+            if (vnni) quantize_x(x, k, xq, dx, xs, qsum);
+            else
+#endif
             block_sums(x, k, xs);
-            if (vnni) quantize_x(x, k, xq, dx);
         }
     }
     switch (w->kind) {
@@ -829,7 +847,7 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
         if (!q51) {
             const uint8_t *d = (const uint8_t *)w->data; const int64_t rb = k / 32 * 22;
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < n; r++) y[r] = dot_q5_0_vnni(d + r * rb, xq, dx, xs, k / 32);
+            for (int64_t r = 0; r < n; r++) y[r] = dot_q5_0_vnni(d + r * rb, xq, dx, qsum, k / 32);
             break;
         }
 #endif
@@ -928,8 +946,9 @@ static void embed_row(const qmat *w, int64_t r, float *out) {
     }
 }
 
-/* the activations' forms of matvec for K inputs: sums, int8 scales, int8 values (+ padding) */
-#define XS_FLOATS(K) (2 * ((K) / 32 + 1) + (K) / 4 + 16)
+/* the activations' forms of matvec for K inputs: sums, int8 scales, int8 codes' sums, int8 values
+   (+ padding) */
+#define XS_FLOATS(K) (3 * ((K) / 32 + 1) + (K) / 4 + 16)
 
 /* y (M, N) = x (M, K) @ W.T (+ bias) one row of x at a time, for a layer outside the engine's
    token (transformers' forward of a streamed model): the same matrix-vector products, no

@@ -13,9 +13,10 @@ blocks with the reader's bit-exact dequantizer and comparing with memopt's own d
   the group's scale is every one of its blocks' ``d``; exact when the scale is a float16 (bfloat16
   values usually are);
 * int4 symmetric -> Q4_0, ``d = scale``; int4 asymmetric -> Q4_1, ``d = scale``,
-  ``m = zero - 8 * scale`` (memopt's value is ``(c - 8) * scale + zero``): exact for the blocks whose
-  ``m`` is a float16, the others' ``m`` rounded to the nearest one (codes kept) and the error
-  reported; groups of 64 or 128 are whole blocks of 32 too;
+  ``m = zero - 8 * scale`` (memopt's value is ``(c - 8) * scale + zero``): exact, because memopt's
+  quantizer picks each zero so that ``m`` is a float16 (memopt.weights.primitives); a block whose
+  ``m`` is not (a folder from before that) has its ``m`` rounded to the nearest float16 (codes
+  kept) and the error reported; groups of 64 or 128 are whole blocks of 32 too;
 * int2 / int3 -> Q4_0 / Q4_1 the same way (their codes fit in 4 bits);
 * GGML blocks (a GGUF source) -> the same blocks, the same bytes;
 * any other kind (sparse) -> its dequantized float weight (F32 / F16 / BF16), exact;

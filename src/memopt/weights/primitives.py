@@ -74,8 +74,38 @@ def choose_qparams(
         scale = torch.maximum(-lo / mid, hi / (mid - 1)).clamp_min(tiny)
         return scale.to(scale_dtype), None
     scale = ((hi - lo) / qmax).clamp_min(tiny).to(scale_dtype)
-    offset = (lo + mid * scale.float()).to(scale_dtype)  # the value decoded from the middle code
-    return scale, offset
+    offset = lo + mid * scale.float()  # the value decoded from the middle code
+    if scale_dtype in (torch.bfloat16, torch.float16):
+        offset = _gguf_exact_offset(offset, scale.float(), mid, scale_dtype)
+    return scale, offset.to(scale_dtype)
+
+
+def _gguf_exact_offset(
+    offset: torch.Tensor, scale: torch.Tensor, mid: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``offset`` moved to the nearest value ``z`` that ``dtype`` holds and for which
+    ``m = z - mid * scale`` is a float16: GGUF's Q4_1 stores ``m`` as a float16 (its value is
+    ``c * d + m``, memopt's ``(c - mid) * scale + z``), so the weight exports to Q4_1 exactly.
+
+    Why it exists: ``z`` and ``mid * scale`` are values of different sizes, and their difference
+    often needs more significant bits than float16's 11 (measured on smollm2 int4 g32, bfloat16
+    scales: 19 % of the blocks). ``z`` rounded to a multiple of ``q``, the larger of its own step in
+    ``dtype`` and the float16 step of ``m``, fixes both wherever ``mid * scale`` is a multiple of
+    that step (``|m|`` under 16 ``mid * scale`` for bfloat16, 2 for float16: the rest are reported
+    by the export). The move is at most ``q / 2``: 0.0044 ``scale`` measured, far inside the
+    ``scale / 2`` rounding of the codes.
+    """
+    z = offset.float()
+    z_bits = 7 if dtype == torch.bfloat16 else 10  # explicit significand bits of dtype
+    one = torch.ones_like(z)
+    for _ in range(2):  # a second pass where rounding carried m or z across a power of two
+        m = z - mid * scale
+        # float16 step of m: 2^(e - 10), e the exponent of |m| (floored at float16's subnormals)
+        m_exp = torch.frexp(m.abs().clamp_min(2.0**-14))[1] - 1
+        z_exp = torch.frexp(z.abs().clamp_min(2.0**-126))[1] - 1
+        q = torch.maximum(torch.ldexp(one, m_exp - 10), torch.ldexp(one, z_exp - z_bits))
+        z = torch.round(z / q) * q
+    return z
 
 
 def quantize(
