@@ -12,11 +12,10 @@ from gguf import GGMLQuantizationType, quants
 from torch import nn
 
 from memopt.core.modules import set_module
-from memopt.engine import engine_for
+from memopt.engine import engine_for, llama
 from memopt.generate import generate
 from memopt.models.toy import tiny_llama
 from memopt.quant import Int4WeightOnly, Int8WeightOnly, IntNWeightOnly, quantize_
-from memopt.engine import llama
 from memopt.weights import GGMLWeight, Int4Weight, Int8Weight, QEmbedding, QLinear, kernels
 
 IDS = [5, 77, 301, 12, 9, 411, 250, 3, 64, 128, 7, 499]
