@@ -83,11 +83,14 @@ def _memopt_runner(path: str, threads: int, n: int) -> tuple[Any, int]:
     return run, model_bytes(loaded.model)
 
 
-def _llama_runner(path: str, threads: int, n: int) -> tuple[Any, int]:
+def _llama_runner(path: str, threads: int, n: int, f32_cache: bool = False) -> tuple[Any, int]:
+    """llama.cpp's greedy decode of PROMPT + n tokens; ``f32_cache``: its KV cache in float32 (as
+    memopt's engine holds it; llama.cpp's default is float16, flash attention where it decides)."""
     from llama_cpp import Llama
 
+    cache = {"type_k": 0, "type_v": 0, "flash_attn": False} if f32_cache else {}  # 0: GGML F32
     llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=256,
-                verbose=False)  # fmt: skip
+                verbose=False, **cache)  # fmt: skip
 
     def run() -> tuple[float, list[int]]:
         llm.reset()
@@ -383,9 +386,13 @@ def export_check_job(folder: str, gguf_path: str, hf_dir: str, n: int, threads: 
         mem_tokens = generate(loaded, PROMPT, n, stop_at_eos=False)["tokens"]
     run, _ = _llama_runner(gguf_path, threads, n)
     llama_tokens = run()[1]
+    run32, _ = _llama_runner(gguf_path, threads, n, f32_cache=True)
+    llama_tokens_f32 = run32()[1]
     out.update(engine=engine, memopt_tokens=mem_tokens, llama_tokens=llama_tokens,
                same_tokens=mem_tokens == llama_tokens,
-               first_diff=_first_diff(mem_tokens, llama_tokens))  # fmt: skip
+               first_diff=_first_diff(mem_tokens, llama_tokens),
+               llama_tokens_f32_cache=llama_tokens_f32,
+               first_diff_f32_cache=_first_diff(mem_tokens, llama_tokens_f32))  # fmt: skip
     # Teacher forced: both runtimes read llama.cpp's greedy sequence, and at every generated
     # position their next-token choices are compared (free-running greedy sequences part at the
     # first near tie and never meet again, so the sequences alone say little past it); where they
@@ -784,14 +791,16 @@ def main() -> None:
             f"{rows[0]['ids']} ids, windows of {rows[0]['window']} (stride {rows[0]['stride']}), "
             f"{rows[0]['scored']} scored",
             ("memopt folder", "quantize / GGUF / HF export s", "GGUF types (exact)",
-             f"greedy tokens ({len(rows[0]['memopt_tokens'])})",
+             f"greedy tokens ({len(rows[0]['memopt_tokens'])}), llama.cpp's KV cache float16 "
+             "(default) / float32 (memopt's)",
              "teacher-forced choices differing (largest gap)", "ppl memopt", "ppl llama.cpp",
              "llama.cpp vs memopt", "llama.cpp logits max |d|", "transformers logits max |d|",
              "ppl transformers"),
             [(r["row"], f"{_s(r['quantize_s'])} / {_s(r['export_gguf_s'])} / {_s(r['export_hf_s'])}",
               " ".join(f"{k}x{v}" for k, v in r["gguf_types"].items())
               + (" (all exact)" if r["gguf_all_exact"] else f" ({len(r['gguf_not_exact'])} not)"),
-              "equal" if r["same_tokens"] else f"differ from {r['first_diff']}",
+              " / ".join("equal" if d is None else f"differ from {d}"
+                         for d in (r["first_diff"], r.get("first_diff_f32_cache"))),
               f"{r['forced_disagree']} of {r['forced_positions']} ({r['forced_max_gap']:.3f})",
               f"{r['memopt_ppl']:.4f}", f"{r['llama_ppl']:.4f}", f"{100 * r['ppl_rel_diff']:+.3f} %",
               f"{r['llama_logits_max_abs_diff']:.3g} (of {r['logits_max_abs']:.1f})",

@@ -294,7 +294,7 @@ def bench_stream(
     caches: tuple[str, ...] = ("warm", "cold", "evict"),
     models: tuple[str, ...] = ("float32", "int4", "gguf"),
     shares: tuple[float, ...] = (1.0, 0.5, 0.25),
-    gguf_stored_shares: tuple[float, ...] = (0.75, 0.55),
+    gguf_stored_shares: tuple[float, ...] = (0.75, 0.6),
 ) -> dict[str, Any]:
     """Rows of (model, budget, cache). ``warm``: the file read once before; ``cold``: evicted
     before the child starts (the first pass reads the disk, later passes find the pages cached);
@@ -567,7 +567,7 @@ def main() -> None:
         "--gguf-stored-shares",
         nargs="*",
         type=float,
-        default=[0.75, 0.55],
+        default=[0.75, 0.6],
         help="GGUF budgets as shares of its stored bytes (below them, blocks stream)",
     )
     ap.add_argument(
