@@ -92,6 +92,7 @@ def generate(
     stop_at_eos: bool = True,
     warmup: bool = True,
     engine: bool | None = None,
+    kv_int8: bool = False,
 ) -> dict[str, Any]:
     """Generate up to ``max_new_tokens`` after ``prompt`` (text, or token ids).
 
@@ -129,7 +130,7 @@ def generate(
 
     eng = None
     if engine is not False:
-        eng = engine_for(model, loaded.config, int(ids.shape[1]) + max_new_tokens)
+        eng = engine_for(model, loaded.config, int(ids.shape[1]) + max_new_tokens, kv_int8)
         if eng is None and engine:
             raise MemoptError(f"{loaded.name}: memopt's decode engine cannot run this model")
     if eng is not None:

@@ -289,3 +289,30 @@ def test_int8_activations_are_llama_cpps(kind: str) -> None:
     assert got is not None
     err = (got.double() - ref).abs().max().item()
     assert err < 1e-5 * ref.abs().max().item(), err
+
+
+def test_int8_kv_cache_is_the_transformers_int8_cache() -> None:
+    """``kv_int8``: the engine's KV cache as int8 codes with a float32 scale a position and head,
+    rounded as memopt.weights.kvcache rounds them: the logits of transformers with that cache
+    within float32 rounding, a quarter of the float cache's bytes plus the scales."""
+    from memopt.generate import _cache_arg, _cache_of
+    from memopt.measure.generation import kv_cache_bytes
+    from memopt.weights.kvcache import use_int8_kv_cache
+
+    loaded = tiny_llama(seed=1)
+    eng = engine_for(loaded.model, loaded.config, 32, kv_int8=True)
+    assert eng is not None
+    assert eng.cache_bytes == kv_cache_bytes(loaded.config, 32, 1, 1)
+    got = torch.stack([eng.forward(t, p).clone() for p, t in enumerate(IDS)])  # (T, V)
+    use_int8_kv_cache(loaded.model, loaded.config)
+    ref, cache, arg = [], None, _cache_arg(loaded.model)
+    with torch.no_grad():
+        for t in IDS:  # one position at a time, as the engine: each reads the cache's codes
+            past = {} if cache is None else {arg: cache}
+            out = loaded.model(input_ids=torch.tensor([[t]]), use_cache=True, **past)
+            cache = _cache_of(out)
+            ref.append(out.logits[0, -1].float())
+    ref = torch.stack(ref)  # (T, V)
+    assert (got - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item())
+    full = engine_for(loaded.model, loaded.config, 32)
+    assert full is not None and full.cache_bytes == kv_cache_bytes(loaded.config, 32, 1, 4)

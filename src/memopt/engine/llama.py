@@ -108,7 +108,7 @@ def library() -> Any:
             lib = compile_library("engine", SOURCE, _FLAGS, ["-lm"])
             if lib is not None:
                 lib.memopt_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_int32,
-                                               ctypes.c_int32] + [ctypes.c_void_p] * 4 + [
+                                               ctypes.c_int32] + [ctypes.c_void_p] * 6 + [
                                                ctypes.c_int32]  # fmt: skip
                 lib.memopt_forward.restype = ctypes.c_int
                 lib.memopt_scratch_floats.argtypes = [ctypes.POINTER(_Model)]
@@ -229,9 +229,16 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 Provider = Callable[[str], tuple[Weight, torch.Tensor | None]]  # module name -> (weight, bias)
 
 
-def build(arch: Arch, get: Provider, norm: Callable[[str], torch.Tensor], max_seq: int) -> Engine:
+def build(
+    arch: Arch,
+    get: Provider,
+    norm: Callable[[str], torch.Tensor],
+    max_seq: int,
+    kv_int8: bool = False,
+) -> Engine:
     """An engine over the weights ``get(module name)`` and norms ``norm(name)`` return, named as
-    in Hugging Face's Llama (``model.layers.3.self_attn.q_proj``, ``model.norm``, ``lm_head``)."""
+    in Hugging Face's Llama (``model.layers.3.self_attn.q_proj``, ``model.norm``, ``lm_head``);
+    ``kv_int8``: its KV cache int8 (a scale a position and head, as memopt.weights.kvcache)."""
     keep: list[torch.Tensor] = []
     arr = (_Layer * arch.n_layers)()
     for i in range(arch.n_layers):
@@ -264,7 +271,7 @@ def build(arch: Arch, get: Provider, norm: Callable[[str], torch.Tensor], max_se
         _qmat(head, None, keep),
     )  # fmt: skip
     return Engine(m, arr, keep, arch.vocab, int(max_seq), arch.n_kv_heads * arch.head_dim,
-                  arch.n_layers)  # fmt: skip
+                  arch.n_layers, arch.n_kv_heads, kv_int8)  # fmt: skip
 
 
 @dataclass
@@ -278,12 +285,17 @@ class Engine:
     max_seq: int
     kv_dim: int
     n_layers: int
+    kv_heads: int
+    kv_int8: bool = False  # the KV cache as int8 codes + a float32 scale a position and head
 
     def __post_init__(self) -> None:
         lib = library()
         shape = (self.n_layers, self.max_seq, self.kv_dim)
-        self.k_cache = torch.zeros(shape)  # (L, T, kv_heads * head_dim)
-        self.v_cache = torch.zeros(shape)
+        dtype = torch.int8 if self.kv_int8 else torch.float32
+        self.k_cache = torch.zeros(shape, dtype=dtype)  # (L, T, kv_heads * head_dim)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+        scales = (self.n_layers, self.max_seq, self.kv_heads) if self.kv_int8 else (0,)
+        self.k_scale, self.v_scale = torch.zeros(scales), torch.zeros(scales)  # (L, T, kv_heads)
         self.scratch = torch.empty(lib.memopt_scratch_floats(ctypes.byref(self.model)))
         self.logits = torch.empty(self.vocab)
         self._lib = lib
@@ -291,7 +303,8 @@ class Engine:
 
     @property
     def cache_bytes(self) -> int:
-        return 2 * self.k_cache.numel() * 4
+        tensors = (self.k_cache, self.v_cache, self.k_scale, self.v_scale)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, token: int, pos: int, threads: int | None = None) -> torch.Tensor:
         """Logits ``(vocab,)`` of ``token`` at position ``pos`` (positions ``< pos`` are in the
@@ -301,9 +314,10 @@ class Engine:
         (see :class:`_Threads`)."""
         nt = threads or self._threads.pick()
         start = time.perf_counter()
+        scales = (self.k_scale.data_ptr(), self.v_scale.data_ptr()) if self.kv_int8 else (None,) * 2
         rc = self._lib.memopt_forward(
             ctypes.byref(self.model), int(token), int(pos), self.logits.data_ptr(),
-            self.k_cache.data_ptr(), self.v_cache.data_ptr(), self.scratch.data_ptr(), nt,
+            self.k_cache.data_ptr(), self.v_cache.data_ptr(), *scales, self.scratch.data_ptr(), nt,
         )  # fmt: skip
         if threads is None:
             self._threads.record(nt, time.perf_counter() - start)
@@ -379,15 +393,15 @@ def linear(weight: Weight, x: torch.Tensor) -> torch.Tensor | None:
 kernels.register_gemv(linear)
 
 
-def engine_for(model: nn.Module, config: Any, max_seq: int) -> Engine | None:
-    """An :class:`Engine` over ``model``'s own tensors for ``max_seq`` positions, or None when
-    the engine cannot run this model (then use transformers' forward)."""
+def engine_for(model: nn.Module, config: Any, max_seq: int, kv_int8: bool = False) -> Engine | None:
+    """An :class:`Engine` over ``model``'s own tensors for ``max_seq`` positions (``kv_int8``: an
+    int8 KV cache), or None when the engine cannot run this model (then use transformers')."""
     if library() is None:
         return None
     try:
         arch = arch_of(config, model)
         return build(arch, lambda name: _of_module(model.get_submodule(name)),
-                     lambda name: model.get_submodule(name).weight, max_seq)  # fmt: skip
+                     lambda name: model.get_submodule(name).weight, max_seq, kv_int8)  # fmt: skip
     except (_Unsupported, AttributeError):
         return None
 

@@ -995,10 +995,35 @@ int64_t memopt_scratch_floats(const model_t *m) {
            XS_FLOATS(big) + m->head_dim + qd + (qd > m->dim ? qd : m->dim);
 }
 
+/* dot of float32 q with int8 codes c (n values) */
+static float dot_f32_i8(const float *q, const int8_t *c, int n) {
+    float s = 0.f;
+    for (int i = 0; i < n; i++) s += q[i] * (float)c[i];
+    return s;
+}
+
+/* n_heads heads of head_dim floats -> int8 codes and one scale a head, as memopt's int8 KV cache
+   (memopt.weights.kvcache) rounds them: scale = max(amax, 1e-12) / 127, code = round(x / scale) */
+static void quantize_heads(const float *x, int n_heads, int head_dim, int8_t *c, float *scale) {
+    for (int h = 0; h < n_heads; h++) {
+        const float *xh = x + h * head_dim;
+        float amax = 0.f;
+        for (int i = 0; i < head_dim; i++) amax = fmaxf(amax, fabsf(xh[i]));
+        float s = fmaxf(amax, 1e-12f) / 127.f;
+        scale[h] = s;
+        for (int i = 0; i < head_dim; i++) {
+            float r = rintf(xh[i] / s);
+            c[h * head_dim + i] = (int8_t)fminf(fmaxf(r, -127.f), 127.f);
+        }
+    }
+}
+
 /* One token at position pos: logits (vocab,) from the caches of positions < pos, which it
-   extends with this token's K and V. kc, vc: (n_layers, max_seq, n_kv_heads * head_dim). */
-int memopt_forward(const model_t *m, int32_t token, int32_t pos, float *logits, float *kc,
-                   float *vc, float *scratch, int32_t threads) {
+   extends with this token's K and V. kc, vc: (n_layers, max_seq, n_kv_heads * head_dim), float32;
+   or, when ks is given, int8 codes with one float32 scale a position and head in ks, vs
+   (n_layers, max_seq, n_kv_heads): the int8 KV cache, a quarter of the bytes. */
+int memopt_forward(const model_t *m, int32_t token, int32_t pos, float *logits, void *kc,
+                   void *vc, float *ks, float *vs, float *scratch, int32_t threads) {
     if (pos < 0 || pos >= m->max_seq || token < 0 || token >= m->vocab) return 1;
     const int dim = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads;
     const int64_t kvd = (int64_t)nkv * hd, qd = (int64_t)nh * hd;
@@ -1013,20 +1038,30 @@ int memopt_forward(const model_t *m, int32_t token, int32_t pos, float *logits, 
         float f = pos * m->inv_freq[i];
         cs[i] = cosf(f) * m->rope_scale; sn[i] = sinf(f) * m->rope_scale;
     }
+    const int q8 = ks != NULL;
 #pragma omp parallel num_threads(threads)
     {
         for (int l = 0; l < m->n_layers; l++) {
             const layer_t *L = &m->layers[l];
-            float *kl = kc + (int64_t)l * m->max_seq * kvd, *vl = vc + (int64_t)l * m->max_seq * kvd;
+            const int64_t layer = (int64_t)l * m->max_seq;
+            float *kl = (float *)kc + layer * kvd, *vl = (float *)vc + layer * kvd;
+            int8_t *kq = (int8_t *)kc + layer * kvd, *vq = (int8_t *)vc + layer * kvd;
+            const float *ksl = q8 ? ks + layer * nkv : NULL, *vsl = q8 ? vs + layer * nkv : NULL;
+            /* this position's K and V: straight into a float cache, else via k, v to be rounded */
+            float *kp = q8 ? k : kl + (int64_t)pos * kvd, *vp = q8 ? v : vl + (int64_t)pos * kvd;
 #pragma omp single
             rmsnorm(x, L->attn_norm, xb, dim, m->eps);
             matvec(&L->wq, xb, q, xs);
-            matvec(&L->wk, xb, kl + (int64_t)pos * kvd, xs);
-            matvec(&L->wv, xb, vl + (int64_t)pos * kvd, xs);
+            matvec(&L->wk, xb, kp, xs);
+            matvec(&L->wv, xb, vp, xs);
 #pragma omp single
             {
                 rope(q, nh, hd, cs, sn);
-                rope(kl + (int64_t)pos * kvd, nkv, hd, cs, sn);
+                rope(kp, nkv, hd, cs, sn);
+                if (q8) {
+                    quantize_heads(kp, nkv, hd, kq + (int64_t)pos * kvd, ks + (layer + pos) * nkv);
+                    quantize_heads(vp, nkv, hd, vq + (int64_t)pos * kvd, vs + (layer + pos) * nkv);
+                }
             }
 #pragma omp for schedule(static)
             for (int h = 0; h < nh; h++) {
@@ -1034,15 +1069,25 @@ int memopt_forward(const model_t *m, int32_t token, int32_t pos, float *logits, 
                 float *a = att + (int64_t)h * m->max_seq, mx = -INFINITY, sum = 0.f;
                 const int kvh = h / group;
                 for (int t = 0; t <= pos; t++) {
-                    float s = dot_f32(qh, kl + (int64_t)t * kvd + kvh * hd, hd) * m->attn_scale;
+                    const int64_t at = (int64_t)t * kvd + kvh * hd;
+                    float s = q8 ? dot_f32_i8(qh, kq + at, hd) * ksl[t * nkv + kvh]
+                                 : dot_f32(qh, kl + at, hd);
+                    s *= m->attn_scale;
                     a[t] = s; if (s > mx) mx = s;
                 }
                 for (int t = 0; t <= pos; t++) { a[t] = expf(a[t] - mx); sum += a[t]; }
                 float *o = ab + h * hd;
                 for (int i = 0; i < hd; i++) o[i] = 0.f;
                 for (int t = 0; t <= pos; t++) {
-                    const float *vt = vl + (int64_t)t * kvd + kvh * hd; float p = a[t] / sum;
-                    for (int i = 0; i < hd; i++) o[i] += p * vt[i];
+                    const int64_t at = (int64_t)t * kvd + kvh * hd;
+                    float p = a[t] / sum;
+                    if (q8) {
+                        const int8_t *ct = vq + at; p *= vsl[t * nkv + kvh];
+                        for (int i = 0; i < hd; i++) o[i] += p * (float)ct[i];
+                    } else {
+                        const float *vt = vl + at;
+                        for (int i = 0; i < hd; i++) o[i] += p * vt[i];
+                    }
                 }
             }
             matvec(&L->wo, ab, tmp, xs);

@@ -1075,9 +1075,10 @@ def _plan_layout(
     budgeted = max_memory is not None
     block_tensors = layout.block_tensors()
     engine = None
-    if _engine_runs(layout, kv_int8, batch):
+    if _engine_runs(layout, batch):
         engine = _EngineTerms(
-            kv_cache_bytes(config, tokens, 1, 4),  # (layers, positions, kv_dim) float32, K and V
+            # (layers, positions, kv_dim) float32 K and V, or int8 with a scale a position and head
+            kv_cache_bytes(config, tokens, 1, kv_size),
             _engine_activation_bytes(config, tokens),
             layout.reader.scratch_bytes(block_tensors, engine=True) if budgeted else 0,
             _engine_reserve(layout, reserve_bytes) if budgeted else 0,
@@ -1090,13 +1091,13 @@ def _plan_layout(
     )  # fmt: skip
 
 
-def _engine_runs(layout: _Layout, kv_int8: bool, batch: int) -> bool:
+def _engine_runs(layout: _Layout, batch: int) -> bool:
     """Whether memopt's decode engine runs ``layout``'s model once all of it is resident
     (:func:`memopt.generate.generate` then picks it): a GGUF kept in its stored form or a memopt
     folder, every quantized weight of a kind the engine computes with, every float tensor float32, an architecture it runs
-    (:func:`memopt.engine.llama.arch_of`), the engine built for this machine; batch 1, a float
-    KV cache (the engine keeps its own)."""
-    if kv_int8 or batch != 1 or layout.source.kind not in ("gguf", "memopt"):
+    (:func:`memopt.engine.llama.arch_of`), the engine built for this machine; batch 1 (the engine
+    keeps its own KV cache, float32 or int8)."""
+    if batch != 1 or layout.source.kind not in ("gguf", "memopt"):
         return False
     if layout.loaded.task != "causal-lm":
         return False

@@ -117,12 +117,12 @@ def run(
     ) as streamed:  # fmt: skip
         streamed.loaded._tokenizer = _DeferredTokenizer(eos)
         # eos -1: no end token, exactly max_new_tokens (benchmarks, profile). The decode engine
-        # runs the model when the plan counted its terms (everything resident), never with an int8
-        # KV cache (the engine keeps its own float32 one), else when generate() finds it can.
-        engine = False if kv_int8 else True if streamed.plan.engine else None
+        # runs the model when the plan counted its terms (everything resident), with its own KV
+        # cache (int8 with kv_int8), else when generate() finds it can.
+        engine = True if streamed.plan.engine else None
         out = generate(
             streamed.loaded, ids, max_new_tokens, warmup=warmup, stop_at_eos=eos != -1,
-            engine=engine,
+            engine=engine, kv_int8=kv_int8,
         )  # fmt: skip
         out["plan"] = streamed.plan.to_dict()
         out["stream"] = streamed.stats()
