@@ -349,3 +349,24 @@ def test_export_bad_inputs(capsys, int8_folder: Path, tiny_folder, tmp_path: Pat
     code, _, err = _run(capsys, "export", str(int8_folder), "--format", "onnx", "-o", str(target))
     _assert_one_line_error(code, err, "--format")
     assert list(tmp_path.iterdir()) == []  # no file, no temporary left behind
+
+
+def test_float16_on_a_slow_cpu_says_so(
+    capsys, tiny_folder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the note is memopt.measure.cpu16's (its own tests: flags and timings); here, where it goes
+    import json
+
+    from memopt.measure import cpu16
+
+    monkeypatch.setattr(cpu16, "float16_note", lambda: "float16 is slow on this CPU")
+    code, out, _ = _run(
+        capsys, "quantize", str(tiny_folder("llama")), "--method", "float16", "-o", str(tmp_path / "h"),
+        "--json",
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["note"] == "float16 is slow on this CPU: --method bfloat16"
+    code, out, _ = _run(
+        capsys, "quantize", str(tiny_folder("llama")), "--method", "bfloat16", "-o", str(tmp_path / "b"),
+        "--json",
+    )  # fmt: skip
+    assert code == 0 and "note" not in json.loads(out)

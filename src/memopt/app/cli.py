@@ -699,7 +699,19 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float16_note(dtype: str | None) -> None:
+    """One line on stderr where the user asked for float16 and this CPU computes it slowly
+    (measured: memopt.measure.cpu16)."""
+    if dtype == "float16":
+        from memopt.measure.cpu16 import float16_note
+
+        note = float16_note()
+        if note:
+            sys.stderr.write(f"memopt: note: {note}: use --dtype bfloat16\n")
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
+    _float16_note(args.dtype)
     with _status("loading and running one step in a child process"):
         report = _memory_report(args, measured=True)
     if args.plot:
@@ -818,6 +830,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     else:
         with _progress(f"quantizing to {label}", quiet=args.json) as cb:
             result = quantize_model(args.model, config, args.output, calib=calib, progress=cb)
+    if getattr(config, "dtype", None) == "float16":  # a cast to float16: will it run slowly here?
+        from memopt.measure.cpu16 import float16_note
+
+        slow = float16_note()
+        if slow:
+            result["note"] = "; ".join(
+                filter(None, [result.get("note"), f"{slow}: --method bfloat16"])
+            )
     if args.json:
         _print_json(result)
         return 0
@@ -888,6 +908,7 @@ def _print_generation(args: argparse.Namespace, result: dict, memory: str) -> in
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from memopt.train import finetune
 
+    _float16_note(args.dtype)
     bar_ctx = _progress("fine-tuning", quiet=args.json)
     with bar_ctx as cb:
         result = finetune(
