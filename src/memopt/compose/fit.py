@@ -16,7 +16,10 @@ channel, int4 in groups of 128, 64 or 32, int3 / int2). Its three parts:
   block unit and scaled to the others by their output errors on the calibration inputs; costs
   are additive;
 * **the choice**: a multiple-choice knapsack over the units, solved exactly by dynamic programming
-  over bytes (in steps of :data:`BYTES_STEP`): the least total cost whose bytes fit the budget.
+  over bytes (in steps of :data:`BYTES_STEP`): the least total cost whose bytes fit the budget;
+  then refined by measurement (:mod:`memopt.compose.fit_refine`, not for ``--plan-only``): a few
+  dozen whole plans within the same bytes (the knapsack's, the uniform recipes that fit, local
+  moves), each the KL of the whole quantized model on calibration windows, the best kept.
 
 Then the plan is applied from the source file without the float model (streamed quantization
 with a per-module config, GPTQ where int4), saved as a memopt folder, and the run the user asked
@@ -394,7 +397,9 @@ def sensitivities(
     Tried and measured (2026-12-07, bench/fit.py at uniform int4 g64's bytes): scaling instead by
     the output errors of GPTQ, as the fit applies int4, gave 16.328 against uniform GPTQ g64's
     16.272, as far behind as these costs (16.133 against 16.072 on the earlier calibration), for
-    3 more minutes of GPTQ on SmolLM2; not kept.
+    3 more minutes of GPTQ on SmolLM2; not kept. What the knapsack then gets wrong (the sum of
+    single-unit costs against the whole plan's) is for :mod:`memopt.compose.fit_refine`, which
+    measures whole plans after it.
 
     One float pass stores the hidden states entering every block; a block's KL then runs only
     that block and the ones after it (half the model on average), the output head from the final
