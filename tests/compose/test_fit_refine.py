@@ -116,6 +116,7 @@ def test_plan_only_never_refines(folder: Path, monkeypatch: pytest.MonkeyPatch) 
         raise AssertionError("the refinement ran for --plan-only")
 
     monkeypatch.setattr(fit_refine, "refine_cached", boom)
+    monkeypatch.setattr(fit_mod, "_baseline", lambda task: 0)  # a child's imports: not the point
     r = fit(folder, 10**9, plan_only=True, seq=16, max_new_tokens=16)
     assert "refinement" not in r and r["quality_costs"].startswith("measured")
 
@@ -147,3 +148,19 @@ def test_fit_applies_the_refined_plan(
     assert r["plan"]["runtime_bytes"] == RUNTIME_BYTES
     assert {u["format"] for u in r["plan"]["units"]} <= {"float32", "int8"}
     assert (tmp_path / "out" / "fit.json").is_file()
+
+
+def test_every_unit_at_its_largest_format_is_kept_unmeasured(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan with every unit in its largest format of the menu (float32: KL 0) comes back as it
+    is, the model never loaded (a fit with room for float32 spends no time refining)."""
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("memopt.models.load_model", boom)
+    units = units_of(tiny.model, decode_engine=True)
+    start = {u.name: "float32" for u in units}
+    r = fit_refine.refine_cached(None, units, start, 10**9, ENGINE_FORMATS, torch.zeros(1, 2))
+    assert r.formats == start and r.evaluations == 0 and r.kl == 0.0

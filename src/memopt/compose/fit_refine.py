@@ -5,9 +5,9 @@ that unit rounded; near the uniform recipes the sum misranks plans (the units in
 applied GPTQ is not the round to nearest the costs were measured with). So after the knapsack, a
 few dozen whole plans are measured: the mean KL divergence of the next-token distribution of the
 whole quantized model from the float model's on held-in calibration windows, and the best plan
-measured within the budget is kept. The candidates: the knapsack's plan, the uniform recipes of
-the plan's menu that fit (int4 g64 everywhere, when its bytes fit), then local moves from the best
-one measured, greedily (first improvement): one unit one format up, paid for by the fewest units
+measured within the budget is kept. The candidates: the knapsack's plan, the largest uniform
+recipe of the plan's menu that fits (int4 g64 everywhere, when its bytes fit), then local moves
+from the best one measured, greedily (first improvement): one unit one format up, paid for by the fewest units
 one format down (least predicted cost first), the moves tried in the order of their predicted
 cost.
 
@@ -318,9 +318,9 @@ def refine(
 ) -> Refined:
     """The plan of least measured KL among at most ``max_evals`` whole plans within ``budget``
     held bytes (:meth:`Unit.held`), each unit's format from ``menu``: ``start`` (the knapsack's
-    plan, within the budget), the uniform recipes of ``menu`` that fit, then local moves
+    plan, within the budget), the largest uniform recipe of ``menu`` that fits, then local moves
     (:func:`_moves`) from the best measured, first improvement, until none improves or the
-    evaluations run out."""
+    evaluations run out. A ``start`` whose KL is 0 is kept as it is."""
     seen: dict[tuple, float] = {}
     measured: list[dict[str, Any]] = []
 
@@ -335,11 +335,14 @@ def refine(
 
     best, best_kl, origin = start, measure(start, "knapsack"), "knapsack"
     knapsack_kl = best_kl
-    for fmt in menu:
-        if len(seen) >= max_evals:
-            break
-        cand = uniform(units, fmt, menu)
-        if cand != start and _held(units, cand) <= budget:
+    if best_kl == 0.0:  # nothing measures better (the float model's own plan)
+        return Refined(best, best_kl, knapsack_kl, len(seen), origin, measured)
+    # the largest uniform recipe of the menu that fits (the smaller ones hold less of the budget)
+    fitting = [c for c in (uniform(units, f, menu) for f in menu) if _held(units, c) <= budget]
+    if fitting and len(seen) < max_evals:
+        cand = max(fitting, key=lambda c: _held(units, c))
+        fmt = max(set(cand.values()), key=list(cand.values()).count)
+        if cand != start:
             kl = measure(cand, f"uniform {fmt}")
             if kl < best_kl:
                 best, best_kl, origin = cand, kl, f"uniform {fmt}"
@@ -375,8 +378,11 @@ def refine_cached(
     from memopt.core.cbuild import cache_dir
     from memopt.models import load_model
 
+    tops = {u.name: max((f for f in u.bytes if f in menu), key=u.held) for u in units}
+    if start == tops:  # every unit in its largest format: no plan within the budget is better
+        return Refined(start, 0.0, 0.0, 0, "knapsack (every unit in its largest format)")
     files = [source.path] if source.path.is_file() else sorted(source.path.iterdir())
-    h = hashlib.sha256(b"refine-1")
+    h = hashlib.sha256(b"refine-2")
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
