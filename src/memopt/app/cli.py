@@ -498,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count,
         default=None,
         metavar="N",
-        help="whole plans measured after the knapsack (the KL of each whole quantized model on "
-        "calibration text), the best kept within the budget (default 32; 0: the knapsack's plan)",
+        help="--task generate: whole plans measured after the knapsack (the KL of each whole "
+        "quantized model on calibration text), the best kept within the budget (default 32; 0: "
+        "the knapsack's plan)",
     )
     p.add_argument(
         "--steps",
