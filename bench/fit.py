@@ -114,7 +114,14 @@ def _ladder(model: str, calib: Any, seq: int, new: int) -> dict[str, int]:
 
 
 def _fits(
-    model: str, work: Path, calib: Any, seq: int, new: int, budgets: dict[str, int]
+    model: str,
+    work: Path,
+    calib: Any,
+    seq: int,
+    new: int,
+    budgets: dict[str, int],
+    refine_ids: Any = None,
+    refine_evals: int | None = None,
 ) -> list[dict[str, Any]]:
     from memopt.compose.fit import fit
     from memopt.core.errors import MemoptError
@@ -127,7 +134,8 @@ def _fits(
 
             shutil.rmtree(out)
         try:
-            r = fit(model, b, out, seq=seq, max_new_tokens=new, calib=calib)
+            r = fit(model, b, out, seq=seq, max_new_tokens=new, calib=calib,
+                    refine_ids=refine_ids, refine_evals=refine_evals)  # fmt: skip
         except MemoptError as exc:  # refused (the reason is the row)
             rows.append({"label": label, "budget_bytes": b, "refused": str(exc)})
             print(f"  fit {b / MB:.1f} MB: refused: {exc}", file=sys.stderr)
@@ -142,7 +150,8 @@ def _fits(
                      "weights_bytes": r["plan"]["weight_bytes"], "formats": counts,
                      "ppl": r["quality"]["fitted"], "ratio": r["quality"]["ratio"],
                      "tokens_per_s": r["tokens_per_s"], "engine": r["engine"],
-                     "seconds": r["seconds"], "attempts": r["attempts"]})  # fmt: skip
+                     "seconds": r["seconds"], "attempts": r["attempts"],
+                     "refinement": r.get("refinement")})  # fmt: skip
         print(f"  fit {b / MB:.1f} MB: measured {r['measured_peak_bytes'] / MB:.1f} MB, "
               f"predicted {r['predicted_peak_bytes'] / MB:.1f}, ppl {r['quality']['fitted']:.3f}"
               f" ({r['quality']['ratio']:.4f}×), {counts}", file=sys.stderr)  # fmt: skip
@@ -277,6 +286,15 @@ def main() -> None:
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=50)
     ap.add_argument("--train-share", type=float, default=0.35)
+    ap.add_argument("--refine-samples", type=int, default=16,
+                    help="calibration windows (of --calib-seq tokens) the fit's refinement "
+                    "measures whole plans on")  # fmt: skip
+    ap.add_argument(
+        "--refine-evals",
+        type=int,
+        default=None,
+        help="whole plans the fit's refinement measures (0: the knapsack's plan)",
+    )
     ap.add_argument("--recipes", nargs="*", help="uniform recipes to run (default: all)")
     ap.add_argument("--budgets", nargs="*", help="ladder labels to fit (default: all)")
     args = ap.parse_args()
@@ -288,6 +306,8 @@ def main() -> None:
     t0 = time.perf_counter()
     calib = calibration_ids(load_model(args.model).tokenizer(), n=args.calib_samples,
                             seq=args.calib_seq)  # fmt: skip
+    refine_ids = calibration_ids(load_model(args.model).tokenizer(), n=args.refine_samples,
+                                 seq=args.calib_seq)  # fmt: skip
     result: dict[str, Any] = {"model": args.model, "seq": args.seq,
                               "max_new_tokens": args.max_new_tokens}  # fmt: skip
     if "plan70" in args.parts:
@@ -300,7 +320,8 @@ def main() -> None:
         budgets = _ladder(args.model, calib, args.seq, args.max_new_tokens)
         if args.budgets:
             budgets = {k: v for k, v in budgets.items() if k in args.budgets}
-        result["fits"] = _fits(args.model, work, calib, args.seq, args.max_new_tokens, budgets)
+        result["fits"] = _fits(args.model, work, calib, args.seq, args.max_new_tokens, budgets,
+                               refine_ids, args.refine_evals)  # fmt: skip
         result["checks"] = _checks(result["uniform"], result["fits"])
     if "train" in args.parts:
         result["train"] = _train(args.model, args.train_batch, args.train_seq, args.train_steps,

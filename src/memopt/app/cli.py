@@ -31,6 +31,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+def _count(text: str) -> int:
+    """A whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -481,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=128,
         metavar="T",
         help="tokens per calibration window (default 128)",
+    )
+    p.add_argument(
+        "--refine",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="--task generate: whole plans measured after the knapsack (the KL of each whole "
+        "quantized model on calibration text), the best kept within the budget (default 32; 0: "
+        "the knapsack's plan)",
     )
     p.add_argument(
         "--steps",
@@ -1186,6 +1206,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             train_steps=args.steps,
             ranks=args.ranks,
             min_cosine=bound if metric == "cosine" else None,
+            refine_evals=args.refine,
         )
     if args.json:
         _print_json(result)
@@ -1266,6 +1287,12 @@ def _fit_tables(result: dict) -> list[Any]:
     elif q:
         rows.append(("perplexity, held out (float32's)", f"{q['fitted']:.3f} ({q['float32']:.3f})",
                      f"{q['ratio']:.4f}×"))  # fmt: skip
+    ref = result.get("refinement")
+    if ref:
+        rows.append((f"plan refined ({ref['evaluations']} whole plans measured, "
+                     f"{ref['windows'][0]} windows)",
+                     f"KL {ref['kl']:.4f} (knapsack's {ref['knapsack_kl']:.4f})",
+                     ref["chosen_from"]))  # fmt: skip
     if result.get("tokens_per_s"):
         rows.append(("decode speed", f"{result['tokens_per_s']:.1f} tokens/s", ""))
     if result.get("step_s"):

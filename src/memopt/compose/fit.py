@@ -16,7 +16,10 @@ channel, int4 in groups of 128, 64 or 32, int3 / int2). Its three parts:
   block unit and scaled to the others by their output errors on the calibration inputs; costs
   are additive;
 * **the choice**: a multiple-choice knapsack over the units, solved exactly by dynamic programming
-  over bytes (in steps of :data:`BYTES_STEP`): the least total cost whose bytes fit the budget.
+  over bytes (in steps of :data:`BYTES_STEP`): the least total cost whose bytes fit the budget;
+  then refined by measurement (:mod:`memopt.compose.fit_refine`, not for ``--plan-only``): a few
+  dozen whole plans within the same bytes (the knapsack's, the uniform recipes that fit, local
+  moves), each the KL of the whole quantized model on calibration windows, the best kept.
 
 Then the plan is applied from the source file without the float model (streamed quantization
 with a per-module config, GPTQ where int4), saved as a memopt folder, and the run the user asked
@@ -53,11 +56,20 @@ from memopt.core.units import parse_size
 from memopt.engine.runtime import INT4_EMBEDDING_TRANSIENT, RUNTIME_BYTES, RUNTIME_INT4_BYTES
 from memopt.formats.fit_plan import fitted_run
 
+# The refinement after the knapsack (memopt.compose.fit_refine): whole plans measured at most
+# (each one forward of the windows from the first block it changes), and the windows of memopt's
+# calibration text they are measured on by default (more than the 4 of GPTQ and the
+# sensitivities: the plans it chooses among are a few thousandths of a nat apart)
+REFINE_EVALS = 32
+REFINE_SEQUENCES = 16
+
 __all__ = [
     "BYTES_STEP",
     "FORMATS",
     "ENGINE_FORMATS",
     "INT4_EMBEDDING_TRANSIENT",
+    "REFINE_EVALS",
+    "REFINE_SEQUENCES",
     "REVISION_MARGIN",
     "RUNTIME_BYTES",
     "RUNTIME_FULL_BYTES",
@@ -385,7 +397,9 @@ def sensitivities(
     Tried and measured (2026-12-07, bench/fit.py at uniform int4 g64's bytes): scaling instead by
     the output errors of GPTQ, as the fit applies int4, gave 16.328 against uniform GPTQ g64's
     16.272, as far behind as these costs (16.133 against 16.072 on the earlier calibration), for
-    3 more minutes of GPTQ on SmolLM2; not kept.
+    3 more minutes of GPTQ on SmolLM2; not kept. What the knapsack then gets wrong (the sum of
+    single-unit costs against the whole plan's) is for :mod:`memopt.compose.fit_refine`, which
+    measures whole plans after it.
 
     One float pass stores the hidden states entering every block; a block's KL then runs only
     that block and the ones after it (half the model on average), the output head from the final
@@ -611,6 +625,8 @@ def fit(
     train_steps: int = 50,
     ranks: int = 1,
     min_cosine: float | None = None,
+    refine_evals: int | None = None,
+    refine_ids: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Plan the model that fits ``budget``, apply it to ``out_dir`` and measure the run.
 
@@ -622,6 +638,12 @@ def fit(
     Returns the CLI's JSON: ``budget_bytes``, ``baseline_rss_bytes``, ``predicted_peak_bytes``,
     ``measured_peak_bytes``, ``within_budget``, ``plan`` (per unit: format, bytes, cost),
     ``quality`` (perplexity on held-out text, the float model's beside it), ``tokens_per_s``.
+
+    ``refine_evals``: whole plans measured after the knapsack (generation with weights to
+    measure; default :data:`REFINE_EVALS`, 0: the knapsack's plan as
+    it is), on ``refine_ids (N, T)`` (default: ``calib`` when given, else
+    :data:`REFINE_SEQUENCES` windows of ``calib_seq`` tokens of
+    memopt's calibration text): :mod:`memopt.compose.fit_refine`. Never for ``plan_only``.
 
     ``task="train"``: ``batch`` is the global batch; ``train_steps`` steps of the chosen options
     and of plain float32 AdamW (which may exceed the budget: it is the comparison) are measured,
@@ -677,9 +699,12 @@ def fit(
     plan_inference(meta, limit, units, positions)  # under the smallest plan: refused, nothing read
     measured_costs = has_weights(source)
     if measured_costs:
-        if calib is None:  # one calibration for the sensitivities and GPTQ alike
-            from memopt.quant.calibrate import calibration_ids
+        from memopt.quant.calibrate import calibration_ids
 
+        if refine_ids is None:  # the plans' windows: the caller's calibration, else more of it
+            refine_ids = calib if calib is not None else calibration_ids(
+                meta.tokenizer(), n=REFINE_SEQUENCES, seq=calib_seq)  # fmt: skip
+        if calib is None:  # one calibration for the sensitivities and GPTQ alike
             calib = calibration_ids(meta.tokenizer(), n=calib_sequences, seq=calib_seq)
         costs(source, units, calib, progress)
     else:  # config.json alone: a prior instead of a measurement
@@ -696,6 +721,10 @@ def fit(
     plan = plan_inference(meta, limit, units, positions)
     if plan_only:
         return inference_result(result, plan, units, start)
+    evals = REFINE_EVALS if refine_evals is None else refine_evals
+    refine = measured_costs and evals > 0 and refine_ids is not None
+    if refine:
+        plan = _refined(source, units, plan, limit, refine_ids, evals, progress, result)
     from memopt.models.saved import staged_folder
 
     runtimes = {path: runtime for path, _, runtime in PATHS}
@@ -730,6 +759,9 @@ def fit(
             runtimes[plan.path] = plan.runtime_bytes + excess
             try:
                 plan = plan_inference(meta, limit, units, positions, runtimes)
+                if refine:
+                    plan = _refined(source, units, plan, limit, refine_ids, evals, progress,
+                                    result)  # fmt: skip
             except MemoptError as exc:  # what the run showed leaves no plan within the budget
                 raise MemoptError(
                     f"{source.name}: the planned run peaked at {over / 1e6:.1f} MB, over the "
@@ -851,6 +883,36 @@ def costs(
     del loaded
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({u.name: u.cost for u in units}))
+
+
+def _refined(
+    source: Any,
+    units: list[Unit],
+    plan: Plan,
+    limit: int,
+    ids: torch.Tensor,
+    evals: int,
+    progress: Callable[[str, int, int], None] | None,
+    result: dict[str, Any],
+) -> Plan:
+    """``plan`` refined by measuring whole plans within the same bytes for its weights (its
+    path's menu and runtime): :func:`memopt.compose.fit_refine.refine_cached`; what was measured
+    goes in ``result["refinement"]``."""
+    from dataclasses import replace
+
+    from memopt.compose.fit_refine import refine_cached
+
+    menu = next(m for p, m, _ in PATHS if p == plan.path)
+    overhead = plan.predicted_peak_bytes - plan.weight_bytes - plan.transient_bytes
+    r = refine_cached(source, units, plan.formats, limit - overhead, menu, ids, evals, progress)
+    weights = sum(u.bytes[r.formats[u.name]] for u in units)
+    transient = sum(u.held(r.formats[u.name]) for u in units) - weights
+    result["refinement"] = {"windows": list(ids.shape), "evaluations": r.evaluations,
+                            "knapsack_kl": r.knapsack_kl, "kl": r.kl,
+                            "chosen_from": r.chosen_from, "measured": r.measured}  # fmt: skip
+    return replace(plan, formats=r.formats, weight_bytes=weights, transient_bytes=transient,
+                   predicted_cost=sum(u.cost[r.formats[u.name]] for u in units),
+                   predicted_peak_bytes=weights + transient + overhead)  # fmt: skip
 
 
 def _baseline(task: str) -> int:
