@@ -214,10 +214,12 @@ def run_model(
     greedy: bool = True,
     chat: bool = False,
     progress: Any = None,
+    kv_int8: bool = False,
 ) -> dict[str, Any]:
     """What ``memopt run MODEL`` does without a memory budget: greedy text straight from the files
     through the decode engine when it can (memopt.engine.lean: no transformers, no module built),
-    else the full load and :func:`generate`. The result is :func:`generate`'s, tokens identical."""
+    else the full load and :func:`generate`. The result is :func:`generate`'s, tokens identical.
+    ``kv_int8``: an int8 KV cache (the engine's, or memopt.weights.kvcache's)."""
     from memopt.models import load_model, resolve
 
     if max_new_tokens < 1:
@@ -226,7 +228,7 @@ def run_model(
     if greedy and not chat:
         from memopt.engine.lean import open_model
 
-        lean = open_model(source.path, _lean_positions(prompt, max_new_tokens))
+        lean = open_model(source.path, _lean_positions(prompt, max_new_tokens), kv_int8)
         if lean is not None:
             ids = lean.encode(prompt)
             if len(ids) + max_new_tokens <= lean.engine.max_seq:
@@ -234,7 +236,11 @@ def run_model(
     loaded = load_model(source, progress=progress)
     if loaded.task != "causal-lm":
         raise MemoptError(f"{source.name} is not a causal language model: nothing to generate")
-    return generate(loaded, prompt, max_new_tokens, greedy=greedy, chat=chat)
+    if kv_int8:
+        from memopt.weights.kvcache import use_int8_kv_cache
+
+        use_int8_kv_cache(loaded.model, loaded.config)
+    return generate(loaded, prompt, max_new_tokens, greedy=greedy, chat=chat, kv_int8=kv_int8)
 
 
 def _lean_positions(prompt: str, max_new_tokens: int) -> int:

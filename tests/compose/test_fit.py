@@ -345,3 +345,42 @@ def test_fitted_run_reads_only_a_fits_run_plan(tmp_path: Path) -> None:
                 '{"run": {"max_memory_bytes": -1, "positions": 192}}', '{"plan": {}}']:  # fmt: skip
         plan.write_text(bad)
         assert fitted_run(tmp_path) is None, bad
+
+
+def test_an_int8_kv_cache_is_chosen_where_its_bytes_buy_more_than_it_costs() -> None:
+    """With its measured cost given, the plan weighs an int8 KV cache (exact bytes: int8 codes and
+    a float32 scale a position and head) against the weights the float32 cache's bytes would buy."""
+    from memopt.compose.fit import plan_inference, units_of
+    from memopt.measure.generation import kv_cache_bytes
+    from memopt.models import build_meta
+
+    meta = build_meta("smollm2", dequantize=True)
+    units = units_of(meta.model, decode_engine=True)
+    for u in units:  # a cost that grows as bytes shrink: every plan spends its budget
+        u.cost = {f: u.bytes["float32"] / b - 1 for f, b in u.bytes.items()}
+    positions = 4096  # a long context: the float32 cache is 189 MB, the int8 one 50 MB
+    f32, i8 = kv_cache_bytes(meta.config, positions), kv_cache_bytes(meta.config, positions, 1, 1)
+    assert (f32, i8) == (2 * 30 * 192 * 4 * 4096, 2 * 30 * (192 + 3 * 4) * 4096)
+    budget = 400_000_000
+    plain = plan_inference(meta, budget, units, positions)  # no cost measured: float32 only
+    assert not plain.kv_int8 and plain.kv_bytes == f32
+    cheap = plan_inference(meta, budget, units, positions, kv_int8_cost=0.001)
+    assert cheap.kv_int8 and cheap.kv_bytes == i8 and cheap.engine
+    assert cheap.predicted_cost < plain.predicted_cost  # 139 MB more for the weights
+    assert cheap.predicted_peak_bytes <= budget
+    dear = plan_inference(meta, budget, units, positions, kv_int8_cost=1e6)
+    assert not dear.kv_int8 and dear.formats == plain.formats
+    # a budget that only the int8 cache makes feasible
+    with pytest.raises(MemoptError):
+        plan_inference(meta, 200_000_000, units, positions)
+    assert plan_inference(meta, 200_000_000, units, positions, kv_int8_cost=1e6).kv_int8
+
+
+def test_kv_int8_kl_is_small_and_positive() -> None:
+    from memopt.compose.fit import kv_int8_kl
+    from memopt.models.toy import tiny_llama
+
+    loaded = tiny_llama(seed=1)
+    ids = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
+    kl = kv_int8_kl(loaded, ids)
+    assert 0.0 < kl < 1e-3  # int8 keys and values: a small change of the distribution

@@ -262,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
         "baseline (e.g. 135MB, 1.5GiB); refused, naming the smallest that works, "
         "when SIZE cannot hold one block",
     )
-    p.add_argument("--kv-int8", action="store_true", help="with --max-memory: an int8 KV cache")
+    p.add_argument(
+        "--kv-int8",
+        action="store_true",
+        help="an int8 KV cache: int8 codes and a float32 scale a position and head (~3.8x smaller)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     p.set_defaults(func=_cmd_run)
 
@@ -681,6 +685,7 @@ def _memory_report(args: argparse.Namespace, measured: bool) -> dict:
     fitted = _fitted(args) if args.task == "generate" else None
     if fitted is not None:
         _keep_fitted_budget(args, fitted, None)
+        args.kv_int8 = args.kv_int8 or fitted.get("kv_int8", False)  # the fit's KV cache
     return memory_report(
         args.model, measured=measured, task=args.task, batch=args.batch, seq=args.seq,
         dtype=args.dtype, optimizer=args.optimizer, checkpointing=args.checkpointing,
@@ -898,11 +903,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         count = prompt_token_count(args.model, args.prompt, args.chat)
         _keep_fitted_budget(args, fitted, count + args.max_new_tokens)
+        args.kv_int8 = args.kv_int8 or fitted.get("kv_int8", False)  # the fit's KV cache
     if args.max_memory is not None:
         return _run_streamed(args)
     with _status("generating"):
         result = run_model(
-            args.model, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat
+            args.model,
+            args.prompt,
+            args.max_new_tokens,
+            greedy=not args.sample,
+            chat=args.chat,
+            kv_int8=args.kv_int8,
         )
     result["peak_rss_bytes"] = peak_rss_bytes()
     return _print_generation(
@@ -1251,7 +1262,11 @@ def _fit_tables(result: dict) -> list[Any]:
             )
             unit, cost = "nats/token", "predicted KL"
         for label, key in parts:
-            rows.append((label, "", format_bytes(plan[key]), ""))
+            fmt, kl = "", ""
+            if key == "kv_bytes" and result.get("kv_int8_cost") is not None:  # KV precision chosen
+                fmt = "int8" if plan.get("kv_int8") else "float32"
+                kl = f"{result['kv_int8_cost']:.4f}" if plan.get("kv_int8") else "0"
+            rows.append((label, fmt, format_bytes(plan[key]), kl))
         title = f"fit plan: {result['model']} (quality cost: {result['quality_costs']}, {unit})"
         tables.append(rich_table(title, ("unit", "format", "bytes", cost), rows))
     else:

@@ -19,18 +19,25 @@ def baseline_job(task: str) -> dict[str, Any]:
     return {"task": task}
 
 
-def generation_job(folder: str, seq: int, max_new_tokens: int) -> dict[str, Any]:
+def generation_job(
+    folder: str, seq: int, max_new_tokens: int, kv_int8: bool = False
+) -> dict[str, Any]:
     """``memopt run`` of ``folder`` on a ``seq``-token prompt (fixed ids) for exactly
-    ``max_new_tokens`` tokens, through the engine straight from the files."""
-    lean = open_model(folder, seq + max_new_tokens)
+    ``max_new_tokens`` tokens, through the engine straight from the files (``kv_int8``: an int8
+    KV cache)."""
+    lean = open_model(folder, seq + max_new_tokens, kv_int8)
     if lean is None:
         from memopt.generate import generate
         from memopt.models import load_model
 
         loaded = load_model(folder)
+        if kv_int8:
+            from memopt.weights.kvcache import use_int8_kv_cache
+
+            use_int8_kv_cache(loaded.model, loaded.config)
         vocab = int(loaded.config.vocab_size)
         ids = torch.randint(0, vocab, (seq,), generator=torch.Generator().manual_seed(0)).tolist()
-        out = generate(loaded, ids, max_new_tokens, stop_at_eos=False)
+        out = generate(loaded, ids, max_new_tokens, stop_at_eos=False, kv_int8=kv_int8)
     else:
         vocab = lean.engine.vocab
         ids = torch.randint(0, vocab, (seq,), generator=torch.Generator().manual_seed(0)).tolist()

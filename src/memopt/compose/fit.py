@@ -176,6 +176,7 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict)  # training: the chosen options
     path: str = "engine"  # generation: the PATHS entry whose menu and runtime the plan took
     transient_bytes: int = 0  # the units' load transients (Unit.transient), in the peak
+    kv_int8: bool = False  # generation: the engine's KV cache as int8 (its cost in predicted_cost)
 
     @property
     def engine(self) -> bool:
@@ -533,38 +534,47 @@ def plan_inference(
     units: list[Unit],
     positions: int,
     runtimes: dict[str, int] | None = None,
+    kv_int8_cost: float | None = None,
 ) -> Plan:
     """The plan for a generation run of ``positions`` KV positions within ``budget`` bytes over
     the run's baseline: the best of each path's (:data:`PATHS`) plan with that path's runtime
-    (``runtimes``: path -> bytes, default each path's figure). MemoptError naming the smallest
+    (``runtimes``: path -> bytes, default each path's figure), and, where ``kv_int8_cost`` is
+    given (measured: :func:`kv_int8_kl`), of the engine paths' plans with an int8 KV cache, whose
+    bytes go to the weights and whose cost is added to theirs. MemoptError naming the smallest
     budget when nothing fits."""
     from memopt.measure.generation import kv_cache_bytes
 
     config = loaded.config
     fixed = other_bytes(loaded.model, units)
-    kv = kv_cache_bytes(config, positions)
+    # the engine's caches: float32, or int8 with a float32 scale a position and head (exact bytes)
+    kvs = [(False, kv_cache_bytes(config, positions), 0.0)]
+    if kv_int8_cost is not None:
+        kvs.append((True, kv_cache_bytes(config, positions, 1, 1), kv_int8_cost))
     scratch = 4 * (int(config.num_attention_heads) * positions + 8 * int(config.hidden_size)
                    + 3 * int(config.intermediate_size) + int(config.vocab_size))  # fmt: skip
     best: Plan | None = None
-    smallest: tuple[int, int] | None = None  # (bytes, that plan's runtime)
+    smallest: tuple[int, int, int] | None = None  # (bytes, that plan's runtime, its KV bytes)
     for path, menu, default in PATHS:
         runtime = (runtimes or {}).get(path, default)
-        overhead = fixed + kv + scratch + runtime
-        need = smallest_weights(units, menu) + overhead
-        if smallest is None or need < smallest[0]:
-            smallest = (need, runtime)
-        chosen = choose(units, budget - overhead, menu) if budget > overhead else None
-        if chosen is None:
-            continue
-        weights = sum(u.bytes[chosen[u.name]] for u in units)
-        transient = sum(u.held(chosen[u.name]) for u in units) - weights
-        cost = sum(u.cost[chosen[u.name]] for u in units)
-        if best is None or cost < best.predicted_cost:
-            best = Plan("generate", chosen, weights, fixed, kv, scratch, runtime, cost,
-                        weights + transient + overhead, path=path,
-                        transient_bytes=transient)  # fmt: skip
+        for kv_int8, kv, kv_cost in kvs:
+            if kv_int8 and path == "transformers":  # the engine's cache alone is counted exactly
+                continue
+            overhead = fixed + kv + scratch + runtime
+            need = smallest_weights(units, menu) + overhead
+            if smallest is None or need < smallest[0]:
+                smallest = (need, runtime, kv)
+            chosen = choose(units, budget - overhead, menu) if budget > overhead else None
+            if chosen is None:
+                continue
+            weights = sum(u.bytes[chosen[u.name]] for u in units)
+            transient = sum(u.held(chosen[u.name]) for u in units) - weights
+            cost = sum(u.cost[chosen[u.name]] for u in units) + kv_cost
+            if best is None or cost < best.predicted_cost:
+                best = Plan("generate", chosen, weights, fixed, kv, scratch, runtime, cost,
+                            weights + transient + overhead, path=path,
+                            transient_bytes=transient, kv_int8=kv_int8)  # fmt: skip
     if best is None:
-        need, runtime = smallest
+        need, runtime, kv = smallest
         raise too_small(loaded.name, budget, need, f"{kv / 1e6:.1f} MB KV cache", runtime)
     return best
 
@@ -696,8 +706,11 @@ def fit(
         raise MemoptError(f"{source.name}: fit --task generate needs a causal language model")
     units = units_of(meta.model, decode_engine=True)
     positions = seq + max_new_tokens
-    plan_inference(meta, limit, units, positions)  # under the smallest plan: refused, nothing read
     measured_costs = has_weights(source)
+    # under the smallest plan (an int8 KV cache counted where its cost will be measured): refused,
+    # nothing read
+    plan_inference(meta, limit, units, positions, kv_int8_cost=0.0 if measured_costs else None)
+    kv_cost = None  # the int8 KV cache is offered where its quality cost is measured
     if measured_costs:
         from memopt.quant.calibrate import calibration_ids
 
@@ -707,6 +720,9 @@ def fit(
         if calib is None:  # one calibration for the sensitivities and GPTQ alike
             calib = calibration_ids(meta.tokenizer(), n=calib_sequences, seq=calib_seq)
         costs(source, units, calib, progress)
+        if progress is not None:
+            progress("measuring an int8 KV cache's cost", 0, 1)
+        kv_cost = kv_int8_cost(source, calib)
     else:  # config.json alone: a prior instead of a measurement
         for u in units:
             params = sum(n * k for n, k in u.shapes)
@@ -718,7 +734,8 @@ def fit(
         "quality_costs": "measured (KL, calibration text)" if measured_costs
         else "prior (config.json only: no weights to measure)",
     }  # fmt: skip
-    plan = plan_inference(meta, limit, units, positions)
+    plan = plan_inference(meta, limit, units, positions, kv_int8_cost=kv_cost)
+    result["kv_int8_cost"] = kv_cost
     if plan_only:
         return inference_result(result, plan, units, start)
     evals = REFINE_EVALS if refine_evals is None else refine_evals
@@ -737,7 +754,7 @@ def fit(
             _apply(source, units, plan, tmp, calib, progress)
             if progress is not None:
                 progress("measuring the run in a fresh process", 0, 1)
-            measured = _measure_generation(tmp, seq, max_new_tokens)
+            measured = _measure_generation(tmp, seq, max_new_tokens, plan.kv_int8)
             over = measured["peak_over_baseline_bytes"]
             attempts.append({"predicted_peak_bytes": plan.predicted_peak_bytes,
                              "measured_peak_bytes": over, "path": plan.path,
@@ -758,7 +775,7 @@ def fit(
             excess = over - plan.predicted_peak_bytes + REVISION_MARGIN
             runtimes[plan.path] = plan.runtime_bytes + excess
             try:
-                plan = plan_inference(meta, limit, units, positions, runtimes)
+                plan = plan_inference(meta, limit, units, positions, runtimes, kv_cost)
                 if refine:
                     plan = _refined(source, units, plan, limit, refine_ids, evals, progress,
                                     result)  # fmt: skip
@@ -858,19 +875,10 @@ def costs(
     calibration ids were measured before (the demo and the bench fit several budgets), else
     measured (``measure``, default :func:`sensitivities`: its signature) and cached. ``tag``
     names another measure in the cache's key ("": the KL of sensitivities)."""
-    import hashlib
-
     from memopt.core.atomic import atomic_write_text
-    from memopt.core.cbuild import cache_dir
     from memopt.models import load_model
 
-    files = [source.path] if source.path.is_file() else sorted(source.path.iterdir())
-    h = hashlib.sha256((tag + repr(FORMATS)).encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(calib.numpy().tobytes())
-    path = cache_dir() / f"fit-costs-{h.hexdigest()[:16]}.json"
+    path = _cost_cache(source, calib, tag)
     if path.is_file():
         cached = json.loads(path.read_text())
         if set(cached) == {u.name for u in units}:
@@ -883,6 +891,52 @@ def costs(
     del loaded
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({u.name: u.cost for u in units}))
+
+
+def _cost_cache(source: Any, calib: torch.Tensor, tag: str) -> Path:
+    """This machine's cache file of a cost measured on ``source``'s files (by path, size and
+    time) and the calibration ids, ``tag`` naming the measure."""
+    import hashlib
+
+    from memopt.core.cbuild import cache_dir
+
+    files = [source.path] if source.path.is_file() else sorted(source.path.iterdir())
+    h = hashlib.sha256((tag + repr(FORMATS)).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(calib.numpy().tobytes())
+    return cache_dir() / f"fit-costs-{h.hexdigest()[:16]}.json"
+
+
+@torch.no_grad()
+def kv_int8_kl(loaded: Any, ids: torch.Tensor) -> float:
+    """The mean KL divergence (nats a token) of the float model's next-token distribution on
+    ``ids (B, T)`` when its KV cache is int8 (memopt.weights.kvcache: every position's attention
+    reads the keys and values as the cache rounds them; the engine's int8 cache rounds alike):
+    the quality cost of an int8 KV cache, in the units' cost units. The model keeps the int8
+    cache for its later calls with ``use_cache=True``."""
+    from memopt.weights.kvcache import use_int8_kv_cache
+
+    model = loaded.model.eval()
+    ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)  # (B, T, V)
+    use_int8_kv_cache(model, loaded.config)
+    out = torch.log_softmax(model(input_ids=ids, use_cache=True).logits.float(), -1)
+    return max(0.0, (ref.exp() * (ref - out)).sum(-1).mean().item())
+
+
+def kv_int8_cost(source: Any, calib: torch.Tensor) -> float:
+    """:func:`kv_int8_kl` of ``source`` on ``calib``, cached as the units' costs are."""
+    from memopt.core.atomic import atomic_write_text
+    from memopt.models import load_model
+
+    path = _cost_cache(source, calib, "kv-int8")
+    if path.is_file():
+        return float(json.loads(path.read_text())["int8"])
+    cost = kv_int8_kl(load_model(source, dtype=torch.float32), calib)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"int8": cost}))
+    return cost
 
 
 def _refined(
@@ -941,11 +995,13 @@ def _apply(
     quantize_model(source, config, out, calib=calib, progress=cb)
 
 
-def _measure_generation(folder: Path, seq: int, max_new_tokens: int) -> dict[str, Any]:
+def _measure_generation(
+    folder: Path, seq: int, max_new_tokens: int, kv_int8: bool = False
+) -> dict[str, Any]:
     from memopt.core.rss import run_in_child
 
     out = run_in_child("memopt.compose._jobs:generation_job", str(folder), seq, max_new_tokens,
-                       timeout=1800)  # fmt: skip
+                       kv_int8, timeout=1800)  # fmt: skip
     out["peak_over_baseline_bytes"] = int(out["peak_rss_bytes"]) - int(out["baseline_rss_bytes"])
     return out
 
@@ -976,5 +1032,6 @@ def _write_plan(folder: Path, result: dict[str, Any]) -> None:
 
     result["run"] = {"max_memory_bytes": result["limit_bytes"],
                      "positions": result["seq"] + result["max_new_tokens"],
-                     "engine": result["plan"]["path"] != "transformers"}  # fmt: skip
+                     "engine": result["plan"]["path"] != "transformers",
+                     "kv_int8": bool(result["plan"].get("kv_int8"))}  # fmt: skip
     atomic_write_text(folder / "fit.json", json.dumps(result, indent=1, default=str))

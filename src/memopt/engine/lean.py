@@ -99,22 +99,22 @@ def _clean_up(text: str) -> str:
     return text
 
 
-def open_model(path: str | Path, max_seq: int) -> LeanModel | None:
+def open_model(path: str | Path, max_seq: int, kv_int8: bool = False) -> LeanModel | None:
     """The engine over a GGUF file, a memopt folder or a Hugging Face folder of float32, float16
-    or bfloat16 weights, for ``max_seq`` positions; None when this path cannot run it (use the
-    full one)."""
+    or bfloat16 weights, for ``max_seq`` positions (``kv_int8``: an int8 KV cache); None when this
+    path cannot run it (use the full one)."""
     path = Path(path)
     if library() is None:
         return None
     try:
         if path.is_file() and path.suffix == ".gguf":
-            return _gguf_file(path, max_seq)
+            return _gguf_file(path, max_seq, kv_int8)
         if not path.is_dir() or not (path / "tokenizer.json").is_file():
             return None
         if (path / MANIFEST).is_file():
-            return _memopt_folder(path, max_seq)
+            return _memopt_folder(path, max_seq, kv_int8)
         if (path / "config.json").is_file():
-            return _hf_folder(path, max_seq)
+            return _hf_folder(path, max_seq, kv_int8)
     except _Unsupported:
         return None
     return None
@@ -157,7 +157,7 @@ def _json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _memopt_folder(folder: Path, max_seq: int) -> LeanModel:
+def _memopt_folder(folder: Path, max_seq: int, kv_int8: bool) -> LeanModel:
     manifest = read_manifest(folder)
     if manifest["task"] != "causal-lm" or manifest["cast_hooks"]:
         raise _Unsupported("not a float32 / quantized causal LM")
@@ -190,7 +190,7 @@ def _memopt_folder(folder: Path, max_seq: int) -> LeanModel:
     arch = arch_of(config)
     if "model.rotary_emb.inv_freq" in reader.names():  # the saved model's own frequencies
         arch.inv_freq = reader.get("model.rotary_emb.inv_freq")
-    eng = build(arch, get, lambda name: tensor(f"{name}.weight"), max_seq)
+    eng = build(arch, get, lambda name: tensor(f"{name}.weight"), max_seq, kv_int8)
     tok, eos, cleanup = _tokenizer(folder)
     return LeanModel(str(folder), eng, tok, eos, cleanup, [reader])
 
@@ -200,7 +200,7 @@ def _optional(reader: SafetensorsReader, aliases: dict[str, str], name: str) -> 
     return reader.get(name) if name in reader.names() else None
 
 
-def _hf_folder(folder: Path, max_seq: int) -> LeanModel:
+def _hf_folder(folder: Path, max_seq: int, kv_int8: bool) -> LeanModel:
     config = _config(_json(folder / "config.json"))
     reader = SafetensorsReader(folder, str(folder))
     names = set(reader.names())
@@ -223,12 +223,12 @@ def _hf_folder(folder: Path, max_seq: int) -> LeanModel:
         bias = f"{name}.bias"
         return tensor(f"{name}.weight"), (tensor(bias) if bias in names else None)
 
-    eng = build(arch_of(config), get, lambda name: tensor(f"{name}.weight"), max_seq)
+    eng = build(arch_of(config), get, lambda name: tensor(f"{name}.weight"), max_seq, kv_int8)
     tok, eos, cleanup = _tokenizer(folder)
     return LeanModel(str(folder), eng, tok, eos, cleanup, [reader])
 
 
-def _gguf_file(path: Path, max_seq: int) -> LeanModel:
+def _gguf_file(path: Path, max_seq: int, kv_int8: bool) -> LeanModel:
     """The GGUF's blocks as they are stored (Hugging Face row order: llama q/k rows un-permuted,
     as a load does), its metadata for the config, its converted tokenizer (memopt's cache)."""
     from tokenizers import Tokenizer
@@ -291,7 +291,7 @@ def _gguf_file(path: Path, max_seq: int) -> LeanModel:
             raise _Unsupported(f"a quantized norm {module}")
         return w
 
-    eng = build(arch_of(config), get, norm, max_seq)
+    eng = build(arch_of(config), get, norm, max_seq, kv_int8)
     tok_file = gguf_tokenizer_file(path)
     tok = Tokenizer.from_file(str(tok_file))
     eos = (

@@ -14,7 +14,7 @@ __all__ = ["fitted_run"]
 def fitted_run(model: str | Path) -> dict[str, Any] | None:
     """The run plan that ``memopt fit`` saved with a generation model (``max_memory_bytes``: the
     budget over the import baseline, ``positions``: prompt + new tokens it was measured at,
-    ``engine``), or None for any other model. A fit.json that is not a fit's is ignored."""
+    ``engine``, ``kv_int8``: its KV cache int8), or None for any other model. A fit.json that is not a fit's is ignored."""
     path = Path(model) / "fit.json"
     if not path.is_file():
         return None
@@ -25,4 +25,5 @@ def fitted_run(model: str | Path) -> dict[str, Any] | None:
         return None
     if budget <= 0 or positions <= 0:
         return None
-    return {"max_memory_bytes": budget, "positions": positions, "engine": bool(run.get("engine"))}
+    return {"max_memory_bytes": budget, "positions": positions, "engine": bool(run.get("engine")),
+            "kv_int8": run.get("kv_int8") is True}  # fmt: skip
