@@ -340,6 +340,9 @@ def test_fitted_run_reads_only_a_fits_run_plan(tmp_path: Path) -> None:
     plan = tmp_path / "fit.json"
     good = {"run": {"max_memory_bytes": 150_000_000, "positions": 192, "engine": True}}
     plan.write_text(json.dumps(good))
+    assert fitted_run(tmp_path) == {**good["run"], "kv_int8": False}  # a plan from before it
+    good["run"]["kv_int8"] = True
+    plan.write_text(json.dumps(good))
     assert fitted_run(tmp_path) == good["run"]
     for bad in ["{", "[]", '{"run": 3}', '{"run": {"max_memory_bytes": "x", "positions": 1}}',
                 '{"run": {"max_memory_bytes": -1, "positions": 192}}', '{"plan": {}}']:  # fmt: skip
