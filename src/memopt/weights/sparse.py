@@ -21,10 +21,11 @@ At 50 % unstructured sparsity a float32 weight takes ``1/8 + 2 = 2.125`` bytes a
 4 (0.53x); int8 values ``0.125 + 0.5 * 1.03 = 0.64`` bytes (0.62x of dense int8); int4 values
 ``0.125 + 0.5 * 0.5625 = 0.41`` bytes (0.72x of dense int4 at group 64).
 
-Inference with few input rows (decode, batch <= 16; bitmask layout, float32 values) runs memopt's
-sparse kernel (memopt.weights._sparse_kernel): it reads the mask and the values as stored, 2.125
-bytes an element at 50 % against dense float32's 4, so a decode step, which streams every weight
-once, runs faster than the dense one (bench/sparse_kernel.py). Other calls reconstruct the dense
+Inference with few input rows (decode, batch <= 16; bitmask layout, float32 or int8 values) runs
+memopt's sparse kernel (memopt.weights._sparse_kernel; memopt's decode engine runs the same C):
+it reads the mask and the values as stored, 2.125 bytes an element at 50 % against dense
+float32's 4, so a decode step, which streams every weight once, runs faster than the dense one
+(bench/sparse_kernel.py). Other calls reconstruct the dense
 weight of one layer at a time into a scratch buffer shared by all sparse layers (so RAM holds the
 sparse forms plus one layer's dense weight) and run the ordinary float matmul (reconstruction is
 ``np.unpackbits`` + ``np.flatnonzero`` + ``scatter_``), amortised over the tokens of a long
@@ -291,9 +292,10 @@ class SparseWeight(QuantizedWeight):
         otherwise from the weight reconstructed into the shared buffer."""
         n, k = self.shape
         if self._kernel_ok(x):
-            if self._row_start is None:
-                self._row_start = _sparse_kernel.row_starts(self.mask, n, k)
-            return _sparse_kernel.bitmask_linear(self.mask, self.values, self._row_start, x, n)
+            scale = self.scale if self.values_fmt == "int8" else None
+            return _sparse_kernel.bitmask_linear(
+                self.mask, self.values, self.row_starts(), x, n, scale=scale
+            )
         dtype = x.dtype if x.is_floating_point() else self.dtype
         if torch.is_grad_enabled() and x.requires_grad:
             w = self.dequantize(dtype)  # autograd keeps W for backward: it must not be reused
@@ -304,17 +306,30 @@ class SparseWeight(QuantizedWeight):
     def _device(self) -> torch.device:
         return self.values.device
 
+    def row_starts(self) -> torch.Tensor:
+        """``(N + 1,) int64``: where each row's values begin in the value stream (bitmask layout,
+        CPU): built from the mask on first use and kept (the kernels' row index)."""
+        if self._row_start is None:
+            n, k = self.shape
+            if _sparse_kernel.available():
+                self._row_start = _sparse_kernel.row_starts(self.mask, n, k)
+            else:  # no compiler: the same counts from numpy's unpacked bits
+                bits = np.unpackbits(self.mask.numpy(), count=n * k, bitorder="little")
+                counts = torch.from_numpy(bits.reshape(n, k).sum(1, dtype=np.int64))
+                self._row_start = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        return self._row_start
+
     # Where each row's values begin in the stream, ``(N + 1,) int64``: built from the mask at the
     # first kernel call, kept beside the weight (8 bytes a row, 0.3-0.6 % of a 50 % float32
     # layer's bytes; not a buffer: it is not saved, and ``nbytes`` is the stored form's).
     _row_start: torch.Tensor | None = None
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
-        """The sparse kernel computes this call: bitmask layout, float32 values and input on the
-        CPU, at most ``MAX_ROWS`` input rows, no gradient wanted."""
+        """The sparse kernel computes this call: bitmask layout, float32 (or int8) values and
+        input on the CPU, at most ``MAX_ROWS`` input rows, no gradient wanted."""
         return (
             self.layout == "bitmask"
-            and self.values_fmt == "float"
+            and self.values_fmt in ("float", "int8")
             and self.dtype == torch.float32
             and x.dtype == torch.float32
             and x.dim() == 2

@@ -1,0 +1,217 @@
+"""The C routines of memopt's sparse weights (bitmask + values), one copy for every library.
+
+Two libraries compile this text: the sparse kernel that ``SparseWeight.linear`` calls
+(memopt.weights._sparse_kernel) and memopt's decode engine (memopt.engine.source includes it), so
+that the transformers forward and the engine multiply a pruned weight with the same code.
+
+The weight (memopt.weights.sparse, bitmask layout): ``mask (ceil(N*K/8),) uint8``, element ``i``
+of the row-major ``(N, K)`` weight is bit ``i % 8`` of byte ``i // 8``; the kept values in
+row-major order, float32 ``(nnz,)`` or int8 ``(P,)`` (P: nnz rounded up to 128) with one float32
+scale per 128 consecutive values of the stream ``(P / 128,)`` (groups run across rows); and
+``row_start (N + 1,) int64``, the stream index of each row's first value (``sp_row_starts``).
+
+The product, per output row and per 16 input columns: 16 mask bits ``m``. With AVX-512 (F, BW,
+VL) the row's next ``popcount(m)`` values are loaded (int8 ones widened and multiplied by their
+group's scale: the lanes past a group's end take the next group's), expanded into the 16 lanes
+where ``m`` is set (``vexpandps``), multiplied by the 16 inputs of each of up to 8 input rows and
+accumulated; the stream index moves on by ``popcount(m)``. Without AVX-512 (the plain C build),
+the same walk over the set bits (``ctz``), one value at a time. An int8 value is ``code * scale``
+in float32, one rounding, exactly as memopt.weights.primitives.dequantize computes it; only the
+order of the sums differs from a dense product of the dequantized weight.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SPARSE_C"]
+
+SPARSE_C = r"""
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SP_AVX512 1
+#endif
+
+enum { SP_F32 = 0, SP_I8 = 1 };  /* value formats: float32; int8, a float32 scale per 128 */
+
+typedef struct {
+    const uint8_t *mask;       /* N*K bits, least significant first */
+    const void *values;        /* float32 (nnz,) | int8 (P,), P = nnz rounded up to 128 */
+    const float *scale;        /* int8: (P / 128,) */
+    const int64_t *row_start;  /* (N + 1,) */
+    int64_t n, k;
+    int32_t vfmt;
+} sp_weight;
+
+/* 16 bits of the mask from bit position `bit`, never reading past byte nbytes - 1. */
+static inline uint32_t sp_bits16(const uint8_t *mask, int64_t bit, int64_t nbytes) {
+    int64_t b = bit >> 3;
+    int s = (int)(bit & 7);
+    uint32_t w = 0;
+    if (s == 0 && b + 2 <= nbytes) {
+        uint16_t h;
+        memcpy(&h, mask + b, 2);
+        return h;
+    }
+    for (int i = 0; i < 3 && b + i < nbytes; i++) w |= (uint32_t)mask[b + i] << (8 * i);
+    return (w >> s) & 0xffffu;
+}
+
+#ifdef SP_AVX512
+/* int8 values idx .. idx + p - 1 of the stream (1 <= p <= 16) in lanes 0 .. p - 1, as float32
+   code * scale of their group of 128 (a run crossing a group's end takes two scales). total: the
+   stream's length (P): whole 16-byte loads where they stay inside it. */
+static inline __m512 sp_i8x16(const int8_t *v, const float *scale, int64_t idx, int p,
+                              int64_t total) {
+    __m128i raw = idx + 16 <= total ? _mm_loadu_si128((const __m128i *)(v + idx))
+                                    : _mm_maskz_loadu_epi8((__mmask16)((1u << p) - 1u), v + idx);
+    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+    const int64_t g = idx >> 7;
+    const int off = (int)(idx & 127);
+    __m512 s = _mm512_set1_ps(scale[g]);
+    if (off + p > 128)  /* lanes from 128 - off on are the next group's */
+        s = _mm512_mask_mov_ps(s, (__mmask16)(0xffffu << (128 - off)), _mm512_set1_ps(scale[g + 1]));
+    return _mm512_mul_ps(f, s);
+}
+#endif
+
+/* Rows [r0, r1) of y (MB, N) = x (MB, K) @ W.T (+ bias), VF the value format (both constants
+   where it is inlined: one loop per (MB, VF), accumulators in registers). */
+static inline __attribute__((always_inline)) void sp_rows_t(
+    const sp_weight *w, const float *x, float *y, const float *bias, int64_t r0, int64_t r1,
+    const int MB, const int VF)
+{
+    const int64_t k = w->k, n = w->n, nbytes = (n * k + 7) / 8, nnz = w->row_start[n];
+    const int64_t total = VF == SP_I8 ? (nnz + 127) / 128 * 128 : nnz;
+    const float *vf = (const float *)w->values;
+    const int8_t *vq = (const int8_t *)w->values;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t idx = w->row_start[r];  /* stream index of the row's next value */
+        const int64_t bit = r * k;
+#ifdef SP_AVX512
+        __m512 acc[8];
+        for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_ps();
+        int64_t c = 0;
+        if ((bit & 15) == 0 && (VF == SP_I8 || total - idx >= k)) {
+            /* rows on a 16-bit boundary: the mask read 16 bits at a time; float values loaded
+               16 at a time (values to spare: the row reads at most k of them) */
+            const uint8_t *mrow = w->mask + (bit >> 3);
+            for (; c + 16 <= k; c += 16) {
+                uint16_t mk;
+                memcpy(&mk, mrow + (c >> 3), 2);
+                __m512 v;
+                if (VF == SP_F32) {
+                    v = _mm512_maskz_expand_ps((__mmask16)mk, _mm512_loadu_ps(vf + idx));
+                } else {
+                    if (!mk) continue;
+                    v = _mm512_maskz_expand_ps(
+                        (__mmask16)mk, sp_i8x16(vq, w->scale, idx, __builtin_popcount(mk), total));
+                }
+                idx += __builtin_popcount(mk);
+                for (int i = 0; i < MB; i++)
+                    acc[i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + i * k + c), acc[i]);
+            }
+        }
+        for (; c < k; c += 16) {  /* rows off the boundary, the last columns of a row */
+            uint32_t mk = sp_bits16(w->mask, bit + c, nbytes);
+            __mmask16 xm = 0xffff;
+            if (k - c < 16) {
+                xm = (__mmask16)((1u << (k - c)) - 1u);
+                mk &= xm;
+            }
+            if (!mk) continue;
+            const int p = __builtin_popcount(mk);
+            __m512 v = VF == SP_F32 ? _mm512_maskz_expandloadu_ps((__mmask16)mk, vf + idx)
+                                    : _mm512_maskz_expand_ps((__mmask16)mk,
+                                                             sp_i8x16(vq, w->scale, idx, p, total));
+            idx += p;
+            for (int i = 0; i < MB; i++)
+                acc[i] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(xm, x + i * k + c), acc[i]);
+        }
+        for (int i = 0; i < MB; i++) {
+            float s = _mm512_reduce_add_ps(acc[i]);
+            y[i * n + r] = bias ? s + bias[r] : s;
+        }
+#else
+        float acc[8];
+        for (int i = 0; i < MB; i++) acc[i] = 0.0f;
+        for (int64_t c = 0; c < k; c += 16) {
+            uint32_t mk = sp_bits16(w->mask, bit + c, nbytes);
+            if (k - c < 16) mk &= (1u << (k - c)) - 1u;
+            while (mk) {
+                const int j = __builtin_ctz(mk);
+                const float v = VF == SP_F32 ? vf[idx] : (float)vq[idx] * w->scale[idx >> 7];
+                idx++;
+                for (int i = 0; i < MB; i++) acc[i] += v * x[i * k + c + j];
+                mk &= mk - 1;
+            }
+        }
+        for (int i = 0; i < MB; i++) y[i * n + r] = bias ? acc[i] + bias[r] : acc[i];
+        (void)total;
+#endif
+    }
+}
+
+#define SP_CASE(M) case M: \
+    if (w->vfmt == SP_I8) sp_rows_t(w, x, y, bias, r0, r1, M, SP_I8); \
+    else sp_rows_t(w, x, y, bias, r0, r1, M, SP_F32); \
+    break;
+
+/* rows [r0, r1) for mb (1..8) input rows */
+static void sp_rows(const sp_weight *w, const float *x, float *y, const float *bias, int64_t r0,
+                    int64_t r1, int mb) {
+    switch (mb) {
+    SP_CASE(1) SP_CASE(2) SP_CASE(3) SP_CASE(4) SP_CASE(5) SP_CASE(6) SP_CASE(7)
+    default: SP_CASE(8)
+    }
+}
+
+/* y (M, N) = x (M, K) @ W.T (+ bias), x and y contiguous float32: chunks of 16 output rows
+   (small enough to balance, large enough to amortise the schedule) over the threads, each chunk
+   against 8 input rows at a time (the weight read once per 8 rows). */
+static void sp_linear(const sp_weight *w, const float *x, float *y, const float *bias, int64_t m,
+                      int threads) {
+    const int64_t n = w->n, k = w->k, chunks = (n + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        const int64_t r0 = ch * 16, r1 = r0 + 16 < n ? r0 + 16 : n;
+        for (int64_t m0 = 0; m0 < m; m0 += 8)
+            sp_rows(w, x + m0 * k, y + m0 * n, bias, r0, r1, (int)(m - m0 < 8 ? m - m0 : 8));
+    }
+}
+
+/* row r of W, dense, into out (K,): the values exactly as dequantize computes them */
+static void sp_dequant_row(const sp_weight *w, int64_t r, float *out) {
+    const int64_t k = w->k, nbytes = (w->n * k + 7) / 8;
+    int64_t idx = w->row_start[r];
+    for (int64_t c = 0; c < k; c++) out[c] = 0.0f;
+    for (int64_t c = 0; c < k; c += 16) {
+        uint32_t mk = sp_bits16(w->mask, r * k + c, nbytes);
+        if (k - c < 16) mk &= (1u << (k - c)) - 1u;
+        while (mk) {
+            const int j = __builtin_ctz(mk);
+            out[c + j] = w->vfmt == SP_F32 ? ((const float *)w->values)[idx]
+                                           : (float)((const int8_t *)w->values)[idx] *
+                                                 w->scale[idx >> 7];
+            idx++;
+            mk &= mk - 1;
+        }
+    }
+}
+
+/* row_start (N + 1,): the stream index of each row's first value, from the mask's popcounts */
+static void sp_row_starts(const uint8_t *mask, int64_t n, int64_t k, int64_t *row_start) {
+    const int64_t nbytes = (n * k + 7) / 8;
+    int64_t acc = 0;
+    for (int64_t r = 0; r < n; r++) {
+        row_start[r] = acc;
+        for (int64_t c = 0; c < k; c += 16) {
+            uint32_t mk = sp_bits16(mask, r * k + c, nbytes);
+            if (k - c < 16) mk &= (1u << (k - c)) - 1u;
+            acc += __builtin_popcount(mk);
+        }
+    }
+    row_start[n] = acc;
+}
+"""
