@@ -59,11 +59,13 @@ static inline uint32_t sp_bits16(const uint8_t *mask, int64_t bit, int64_t nbyte
 }
 
 #ifdef SP_AVX512
-/* int8 values idx .. idx + p - 1 of the stream (1 <= p <= 16) in lanes 0 .. p - 1, as float32
-   code * scale of their group of 128 (a run crossing a group's end takes two scales). total: the
+/* int8 values idx .. idx + p - 1 of the stream (p <= 16) in lanes 0 .. p - 1, as float32
+   code * scale of their group of 128 (a run crossing a group's end takes two scales); p = 0:
+   zeros. total: the
    stream's length (P): whole 16-byte loads where they stay inside it. */
 static inline __m512 sp_i8x16(const int8_t *v, const float *scale, int64_t idx, int p,
                               int64_t total) {
+    if (!p) return _mm512_setzero_ps();  /* (idx may be the stream's end: no scale to read) */
     __m128i raw = idx + 16 <= total ? _mm_loadu_si128((const __m128i *)(v + idx))
                                     : _mm_maskz_loadu_epi8((__mmask16)((1u << p) - 1u), v + idx);
     __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
@@ -90,27 +92,45 @@ static inline __attribute__((always_inline)) void sp_rows_t(
         int64_t idx = w->row_start[r];  /* stream index of the row's next value */
         const int64_t bit = r * k;
 #ifdef SP_AVX512
-        __m512 acc[8];
-        for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_ps();
+        /* UA accumulators an input row: one FMA chain per 16 columns would wait on the FMA's
+           latency with few input rows; with 4 or more rows their chains interleave */
+        const int UA = MB >= 4 ? 1 : MB == 1 ? 4 : 2;
+        __m512 acc[8][4];
+        for (int i = 0; i < MB; i++)
+            for (int u = 0; u < UA; u++) acc[i][u] = _mm512_setzero_ps();
         int64_t c = 0;
         if ((bit & 15) == 0 && (VF == SP_I8 || total - idx >= k)) {
-            /* rows on a 16-bit boundary: the mask read 16 bits at a time; float values loaded
-               16 at a time (values to spare: the row reads at most k of them) */
+            /* rows on a 16-bit boundary: the mask read 64 bits at a time, four runs of 16
+               columns whose stream offsets are prefix sums of popcounts (independent loads);
+               float values loaded 16 at a time (values to spare: a row reads at most k) */
             const uint8_t *mrow = w->mask + (bit >> 3);
+            for (; c + 64 <= k; c += 64) {
+                uint64_t m64;
+                memcpy(&m64, mrow + (c >> 3), 8);
+                if (VF == SP_I8 && !m64) continue;
+                for (int u = 0; u < 4; u++) {
+                    const uint32_t mk = (uint32_t)(m64 >> (16 * u)) & 0xffffu;
+                    const int p = __builtin_popcount(mk);
+                    __m512 v = VF == SP_F32
+                        ? _mm512_maskz_expand_ps((__mmask16)mk, _mm512_loadu_ps(vf + idx))
+                        : _mm512_maskz_expand_ps((__mmask16)mk,
+                                                 sp_i8x16(vq, w->scale, idx, p, total));
+                    idx += p;
+                    for (int i = 0; i < MB; i++)
+                        acc[i][u % UA] = _mm512_fmadd_ps(
+                            v, _mm512_loadu_ps(x + i * k + c + 16 * u), acc[i][u % UA]);
+                }
+            }
             for (; c + 16 <= k; c += 16) {
                 uint16_t mk;
                 memcpy(&mk, mrow + (c >> 3), 2);
-                __m512 v;
-                if (VF == SP_F32) {
-                    v = _mm512_maskz_expand_ps((__mmask16)mk, _mm512_loadu_ps(vf + idx));
-                } else {
-                    if (!mk) continue;
-                    v = _mm512_maskz_expand_ps(
-                        (__mmask16)mk, sp_i8x16(vq, w->scale, idx, __builtin_popcount(mk), total));
-                }
-                idx += __builtin_popcount(mk);
+                const int p = __builtin_popcount(mk);
+                __m512 v = VF == SP_F32
+                    ? _mm512_maskz_expand_ps((__mmask16)mk, _mm512_loadu_ps(vf + idx))
+                    : _mm512_maskz_expand_ps((__mmask16)mk, sp_i8x16(vq, w->scale, idx, p, total));
+                idx += p;
                 for (int i = 0; i < MB; i++)
-                    acc[i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + i * k + c), acc[i]);
+                    acc[i][0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + i * k + c), acc[i][0]);
             }
         }
         for (; c < k; c += 16) {  /* rows off the boundary, the last columns of a row */
@@ -127,10 +147,11 @@ static inline __attribute__((always_inline)) void sp_rows_t(
                                                              sp_i8x16(vq, w->scale, idx, p, total));
             idx += p;
             for (int i = 0; i < MB; i++)
-                acc[i] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(xm, x + i * k + c), acc[i]);
+                acc[i][0] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(xm, x + i * k + c), acc[i][0]);
         }
         for (int i = 0; i < MB; i++) {
-            float s = _mm512_reduce_add_ps(acc[i]);
+            for (int u = 1; u < UA; u++) acc[i][0] = _mm512_add_ps(acc[i][0], acc[i][u]);
+            float s = _mm512_reduce_add_ps(acc[i][0]);
             y[i * n + r] = bias ? s + bias[r] : s;
         }
 #else
