@@ -66,6 +66,13 @@ typedef struct {
 
 static inline int is_sparse(const qmat *w) { return w->kind == W_SP_F32 || w->kind == W_SP_I8; }
 
+/* sparse int8 values on int8 activations (sp_rows_i8_vnni), where the CPU has VNNI and VBMI2 */
+#ifdef SP_VNNI
+#define SP_I8_VNNI(w, k) ((w)->kind == W_SP_I8 && (k) % 32 == 0)
+#else
+#define SP_I8_VNNI(w, k) 0
+#endif
+
 static inline sp_weight sp_of(const qmat *w) {
     sp_weight s = {w->mask, w->data, (const float *)w->scale, w->row_start, w->n, w->k,
                    w->kind == W_SP_I8 ? SP_I8 : SP_F32};
@@ -766,7 +773,7 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
 #ifdef MEMOPT_VNNI
     const int vnni = (w->kind == W_I4 && w->block_n == 64 && w->group % 32 == 0) ||
                      (w->kind == W_I8 && k % 32 == 0 && w->group % 32 == 0) ||
-                     w->kind == W_Q5_0;
+                     w->kind == W_Q5_0 || SP_I8_VNNI(w, k);
 #else
     const int vnni = 0;
 #endif
@@ -875,6 +882,14 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
     case W_SP_F32: case W_SP_I8: {  /* chunks of 16 rows (a row's values start at row_start) */
         const sp_weight sw = sp_of(w);
         const int64_t chunks = (n + 15) / 16;
+#if defined(MEMOPT_VNNI) && defined(SP_VNNI)
+        if (vnni) {
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < chunks; c++)
+                sp_rows_i8_vnni(&sw, xq, dx, y, c * 16, c * 16 + 16 < n ? c * 16 + 16 : n);
+            break;
+        }
+#endif
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < chunks; c++)
             sp_rows(&sw, x, y, NULL, c * 16, c * 16 + 16 < n ? c * 16 + 16 : n, 1);
@@ -966,10 +981,11 @@ static void embed_row(const qmat *w, int64_t r, float *out) {
 
 /* y (M, N) = x (M, K) @ W.T (+ bias) one row of x at a time, for a layer outside the engine's
    token (transformers' forward of a streamed model): the same matrix-vector products, no
-   dequantized copy of W. xs: XS_FLOATS(K) floats of scratch. A sparse weight takes 8 rows of x
-   at a time (its mask and values read once per 8 rows: an 8-token prefill reads them once). */
+   dequantized copy of W. xs: XS_FLOATS(K) floats of scratch. A sparse weight on float
+   activations takes 8 rows of x at a time (its mask and values read once per 8 rows: an 8-token
+   prefill reads them once). */
 void memopt_linear(const qmat *w, const float *x, float *y, int64_t m, float *xs, int32_t threads) {
-    if (is_sparse(w)) {
+    if (is_sparse(w) && !SP_I8_VNNI(w, w->k)) {
         const sp_weight sw = sp_of(w);
         sp_linear(&sw, x, y, w->bias, m, threads);
         return;

@@ -202,6 +202,64 @@ static void sp_linear(const sp_weight *w, const float *x, float *y, const float 
     }
 }
 
+#if defined(SP_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512VBMI2__) && defined(__BMI2__)
+#include <immintrin.h>
+#define SP_VNNI 1
+/* Rows [r0, r1) of y = W x for int8 values and int8 activations (K % 32 == 0): xq (K,) int8 and
+   dx (K / 32 + 1,) their scale per block of 32 inputs (llama.cpp's Q8_0 form; the engine's
+   quantize_x; xq readable to K + 32). Per 64 columns, 64 mask bits: the row's next popcount
+   codes expanded into the byte lanes where the mask is set (vpexpandb), VNNI dot products with
+   the activations (as u8: x + 128, less 128 times the codes' sum), each 32-lane half scaled by
+   its block's dx times the codes' group scale. Codes past their group's end (a crossing every
+   ~4 runs) are split off without a branch (pdep: the mask bits of the first codes) and take the
+   next group's scale. Why: widening each code to float and multiplying it by its scale cost
+   three times the instructions (measured on smollm2 50 % + int8 values: 0.50x int8 dense's
+   decode); a branch at each crossing, 30 % more time. */
+static void sp_rows_i8_vnni(const sp_weight *w, const int8_t *xq, const float *dx, float *y,
+                            int64_t r0, int64_t r1) {
+    const int64_t k = w->k, nnz = w->row_start[w->n], total = (nnz + 127) / 128 * 128;
+    const int8_t *vq = (const int8_t *)w->values;
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t idx = w->row_start[r];
+        const uint8_t *mrow = w->mask + (r * k >> 3);
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t c = 0; c < k; c += 64) {
+            uint64_t m = 0;
+            memcpy(&m, mrow + (c >> 3), k - c >= 64 ? 8 : 4);
+            if (!m) continue;
+            const int p = __builtin_popcountll(m);
+            const int64_t g = idx >> 7;
+            const int fit = 128 - (int)(idx & 127);  /* codes left in group g */
+            const uint64_t m1 = p > fit ? m & ~_pdep_u64((1ull << fit) - 1ull, m) : 0ull;
+            const int64_t g1 = g + (m1 != 0);  /* a scale that exists */
+            __m512i raw = idx + 64 <= total
+                ? _mm512_loadu_si512((const void *)(vq + idx))
+                : _mm512_maskz_loadu_epi8(p == 64 ? ~0ull : (1ull << p) - 1ull, vq + idx);
+            const __m512i wv = _mm512_maskz_expand_epi8(m, raw);
+            const __m512i w1 = _mm512_maskz_mov_epi8(m1, wv);
+            const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(xq + c)), c128);
+            const __m512i z = _mm512_setzero_si512();
+            /* sum x w = sum (x + 128) w - 128 sum w, per 4 columns (exact in int32) */
+            const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(z, xu, wv),
+                                               _mm512_dpbusd_epi32(z, c128, wv));
+            const __m512i d1 = _mm512_sub_epi32(_mm512_dpbusd_epi32(z, xu, w1),
+                                                _mm512_dpbusd_epi32(z, c128, w1));
+            /* dx of the two blocks of 32 inputs: lanes 0-7, 8-15 */
+            const __m512 dxv = _mm512_permutexvar_ps(
+                halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(dx + (c >> 5))))));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, d1)),
+                                   _mm512_mul_ps(dxv, _mm512_set1_ps(w->scale[g])), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
+                                   _mm512_mul_ps(dxv, _mm512_set1_ps(w->scale[g1])), acc1);
+            idx += p;
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    }
+}
+#endif
+
 /* row r of W, dense, into out (K,): the values exactly as dequantize computes them */
 static void sp_dequant_row(const sp_weight *w, int64_t r, float *out) {
     const int64_t k = w->k, nbytes = (w->n * k + 7) / 8;
