@@ -1,6 +1,7 @@
 """Sparse products from the bitmask form vs the dense float32 matmul, as decode meets them.
 
-    .venv/bin/python bench/sparse_kernel.py [--threads N] [--rounds R] [--model] [--json]
+    .venv/bin/python bench/sparse_kernel.py [--threads N] [--rounds R] [--model]
+                                            [--engine DIR [--only-engine]] [--json]
 
 Per smollm2 projection shape (in -> out), sparsity pattern (50 % unstructured, 2:4) and input rows
 M (1: decode; 8: a batch of 8 decode streams or an 8-token prefill chunk): one pass over
@@ -17,8 +18,15 @@ weight once), timed for three paths:
 Rounds alternate the paths; the best round of each is kept (the machine is shared; the least
 disturbed round is the one that says what the code does). Ratios are dense time / path time
 (> 1: faster than dense). ``--model`` adds smollm2 greedy decode (32 tokens, KV cache, batch 1),
-magnitude-pruned 50 % and 2:4, against the dense model through the same transformers forward, and
-against memopt's decode engine (which runs dense float32 models, not sparse ones), alternated.
+magnitude-pruned 50 % and 2:4, against the dense model through the same transformers forward.
+
+``--engine DIR``: smollm2 as ``memopt run`` runs a folder (memopt.engine.lean: the C decode engine
+over the folder's tensors as stored), five folders made once in DIR: dense float32, magnitude
+50 %, magnitude 2:4, ``memopt quantize --method int8`` and magnitude 50 % with int8 values
+(``memopt prune --values int8``). Greedy, an 8-token prompt then 32 new tokens, one thread, the
+five alternated in each round, the best round of each kept; decode and prefill tokens/s over
+dense float32's and over int8 dense's. (The engine runs a prompt one position at a time, each a
+matrix-vector product per weight, so "prefill" is 8 decode-shaped steps at positions 0-7.)
 """
 
 from __future__ import annotations

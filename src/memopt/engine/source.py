@@ -765,7 +765,8 @@ static float dot_q5_0_vnni(const uint8_t *row, const int8_t *xq, const float *dx
 
 /* y = W x (+ bias). Call from inside a parallel region (all threads): rows are shared out. xs:
    scratch for the activations' forms, filled here by one thread: block sums (K / 32 + 1 floats),
-   then their int8 scales (K / 32 + 1 floats), then their int8 values (K bytes). */
+   then their int8 scales (K / 32 + 1 floats), then their int8 values (K bytes + 64), then
+   sparse int8's correction (K / 4 int32 + 16). */
 static void matvec(const qmat *w, const float *x, float *y, float *xs) {
     const int64_t n = w->n, k = w->k;
     float *dx = xs + k / 32 + 1;
@@ -784,6 +785,9 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
         {
             block_sums(x, k, xs);
             if (vnni) quantize_x(x, k, xq, dx);
+#ifdef SP_VNNI
+            if (SP_I8_VNNI(w, k)) sp_x_corr(xq, k, (int32_t *)(xq + k + 64));
+#endif
         }
     }
     switch (w->kind) {
@@ -886,7 +890,8 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
         if (vnni) {
 #pragma omp for schedule(static)
             for (int64_t c = 0; c < chunks; c++)
-                sp_rows_i8_vnni(&sw, xq, dx, y, c * 16, c * 16 + 16 < n ? c * 16 + 16 : n);
+                sp_rows_i8_vnni(&sw, xq, dx, (const int32_t *)(xq + k + 64), y, c * 16,
+                                c * 16 + 16 < n ? c * 16 + 16 : n);
             break;
         }
 #endif
@@ -976,8 +981,9 @@ static void embed_row(const qmat *w, int64_t r, float *out) {
     }
 }
 
-/* the activations' forms of matvec for K inputs: sums, int8 scales, int8 values (+ padding) */
-#define XS_FLOATS(K) (2 * ((K) / 32 + 1) + (K) / 4 + 16)
+/* the activations' forms of matvec for K inputs: sums, int8 scales, int8 values (+ padding),
+   sparse int8's correction (+ padding) */
+#define XS_FLOATS(K) (2 * ((K) / 32 + 1) + (K) / 2 + 32)
 
 /* y (M, N) = x (M, K) @ W.T (+ bias) one row of x at a time, for a layer outside the engine's
    token (transformers' forward of a streamed model): the same matrix-vector products, no

@@ -205,56 +205,83 @@ static void sp_linear(const sp_weight *w, const float *x, float *y, const float 
 #if defined(SP_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512VBMI2__) && defined(__BMI2__)
 #include <immintrin.h>
 #define SP_VNNI 1
+/* corr (K / 4,) int32: 128 times the sum of each 4 activation codes (what codes + 128 add to a
+   VNNI dot product of 4 columns: the correction of sp_rows_i8_vnni, once a product) */
+static void sp_x_corr(const int8_t *xq, int64_t k, int32_t *corr) {
+    for (int64_t j = 0; j < k / 4; j++)
+        corr[j] = 128 * ((int32_t)xq[4 * j] + xq[4 * j + 1] + xq[4 * j + 2] + xq[4 * j + 3]);
+}
+
 /* Rows [r0, r1) of y = W x for int8 values and int8 activations (K % 32 == 0): xq (K,) int8 and
    dx (K / 32 + 1,) their scale per block of 32 inputs (llama.cpp's Q8_0 form; the engine's
-   quantize_x; xq readable to K + 32). Per 64 columns, 64 mask bits: the row's next popcount
-   codes expanded into the byte lanes where the mask is set (vpexpandb), VNNI dot products with
-   the activations (as u8: x + 128, less 128 times the codes' sum), each 32-lane half scaled by
-   its block's dx times the codes' group scale. Codes past their group's end (a crossing every
-   ~4 runs) are split off without a branch (pdep: the mask bits of the first codes) and take the
+   quantize_x; xq readable to K + 32), corr from sp_x_corr (readable to K / 4 + 8). Per 64
+   columns, 64 mask bits: the row's next popcount codes expanded into the byte lanes where the
+   mask is set (vpexpandb), plus 128 (u8: VNNI multiplies u8 by s8; an empty lane is 128), a VNNI
+   dot product with the activations, less corr; each 32-lane half scaled by its block's dx times
+   the codes' group scale. Codes past their group's end (a crossing every ~4 runs) are split off
+   without a branch (pdep: the mask bits of the first codes; their dot product with the others'
+   lanes at 128, so that the difference of the two is exactly the first codes') and take the
    next group's scale. Why: widening each code to float and multiplying it by its scale cost
-   three times the instructions (measured on smollm2 50 % + int8 values: 0.50x int8 dense's
-   decode); a branch at each crossing, 30 % more time. */
-static void sp_rows_i8_vnni(const sp_weight *w, const int8_t *xq, const float *dx, float *y,
-                            int64_t r0, int64_t r1) {
+   three times the instructions (smollm2 50 % + int8 values decoded at 0.50x int8 dense's speed);
+   a branch at each crossing, 30 % more time; the correction by a second dot product (128 x the
+   codes' sums), 2 of 4 dot products. */
+/* One run of 64 columns (whole = 0: the last 32 of a row, K % 64 == 32) of sp_rows_i8_vnni. */
+static inline __attribute__((always_inline)) void sp_i8_run(
+    const sp_weight *w, const int8_t *vq, int64_t total, const uint8_t *mrow, const int8_t *xq,
+    const float *dx, const int32_t *corr, int64_t c, int64_t *idx_p, __m512 *acc0, __m512 *acc1,
+    const int whole)
+{
+    const __m512i c128 = _mm512_set1_epi8((char)0x80), z = _mm512_setzero_si512();
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    uint64_t m;
+    if (whole) {
+        memcpy(&m, mrow + (c >> 3), 8);
+    } else {
+        uint32_t h;
+        memcpy(&h, mrow + (c >> 3), 4);
+        m = h;
+    }
+    const int64_t idx = *idx_p;
+    const int p = __builtin_popcountll(m);
+    const int64_t g = idx < total ? idx >> 7 : total / 128 - 1;  /* at the end: a scale there is */
+    /* the codes past group g's end: the mask bits after its first `fit` set bits (none, mostly) */
+    const int fit = 128 - (int)(idx & 127);
+    const uint64_t m1 = m & ~_pdep_u64(~0ull >> (64 - (fit < 64 ? fit : 64)), m);
+    const int64_t g1 = g + (m1 != 0);  /* a scale that exists */
+    const __m512i raw = idx + 64 <= total
+        ? _mm512_loadu_si512((const void *)(vq + idx))
+        : _mm512_maskz_loadu_epi8(p == 64 ? ~0ull : (1ull << p) - 1ull, vq + idx);
+    const __m512i wu = _mm512_xor_si512(_mm512_maskz_expand_epi8(m, raw), c128);
+    const __m512i wu1 = _mm512_mask_mov_epi8(c128, m1, wu);  /* group g + 1's codes */
+    const __m512i xv = _mm512_loadu_si512((const void *)(xq + c));
+    const __m512i a = _mm512_dpbusd_epi32(z, wu, xv), b = _mm512_dpbusd_epi32(z, wu1, xv);
+    const __m512i d1 = _mm512_maskz_sub_epi32(
+        whole ? 0xffff : 0x00ff, b, _mm512_loadu_si512((const void *)(corr + (c >> 2))));
+    /* dx of the two blocks of 32 inputs: lanes 0-7, 8-15 */
+    const __m512 dxv = _mm512_permutexvar_ps(
+        halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(dx + (c >> 5))))));
+    *acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, b)),
+                            _mm512_mul_ps(dxv, _mm512_set1_ps(w->scale[g])), *acc0);
+    *acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
+                            _mm512_mul_ps(dxv, _mm512_set1_ps(w->scale[g1])), *acc1);
+    *idx_p = idx + p;
+}
+
+static void sp_rows_i8_vnni(const sp_weight *w, const int8_t *xq, const float *dx,
+                            const int32_t *corr, float *y, int64_t r0, int64_t r1) {
     const int64_t k = w->k, nnz = w->row_start[w->n], total = (nnz + 127) / 128 * 128;
     const int8_t *vq = (const int8_t *)w->values;
-    const __m512i c128 = _mm512_set1_epi8((char)0x80);
-    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    if (total == 0) {  /* no values at all (nor scales) */
+        for (int64_t r = r0; r < r1; r++) y[r] = 0.0f;
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) {
-        int64_t idx = w->row_start[r];
+        int64_t idx = w->row_start[r], c = 0;
         const uint8_t *mrow = w->mask + (r * k >> 3);
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (int64_t c = 0; c < k; c += 64) {
-            uint64_t m = 0;
-            memcpy(&m, mrow + (c >> 3), k - c >= 64 ? 8 : 4);
-            if (!m) continue;
-            const int p = __builtin_popcountll(m);
-            const int64_t g = idx >> 7;
-            const int fit = 128 - (int)(idx & 127);  /* codes left in group g */
-            const uint64_t m1 = p > fit ? m & ~_pdep_u64((1ull << fit) - 1ull, m) : 0ull;
-            const int64_t g1 = g + (m1 != 0);  /* a scale that exists */
-            __m512i raw = idx + 64 <= total
-                ? _mm512_loadu_si512((const void *)(vq + idx))
-                : _mm512_maskz_loadu_epi8(p == 64 ? ~0ull : (1ull << p) - 1ull, vq + idx);
-            const __m512i wv = _mm512_maskz_expand_epi8(m, raw);
-            const __m512i w1 = _mm512_maskz_mov_epi8(m1, wv);
-            const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(xq + c)), c128);
-            const __m512i z = _mm512_setzero_si512();
-            /* sum x w = sum (x + 128) w - 128 sum w, per 4 columns (exact in int32) */
-            const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(z, xu, wv),
-                                               _mm512_dpbusd_epi32(z, c128, wv));
-            const __m512i d1 = _mm512_sub_epi32(_mm512_dpbusd_epi32(z, xu, w1),
-                                                _mm512_dpbusd_epi32(z, c128, w1));
-            /* dx of the two blocks of 32 inputs: lanes 0-7, 8-15 */
-            const __m512 dxv = _mm512_permutexvar_ps(
-                halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(dx + (c >> 5))))));
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, d1)),
-                                   _mm512_mul_ps(dxv, _mm512_set1_ps(w->scale[g])), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
-                                   _mm512_mul_ps(dxv, _mm512_set1_ps(w->scale[g1])), acc1);
-            idx += p;
-        }
+        for (; c + 64 <= k; c += 64)
+            sp_i8_run(w, vq, total, mrow, xq, dx, corr, c, &idx, &acc0, &acc1, 1);
+        if (c < k) sp_i8_run(w, vq, total, mrow, xq, dx, corr, c, &idx, &acc0, &acc1, 0);
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
     }
 }
