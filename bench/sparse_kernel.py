@@ -202,7 +202,8 @@ def bench_engine(folders: dict[str, Path], rounds: int, new_tokens: int = 32) ->
     result = {}
     for v, t in out.items():
         disk = sum(f.stat().st_size for f in folders[v].glob("*.safetensors"))
-        held = sum(x.numel() * x.element_size() for x in models[v].engine.keep)
+        unique = {x.data_ptr(): x for x in models[v].engine.keep}  # a tied head: counted once
+        held = sum(x.numel() * x.element_size() for x in unique.values())
         result[v] = {"decode_tok_s": max(t["decode"]), "prefill_tok_s": max(t["prefill"]),
                      "weights_disk_bytes": disk, "engine_bytes": held}  # fmt: skip
     return result
