@@ -119,10 +119,14 @@ def _qmat(w: SparseWeight, keep: list) -> llama._QMat:
     return llama._qmat(w, None, keep)
 
 
-def _pruned_weight(n: int, k: int, values: str, seed: int) -> SparseWeight:
+def _pruned_weight(n: int, k: int, values: str, seed: int, two_four: bool = False) -> SparseWeight:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)  # rows of other scales
-    w[torch.rand(n, k, generator=g) < 0.5] = 0.0
+    if two_four:  # 2 of every 4 columns zeroed: 8 values in every run of 16
+        drop = torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2]
+        w = w.view(n, k // 4, 4).scatter_(-1, drop, 0.0).view(n, k)
+    else:
+        w[torch.rand(n, k, generator=g) < 0.5] = 0.0
     return SparseWeight(w, "bitmask", values)
 
 
@@ -171,14 +175,17 @@ def test_builds_without_avx512_agree(flags: list[str]) -> None:
     error <= 1e-6 of the output's norm: only the order of the sums differs; the native build's
     int8 values on int8 activations, where the CPU has VNNI: of the activations it rounded) and
     the same dequantized rows bit for bit; for float32 and int8 values, K a multiple of 32 and
-    not a multiple of 16, 1, 3 and 8 input rows (the multi-row path)."""
+    not a multiple of 16, 2:4 (the native build's runs-of-8 form), 1, 3 and 8 input rows (the
+    multi-row path)."""
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     if flags and not all(f in cpu.split() for f in ("avx2", "fma", "f16c")):
         pytest.skip("this CPU cannot run an AVX2 build")
     lib, native = _variant(flags), llama.library()
-    for i, (n, k) in enumerate([(96, 64), (33, 77), (64, 200)]):
+    for i, (n, k, two_four) in enumerate([(96, 64, False), (33, 77, False), (64, 200, False),
+                                          (40, 112, True)]):  # fmt: skip
         for values in ("float", "int8"):
-            sw = _pruned_weight(n, k, values, 10 + i)
+            sw = _pruned_weight(n, k, values, 10 + i, two_four)
+            assert sw.runs_of_8() == two_four
             keep: list = []
             qm = _qmat(sw, keep)
             for m in (1, 3, 8):

@@ -42,7 +42,8 @@ def _check(w: torch.Tensor, m: int, bias: bool = False, values: str = "float") -
     starts = sk.row_starts(sw.mask, n, k)
     assert starts[-1].item() == sw.nnz and starts.diff().min().item() >= 0
     scale = sw.scale if values == "int8" else None
-    got = sk.bitmask_linear(sw.mask, sw.values, starts, x, n, b, scale=scale)  # (M, N)
+    runs8 = scale is None and sw.runs_of_8()  # 2:4: the runs-of-8 form (what linear() runs)
+    got = sk.bitmask_linear(sw.mask, sw.values, starts, x, n, b, scale=scale, runs8=runs8)  # (M, N)
     w = sw.dequantize()  # the stored values (int8: code x scale), dense (N, K)
     ref = x.double() @ w.double().T + (0 if b is None else b.double())
     assert sqnr(ref, got.double()) >= 120.0
@@ -72,10 +73,23 @@ def test_densities_and_bias(sparsity):
     _check(_pruned(40, 48, sparsity, seed=3), 4, bias=True, values="int8")
 
 
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 3, 8])
 def test_two_four(m):
-    _check(_two_four(128, 96), m)
-    _check(_two_four(128, 96), m, values="int8")
+    """2:4 (8 values in every run of 16 columns: the kernel's runs-of-8 form for float32 values;
+    K = 96 and 112: a last run of 16 after whole pairs of runs)."""
+    for k in (96, 112):
+        w = _two_four(128, k)
+        assert SparseWeight(w).runs_of_8()
+        _check(w, m)
+        _check(w, m, values="int8")
+
+
+def test_runs_of_8_is_detected_exactly():
+    assert not SparseWeight(_pruned(64, 96, 0.5)).runs_of_8()  # random 50 %: runs of 5-11
+    assert not SparseWeight(_two_four(64, 100)).runs_of_8()  # K % 16 != 0
+    w = _two_four(64, 96)
+    w[5, 17] = 0.0  # one run with 7 values
+    assert not SparseWeight(w).runs_of_8()
 
 
 def test_empty_rows_and_tail():

@@ -209,7 +209,8 @@ def _sparse_qmat(qw: SparseWeight, bias: torch.Tensor | None, keep: list[torch.T
     scale = _f32(qw.scale) if qw.values_fmt == "int8" else None
     keep += [mask, values, starts] + ([scale] if scale is not None else [])
     kind = _KIND["SP_I8" if scale is not None else "SP_F32"]
-    return _QMat(kind, 128 if scale is not None else 0, 0, 0, n, k, values.data_ptr(),
+    runs8 = 8 if scale is None and qw.runs_of_8() else 0  # block_n 8: 8 values in every 16 columns
+    return _QMat(kind, 128 if scale is not None else 0, runs8, 0, n, k, values.data_ptr(),
                  _ptr(scale), _ptr(bias), mask.data_ptr(), starts.data_ptr())  # fmt: skip
 
 

@@ -52,7 +52,8 @@ enum { W_F32 = 0, W_F16 = 1, W_Q4_0 = 2, W_Q4_1 = 3, W_Q5_0 = 6, W_Q5_1 = 7, W_Q
 typedef struct {
     int32_t kind;
     int32_t group;    /* int8: inputs per scale (0: per channel); int4: group size */
-    int32_t block_n;  /* int4: rows per interleaved block (0: codes along K) */
+    int32_t block_n;  /* int4: rows per interleaved block (0: codes along K); sparse float32: 8
+                         when every run of 16 columns holds 8 values (2:4) */
     int32_t pad;
     int64_t n, k;
     const void *data;   /* f32 (N, K) | GGML blocks (N, row_bytes) | int8 (N, K) | int4 packed |
@@ -75,7 +76,7 @@ static inline int is_sparse(const qmat *w) { return w->kind == W_SP_F32 || w->ki
 
 static inline sp_weight sp_of(const qmat *w) {
     sp_weight s = {w->mask, w->data, (const float *)w->scale, w->row_start, w->n, w->k,
-                   w->kind == W_SP_I8 ? SP_I8 : SP_F32};
+                   w->kind == W_SP_I8 ? SP_I8 : w->block_n == 8 ? SP_F32_R8 : SP_F32};
     return s;
 }
 

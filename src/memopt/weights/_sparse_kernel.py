@@ -29,7 +29,7 @@ import torch
 from memopt.core.cbuild import LazyLibrary
 from memopt.weights.sparse_c import SPARSE_C
 
-__all__ = ["MAX_ROWS", "available", "bitmask_linear", "row_starts"]
+__all__ = ["MAX_ROWS", "available", "bitmask_linear", "row_starts", "runs_of_8"]
 
 # Input rows up to which the kernel beats reconstruct + dense matmul (bench/sparse_kernel.py: the
 # kernel reads the weight once per 8 input rows; the dense matmul, once for all of them).
@@ -39,13 +39,19 @@ MAX_ROWS = 16
 _SOURCE = (
     SPARSE_C
     + r"""
-/* y (M, N) = x (M, K) @ W.T (+ bias); vfmt: 0 float32 values, 1 int8 values + scales */
+/* y (M, N) = x (M, K) @ W.T (+ bias); vfmt: 0 float32 values, 1 int8 values + scales, 2 float32
+   values 8 in every run of 16 columns */
 void sparse_bitmask_linear(const uint8_t *mask, const void *vals, const float *scale,
                            const int64_t *row_start, int32_t vfmt, const float *x, float *y,
                            const float *bias, int64_t m, int64_t n, int64_t k, int threads)
 {
     sp_weight w = {mask, vals, scale, row_start, n, k, vfmt};
     sp_linear(&w, x, y, bias, m, threads);
+}
+
+int sparse_runs_of_8(const uint8_t *mask, int64_t n, int64_t k)
+{
+    return sp_runs_of_8(mask, n, k);
 }
 
 void sparse_row_starts(const uint8_t *mask, int64_t n, int64_t k, int64_t *row_start)
@@ -67,6 +73,7 @@ _LIB = LazyLibrary(
             None,
         ),
         "sparse_row_starts": ([_VP, _I64, _I64, _VP], None),
+        "sparse_runs_of_8": ([_VP, _I64, _I64], ctypes.c_int),
     },
 )
 
@@ -87,6 +94,12 @@ def row_starts(mask: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return out
 
 
+def runs_of_8(mask: torch.Tensor, n: int, k: int) -> bool:
+    """True when K % 16 == 0 and every run of 16 mask bits holds exactly 8 (2:4 does): the
+    kernel's faster form for float32 values (a run's values at a known offset)."""
+    return bool(_load().sparse_runs_of_8(mask.data_ptr(), n, k))
+
+
 def bitmask_linear(
     mask: torch.Tensor,
     values: torch.Tensor,
@@ -95,10 +108,12 @@ def bitmask_linear(
     n: int,
     bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    runs8: bool = False,
 ) -> torch.Tensor:
     """``x (M, K) float32 @ W.T -> (M, N)`` for W ``(N, K)`` stored as ``mask`` + ``values``
     (row-major stream: float32, or int8 with ``scale``, one float32 per 128 values of the stream,
-    memopt.weights.sparse's int8 form), ``starts`` from :func:`row_starts`. CPU tensors only."""
+    memopt.weights.sparse's int8 form), ``starts`` from :func:`row_starts`; ``runs8``: float32
+    values, :func:`runs_of_8` true. CPU tensors only."""
     x = x.contiguous()
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
@@ -107,7 +122,7 @@ def bitmask_linear(
         raise ValueError("int8 values need their scales, float32 values none")
     _load().sparse_bitmask_linear(
         mask.data_ptr(), values.data_ptr(), None if scale is None else scale.data_ptr(),
-        starts.data_ptr(), 0 if scale is None else 1, x.data_ptr(), y.data_ptr(),
+        starts.data_ptr(), 1 if scale is not None else 2 if runs8 else 0, x.data_ptr(), y.data_ptr(),
         None if b is None else b.data_ptr(), m, n, k, max(1, torch.get_num_threads()),
     )  # fmt: skip
     return y

@@ -221,6 +221,7 @@ class SparseWeight(QuantizedWeight):
                 raise MemoptError(f"sparse weight tensor {s!r}: expected {dt} {sh}, got {got}")
             self._buffers[s] = t
         self._row_start = None  # a new mask: the kernel's row index is rebuilt on first use
+        self._runs8 = None
 
     @property
     def sparsity(self) -> float:
@@ -294,8 +295,9 @@ class SparseWeight(QuantizedWeight):
         if self._kernel_ok(x):
             scale = self.scale if self.values_fmt == "int8" else None
             return _sparse_kernel.bitmask_linear(
-                self.mask, self.values, self.row_starts(), x, n, scale=scale
-            )
+                self.mask, self.values, self.row_starts(), x, n, scale=scale,
+                runs8=scale is None and self.runs_of_8(),
+            )  # fmt: skip
         dtype = x.dtype if x.is_floating_point() else self.dtype
         if torch.is_grad_enabled() and x.requires_grad:
             w = self.dequantize(dtype)  # autograd keeps W for backward: it must not be reused
@@ -305,6 +307,18 @@ class SparseWeight(QuantizedWeight):
 
     def _device(self) -> torch.device:
         return self.values.device
+
+    def runs_of_8(self) -> bool:
+        """True when every run of 16 columns keeps exactly 8 values (2:4 does; bitmask layout,
+        K % 16 == 0): the kernels then find a run's values without counting. Kept once known."""
+        if self._runs8 is None:
+            n, k = self.shape
+            self._runs8 = (
+                self.layout == "bitmask"
+                and _sparse_kernel.available()
+                and _sparse_kernel.runs_of_8(self.mask, n, k)
+            )
+        return self._runs8
 
     def row_starts(self) -> torch.Tensor:
         """``(N + 1,) int64``: where each row's values begin in the value stream (bitmask layout,
@@ -323,6 +337,7 @@ class SparseWeight(QuantizedWeight):
     # first kernel call, kept beside the weight (8 bytes a row, 0.3-0.6 % of a 50 % float32
     # layer's bytes; not a buffer: it is not saved, and ``nbytes`` is the stored form's).
     _row_start: torch.Tensor | None = None
+    _runs8: bool | None = None  # runs_of_8(), once known
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         """The sparse kernel computes this call: bitmask layout, float32 (or int8) values and

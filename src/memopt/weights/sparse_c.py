@@ -33,7 +33,10 @@ SPARSE_C = r"""
 #define SP_AVX512 1
 #endif
 
-enum { SP_F32 = 0, SP_I8 = 1 };  /* value formats: float32; int8, a float32 scale per 128 */
+/* value formats: float32; int8, a float32 scale per 128; float32 with exactly 8 values in every
+   run of 16 columns (K % 16 == 0: 2:4, or any 8 of 16; sp_runs_of_8), so that a run's values
+   are at a known offset and two runs take one 16-value load */
+enum { SP_F32 = 0, SP_I8 = 1, SP_F32_R8 = 2 };
 
 typedef struct {
     const uint8_t *mask;       /* N*K bits, least significant first */
@@ -86,6 +89,7 @@ static inline __attribute__((always_inline)) void sp_rows_t(
 {
     const int64_t k = w->k, n = w->n, nbytes = (n * k + 7) / 8, nnz = w->row_start[n];
     const int64_t total = VF == SP_I8 ? (nnz + 127) / 128 * 128 : nnz;
+    const int F = VF == SP_F32_R8 ? SP_F32 : VF;  /* the value format, runs of 8 or not */
     const float *vf = (const float *)w->values;
     const int8_t *vq = (const int8_t *)w->values;
     for (int64_t r = r0; r < r1; r++) {
@@ -99,19 +103,36 @@ static inline __attribute__((always_inline)) void sp_rows_t(
         for (int i = 0; i < MB; i++)
             for (int u = 0; u < UA; u++) acc[i][u] = _mm512_setzero_ps();
         int64_t c = 0;
-        if ((bit & 15) == 0 && (VF == SP_I8 || total - idx >= k)) {
+        if ((bit & 15) == 0 && (F == SP_I8 || total - idx >= k)) {
             /* rows on a 16-bit boundary: the mask read 64 bits at a time, four runs of 16
                columns whose stream offsets are prefix sums of popcounts (independent loads);
                float values loaded 16 at a time (values to spare: a row reads at most k) */
             const uint8_t *mrow = w->mask + (bit >> 3);
+            if (VF == SP_F32_R8) {
+                /* 32 columns: 16 values, one load; the second run's 8 moved to lanes 0-7 */
+                for (; c + 32 <= k; c += 32) {
+                    uint32_t m32;
+                    memcpy(&m32, mrow + (c >> 3), 4);
+                    const __m512 v = _mm512_loadu_ps(vf + idx);
+                    const __m512 lo = _mm512_maskz_expand_ps((__mmask16)m32, v);
+                    const __m512 hi = _mm512_maskz_expand_ps((__mmask16)(m32 >> 16),
+                                                             _mm512_shuffle_f32x4(v, v, 0xEE));
+                    idx += 16;
+                    for (int i = 0; i < MB; i++) {
+                        acc[i][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + i * k + c), acc[i][0]);
+                        acc[i][1 % UA] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + i * k + c + 16),
+                                                         acc[i][1 % UA]);
+                    }
+                }
+            }
             for (; c + 64 <= k; c += 64) {
                 uint64_t m64;
                 memcpy(&m64, mrow + (c >> 3), 8);
-                if (VF == SP_I8 && !m64) continue;
+                if (F == SP_I8 && !m64) continue;
                 for (int u = 0; u < 4; u++) {
                     const uint32_t mk = (uint32_t)(m64 >> (16 * u)) & 0xffffu;
                     const int p = __builtin_popcount(mk);
-                    __m512 v = VF == SP_F32
+                    __m512 v = F == SP_F32
                         ? _mm512_maskz_expand_ps((__mmask16)mk, _mm512_loadu_ps(vf + idx))
                         : _mm512_maskz_expand_ps((__mmask16)mk,
                                                  sp_i8x16(vq, w->scale, idx, p, total));
@@ -125,7 +146,7 @@ static inline __attribute__((always_inline)) void sp_rows_t(
                 uint16_t mk;
                 memcpy(&mk, mrow + (c >> 3), 2);
                 const int p = __builtin_popcount(mk);
-                __m512 v = VF == SP_F32
+                __m512 v = F == SP_F32
                     ? _mm512_maskz_expand_ps((__mmask16)mk, _mm512_loadu_ps(vf + idx))
                     : _mm512_maskz_expand_ps((__mmask16)mk, sp_i8x16(vq, w->scale, idx, p, total));
                 idx += p;
@@ -142,7 +163,7 @@ static inline __attribute__((always_inline)) void sp_rows_t(
             }
             if (!mk) continue;
             const int p = __builtin_popcount(mk);
-            __m512 v = VF == SP_F32 ? _mm512_maskz_expandloadu_ps((__mmask16)mk, vf + idx)
+            __m512 v = F == SP_F32 ? _mm512_maskz_expandloadu_ps((__mmask16)mk, vf + idx)
                                     : _mm512_maskz_expand_ps((__mmask16)mk,
                                                              sp_i8x16(vq, w->scale, idx, p, total));
             idx += p;
@@ -162,7 +183,7 @@ static inline __attribute__((always_inline)) void sp_rows_t(
             if (k - c < 16) mk &= (1u << (k - c)) - 1u;
             while (mk) {
                 const int j = __builtin_ctz(mk);
-                const float v = VF == SP_F32 ? vf[idx] : (float)vq[idx] * w->scale[idx >> 7];
+                const float v = F == SP_F32 ? vf[idx] : (float)vq[idx] * w->scale[idx >> 7];
                 idx++;
                 for (int i = 0; i < MB; i++) acc[i] += v * x[i * k + c + j];
                 mk &= mk - 1;
@@ -176,6 +197,7 @@ static inline __attribute__((always_inline)) void sp_rows_t(
 
 #define SP_CASE(M) case M: \
     if (w->vfmt == SP_I8) sp_rows_t(w, x, y, bias, r0, r1, M, SP_I8); \
+    else if (w->vfmt == SP_F32_R8) sp_rows_t(w, x, y, bias, r0, r1, M, SP_F32_R8); \
     else sp_rows_t(w, x, y, bias, r0, r1, M, SP_F32); \
     break;
 
@@ -297,13 +319,24 @@ static void sp_dequant_row(const sp_weight *w, int64_t r, float *out) {
         if (k - c < 16) mk &= (1u << (k - c)) - 1u;
         while (mk) {
             const int j = __builtin_ctz(mk);
-            out[c + j] = w->vfmt == SP_F32 ? ((const float *)w->values)[idx]
+            out[c + j] = w->vfmt != SP_I8 ? ((const float *)w->values)[idx]
                                            : (float)((const int8_t *)w->values)[idx] *
                                                  w->scale[idx >> 7];
             idx++;
             mk &= mk - 1;
         }
     }
+}
+
+/* 1 when K % 16 == 0 and every run of 16 mask bits holds exactly 8 (SP_F32_R8 applies) */
+static int sp_runs_of_8(const uint8_t *mask, int64_t n, int64_t k) {
+    if (k % 16) return 0;
+    for (int64_t i = 0; i < n * k / 16; i++) {
+        uint16_t h;
+        memcpy(&h, mask + 2 * i, 2);
+        if (__builtin_popcount(h) != 8) return 0;
+    }
+    return 1;
 }
 
 /* row_start (N + 1,): the stream index of each row's first value, from the mask's popcounts */
