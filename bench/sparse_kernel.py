@@ -87,8 +87,8 @@ def bench_layers(layers: int, rounds: int) -> list[dict]:
                         F.linear(x, w)
 
                 def run_kernel(x=x, sparse=sparse, starts=starts, n=n):
-                    for s, st in zip(sparse, starts, strict=True):
-                        sk.bitmask_linear(s.mask, s.values, st, x, n)
+                    for s, st in zip(sparse, starts, strict=True):  # as SparseWeight.linear
+                        sk.bitmask_linear(s.mask, s.values, st, x, n, runs8=s.runs_of_8())
 
                 def run_rebuild(x=x, sparse=sparse):
                     for s in sparse:
