@@ -21,10 +21,10 @@ disturbed round is the one that says what the code does). Ratios are dense time 
 magnitude-pruned 50 % and 2:4, against the dense model through the same transformers forward.
 
 ``--engine DIR``: smollm2 as ``memopt run`` runs a folder (memopt.engine.lean: the C decode engine
-over the folder's tensors as stored), five folders made once in DIR: dense float32, magnitude
-50 %, magnitude 2:4, ``memopt quantize --method int8`` and magnitude 50 % with int8 values
-(``memopt prune --values int8``). Greedy, an 8-token prompt then 32 new tokens, one thread, the
-five alternated in each round, the best round of each kept; decode and prefill tokens/s over
+over the folder's tensors as stored), six folders made once in DIR: dense float32, magnitude
+50 %, magnitude 2:4, ``memopt quantize --method int8``, magnitude 50 % with int8 values
+(``memopt prune --values int8``) and magnitude 2:4 with int4 values. Greedy, an 8-token prompt
+then 32 new tokens, one thread, the six alternated in each round, the best round of each kept; decode and prefill tokens/s over
 dense float32's and over int8 dense's. (The engine runs a prompt one position at a time, each a
 matrix-vector product per weight, so "prefill" is 8 decode-shaped steps at positions 0-7.)
 """
@@ -141,7 +141,7 @@ def bench_model(rounds: int) -> dict[str, float]:
 
 
 # the engine bench's variants of smollm2, in the order they run in each round
-ENGINE_VARIANTS = ("dense float32", "50%", "2:4", "int8 dense", "50% + int8")
+ENGINE_VARIANTS = ("dense float32", "50%", "2:4", "int8 dense", "50% + int8", "2:4 + int4")
 
 
 def engine_folders(root: Path) -> dict[str, Path]:
@@ -149,14 +149,15 @@ def engine_folders(root: Path) -> dict[str, Path]:
     dense float32 model (the GGUF's dequantized Q4_1), magnitude-pruned 50 % and 2:4 (a pattern's
     speed does not depend on which weights survive, only on how many and where: magnitude pruning
     takes a second where SparseGPT takes minutes), ``memopt quantize --method int8`` (RTN, per
-    channel, the tied embedding too) and 50 % with int8 values (``memopt prune --values int8``)."""
+    channel, the tied embedding too), 50 % with int8 values (``memopt prune --values int8``) and
+    2:4 with int4 values (``--values int4``; both store the tied embedding and head int8)."""
     from memopt.models import load_model
     from memopt.models.saved import save
     from memopt.prune import NM, Magnitude, prune_
     from memopt.quant import Int8WeightOnly
     from memopt.quant.stream import quantize_model
 
-    slugs = ("dense-f32", "sparse50", "sparse2of4", "int8", "sparse50-int8")
+    slugs = ("dense-f32", "sparse50", "sparse2of4", "int8", "sparse50-int8", "sparse2of4-int4")
     paths = {v: root / s for v, s in zip(ENGINE_VARIANTS, slugs, strict=True)}
     if all((p / "memopt.json").is_file() for p in paths.values()):
         return paths
@@ -167,6 +168,7 @@ def engine_folders(root: Path) -> dict[str, Path]:
         ("50%", Magnitude(0.5), "float"),
         ("2:4", NM(2, 4, score="magnitude"), "float"),
         ("50% + int8", Magnitude(0.5), "int8"),
+        ("2:4 + int4", NM(2, 4, score="magnitude"), "int4"),
     ):
         if (paths[name] / "memopt.json").is_file():
             continue

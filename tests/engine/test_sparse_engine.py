@@ -41,6 +41,8 @@ CASES = {
     "2:4": (NM(2, 4, score="magnitude"), "float", {}),
     "50%-int8": (Magnitude(0.5), "int8", {}),
     "50%-int8-odd-k": (Magnitude(0.5), "int8", ODD),
+    "2:4-int4": (NM(2, 4, score="magnitude"), "int4", {}),
+    "50%-int4-odd-k": (Magnitude(0.5), "int4", ODD),
 }
 
 
@@ -89,9 +91,10 @@ def test_sparse_engine_is_the_dense_engine_on_the_same_weights(case: str) -> Non
     got, ref = _logits(eng), _logits(ref_eng)
     with torch.no_grad():  # and transformers' forward of the dense copy: the same function
         tf = dense(input_ids=torch.tensor([IDS])).logits[0]
-    if values == "int8" and _int8_activations(loaded.config.hidden_size):
-        # int8 codes on int8 activations (VNNI, as the engine's dense int8): the activations'
-        # rounding is the error, stated as SQNR (the dense int8 engine's bound)
+    if values != "float" and _int8_activations(loaded.config.hidden_size):
+        # int8 codes (the sparse int8 values; the tied head, int8 with int8 or int4 values) on
+        # int8 activations (VNNI, as the engine's dense int8): the activations' rounding is the
+        # error, stated as SQNR (the dense int8 engine's bound)
         assert sqnr(ref, got) > 30.0 and sqnr(tf, got) > 30.0, case
         return
     assert (got - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), case
@@ -130,10 +133,11 @@ def _pruned_weight(n: int, k: int, values: str, seed: int, two_four: bool = Fals
     return SparseWeight(w, "bitmask", values)
 
 
-@pytest.mark.parametrize("values", ["float", "int8"])
+@pytest.mark.parametrize("values", ["float", "int8", "int4"])
 def test_engine_rows_are_the_weights_values(values: str) -> None:
     """memopt_dequant_rows (the engine's own view of each row) is SparseWeight.dequantize, bit for
-    bit: int8 values times their group's scale, groups running across rows."""
+    bit: int8 values times their group's scale, int4 (code - 8) x scale + zero, groups running
+    across rows."""
     lib = llama.library()
     sw = _pruned_weight(40, 77, values, 1)
     keep: list = []
@@ -183,7 +187,7 @@ def test_builds_without_avx512_agree(flags: list[str]) -> None:
     lib, native = _variant(flags), llama.library()
     for i, (n, k, two_four) in enumerate([(96, 64, False), (33, 77, False), (64, 200, False),
                                           (40, 112, True)]):  # fmt: skip
-        for values in ("float", "int8"):
+        for values in ("float", "int8", "int4"):
             sw = _pruned_weight(n, k, values, 10 + i, two_four)
             assert sw.runs_of_8() == two_four
             keep: list = []
@@ -228,11 +232,7 @@ def test_int8_values_on_int8_activations(density: float) -> None:
 
 
 def test_what_the_engine_cannot_read_falls_back() -> None:
-    """int4 values and the CSR layout are not the engine's: engine_for declines, generate keeps
-    transformers' forward."""
-    loaded = tiny_llama(seed=3)
-    prune_(loaded.model, Magnitude(0.5), values="int4")
-    assert engine_for(loaded.model, loaded.config, 32) is None
+    """The CSR layout is not the engine's: engine_for declines (generate keeps transformers')."""
     loaded = tiny_llama(seed=3)
     prune_(loaded.model, Magnitude(0.97))  # 3 % kept: CSR is the smaller layout
     assert any(isinstance(m, QLinear) and m.qweight.layout == "csr" for m in loaded.model.modules())
@@ -245,7 +245,7 @@ def pruned_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from memopt.models.toy import tiny_tokenizer
 
     tok, out = tiny_tokenizer(), {}
-    for case in ("50%", "2:4", "50%-int8"):
+    for case in ("50%", "2:4", "50%-int8", "2:4-int4"):
         folder = tmp_path_factory.mktemp("pruned") / case.replace("%", "")
         save(_pruned(case), folder)
         tok.save_pretrained(str(folder))
@@ -254,8 +254,9 @@ def pruned_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_memopt_run_of_a_pruned_folder_takes_the_engine(pruned_folders: dict[str, Path]) -> None:
-    """``memopt run DIR --json`` on a pruned folder (50 %, 2:4, 50 % + int8 values) reports engine
-    memopt, and its tokens are those of the full load through transformers' forward."""
+    """``memopt run DIR --json`` on a pruned folder (50 %, 2:4, 50 % + int8 values, 2:4 + int4)
+    reports engine memopt, and its tokens are those of the full load through transformers'
+    forward."""
     from memopt.app.cli import main
     from memopt.generate import generate
     from memopt.models import load_model

@@ -41,9 +41,12 @@ def _check(w: torch.Tensor, m: int, bias: bool = False, values: str = "float") -
     b = torch.randn(n) if bias else None
     starts = sk.row_starts(sw.mask, n, k)
     assert starts[-1].item() == sw.nnz and starts.diff().min().item() >= 0
-    scale = sw.scale if values == "int8" else None
+    scale = None if values == "float" else sw.scale
+    zero = sw.zero if values == "int4" else None
     runs8 = scale is None and sw.runs_of_8()  # 2:4: the runs-of-8 form (what linear() runs)
-    got = sk.bitmask_linear(sw.mask, sw.values, starts, x, n, b, scale=scale, runs8=runs8)  # (M, N)
+    got = sk.bitmask_linear(
+        sw.mask, sw.values, starts, x, n, b, scale=scale, runs8=runs8, zero=zero
+    )
     w = sw.dequantize()  # the stored values (int8: code x scale), dense (N, K)
     ref = x.double() @ w.double().T + (0 if b is None else b.double())
     assert sqnr(ref, got.double()) >= 120.0
@@ -61,16 +64,19 @@ def test_unstructured_random(shape, m):
 
 @pytest.mark.parametrize("m", [1, 3, 8, 9])
 @pytest.mark.parametrize("shape", [(96, 64), (64, 200), (33, 77), (7, 5)])
-def test_int8_values(shape, m):
-    """int8 values, a scale per 128 values of the stream: runs of 16 columns whose values cross
-    a group's end (two scales in one vector), the stream's zero padding, K % 16 != 0."""
-    _check(_pruned(*shape, 0.5, seed=shape[0]), m, values="int8")
+@pytest.mark.parametrize("values", ["int8", "int4"])
+def test_quantized_values(shape, m, values):
+    """int8 values, a scale per 128 values of the stream; int4, two codes a byte, a scale and a
+    zero per 64: runs of 16 columns whose values cross a group's end (two scales in one vector),
+    runs starting on a high nibble, the stream's zero padding, K % 16 != 0."""
+    _check(_pruned(*shape, 0.5, seed=shape[0]), m, values=values)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.9, 1.0])
 def test_densities_and_bias(sparsity):
     _check(_pruned(40, 48, sparsity, seed=3), 4, bias=True)
     _check(_pruned(40, 48, sparsity, seed=3), 4, bias=True, values="int8")
+    _check(_pruned(40, 48, sparsity, seed=3), 4, bias=True, values="int4")
 
 
 @pytest.mark.parametrize("m", [1, 3, 8])
@@ -82,6 +88,7 @@ def test_two_four(m):
         assert SparseWeight(w).runs_of_8()
         _check(w, m)
         _check(w, m, values="int8")
+        _check(w, m, values="int4")
 
 
 def test_runs_of_8_is_detected_exactly():
@@ -104,6 +111,7 @@ def test_real_layer_shapes():
     _check(_pruned(1536, 576, 0.5, seed=7), 1)
     _check(_two_four(576, 1536, seed=8), 8)
     _check(_pruned(576, 1536, 0.5, seed=9), 1, values="int8")
+    _check(_two_four(576, 1536, seed=10), 1, values="int4")
 
 
 def test_linear_dispatch():
@@ -124,7 +132,9 @@ def test_linear_dispatch():
     q8 = SparseWeight(w, "bitmask", "int8")
     assert q8._kernel_ok(few)  # int8 values: the kernel too, against their dequantized values
     torch.testing.assert_close(q8.linear(few), F.linear(few, q8.dequantize()), rtol=0, atol=1e-5)
-    assert not SparseWeight(w, "bitmask", "int4")._kernel_ok(few)  # int4: reconstruction
+    q4 = SparseWeight(w, "bitmask", "int4")
+    assert q4._kernel_ok(few)  # int4 values too
+    torch.testing.assert_close(q4.linear(few), F.linear(few, q4.dequantize()), rtol=0, atol=1e-5)
     assert not SparseWeight(w.double())._kernel_ok(few.double())
 
 

@@ -47,7 +47,7 @@ SOURCE = (
 /* GGML's type ids for GGUF blocks; memopt's own kinds from 100 */
 enum { W_F32 = 0, W_F16 = 1, W_Q4_0 = 2, W_Q4_1 = 3, W_Q5_0 = 6, W_Q5_1 = 7, W_Q8_0 = 8, W_Q2_K = 10,
        W_Q3_K = 11, W_Q4_K = 12, W_Q5_K = 13, W_Q6_K = 14, W_BF16 = 30, W_I8 = 100, W_I4 = 101,
-       W_SP_F32 = 102, W_SP_I8 = 103 };
+       W_SP_F32 = 102, W_SP_I8 = 103, W_SP_I4 = 104 };
 
 typedef struct {
     int32_t kind;
@@ -63,9 +63,12 @@ typedef struct {
     const float *bias;  /* (N,) or NULL */
     const uint8_t *mask;       /* sparse: N*K bits (memopt.weights.sparse's bitmask) */
     const int64_t *row_start;  /* sparse: (N + 1,) each row's first value in the stream */
+    const void *zero;          /* sparse int4: bf16 (P / 64,) (scale: bf16 (P / 64,) too) */
 } qmat;
 
-static inline int is_sparse(const qmat *w) { return w->kind == W_SP_F32 || w->kind == W_SP_I8; }
+static inline int is_sparse(const qmat *w) {
+    return w->kind == W_SP_F32 || w->kind == W_SP_I8 || w->kind == W_SP_I4;
+}
 
 /* sparse int8 values on int8 activations (sp_rows_i8_vnni), where the CPU has VNNI and VBMI2 */
 #ifdef SP_VNNI
@@ -76,7 +79,9 @@ static inline int is_sparse(const qmat *w) { return w->kind == W_SP_F32 || w->ki
 
 static inline sp_weight sp_of(const qmat *w) {
     sp_weight s = {w->mask, w->data, (const float *)w->scale, w->row_start, w->n, w->k,
-                   w->kind == W_SP_I8 ? SP_I8 : w->block_n == 8 ? SP_F32_R8 : SP_F32};
+                   w->kind == W_SP_I8 ? SP_I8 : w->kind == W_SP_I4 ? SP_I4
+                   : w->block_n == 8 ? SP_F32_R8 : SP_F32,
+                   (const uint16_t *)w->scale, (const uint16_t *)w->zero};
     return s;
 }
 
@@ -884,7 +889,7 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
         break;
     }
 #endif
-    case W_SP_F32: case W_SP_I8: {  /* chunks of 16 rows (a row's values start at row_start) */
+    case W_SP_F32: case W_SP_I8: case W_SP_I4: {  /* chunks of 16 rows (a row's values start at row_start) */
         const sp_weight sw = sp_of(w);
         const int64_t chunks = (n + 15) / 16;
 #if defined(MEMOPT_VNNI) && defined(SP_VNNI)
@@ -967,7 +972,7 @@ static void embed_row(const qmat *w, int64_t r, float *out) {
         }
         break;
     }
-    case W_SP_F32: case W_SP_I8: {
+    case W_SP_F32: case W_SP_I8: case W_SP_I4: {
         const sp_weight sw = sp_of(w);
         sp_dequant_row(&sw, r, out);
         break;

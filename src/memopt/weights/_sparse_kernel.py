@@ -39,13 +39,15 @@ MAX_ROWS = 16
 _SOURCE = (
     SPARSE_C
     + r"""
-/* y (M, N) = x (M, K) @ W.T (+ bias); vfmt: 0 float32 values, 1 int8 values + scales, 2 float32
-   values 8 in every run of 16 columns */
-void sparse_bitmask_linear(const uint8_t *mask, const void *vals, const float *scale,
-                           const int64_t *row_start, int32_t vfmt, const float *x, float *y,
-                           const float *bias, int64_t m, int64_t n, int64_t k, int threads)
+/* y (M, N) = x (M, K) @ W.T (+ bias); vfmt: 0 float32 values, 1 int8 values + float32 scales,
+   2 float32 values 8 in every run of 16 columns, 3 int4 values + bfloat16 scales and zeros */
+void sparse_bitmask_linear(const uint8_t *mask, const void *vals, const void *scale,
+                           const void *zero, const int64_t *row_start, int32_t vfmt,
+                           const float *x, float *y, const float *bias, int64_t m, int64_t n,
+                           int64_t k, int threads)
 {
-    sp_weight w = {mask, vals, scale, row_start, n, k, vfmt};
+    sp_weight w = {mask, vals, vfmt == SP_I8 ? (const float *)scale : NULL, row_start, n, k, vfmt,
+                   vfmt == SP_I4 ? (const uint16_t *)scale : NULL, (const uint16_t *)zero};
     sp_linear(&w, x, y, bias, m, threads);
 }
 
@@ -69,7 +71,7 @@ _LIB = LazyLibrary(
     _FLAGS,
     {
         "sparse_bitmask_linear": (
-            [_VP] * 4 + [ctypes.c_int32] + [_VP] * 3 + [_I64] * 3 + [ctypes.c_int],
+            [_VP] * 5 + [ctypes.c_int32] + [_VP] * 3 + [_I64] * 3 + [ctypes.c_int],
             None,
         ),
         "sparse_row_starts": ([_VP, _I64, _I64, _VP], None),
@@ -109,20 +111,26 @@ def bitmask_linear(
     bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     runs8: bool = False,
+    zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x (M, K) float32 @ W.T -> (M, N)`` for W ``(N, K)`` stored as ``mask`` + ``values``
-    (row-major stream: float32, or int8 with ``scale``, one float32 per 128 values of the stream,
-    memopt.weights.sparse's int8 form), ``starts`` from :func:`row_starts`; ``runs8``: float32
-    values, :func:`runs_of_8` true. CPU tensors only."""
+    (row-major stream: float32; int8 with ``scale``, one float32 per 128 values of the stream;
+    int4 codes two a byte with ``scale`` and ``zero``, bfloat16 per 64: memopt.weights.sparse's
+    forms), ``starts`` from :func:`row_starts`; ``runs8``: float32 values, :func:`runs_of_8`
+    true. CPU tensors only."""
     x = x.contiguous()
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     b = None if bias is None else bias.contiguous().float()
-    if (values.dtype == torch.int8) != (scale is not None):
-        raise ValueError("int8 values need their scales, float32 values none")
+    if (values.dtype != torch.float32) != (scale is not None) or (zero is not None) != (
+        values.dtype == torch.uint8
+    ):
+        raise ValueError("int8 values need their scales, int4 their scales and zeros, float32 none")
+    vfmt = 3 if zero is not None else 1 if scale is not None else 2 if runs8 else 0
     _load().sparse_bitmask_linear(
         mask.data_ptr(), values.data_ptr(), None if scale is None else scale.data_ptr(),
-        starts.data_ptr(), 1 if scale is not None else 2 if runs8 else 0, x.data_ptr(), y.data_ptr(),
+        None if zero is None else zero.data_ptr(), starts.data_ptr(), vfmt, x.data_ptr(),
+        y.data_ptr(),
         None if b is None else b.data_ptr(), m, n, k, max(1, torch.get_num_threads()),
     )  # fmt: skip
     return y

@@ -21,7 +21,7 @@ At 50 % unstructured sparsity a float32 weight takes ``1/8 + 2 = 2.125`` bytes a
 4 (0.53x); int8 values ``0.125 + 0.5 * 1.03 = 0.64`` bytes (0.62x of dense int8); int4 values
 ``0.125 + 0.5 * 0.5625 = 0.41`` bytes (0.72x of dense int4 at group 64).
 
-Inference with few input rows (decode, batch <= 16; bitmask layout, float32 or int8 values) runs
+Inference with few input rows (decode, batch <= 16; bitmask layout, any values) runs
 memopt's sparse kernel (memopt.weights._sparse_kernel; memopt's decode engine runs the same C):
 it reads the mask and the values as stored, 2.125 bytes an element at 50 % against dense
 float32's 4, so a decode step, which streams every weight once, runs faster than the dense one
@@ -293,10 +293,11 @@ class SparseWeight(QuantizedWeight):
         otherwise from the weight reconstructed into the shared buffer."""
         n, k = self.shape
         if self._kernel_ok(x):
-            scale = self.scale if self.values_fmt == "int8" else None
+            scale = None if self.values_fmt == "float" else self.scale
+            zero = self.zero if self.values_fmt == "int4" else None
             return _sparse_kernel.bitmask_linear(
                 self.mask, self.values, self.row_starts(), x, n, scale=scale,
-                runs8=scale is None and self.runs_of_8(),
+                runs8=scale is None and self.runs_of_8(), zero=zero,
             )  # fmt: skip
         dtype = x.dtype if x.is_floating_point() else self.dtype
         if torch.is_grad_enabled() and x.requires_grad:
@@ -340,11 +341,11 @@ class SparseWeight(QuantizedWeight):
     _runs8: bool | None = None  # runs_of_8(), once known
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
-        """The sparse kernel computes this call: bitmask layout, float32 (or int8) values and
-        input on the CPU, at most ``MAX_ROWS`` input rows, no gradient wanted."""
+        """The sparse kernel computes this call: bitmask layout, float32, int8 or int4 values and
+        float32 input on the CPU, at most ``MAX_ROWS`` input rows, no gradient wanted."""
         return (
             self.layout == "bitmask"
-            and self.values_fmt in ("float", "int8")
+            and self.values_fmt in VALUE_FORMATS
             and self.dtype == torch.float32
             and x.dtype == torch.float32
             and x.dim() == 2

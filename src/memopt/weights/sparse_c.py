@@ -35,8 +35,9 @@ SPARSE_C = r"""
 
 /* value formats: float32; int8, a float32 scale per 128; float32 with exactly 8 values in every
    run of 16 columns (K % 16 == 0: 2:4, or any 8 of 16; sp_runs_of_8), so that a run's values
-   are at a known offset and two runs take one 16-value load */
-enum { SP_F32 = 0, SP_I8 = 1, SP_F32_R8 = 2 };
+   are at a known offset and two runs take one 16-value load; int4, two codes a byte (low nibble
+   first), value (code - 8) * scale + zero with a bfloat16 scale and zero per 64 values */
+enum { SP_F32 = 0, SP_I8 = 1, SP_F32_R8 = 2, SP_I4 = 3 };
 
 typedef struct {
     const uint8_t *mask;       /* N*K bits, least significant first */
@@ -45,7 +46,15 @@ typedef struct {
     const int64_t *row_start;  /* (N + 1,) */
     int64_t n, k;
     int32_t vfmt;
+    const uint16_t *scale16, *zero16;  /* int4: bfloat16 (P / 64,) each, P = nnz rounded to 64 */
 } sp_weight;
+
+static inline float sp_bf16(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
 /* 16 bits of the mask from bit position `bit`, never reading past byte nbytes - 1. */
 static inline uint32_t sp_bits16(const uint8_t *mask, int64_t bit, int64_t nbytes) {
@@ -79,6 +88,50 @@ static inline __m512 sp_i8x16(const int8_t *v, const float *scale, int64_t idx, 
         s = _mm512_mask_mov_ps(s, (__mmask16)(0xffffu << (128 - off)), _mm512_set1_ps(scale[g + 1]));
     return _mm512_mul_ps(f, s);
 }
+
+/* int4 codes idx .. idx + p - 1 of the stream (p <= 16) in lanes 0 .. p - 1 as float32
+   (code - 8) * scale + zero of their group of 64 (a run crossing a group's end takes two); the
+   stream's bytes: total / 2 (total: P, codes rounded up to 64). */
+static inline __m512 sp_i4x16(const uint8_t *v, const uint16_t *sc, const uint16_t *zr,
+                              int64_t idx, int p, int64_t total) {
+    if (!p) return _mm512_setzero_ps();
+    const int64_t b0 = idx >> 1, left = total / 2 - b0;  /* bytes from the first one */
+    const __m128i b = left >= 16 ? _mm_loadu_si128((const __m128i *)(v + b0))
+                                 : _mm_maskz_loadu_epi8((__mmask16)((1u << left) - 1u), v + b0);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+    const __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);  /* codes */
+    const __m128i c = (idx & 1) ? _mm_alignr_epi8(c1, c0, 1) : c0;  /* from code idx on */
+    const __m512 f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c)),
+                                   _mm512_set1_ps(8.0f));
+    const int64_t g = idx >> 6;
+    const int off = (int)(idx & 63);
+    __m512 s = _mm512_set1_ps(sp_bf16(sc[g])), z = _mm512_set1_ps(sp_bf16(zr[g]));
+    if (off + p > 64) {  /* lanes from 64 - off on are the next group's */
+        const __mmask16 nx = (__mmask16)(0xffffu << (64 - off));
+        s = _mm512_mask_mov_ps(s, nx, _mm512_set1_ps(sp_bf16(sc[g + 1])));
+        z = _mm512_mask_mov_ps(z, nx, _mm512_set1_ps(sp_bf16(zr[g + 1])));
+    }
+    return _mm512_add_ps(_mm512_mul_ps(f, s), z);
+}
+#endif
+
+/* value idx of the stream of an int8 or int4 weight, as float32 (scalar paths) */
+static inline float sp_qvalue(const sp_weight *w, int F, int64_t idx) {
+    if (F == SP_I8) return (float)((const int8_t *)w->values)[idx] * w->scale[idx >> 7];
+    const uint8_t byte = ((const uint8_t *)w->values)[idx >> 1];
+    const int code = (idx & 1) ? byte >> 4 : byte & 0x0F;
+    const float t = (float)(code - 8) * sp_bf16(w->scale16[idx >> 6]);  /* two roundings */
+    return t + sp_bf16(w->zero16[idx >> 6]);
+}
+
+#ifdef SP_AVX512
+/* a run's p values from stream index idx, in lanes 0 .. p - 1 (float32: a whole 16-value load,
+   where the caller knows the stream has them) */
+#define SP_VALS(F, idx, p) \
+    ((F) == SP_F32 ? _mm512_loadu_ps(vf + (idx)) \
+     : (F) == SP_I8 ? sp_i8x16(vq, w->scale, (idx), (p), total) \
+     : sp_i4x16((const uint8_t *)w->values, w->scale16, w->zero16, (idx), (p), total))
 #endif
 
 /* Rows [r0, r1) of y (MB, N) = x (MB, K) @ W.T (+ bias), VF the value format (both constants
@@ -88,7 +141,8 @@ static inline __attribute__((always_inline)) void sp_rows_t(
     const int MB, const int VF)
 {
     const int64_t k = w->k, n = w->n, nbytes = (n * k + 7) / 8, nnz = w->row_start[n];
-    const int64_t total = VF == SP_I8 ? (nnz + 127) / 128 * 128 : nnz;
+    const int64_t total = VF == SP_I8 ? (nnz + 127) / 128 * 128
+                        : VF == SP_I4 ? (nnz + 63) / 64 * 64 : nnz;
     const int F = VF == SP_F32_R8 ? SP_F32 : VF;  /* the value format, runs of 8 or not */
     const float *vf = (const float *)w->values;
     const int8_t *vq = (const int8_t *)w->values;
@@ -103,7 +157,7 @@ static inline __attribute__((always_inline)) void sp_rows_t(
         for (int i = 0; i < MB; i++)
             for (int u = 0; u < UA; u++) acc[i][u] = _mm512_setzero_ps();
         int64_t c = 0;
-        if ((bit & 15) == 0 && (F == SP_I8 || total - idx >= k)) {
+        if ((bit & 15) == 0 && (F != SP_F32 || total - idx >= k)) {
             /* rows on a 16-bit boundary: the mask read 64 bits at a time, four runs of 16
                columns whose stream offsets are prefix sums of popcounts (independent loads);
                float values loaded 16 at a time (values to spare: a row reads at most k) */
@@ -128,14 +182,11 @@ static inline __attribute__((always_inline)) void sp_rows_t(
             for (; c + 64 <= k; c += 64) {
                 uint64_t m64;
                 memcpy(&m64, mrow + (c >> 3), 8);
-                if (F == SP_I8 && !m64) continue;
+                if (F != SP_F32 && !m64) continue;
                 for (int u = 0; u < 4; u++) {
                     const uint32_t mk = (uint32_t)(m64 >> (16 * u)) & 0xffffu;
                     const int p = __builtin_popcount(mk);
-                    __m512 v = F == SP_F32
-                        ? _mm512_maskz_expand_ps((__mmask16)mk, _mm512_loadu_ps(vf + idx))
-                        : _mm512_maskz_expand_ps((__mmask16)mk,
-                                                 sp_i8x16(vq, w->scale, idx, p, total));
+                    __m512 v = _mm512_maskz_expand_ps((__mmask16)mk, SP_VALS(F, idx, p));
                     idx += p;
                     for (int i = 0; i < MB; i++)
                         acc[i][u % UA] = _mm512_fmadd_ps(
@@ -146,9 +197,7 @@ static inline __attribute__((always_inline)) void sp_rows_t(
                 uint16_t mk;
                 memcpy(&mk, mrow + (c >> 3), 2);
                 const int p = __builtin_popcount(mk);
-                __m512 v = F == SP_F32
-                    ? _mm512_maskz_expand_ps((__mmask16)mk, _mm512_loadu_ps(vf + idx))
-                    : _mm512_maskz_expand_ps((__mmask16)mk, sp_i8x16(vq, w->scale, idx, p, total));
+                __m512 v = _mm512_maskz_expand_ps((__mmask16)mk, SP_VALS(F, idx, p));
                 idx += p;
                 for (int i = 0; i < MB; i++)
                     acc[i][0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + i * k + c), acc[i][0]);
@@ -164,8 +213,7 @@ static inline __attribute__((always_inline)) void sp_rows_t(
             if (!mk) continue;
             const int p = __builtin_popcount(mk);
             __m512 v = F == SP_F32 ? _mm512_maskz_expandloadu_ps((__mmask16)mk, vf + idx)
-                                    : _mm512_maskz_expand_ps((__mmask16)mk,
-                                                             sp_i8x16(vq, w->scale, idx, p, total));
+                                    : _mm512_maskz_expand_ps((__mmask16)mk, SP_VALS(F, idx, p));
             idx += p;
             for (int i = 0; i < MB; i++)
                 acc[i][0] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(xm, x + i * k + c), acc[i][0]);
@@ -183,7 +231,7 @@ static inline __attribute__((always_inline)) void sp_rows_t(
             if (k - c < 16) mk &= (1u << (k - c)) - 1u;
             while (mk) {
                 const int j = __builtin_ctz(mk);
-                const float v = F == SP_F32 ? vf[idx] : (float)vq[idx] * w->scale[idx >> 7];
+                const float v = F == SP_F32 ? vf[idx] : sp_qvalue(w, F, idx);
                 idx++;
                 for (int i = 0; i < MB; i++) acc[i] += v * x[i * k + c + j];
                 mk &= mk - 1;
@@ -197,6 +245,7 @@ static inline __attribute__((always_inline)) void sp_rows_t(
 
 #define SP_CASE(M) case M: \
     if (w->vfmt == SP_I8) sp_rows_t(w, x, y, bias, r0, r1, M, SP_I8); \
+    else if (w->vfmt == SP_I4) sp_rows_t(w, x, y, bias, r0, r1, M, SP_I4); \
     else if (w->vfmt == SP_F32_R8) sp_rows_t(w, x, y, bias, r0, r1, M, SP_F32_R8); \
     else sp_rows_t(w, x, y, bias, r0, r1, M, SP_F32); \
     break;
@@ -309,8 +358,10 @@ static void sp_rows_i8_vnni(const sp_weight *w, const int8_t *xq, const float *d
 }
 #endif
 
-/* row r of W, dense, into out (K,): the values exactly as dequantize computes them */
-static void sp_dequant_row(const sp_weight *w, int64_t r, float *out) {
+/* row r of W, dense, into out (K,): the values exactly as dequantize computes them (int4: the
+   multiply and the add rounded apart, as torch does: no fused multiply-add) */
+static __attribute__((optimize("fp-contract=off"))) void sp_dequant_row(const sp_weight *w,
+                                                                       int64_t r, float *out) {
     const int64_t k = w->k, nbytes = (w->n * k + 7) / 8;
     int64_t idx = w->row_start[r];
     for (int64_t c = 0; c < k; c++) out[c] = 0.0f;
@@ -319,9 +370,18 @@ static void sp_dequant_row(const sp_weight *w, int64_t r, float *out) {
         if (k - c < 16) mk &= (1u << (k - c)) - 1u;
         while (mk) {
             const int j = __builtin_ctz(mk);
-            out[c + j] = w->vfmt != SP_I8 ? ((const float *)w->values)[idx]
-                                           : (float)((const int8_t *)w->values)[idx] *
-                                                 w->scale[idx >> 7];
+            float v;
+            if (w->vfmt == SP_I8) {
+                v = (float)((const int8_t *)w->values)[idx] * w->scale[idx >> 7];
+            } else if (w->vfmt == SP_I4) {
+                const uint8_t byte = ((const uint8_t *)w->values)[idx >> 1];
+                const float t = (float)(((idx & 1) ? byte >> 4 : byte & 0x0F) - 8) *
+                                sp_bf16(w->scale16[idx >> 6]);
+                v = t + sp_bf16(w->zero16[idx >> 6]);
+            } else {
+                v = ((const float *)w->values)[idx];
+            }
+            out[c + j] = v;
             idx++;
             mk &= mk - 1;
         }
