@@ -231,6 +231,20 @@ def test_int8_values_on_int8_activations(density: float) -> None:
         assert ((got - exact).norm() / exact.norm()).item() < 1e-6, (n, k, density)
 
 
+def test_a_mask_that_disagrees_with_its_values_is_refused() -> None:
+    """A mask setting more elements than there are values (a corrupt file) would send the kernels
+    past the end of the values: refused with memopt's error, before any product."""
+    from memopt.core.errors import MemoptError
+
+    loaded = _pruned("50%")
+    sw = loaded.model.model.layers[1].mlp.up_proj.qweight
+    sw.mask.fill_(255)
+    with pytest.raises(MemoptError, match="corrupt sparse weight"):
+        engine_for(loaded.model, loaded.config, 32)
+    with pytest.raises(MemoptError, match="corrupt sparse weight"):
+        sw.linear(torch.randn(1, sw.shape[1]))
+
+
 def test_what_the_engine_cannot_read_falls_back() -> None:
     """The CSR layout is not the engine's: engine_for declines (generate keeps transformers')."""
     loaded = tiny_llama(seed=3)

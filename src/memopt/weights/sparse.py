@@ -332,6 +332,11 @@ class SparseWeight(QuantizedWeight):
                 bits = np.unpackbits(self.mask.numpy(), count=n * k, bitorder="little")
                 counts = torch.from_numpy(bits.reshape(n, k).sum(1, dtype=np.int64))
                 self._row_start = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+            if int(self._row_start[-1]) != self.nnz:  # the kernels would read past the values
+                got, self._row_start = int(self._row_start[-1]), None
+                raise MemoptError(
+                    f"corrupt sparse weight: its mask sets {got} elements, its entry says {self.nnz}"
+                )
         return self._row_start
 
     # Where each row's values begin in the stream, ``(N + 1,) int64``: built from the mask at the
