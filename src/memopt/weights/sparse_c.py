@@ -6,18 +6,21 @@ that the transformers forward and the engine multiply a pruned weight with the s
 
 The weight (memopt.weights.sparse, bitmask layout): ``mask (ceil(N*K/8),) uint8``, element ``i``
 of the row-major ``(N, K)`` weight is bit ``i % 8`` of byte ``i // 8``; the kept values in
-row-major order, float32 ``(nnz,)`` or int8 ``(P,)`` (P: nnz rounded up to 128) with one float32
-scale per 128 consecutive values of the stream ``(P / 128,)`` (groups run across rows); and
-``row_start (N + 1,) int64``, the stream index of each row's first value (``sp_row_starts``).
+row-major order: float32 ``(nnz,)``; int8 ``(P,)`` (P: nnz rounded up to 128) with one float32
+scale per 128 consecutive values of the stream ``(P / 128,)`` (groups run across rows); or int4,
+two codes a byte ``(P / 2,)`` (P: nnz rounded up to 64) with a bfloat16 scale and zero per 64;
+and ``row_start (N + 1,) int64``, the stream index of each row's first value (``sp_row_starts``).
 
-The product, per output row and per 16 input columns: 16 mask bits ``m``. With AVX-512 (F, BW,
-VL) the row's next ``popcount(m)`` values are loaded (int8 ones widened and multiplied by their
-group's scale: the lanes past a group's end take the next group's), expanded into the 16 lanes
-where ``m`` is set (``vexpandps``), multiplied by the 16 inputs of each of up to 8 input rows and
-accumulated; the stream index moves on by ``popcount(m)``. Without AVX-512 (the plain C build),
-the same walk over the set bits (``ctz``), one value at a time. An int8 value is ``code * scale``
-in float32, one rounding, exactly as memopt.weights.primitives.dequantize computes it; only the
-order of the sums differs from a dense product of the dequantized weight.
+The product, per output row, 64 input columns at a time in four runs of 16 mask bits ``m``. With
+AVX-512 (F, BW, VL) a run's ``popcount(m)`` values are loaded (int8 / int4 ones widened and
+scaled as dequantize does: the lanes past a group's end take the next group's), expanded into the
+16 lanes where ``m`` is set (``vexpandps``), multiplied by the 16 inputs of each of up to 8 input
+rows and accumulated; the stream index moves on by ``popcount(m)`` (a weight with 8 values in
+every run, 2:4, skips the counting). Without AVX-512 (the plain C build), the same walk over the
+set bits (``ctz``), one value at a time. The values are dequantize's (memopt.weights.primitives):
+only the order of the sums differs from a dense product of the dequantized weight. The engine's
+int8 values on int8 activations (VNNI): ``sp_rows_i8_vnni``.
+"""
 """
 
 from __future__ import annotations
