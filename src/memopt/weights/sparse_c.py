@@ -21,7 +21,6 @@ set bits (``ctz``), one value at a time. The values are dequantize's (memopt.wei
 only the order of the sums differs from a dense product of the dequantized weight. The engine's
 int8 values on int8 activations (VNNI): ``sp_rows_i8_vnni``.
 """
-"""
 
 from __future__ import annotations
 
