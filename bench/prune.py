@@ -1,16 +1,18 @@
 """Pruning and distillation on the bundled models, in one run: quality, bytes, decode speed.
 
 smollm2 (SmolLM2-135M-Instruct; its float32 weights are the dequantized Q4_1 of the GGUF it ships
-as) pruned six ways: magnitude 50 %, Wanda 50 %, SparseGPT 50 % (uniform, and with OWL's
-non-uniform block sparsities), 2:4 (SparseGPT's choice and compensation) and structured 25 % (FFN
-neurons and query heads; a plain smaller dense model). Per variant: perplexity on the first
-``--tokens`` tokens of each held-out text (memopt.core.texts.HELDOUT: pydoc, license, news, code;
-calibration reads the mixed default set, none of them), RAM bytes (parameters + buffers), disk
-bytes (the saved folder), and the batch-1 greedy decode speed (tokens/s with the KV cache) as a
-ratio to dense, alternated with the dense model in the same run, two ways: against the dense
-model through the same transformers forward (``decode x forward``: what the sparse kernel buys),
-and against the dense model as ``memopt run`` decodes it (``decode x``: memopt's C decode engine,
-which runs dense float32 models, not sparse ones). A kernel line times one layer's product ways. Then minilm is distilled into a half-depth student (every other block), scored by
+as) pruned seven ways: magnitude 50 %, Wanda 50 %, SparseGPT 50 % (uniform, with OWL's non-uniform
+block sparsities, and with int8 values: ``--values int8``, the tied embedding and head int8 too),
+2:4 (SparseGPT's choice and compensation) and structured 25 % (FFN neurons and query heads; a plain
+smaller dense model). Per variant: perplexity on the first ``--tokens`` tokens of each held-out
+text (memopt.core.texts.HELDOUT: pydoc, license, news, code; calibration reads the mixed default
+set, none of them), RAM bytes (parameters + buffers), disk bytes (the saved folder), and the
+batch-1 greedy decode speed (tokens/s with the KV cache) as a ratio to dense, alternated with the
+dense model in the same run, two ways: both as ``memopt run`` decodes them (``decode x``: memopt's
+C decode engine, which reads the sparse form as stored), and both through transformers' forward
+(``decode x forward``: what SparseWeight's kernel buys there). A kernel line times one layer's
+product ways. bench/sparse_kernel.py ``--engine`` times the engine alone, with int8 dense beside.
+Then minilm is distilled into a half-depth student (every other block), scored by
 same-paragraph retrieval on held-out pydoc paragraphs (memopt.distill.retrieval_scores), and a
 4-block MLP on sklearn's digits into a 2-block one, scored by test accuracy.
 
@@ -127,7 +129,8 @@ def bench_smollm2(tokens: int, log) -> tuple[list[dict[str, Any]], dict[str, Any
     def decode_ratio(lm) -> tuple[float, float]:
         """Greedy decode tokens/s (KV cache, 32 tokens, batch 1) of ``lm`` over dense: best of
         3 rounds alternated with the dense model (machines drift; the best is the least disturbed);
-        (vs dense as memopt runs it: its decode engine; vs dense through the same forward)."""
+        (as memopt runs both: its decode engine, which reads the sparse form too; both through
+        transformers' forward)."""
         from memopt.generate import generate
 
         def tps(m, engine=None) -> float:
@@ -135,9 +138,9 @@ def bench_smollm2(tokens: int, log) -> tuple[list[dict[str, Any]], dict[str, Any
                 r = generate(m, "The history of", 32, stop_at_eos=False, engine=engine)
             return r["tokens_per_s"]
 
-        runs = [(tps(lm), tps(base), tps(base, False)) for _ in range(3)]
-        best = [max(r[i] for r in runs) for i in range(3)]
-        return best[0] / best[1], best[0] / best[2]
+        runs = [(tps(lm), tps(base), tps(lm, False), tps(base, False)) for _ in range(3)]
+        best = [max(r[i] for r in runs) for i in range(4)]
+        return best[0] / best[1], best[2] / best[3]
 
     def quality(lm) -> tuple[float, dict[str, float]]:
         held = {k: r.perplexity for k, r in heldout_perplexities(lm, max_tokens=tokens).items()}
@@ -166,13 +169,14 @@ def bench_smollm2(tokens: int, log) -> tuple[list[dict[str, Any]], dict[str, Any
         ("wanda 50%", Wanda(0.5)),
         ("sparsegpt 50%", SparseGPT(0.5)),
         ("sparsegpt 50% owl", SparseGPT(0.5, owl=OWL)),
+        ("sparsegpt 50% + int8", SparseGPT(0.5)),
         ("2:4 (sparsegpt)", NM(2, 4, score="sparsegpt")),
         ("structured 25%", Structured(0.25)),
     ]
     for label, cfg in variants:
         lm = copy.deepcopy(base)
         t = time.perf_counter()
-        rep = prune_(lm, cfg, calib=ids)
+        rep = prune_(lm, cfg, calib=ids, values="int8" if label.endswith("int8") else "float")
         took = time.perf_counter() - t
         with tempfile.TemporaryDirectory() as tmp:
             disk, how = disk_bytes_of(lm, Path(tmp) / "out")
@@ -337,6 +341,11 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
             by[k]["decode_ratio_forward"] >= floor
         )
         out[f"{k}: decode >= {floor}x dense (memopt's engine)"] = by[k]["decode_ratio"] >= floor
+    q8, sf = by["sparsegpt 50% + int8"], by["sparsegpt 50%"]
+    out["sparsegpt 50% + int8: disk <= 0.16x float32"] = q8["disk_bytes"] / d["disk_bytes"] <= 0.16
+    out["sparsegpt 50% + int8: ppl <= 1.05x sparsegpt 50%'s on every held-out text"] = all(
+        q8["heldout"][t] <= 1.05 * sf["heldout"][t] for t in sf["heldout"]
+    )
     out["50% unstructured disk <= 0.70x float32 (embedding included)"] = (
         by["sparsegpt 50%"]["disk_bytes"] / d["disk_bytes"] <= 0.70
     )
@@ -392,7 +401,8 @@ def render_smollm2(result: dict[str, Any], tokens: int, console: Any) -> None:
     console.print(
         "x <text>: perplexity over float32's on that held-out text (first tokens of each; "
         "none is calibration text). decode x: over dense as memopt runs it (its C decode "
-        "engine); decode x forward: over dense through the same transformers forward."
+        "engine, the sparse form read as stored); decode x forward: both through transformers' "
+        "forward."
     )
 
 

@@ -138,6 +138,31 @@ def test_prune_then_int8():
     assert sparsity_of(m) == pytest.approx(0.5, abs=1e-3)
 
 
+def test_int8_values_store_the_tied_embedding_and_head_int8():
+    """A tied embedding and lm_head (left dense by pruning: they share one weight) are stored
+    int8 per channel, one weight for both, when the kept values are int8 or int4; the logits
+    stay within 30 dB SQNR of the float-valued pruned model's (a tiny random Llama: int8 rounding
+    of every weight gives ~40 dB)."""
+    from memopt.models.toy import tiny_llama
+    from memopt.weights.quantized import Int8Weight
+
+    ref = tiny_llama(seed=3)
+    prune_(ref.model, Magnitude(0.5))
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    for values in ("int8", "int4"):
+        lm = tiny_llama(seed=3)
+        rep = prune_(lm.model, Magnitude(0.5), values=values)
+        emb, head = lm.model.model.embed_tokens, lm.model.lm_head
+        assert isinstance(emb.qweight, Int8Weight) and head.qweight is emb.qweight
+        assert rep.formats["int8"] == 2 and rep.bytes_after < 0.3 * rep.bytes_before
+        with torch.no_grad():
+            got = sqnr(ref.model(input_ids=ids).logits, lm.model(input_ids=ids).logits)
+        assert got > (30.0 if values == "int8" else 15.0), (values, got)
+    lm = tiny_llama(seed=3)
+    prune_(lm.model, Magnitude(0.5))  # float values: the tied weight stays float32
+    assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+
+
 def test_compact_only_when_smaller():
     m = _mlp()
     rep = prune_(m, Magnitude(0.01))  # 1 %: the bitmask costs more than the zeros save

@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--values",
         choices=("float", "int8", "int4"),
         default="float",
-        help="store the kept values as float, int8 or int4 (prune, then quantize)",
+        help="store the kept values as float, int8 or int4 (prune, then quantize; with int8 "
+        "or int4, the tied embedding and head, which are not pruned, are stored int8)",
     )
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")

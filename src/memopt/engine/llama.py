@@ -2,10 +2,11 @@
 
 :func:`engine_for` looks at a loaded causal LM and, when the engine can run it (a Llama, Mistral
 or Qwen2 architecture from transformers; every projection float32, GGUF blocks Q4_0/Q4_1/Q8_0,
-memopt int8 or memopt int4 in the CPU kernel's layout), returns an :class:`Engine` that points at
-the model's own tensors: no weight is copied or converted. Anything else returns None, and the
-caller keeps transformers' forward. The KV cache is the engine's own: two float32 tensors
-``(layers, positions, kv_heads * head_dim)``, allocated for the positions asked for.
+memopt int8, memopt int4 in the CPU kernel's layout, or memopt's pruned form: bitmask + float32
+or int8 values), returns an :class:`Engine` that points at the model's own tensors: no weight is
+copied or converted. Anything else returns None, and the caller keeps transformers' forward. The
+KV cache is the engine's own: two float32 tensors ``(layers, positions, kv_heads * head_dim)``,
+allocated for the positions asked for.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from memopt.weights import kernels
 from memopt.weights.ggml import GGMLWeight
 from memopt.weights.modules import QEmbedding, QLinear
 from memopt.weights.quantized import Int4Weight, Int8Weight, QuantizedWeight
+from memopt.weights.sparse import SparseWeight
 
 __all__ = [
     "ARCHITECTURES",
@@ -47,10 +49,12 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
 _KIND = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
          "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30,
-         "I8": 100, "I4": 101}  # fmt: skip
+         "I8": 100, "I4": 101, "SP_F32": 102, "SP_I8": 103, "SP_I4": 104}  # fmt: skip
 _FLOAT_KIND = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 # the GGUF tensor types the engine runs as they are stored (GGML's type ids in the C source)
-GGML_TYPES = frozenset(k for k in _KIND if k not in ("I8", "I4"))
+_GGML = ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+         "Q6_K", "BF16")  # fmt: skip
+GGML_TYPES = frozenset(k for k in _KIND if k in _GGML)
 
 _lock = threading.Lock()
 _lib: Any = False  # False: not built yet; None: cannot be built here
@@ -67,6 +71,9 @@ class _QMat(ctypes.Structure):
         ("data", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
+        ("mask", ctypes.c_void_p),  # sparse: the bitmask
+        ("row_start", ctypes.c_void_p),  # sparse: (N + 1,) int64
+        ("zero", ctypes.c_void_p),  # sparse int4: bf16 zeros
     ]
 
 
@@ -186,7 +193,33 @@ def _qmat(weight: Weight, bias: torch.Tensor | None, keep: list[torch.Tensor]) -
         keep += [_cpu(qw.packed), _cpu(qw.scale_zero)]
         return _QMat(_KIND["I4"], qw.group_size, qw.block_n or 0, 0, n, k, qw.packed.data_ptr(),
                      qw.scale_zero.data_ptr(), _ptr(bias))  # fmt: skip
+    if isinstance(qw, SparseWeight):
+        return _sparse_qmat(qw, bias, keep)
     raise _Unsupported(f"{type(qw).__name__} weights")
+
+
+def _sparse_qmat(qw: SparseWeight, bias: torch.Tensor | None, keep: list[torch.Tensor]) -> _QMat:
+    """A pruned weight as stored: bitmask + float32 values; + int8 values with a float32 scale per
+    128 values of the stream; + int4 values with a bfloat16 scale and zero per 64 (CSR rows and
+    16-bit float values are not read: the caller falls back)."""
+    n, k = qw.shape
+    if qw.layout != "bitmask":
+        raise _Unsupported(f"sparse {qw.layout} weights")
+    if qw.values_fmt == "float" and qw.values.dtype != torch.float32:
+        raise _Unsupported(f"sparse {qw.values.dtype} values")
+    mask, values = _cpu(qw.mask), _cpu(qw.values)
+    starts = _cpu(qw.row_starts())  # (N + 1,) int64, built once from the mask
+    scale = zero = None
+    if qw.values_fmt == "int8":
+        scale = _f32(qw.scale)
+    elif qw.values_fmt == "int4":
+        scale, zero = _cpu(qw.scale), _cpu(qw.zero)  # bf16 (P / 64,) each
+    keep += [t for t in (mask, values, starts, scale, zero) if t is not None]
+    kind = _KIND[{"float": "SP_F32", "int8": "SP_I8", "int4": "SP_I4"}[qw.values_fmt]]
+    runs8 = 8 if scale is None and qw.runs_of_8() else 0  # block_n 8: 8 values in every 16 columns
+    group = {"float": 0, "int8": 128, "int4": 64}[qw.values_fmt]
+    return _QMat(kind, group, runs8, 0, n, k, values.data_ptr(), _ptr(scale), _ptr(bias),
+                 mask.data_ptr(), starts.data_ptr(), _ptr(zero))  # fmt: skip
 
 
 def _of_module(module: nn.Module) -> tuple[Weight, torch.Tensor | None]:

@@ -4,7 +4,8 @@ One call computes one token of a Llama-family decoder (Llama, Mistral, Qwen2: RM
 attention with grouped KV heads, SiLU-gated MLP) from its weights as they are held in memory:
 float32, float16 and bfloat16 (widened as they are read), GGUF blocks (Q4_0, Q4_1, Q8_0 fused into the dot products; Q5_0, Q5_1 and the K-quants
 Q2_K..Q6_K dequantized a block at a time on the stack), memopt int8 (per channel or grouped) and memopt int4 (the
-CPU kernel's row-interleaved layout). The whole token runs inside one OpenMP parallel region:
+CPU kernel's row-interleaved layout) and memopt's pruned weights (bitmask + float32 or int8
+values, read as stored by memopt.weights.sparse_c's routines). The whole token runs inside one OpenMP parallel region:
 matrix-vector products split their rows over the threads, attention its heads, and the small
 elementwise steps run on one thread between barriers. Why C: at batch 1 a small model's token is
 hundreds of short operations, and the time between them (Python, dispatch, allocation) is as long
@@ -23,9 +24,15 @@ path was 0.91x llama.cpp's Q8_0 on a 1 B model; the activations' rounding is the
 
 from __future__ import annotations
 
+from memopt.weights.sparse_c import SPARSE_C
+
 __all__ = ["SOURCE"]
 
-SOURCE = r"""
+# memopt's sparse weights (bitmask + values) are multiplied by memopt.weights.sparse_c's routines,
+# the same text the sparse kernel of SparseWeight.linear compiles
+SOURCE = (
+    SPARSE_C
+    + r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,18 +47,44 @@ SOURCE = r"""
 
 /* GGML's type ids for GGUF blocks; memopt's own kinds from 100 */
 enum { W_F32 = 0, W_F16 = 1, W_Q4_0 = 2, W_Q4_1 = 3, W_Q5_0 = 6, W_Q5_1 = 7, W_Q8_0 = 8, W_Q2_K = 10,
-       W_Q3_K = 11, W_Q4_K = 12, W_Q5_K = 13, W_Q6_K = 14, W_BF16 = 30, W_I8 = 100, W_I4 = 101 };
+       W_Q3_K = 11, W_Q4_K = 12, W_Q5_K = 13, W_Q6_K = 14, W_BF16 = 30, W_I8 = 100, W_I4 = 101,
+       W_SP_F32 = 102, W_SP_I8 = 103, W_SP_I4 = 104 };
 
 typedef struct {
     int32_t kind;
     int32_t group;    /* int8: inputs per scale (0: per channel); int4: group size */
-    int32_t block_n;  /* int4: rows per interleaved block (0: codes along K) */
+    int32_t block_n;  /* int4: rows per interleaved block (0: codes along K); sparse float32: 8
+                         when every run of 16 columns holds 8 values (2:4) */
     int32_t pad;
     int64_t n, k;
-    const void *data;   /* f32 (N, K) | GGML blocks (N, row_bytes) | int8 (N, K) | int4 packed */
-    const void *scale;  /* int8: float (N, K / group) | int4: bf16 (K / G, N, 2) scale, zero */
+    const void *data;   /* f32 (N, K) | GGML blocks (N, row_bytes) | int8 (N, K) | int4 packed |
+                           sparse: the value stream, float32 (nnz,) or int8 (P,) */
+    const void *scale;  /* int8: float (N, K / group) | int4: bf16 (K / G, N, 2) scale, zero |
+                           sparse int8: float (P / 128,) */
     const float *bias;  /* (N,) or NULL */
+    const uint8_t *mask;       /* sparse: N*K bits (memopt.weights.sparse's bitmask) */
+    const int64_t *row_start;  /* sparse: (N + 1,) each row's first value in the stream */
+    const void *zero;          /* sparse int4: bf16 (P / 64,) (scale: bf16 (P / 64,) too) */
 } qmat;
+
+static inline int is_sparse(const qmat *w) {
+    return w->kind == W_SP_F32 || w->kind == W_SP_I8 || w->kind == W_SP_I4;
+}
+
+/* sparse int8 values on int8 activations (sp_rows_i8_vnni), where the CPU has VNNI and VBMI2 */
+#ifdef SP_VNNI
+#define SP_I8_VNNI(w, k) ((w)->kind == W_SP_I8 && (k) % 32 == 0)
+#else
+#define SP_I8_VNNI(w, k) 0
+#endif
+
+static inline sp_weight sp_of(const qmat *w) {
+    sp_weight s = {w->mask, w->data, (const float *)w->scale, w->row_start, w->n, w->k,
+                   w->kind == W_SP_I8 ? SP_I8 : w->kind == W_SP_I4 ? SP_I4
+                   : w->block_n == 8 ? SP_F32_R8 : SP_F32,
+                   (const uint16_t *)w->scale, (const uint16_t *)w->zero};
+    return s;
+}
 
 typedef struct {
     qmat wq, wk, wv, wo, wg, wu, wd;
@@ -753,7 +786,8 @@ static float dot_q5_0_vnni(const uint8_t *row, const int8_t *xq, const float *dx
 /* y = W x (+ bias). Call from inside a parallel region (all threads): rows are shared out. xs:
    scratch for the activations' forms, filled here by one thread: block sums (K / 32 + 1 floats;
    on int8 activations, Q8_1's sums of the rounded activations), their int8 scales and their
-   codes' sums (K / 32 + 1 floats each), then their int8 values (K bytes). */
+   codes' sums (K / 32 + 1 floats each), their int8 values (K bytes + 64), then sparse int8's
+   correction (K / 4 int32 + 16). */
 static void matvec(const qmat *w, const float *x, float *y, float *xs) {
     const int64_t n = w->n, k = w->k;
     float *dx = xs + k / 32 + 1, *qsum = dx + k / 32 + 1;
@@ -761,7 +795,7 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
 #ifdef MEMOPT_VNNI
     const int vnni = (w->kind == W_I4 && w->block_n == 64 && w->group % 32 == 0) ||
                      (w->kind == W_I8 && k % 32 == 0 && w->group % 32 == 0) ||
-                     w->kind == W_Q5_0;
+                     w->kind == W_Q5_0 || SP_I8_VNNI(w, k);
 #else
     const int vnni = 0;
 #endif
@@ -775,6 +809,9 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
             else
 #endif
             block_sums(x, k, xs);
+#ifdef SP_VNNI
+            if (SP_I8_VNNI(w, k)) sp_x_corr(xq, k, (int32_t *)(xq + k + 64));
+#endif
         }
     }
     switch (w->kind) {
@@ -870,6 +907,23 @@ static void matvec(const qmat *w, const float *x, float *y, float *xs) {
         break;
     }
 #endif
+    case W_SP_F32: case W_SP_I8: case W_SP_I4: {  /* chunks of 16 rows (a row's values start at row_start) */
+        const sp_weight sw = sp_of(w);
+        const int64_t chunks = (n + 15) / 16;
+#if defined(MEMOPT_VNNI) && defined(SP_VNNI)
+        if (vnni) {
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < chunks; c++)
+                sp_rows_i8_vnni(&sw, xq, dx, (const int32_t *)(xq + k + 64), y, c * 16,
+                                c * 16 + 16 < n ? c * 16 + 16 : n);
+            break;
+        }
+#endif
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; c++)
+            sp_rows(&sw, x, y, NULL, c * 16, c * 16 + 16 < n ? c * 16 + 16 : n, 1);
+        break;
+    }
     default: {  /* the other blocked kinds (Q2_K, Q3_K; all of them without AVX-512) */
         int bv, bb; deq_fn fn;
         if (!blocked(w->kind, &bv, &bb, &fn)) break;
@@ -936,6 +990,11 @@ static void embed_row(const qmat *w, int64_t r, float *out) {
         }
         break;
     }
+    case W_SP_F32: case W_SP_I8: case W_SP_I4: {
+        const sp_weight sw = sp_of(w);
+        sp_dequant_row(&sw, r, out);
+        break;
+    }
     default: {
         int bv, bb; deq_fn fn;
         if (!blocked(w->kind, &bv, &bb, &fn)) break;
@@ -947,13 +1006,20 @@ static void embed_row(const qmat *w, int64_t r, float *out) {
 }
 
 /* the activations' forms of matvec for K inputs: sums, int8 scales, int8 codes' sums, int8 values
-   (+ padding) */
-#define XS_FLOATS(K) (3 * ((K) / 32 + 1) + (K) / 4 + 16)
+   (+ padding), sparse int8's correction (+ padding) */
+#define XS_FLOATS(K) (3 * ((K) / 32 + 1) + (K) / 2 + 32)
 
 /* y (M, N) = x (M, K) @ W.T (+ bias) one row of x at a time, for a layer outside the engine's
    token (transformers' forward of a streamed model): the same matrix-vector products, no
-   dequantized copy of W. xs: XS_FLOATS(K) floats of scratch. */
+   dequantized copy of W. xs: XS_FLOATS(K) floats of scratch. A sparse weight on float
+   activations takes 8 rows of x at a time (its mask and values read once per 8 rows: an 8-token
+   prefill reads them once). */
 void memopt_linear(const qmat *w, const float *x, float *y, int64_t m, float *xs, int32_t threads) {
+    if (is_sparse(w) && !SP_I8_VNNI(w, w->k)) {
+        const sp_weight sw = sp_of(w);
+        sp_linear(&sw, x, y, w->bias, m, threads);
+        return;
+    }
 #pragma omp parallel num_threads(threads)
     for (int64_t i = 0; i < m; i++) matvec(w, x + i * w->k, y + i * w->n, xs);
 }
@@ -1114,3 +1180,4 @@ int memopt_forward(const model_t *m, int32_t token, int32_t pos, float *logits, 
     return 0;
 }
 """
+)

@@ -21,10 +21,11 @@ At 50 % unstructured sparsity a float32 weight takes ``1/8 + 2 = 2.125`` bytes a
 4 (0.53x); int8 values ``0.125 + 0.5 * 1.03 = 0.64`` bytes (0.62x of dense int8); int4 values
 ``0.125 + 0.5 * 0.5625 = 0.41`` bytes (0.72x of dense int4 at group 64).
 
-Inference with few input rows (decode, batch <= 16; bitmask layout, float32 values) runs memopt's
-sparse kernel (memopt.weights._sparse_kernel): it reads the mask and the values as stored, 2.125
-bytes an element at 50 % against dense float32's 4, so a decode step, which streams every weight
-once, runs faster than the dense one (bench/sparse_kernel.py). Other calls reconstruct the dense
+Inference with few input rows (decode, batch <= 16; bitmask layout, any values) runs
+memopt's sparse kernel (memopt.weights._sparse_kernel; memopt's decode engine runs the same C):
+it reads the mask and the values as stored, 2.125 bytes an element at 50 % against dense
+float32's 4, so a decode step, which streams every weight once, runs faster than the dense one
+(bench/sparse_kernel.py). Other calls reconstruct the dense
 weight of one layer at a time into a scratch buffer shared by all sparse layers (so RAM holds the
 sparse forms plus one layer's dense weight) and run the ordinary float matmul (reconstruction is
 ``np.unpackbits`` + ``np.flatnonzero`` + ``scatter_``), amortised over the tokens of a long
@@ -220,6 +221,7 @@ class SparseWeight(QuantizedWeight):
                 raise MemoptError(f"sparse weight tensor {s!r}: expected {dt} {sh}, got {got}")
             self._buffers[s] = t
         self._row_start = None  # a new mask: the kernel's row index is rebuilt on first use
+        self._runs8 = None
 
     @property
     def sparsity(self) -> float:
@@ -291,9 +293,12 @@ class SparseWeight(QuantizedWeight):
         otherwise from the weight reconstructed into the shared buffer."""
         n, k = self.shape
         if self._kernel_ok(x):
-            if self._row_start is None:
-                self._row_start = _sparse_kernel.row_starts(self.mask, n, k)
-            return _sparse_kernel.bitmask_linear(self.mask, self.values, self._row_start, x, n)
+            scale = None if self.values_fmt == "float" else self.scale
+            zero = self.zero if self.values_fmt == "int4" else None
+            return _sparse_kernel.bitmask_linear(
+                self.mask, self.values, self.row_starts(), x, n, scale=scale,
+                runs8=scale is None and self.runs_of_8(), zero=zero,
+            )  # fmt: skip
         dtype = x.dtype if x.is_floating_point() else self.dtype
         if torch.is_grad_enabled() and x.requires_grad:
             w = self.dequantize(dtype)  # autograd keeps W for backward: it must not be reused
@@ -304,17 +309,48 @@ class SparseWeight(QuantizedWeight):
     def _device(self) -> torch.device:
         return self.values.device
 
+    def runs_of_8(self) -> bool:
+        """True when every run of 16 columns keeps exactly 8 values (2:4 does; bitmask layout,
+        K % 16 == 0): the kernels then find a run's values without counting. Kept once known."""
+        if self._runs8 is None:
+            n, k = self.shape
+            self._runs8 = (
+                self.layout == "bitmask"
+                and _sparse_kernel.available()
+                and _sparse_kernel.runs_of_8(self.mask, n, k)
+            )
+        return self._runs8
+
+    def row_starts(self) -> torch.Tensor:
+        """``(N + 1,) int64``: where each row's values begin in the value stream (bitmask layout,
+        CPU): built from the mask on first use and kept (the kernels' row index)."""
+        if self._row_start is None:
+            n, k = self.shape
+            if _sparse_kernel.available():
+                self._row_start = _sparse_kernel.row_starts(self.mask, n, k)
+            else:  # no compiler: the same counts from numpy's unpacked bits
+                bits = np.unpackbits(self.mask.numpy(), count=n * k, bitorder="little")
+                counts = torch.from_numpy(bits.reshape(n, k).sum(1, dtype=np.int64))
+                self._row_start = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+            if int(self._row_start[-1]) != self.nnz:  # the kernels would read past the values
+                got, self._row_start = int(self._row_start[-1]), None
+                raise MemoptError(
+                    f"corrupt sparse weight: its mask sets {got} elements, its entry says {self.nnz}"
+                )
+        return self._row_start
+
     # Where each row's values begin in the stream, ``(N + 1,) int64``: built from the mask at the
     # first kernel call, kept beside the weight (8 bytes a row, 0.3-0.6 % of a 50 % float32
     # layer's bytes; not a buffer: it is not saved, and ``nbytes`` is the stored form's).
     _row_start: torch.Tensor | None = None
+    _runs8: bool | None = None  # runs_of_8(), once known
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
-        """The sparse kernel computes this call: bitmask layout, float32 values and input on the
-        CPU, at most ``MAX_ROWS`` input rows, no gradient wanted."""
+        """The sparse kernel computes this call: bitmask layout, float32, int8 or int4 values and
+        float32 input on the CPU, at most ``MAX_ROWS`` input rows, no gradient wanted."""
         return (
             self.layout == "bitmask"
-            and self.values_fmt == "float"
+            and self.values_fmt in VALUE_FORMATS
             and self.dtype == torch.float32
             and x.dtype == torch.float32
             and x.dim() == 2
