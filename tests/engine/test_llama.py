@@ -265,7 +265,7 @@ def _q8_1_form(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 @pytest.mark.skipif(not _vnni(), reason="int8 activations need AVX-512 VNNI")
-@pytest.mark.parametrize("kind", ["int8-g32", "int4-g32"])
+@pytest.mark.parametrize("kind", ["int8-g32", "int8", "int8-g128", "int4-g32"])
 def test_int8_activations_are_llama_cpps(kind: str) -> None:
     """On int8 activations the engine multiplies exactly llama.cpp's rounded activations (Q8_0's
     codes and float16 scale; for int4, Q8_1's float16 sum term with Q4_1's m = zero - 8 * scale),
@@ -274,10 +274,12 @@ def test_int8_activations_are_llama_cpps(kind: str) -> None:
     n, k = 128, 256
     w, x = torch.randn(n, k) * 0.05, torch.randn(3, k) * 2.0
     q, dx, xs = _q8_1_form(x)  # (M, K/32, 32), (M, K/32), (M, K/32)
-    if kind == "int8-g32":
-        qw = Int8Weight(w, 32)
+    if kind.startswith("int8"):  # per channel, groups of 32 and of 128
+        group = {"int8-g32": 32, "int8": None, "int8-g128": 128}[kind]
+        qw = Int8Weight(w, group)
         codes = qw.qdata.double().reshape(n, -1, 32)  # (N, K/32, 32)
-        ref = torch.einsum("nbj,mbj,mb,nb->mn", codes, q, dx, qw.scale.double())
+        scale = qw.scale.double().reshape(n, -1).repeat_interleave((group or k) // 32, 1)
+        ref = torch.einsum("nbj,mbj,mb,nb->mn", codes, q, dx, scale)  # scale (N, K/32)
     else:
         qw = Int4Weight(w, 32, symmetric=False)
         assert qw.block_n == 64  # the interleaved layout that runs on int8 activations
