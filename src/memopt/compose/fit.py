@@ -79,6 +79,7 @@ __all__ = [
     "Plan",
     "Unit",
     "Calibrated",
+    "accumulate_h",
     "choose",
     "costs",
     "fit",
@@ -86,6 +87,8 @@ __all__ = [
     "format_bytes",
     "has_weights",
     "inference_result",
+    "kv_int8_cost",
+    "kv_int8_kl",
     "mixed_config",
     "other_bytes",
     "parse_format",
@@ -348,17 +351,7 @@ class Calibrated:
             base = f"{self.prefix}.{i}."
             lins = {base + nm: m for nm, m in block.named_modules() if isinstance(m, nn.Linear)}
             hs: dict[str, torch.Tensor] = {}
-
-            def hook(name: str, hs: dict[str, torch.Tensor]) -> Callable[..., None]:
-                def pre(mod: nn.Module, args: tuple) -> None:
-                    x = args[0].detach().reshape(-1, mod.in_features).float()  # (M, K)
-                    if name not in hs:
-                        hs[name] = torch.zeros(mod.in_features, mod.in_features)  # (K, K)
-                    hs[name].addmm_(x.t(), x)
-
-                return pre
-
-            handles = [m.register_forward_pre_hook(hook(n, hs)) for n, m in lins.items()]
+            handles = [m.register_forward_pre_hook(accumulate_h(n, hs)) for n, m in lins.items()]
             try:
                 for a, k in self.inputs[i]:
                     block(*a, **k)
@@ -376,6 +369,19 @@ class Calibrated:
                     errs[f] = e
                 out[u.name] = errs
         return out
+
+
+def accumulate_h(name: str, hs: dict[str, torch.Tensor]) -> Callable[..., None]:
+    """A forward pre-hook for a Linear that adds ``x^T x`` of its inputs to ``hs[name]`` (K, K):
+    the Hessian of its output error that GPTQ and the output errors weigh by."""
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, mod.in_features).float()  # (M, K)
+        if name not in hs:
+            hs[name] = torch.zeros(mod.in_features, mod.in_features)  # (K, K)
+        hs[name].addmm_(x.t(), x)
+
+    return pre
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ from memopt.compose.fit import (
     REFINE_SEQUENCES,
     Calibrated,
     Unit,
+    accumulate_h,
     format_bytes,
     parse_format,
 )
@@ -147,7 +148,7 @@ class PlanKL:
             lins = {p: m for p, m in self.modules.items()
                     if self.units_block(p) == i and isinstance(m, nn.Linear)}  # fmt: skip
             hs: dict[str, torch.Tensor] = {}
-            handles = [m.register_forward_pre_hook(_accumulate(p, hs)) for p, m in lins.items()]
+            handles = [m.register_forward_pre_hook(accumulate_h(p, hs)) for p, m in lins.items()]
             saved = {p: (m.weight.data) for p, m in lins.items()}
             try:  # the float block on its float inputs
                 for p, m in lins.items():
@@ -208,7 +209,7 @@ class PlanKL:
         handle = None
         if capture_head and isinstance(head, nn.Linear):
             hs: dict[str, torch.Tensor] = {}
-            handle = head.register_forward_pre_hook(_accumulate("head", hs))
+            handle = head.register_forward_pre_hook(accumulate_h("head", hs))
         outs = []
         saved = list(self.blocks)
         try:
@@ -231,16 +232,6 @@ class PlanKL:
         """The float weights back in place."""
         for p, m in self.modules.items():
             m.weight.data = self.floats[p]
-
-
-def _accumulate(name: str, hs: dict[str, torch.Tensor]) -> Callable[..., None]:
-    def pre(mod: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, mod.in_features).float()  # (M, K)
-        if name not in hs:
-            hs[name] = torch.zeros(mod.in_features, mod.in_features)  # (K, K)
-        hs[name].addmm_(x.t(), x)
-
-    return pre
 
 
 # --------------------------------------------------------------------------------------------------
