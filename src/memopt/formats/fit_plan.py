@@ -14,7 +14,8 @@ __all__ = ["fitted_run"]
 def fitted_run(model: str | Path) -> dict[str, Any] | None:
     """The run plan that ``memopt fit`` saved with a generation model (``max_memory_bytes``: the
     budget over the import baseline, ``positions``: prompt + new tokens it was measured at,
-    ``engine``, ``kv_int8``: its KV cache int8), or None for any other model. A fit.json that is not a fit's is ignored."""
+    ``engine``, ``kv_int8``: its KV cache int8), or None for any other model. A fit.json that is
+    not a fit's is ignored."""
     path = Path(model) / "fit.json"
     if not path.is_file():
         return None
