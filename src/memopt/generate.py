@@ -109,7 +109,8 @@ def generate(
     ``engine``: run the tokens through memopt's decode engine (memopt.engine: one C call a token
     over the model's own tensors) when it can run this model (None, the default), always (True: a
     model it cannot run is an error) or never (False: transformers' forward). ``engine`` in the
-    result says which ran.
+    result says which ran. ``kv_int8``: an int8 KV cache (the engine's own, or on transformers'
+    forward memopt.weights.kvcache's).
     """
     if loaded.task != "causal-lm":
         raise MemoptError(f"{loaded.name}: generation needs a causal language model")
@@ -135,6 +136,10 @@ def generate(
             raise MemoptError(f"{loaded.name}: memopt's decode engine cannot run this model")
     if eng is not None:
         return _generate_engine(loaded, eng, ids[0].tolist(), max_new_tokens, pick, eos, warmup)
+    if kv_int8:  # transformers' forward on memopt's int8 cache (a second install changes nothing)
+        from memopt.weights.kvcache import use_int8_kv_cache
+
+        use_int8_kv_cache(model, loaded.config)
     cache_arg = _cache_arg(model)
     if warmup:
         out = model(input_ids=ids, use_cache=True)
@@ -236,10 +241,6 @@ def run_model(
     loaded = load_model(source, progress=progress)
     if loaded.task != "causal-lm":
         raise MemoptError(f"{source.name} is not a causal language model: nothing to generate")
-    if kv_int8:
-        from memopt.weights.kvcache import use_int8_kv_cache
-
-        use_int8_kv_cache(loaded.model, loaded.config)
     return generate(loaded, prompt, max_new_tokens, greedy=greedy, chat=chat, kv_int8=kv_int8)
 
 

@@ -31,10 +31,6 @@ def generation_job(
         from memopt.models import load_model
 
         loaded = load_model(folder)
-        if kv_int8:
-            from memopt.weights.kvcache import use_int8_kv_cache
-
-            use_int8_kv_cache(loaded.model, loaded.config)
         vocab = int(loaded.config.vocab_size)
         ids = torch.randint(0, vocab, (seq,), generator=torch.Generator().manual_seed(0)).tolist()
         out = generate(loaded, ids, max_new_tokens, stop_at_eos=False, kv_int8=kv_int8)
