@@ -16,6 +16,7 @@ ending in ``@random`` or ``@hadamard`` (e.g. ``gptq@hadamard``, ``gptq+int8emb@r
 residual stream first (memopt.quant.rotate.rotate_, that kind, seed 0; in memory: the streamed
 ``memopt quantize`` does not rotate), which unties the head: ``+int8head`` then keeps both the
 embedding and the head in int8, ``+int8emb`` the embedding alone (the head by the variant's format).
+``gptq+int8head+int8down`` also keeps every block's ``mlp.down_proj`` in int8 (per channel).
 
     .venv/bin/python bench/calibrate.py [--bits 4 3] [--group 64] [--variants rtn gptq]
                                         [--n 32] [--seq 256] [--calib mixed|pydoc] [--json]
@@ -44,6 +45,9 @@ VARIANTS: dict[str, dict[str, Any] | str | None] = {
     "gptq+int8head": {},  # GPTQ for the blocks, int8 for the tied embedding / lm_head
     "rtn+int8head": None,
     "gptq+int8emb": {},  # with a rotation (untied head): the embedding int8, the head GPTQ'd
+    # the tied embedding / head and every block's mlp.down_proj int8, the rest GPTQ (README:
+    # down_proj carries about a third of the legal text's excess)
+    "gptq+int8head+int8down": {},
 }
 ROTATIONS = ("random", "hadamard")
 
@@ -65,6 +69,13 @@ def _config(variant: str, bits: int, group: int) -> Any:
         if bits == 4
         else IntNWeightOnly(bits=bits, group_size=group, algo=algo)
     )
+    if variant.endswith("+int8down"):
+        rules = (
+            ("model.embed_tokens", Int8WeightOnly()),
+            ("lm_head", Int8WeightOnly()),
+            ("*.mlp.down_proj", Int8WeightOnly()),
+        )
+        return Mixed(rules=rules, default=base)
     if variant.endswith("+int8head"):  # tied: one weight; untied (rotated): both in int8
         return Mixed(
             rules=(("model.embed_tokens", Int8WeightOnly()), ("lm_head", Int8WeightOnly())),
