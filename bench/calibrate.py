@@ -11,7 +11,12 @@ peak RSS up to the end of quantization (load included).
 Calibration: n sequences x seq tokens of the mixed default set (memopt.core.texts.mixed_calib_text:
 docs, code, release notes; none of it a held-out text), or ``--calib pydoc`` for the pydoc topics
 alone (the default before the held-out texts). Variants ending in ``+int8head`` keep the tied
-embedding / lm_head in int8 (per channel) and the rest in the variant's format.
+embedding / lm_head in int8 (per channel) and the rest in the variant's format. A variant name
+ending in ``@random`` or ``@hadamard`` (e.g. ``gptq@hadamard``, ``gptq+int8emb@random``) rotates the
+residual stream first (memopt.quant.rotate.rotate_, that kind, seed 0; in memory: the streamed
+``memopt quantize`` does not rotate), which unties the head: ``+int8head`` then keeps both the
+embedding and the head in int8, ``+int8emb`` the embedding alone (the head by the variant's format).
+``gptq+int8head+int8down`` also keeps every block's ``mlp.down_proj`` in int8 (per channel).
 
     .venv/bin/python bench/calibrate.py [--bits 4 3] [--group 64] [--variants rtn gptq]
                                         [--n 32] [--seq 256] [--calib mixed|pydoc] [--json]
@@ -39,20 +44,44 @@ VARIANTS: dict[str, dict[str, Any] | str | None] = {
     "gptq-search": {"act_order": False},
     "gptq+int8head": {},  # GPTQ for the blocks, int8 for the tied embedding / lm_head
     "rtn+int8head": None,
+    "gptq+int8emb": {},  # with a rotation (untied head): the embedding int8, the head GPTQ'd
+    # the tied embedding / head and every block's mlp.down_proj int8, the rest GPTQ (README:
+    # down_proj carries about a third of the legal text's excess)
+    "gptq+int8head+int8down": {},
 }
+ROTATIONS = ("random", "hadamard")
+
+
+def _split(variant: str) -> tuple[str, str | None]:
+    """``"gptq+int8emb@hadamard"`` -> ``("gptq+int8emb", "hadamard")``."""
+    base, _, rot = variant.partition("@")
+    return base, rot or None
 
 
 def _config(variant: str, bits: int, group: int) -> Any:
     from memopt.quant import Int4WeightOnly, Int8WeightOnly, IntNWeightOnly
     from memopt.quant.config import Mixed
 
+    variant = _split(variant)[0]
     algo = "rtn" if VARIANTS[variant] is None else "gptq"
     base = (
         Int4WeightOnly(group_size=group, algo=algo)
         if bits == 4
         else IntNWeightOnly(bits=bits, group_size=group, algo=algo)
     )
-    if variant.endswith("+int8head"):
+    if variant.endswith("+int8down"):
+        rules = (
+            ("model.embed_tokens", Int8WeightOnly()),
+            ("lm_head", Int8WeightOnly()),
+            ("*.mlp.down_proj", Int8WeightOnly()),
+        )
+        return Mixed(rules=rules, default=base)
+    if variant.endswith("+int8head"):  # tied: one weight; untied (rotated): both in int8
+        return Mixed(
+            rules=(("model.embed_tokens", Int8WeightOnly()), ("lm_head", Int8WeightOnly())),
+            default=base,
+        )
+    if variant.endswith("+int8emb"):
         return Mixed(rules=(("model.embed_tokens", Int8WeightOnly()),), default=base)
     return base
 
@@ -72,7 +101,12 @@ def run_variant(variant: str, bits: int, group: int, n: int, seq: int, calib: st
     torch.manual_seed(0)
     torch.set_num_threads(1)
     loaded = load_model("smollm2", dequantize=True)  # the float32 model: the GGUF dequantized
-    spec = VARIANTS[variant]
+    name, rot = _split(variant)
+    spec = VARIANTS[name]
+    if rot is not None:
+        from memopt.quant.rotate import rotate_
+
+        rotate_(loaded.model, seed=0, kind=rot)  # exact on the float model: not quantizing time
     t0 = time.perf_counter()
     if spec == "fp32":
         pass
@@ -105,9 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", choices=("mixed", "pydoc"), default="mixed")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [
+        v
+        for v in args.variants
+        if _split(v)[0] not in VARIANTS or _split(v)[1] not in (None, *ROTATIONS)
+    ]
     if bad:
-        ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
+        ap.error(
+            f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}, each optionally with "
+            f"@{' or @'.join(ROTATIONS)}"
+        )
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from memopt.core.rss import run_in_child
 
